@@ -1,0 +1,59 @@
+"""The ``bupo`` command. Each subcommand lives next to the code it drives and registers itself here.
+
+Subcommand modules import only the standard library at top level, so ``bupo --help`` stays fast;
+heavy imports (torch, transformers, trl) happen inside their handlers.
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import sys
+
+from bupo import __version__
+
+# (module, attribute) pairs; each attribute is ``register(subparsers) -> None``
+_SUBCOMMANDS: list[str] = [
+    "bupo.zoo.cli",
+    "bupo.analysis.cli",
+    "bupo.training.cli",
+    "bupo.evaluation.cli",
+    "bupo.demo",
+]
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="bupo",
+        description="Bottom-up Policy Optimization: read, analyse and train the internal policies of decoder LMs.",
+    )
+    parser.add_argument("--version", action="version", version=f"bupo {__version__}")
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND")
+    for name in _SUBCOMMANDS:
+        try:
+            module = importlib.import_module(name)
+        except ModuleNotFoundError as exc:  # a subcommand not written yet must not break the others
+            if exc.name == name:
+                continue
+            raise
+        module.register(sub)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    if not getattr(args, "func", None):
+        parser.print_help()
+        return 0
+    try:
+        result = args.func(args)
+    except (ValueError, FileNotFoundError, PermissionError) as exc:
+        # bad input: one clear line, no traceback
+        print(f"bupo {args.command}: error: {exc}", file=sys.stderr)
+        return 2
+    return int(result or 0)
+
+
+if __name__ == "__main__":
+    sys.exit(main())
