@@ -13,9 +13,19 @@ from bupo.internal.adapters import (
     supported_model_types,
 )
 from bupo.internal.policy import InternalPolicyError, internal_policy, layer_logits, layer_logprobs
+from bupo.internal.stats import Projector, TokenStats, token_stats
+from bupo.internal.streams import STREAMS, StreamStats, capture_streams, stream_stats, tap
 
 __all__ = [
     "PROJECTIONS",
+    "STREAMS",
+    "Projector",
+    "StreamStats",
+    "TokenStats",
+    "capture_streams",
+    "stream_stats",
+    "tap",
+    "token_stats",
     "Adapter",
     "InternalPolicyError",
     "get_adapter",
