@@ -1,0 +1,199 @@
+"""Load the paper's parquet files (and JSONL with the same fields) as plain Python rows.
+
+A row is a dict with at least ``prompt: list[{"role", "content"}]`` (system + user in the paper's
+files) and ``reward_model: {"ground_truth": str, ...}``; ``data_source`` and every other column are
+kept as they are (numpy arrays and scalars from pyarrow become lists and Python scalars).
+
+Benchmark names and the paper's default samples per problem (Avg@K): AIME24/25 32, AMC23 and
+MATH500 16. The bundled synthetic task's held-out split loads as ``bundled_test``.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+from pathlib import Path
+from typing import Any
+
+__all__ = [
+    "BENCHMARKS",
+    "BUNDLED_TEST",
+    "DEFAULT_SAMPLES",
+    "DISPLAY_NAMES",
+    "REQUIRED_COLUMNS",
+    "benchmark_name",
+    "default_samples",
+    "load_bundled",
+    "load_rows",
+    "validate_rows",
+]
+
+REQUIRED_COLUMNS = ("prompt", "reward_model")
+# the paper's Table 1 column order
+BENCHMARKS = ("amc2023", "math500", "aime_2024", "aime_2025")
+DISPLAY_NAMES = {"amc2023": "AMC", "math500": "MATH500", "aime_2024": "AIME24", "aime_2025": "AIME25"}
+DEFAULT_SAMPLES = {"aime_2024": 32, "aime_2025": 32, "amc2023": 16, "math500": 16}
+BUNDLED_TEST = "bundled_test"
+_SUFFIXES = (".parquet", ".jsonl", ".json")
+
+_ALIASES = [
+    (re.compile(r"^(qwen_)?aime_?(20)?24$"), "aime_2024"),
+    (re.compile(r"^(qwen_)?aime_?(20)?25$"), "aime_2025"),
+    (re.compile(r"^(qwen_)?amc_?(20)?23$"), "amc2023"),
+    (re.compile(r"^(qwen_)?math_?500$"), "math500"),
+]
+
+
+def benchmark_name(path: str | Path) -> str:
+    """Canonical benchmark name of a data file: "aime_2024", "aime_2025", "amc2023", "math500", or the
+    file's stem for anything else (``aime24.jsonl`` -> "aime_2024", ``deepmath-5k.parquet`` -> "deepmath-5k")."""
+    stem = Path(path).name
+    for suffix in _SUFFIXES:
+        if stem.lower().endswith(suffix):
+            stem = stem[: -len(suffix)]
+            break
+    key = stem.lower().replace("-", "_")
+    for pattern, name in _ALIASES:
+        if pattern.match(key):
+            return name
+    return stem
+
+
+def default_samples(benchmark: str) -> int | None:
+    """The paper's samples per problem for Avg@K (AIME 32, AMC/MATH500 16); None if it sets none."""
+    return DEFAULT_SAMPLES.get(benchmark)
+
+
+def _to_python(value: Any) -> Any:
+    """numpy arrays / scalars (as pyarrow hands them to pandas) -> lists / Python scalars, recursively."""
+    if isinstance(value, dict):
+        return {k: _to_python(v) for k, v in value.items()}
+    if isinstance(value, list | tuple):
+        return [_to_python(v) for v in value]
+    tolist = getattr(value, "tolist", None)
+    if tolist is not None and type(value).__module__ == "numpy":
+        return _to_python(tolist())
+    return value
+
+
+def _expected_message() -> str:
+    return (
+        "expected columns 'prompt' (a list of {'role', 'content'} messages) and 'reward_model' "
+        "(a dict with 'ground_truth'); 'data_source' optional"
+    )
+
+
+def validate_rows(rows: list[dict], source: str = "rows") -> list[dict]:
+    """Check the row contract; returns the rows (ground truths given as numbers become strings).
+
+    Raises ValueError naming the first bad row, what was wrong and what is expected.
+    """
+    if not rows:
+        raise ValueError(f"{source}: no rows (empty file?); {_expected_message()}")
+    first = rows[0]
+    if not isinstance(first, dict):
+        raise ValueError(f"{source}: rows must be objects/dicts, got {type(first).__name__}")
+    missing = [c for c in REQUIRED_COLUMNS if c not in first]
+    if missing:
+        raise ValueError(
+            f"{source}: missing column(s) {missing}; {_expected_message()}; found columns {sorted(first)}"
+        )
+    for i, row in enumerate(rows):
+        if not isinstance(row, dict):
+            raise ValueError(f"{source}: row {i} is {type(row).__name__}, not an object")
+        for c in REQUIRED_COLUMNS:
+            if c not in row:
+                raise ValueError(f"{source}: row {i} has no {c!r}; found keys {sorted(row)}")
+        prompt = row["prompt"]
+        if not isinstance(prompt, list) or not prompt:
+            raise ValueError(
+                f"{source}: row {i}: 'prompt' must be a non-empty list of {{'role', 'content'}} messages, "
+                f"got {type(prompt).__name__}: {prompt!r:.100}"
+            )
+        for j, m in enumerate(prompt):
+            if not (
+                isinstance(m, dict) and isinstance(m.get("role"), str) and isinstance(m.get("content"), str)
+            ):
+                raise ValueError(
+                    f"{source}: row {i}: prompt message {j} must be a dict with string 'role' and "
+                    f"'content', got {m!r:.100}"
+                )
+        if not any(m["role"] == "user" for m in prompt):
+            raise ValueError(
+                f"{source}: row {i}: the prompt has no 'user' message (roles {[m['role'] for m in prompt]})"
+            )
+        rm = row["reward_model"]
+        if not isinstance(rm, dict) or "ground_truth" not in rm:
+            raise ValueError(
+                f"{source}: row {i}: 'reward_model' must be a dict with 'ground_truth', got {rm!r:.100}"
+            )
+        gt = rm["ground_truth"]
+        if isinstance(gt, bool) or not isinstance(gt, str | int | float):
+            raise ValueError(f"{source}: row {i}: ground_truth must be a string, got {type(gt).__name__}")
+        if not isinstance(gt, str):
+            row["reward_model"] = {**rm, "ground_truth": str(gt)}
+    return rows
+
+
+def _read_parquet(path: Path) -> list[dict]:
+    import pyarrow.parquet as pq
+
+    try:
+        table = pq.read_table(path)
+    except Exception as exc:  # pyarrow raises its own error types for corrupt files
+        raise ValueError(f"{path}: not a readable parquet file ({type(exc).__name__}: {exc})") from exc
+    # to_pylist gives plain lists/dicts directly (no numpy arrays); _to_python is a no-op safety net
+    return [_to_python(r) for r in table.to_pylist()]
+
+
+def _read_jsonl(path: Path) -> list[dict]:
+    rows = []
+    with open(path, encoding="utf-8") as f:
+        for lineno, line in enumerate(f, 1):
+            if not line.strip():
+                continue
+            try:
+                rows.append(json.loads(line))
+            except json.JSONDecodeError as exc:
+                raise ValueError(
+                    f"{path}:{lineno}: not valid JSON ({exc.msg}); expected one JSON object per line"
+                ) from exc
+    return rows
+
+
+def load_rows(path: str | Path) -> list[dict]:
+    """Rows of a ``.parquet`` or ``.jsonl`` file (a ``.json`` file holding a list also works), validated.
+
+    Raises FileNotFoundError for a missing file and ValueError for an unsupported format, an empty
+    file, missing/renamed columns or a malformed prompt.
+    """
+    p = Path(path)
+    if not p.exists():
+        raise FileNotFoundError(f"data file not found: {p}")
+    suffix = p.suffix.lower()
+    if suffix == ".parquet":
+        rows = _read_parquet(p)
+    elif suffix == ".jsonl":
+        rows = _read_jsonl(p)
+    elif suffix == ".json":
+        try:
+            data = json.loads(p.read_text(encoding="utf-8"))
+        except json.JSONDecodeError as exc:
+            raise ValueError(f"{p}: not valid JSON ({exc.msg})") from exc
+        if not isinstance(data, list):
+            raise ValueError(f"{p}: a .json data file must hold a list of rows, got {type(data).__name__}")
+        rows = data
+    else:
+        raise ValueError(
+            f"{p}: unsupported data format {suffix or '(no suffix)'!r}; accepted: .parquet, .jsonl, .json"
+        )
+    return validate_rows(rows, str(p))
+
+
+def load_bundled(
+    split: str = "test", n: int = 200, seed: int = 0, difficulty: int | None = None
+) -> list[dict]:
+    """Rows of the bundled synthetic task (``bupo.data.task.make_examples``), validated."""
+    from bupo.data.task import make_examples  # lazy: written by the task module's owner
+
+    return validate_rows(make_examples(split, n, seed, difficulty), f"bundled task ({split})")

@@ -1,0 +1,90 @@
+"""Prompt templates: turn a row's chat messages into the exact prompt string the model sees.
+
+Templates (paper App. A.2, ``paper.md`` §4.1):
+
+- ``qwen3_no_thinking``: the tokenizer's chat template with ``enable_thinking=False`` and
+  ``add_generation_prompt=True``. For Qwen3 this ends the prompt with an empty think block
+  ``<|im_start|>assistant\\n<think>\\n\\n</think>\\n\\n`` (the paper's Qwen3 runs). A tokenizer whose
+  template ignores ``enable_thinking`` is rejected (use ``chat`` for it).
+- ``chat``: the tokenizer's own chat template, ``add_generation_prompt=True`` (the paper's Llama /
+  OctoThinker script, applied to the parquet's [system, user] messages).
+- ``octothinker``: the paper's plain-text template (Fig. 10); only the last user message is used,
+  the system message is dropped, no tokenizer needed.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import Any
+
+__all__ = ["OCTOTHINKER_TEMPLATE", "TEMPLATES", "render_prompt", "user_problem"]
+
+OCTOTHINKER_TEMPLATE = (
+    "A conversation between User and Assistant. The user asks a question, and the Assistant solves it. "
+    "The assistant first thinks about the reasoning process in the mind and then provides the user with "
+    "the answer. User: You must put your answer inside \\boxed{} and Your final answer will be extracted "
+    "automatically by the \\boxed{} tag.\n{problem} Assistant:"
+)
+
+TEMPLATES: tuple[str, ...] = ("qwen3_no_thinking", "chat", "octothinker")
+_EMPTY_THINK_END = "</think>\n\n"
+
+
+def _check_messages(messages: Any) -> list[dict]:
+    if not isinstance(messages, Sequence) or isinstance(messages, str) or not messages:
+        raise ValueError(
+            f"messages must be a non-empty list of {{'role', 'content'}} dicts, got {type(messages).__name__}"
+        )
+    for i, m in enumerate(messages):
+        if (
+            not isinstance(m, dict)
+            or not isinstance(m.get("role"), str)
+            or not isinstance(m.get("content"), str)
+        ):
+            raise ValueError(f"message {i} must be a dict with string 'role' and 'content', got {m!r:.120}")
+    return list(messages)
+
+
+def user_problem(messages: Sequence[dict]) -> str:
+    """The content of the last user message (the problem text)."""
+    for m in reversed(_check_messages(messages)):
+        if m["role"] == "user":
+            return m["content"]
+    raise ValueError(f"no user message among roles {[m['role'] for m in messages]}")
+
+
+def _apply_chat_template(tokenizer: Any, messages: list[dict], template: str, **extra: Any) -> str:
+    if tokenizer is None or not getattr(tokenizer, "chat_template", None):
+        raise ValueError(
+            f"template {template!r} needs a tokenizer with a chat template, and this one has none; "
+            f"use template 'octothinker' (plain text) or a tokenizer that defines chat_template"
+        )
+    text = tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True, **extra)
+    if not isinstance(text, str):  # some versions return a list for batched input
+        raise ValueError(f"apply_chat_template returned {type(text).__name__}, expected str")
+    return text
+
+
+def render_prompt(tokenizer: Any, messages: Sequence[dict], template: str = "chat") -> str:
+    """The prompt string for ``messages`` under ``template`` (one of :data:`TEMPLATES`).
+
+    ``tokenizer`` may be None for ``octothinker``. Raises ValueError for an unknown template, malformed
+    messages, a tokenizer without a chat template (``chat``/``qwen3_no_thinking``), or a chat template
+    that ignores ``enable_thinking`` (``qwen3_no_thinking``).
+    """
+    msgs = _check_messages(messages)
+    if template == "octothinker":
+        # str.replace, not str.format: the template text contains literal braces (\boxed{})
+        return OCTOTHINKER_TEMPLATE.replace("{problem}", user_problem(msgs))
+    if template == "chat":
+        return _apply_chat_template(tokenizer, msgs, template)
+    if template == "qwen3_no_thinking":
+        text = _apply_chat_template(tokenizer, msgs, template, enable_thinking=False)
+        if not text.endswith(_EMPTY_THINK_END):
+            raise ValueError(
+                "template 'qwen3_no_thinking' needs a Qwen3-style chat template that honours "
+                "enable_thinking=False (the prompt should end with an empty <think></think> block); this "
+                f"tokenizer's prompt ends with {text[-40:]!r}. Use template 'chat' for it."
+            )
+        return text
+    raise ValueError(f"unknown template {template!r}; accepted: {', '.join(TEMPLATES)}")

@@ -1,0 +1,155 @@
+"""Loading the paper's parquet files and JSONL rows; validation errors; benchmark names and defaults."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pandas as pd
+import pytest
+
+from bupo.data.datasets import (
+    BENCHMARKS,
+    DEFAULT_SAMPLES,
+    benchmark_name,
+    default_samples,
+    load_bundled,
+    load_rows,
+)
+
+DATA = Path(__file__).resolve().parents[2] / "shared" / "data" / "math"
+SIZES = {"aime_2024": 30, "aime_2025": 30, "amc2023": 40, "math500": 500, "deepmath-5k": 5000}
+
+
+@pytest.mark.parametrize(("name", "size"), SIZES.items())
+def test_load_paper_parquet(name: str, size: int) -> None:
+    rows = load_rows(DATA / f"{name}.parquet")
+    assert len(rows) == size
+    df = pd.read_parquet(DATA / f"{name}.parquet")
+    for i in (0, size // 2, size - 1):
+        row = rows[i]
+        assert type(row["prompt"]) is list and all(type(m) is dict for m in row["prompt"])
+        assert [m["role"] for m in row["prompt"]] == ["system", "user"]
+        assert row["prompt"][1]["content"] == df.iloc[i]["prompt"][1]["content"]
+        assert row["reward_model"]["ground_truth"] == df.iloc[i]["reward_model"]["ground_truth"]
+        assert row["data_source"] == df.iloc[i]["data_source"]
+        json.dumps(row)  # plain Python all the way down (no numpy)
+
+
+def test_jsonl_roundtrip(tmp_path: Path) -> None:
+    rows = load_rows(DATA / "amc2023.parquet")
+    path = tmp_path / "amc23.jsonl"
+    path.write_text("\n".join(json.dumps(r) for r in rows) + "\n\n")
+    assert load_rows(path) == rows
+    assert benchmark_name(path) == "amc2023"
+
+
+def test_numeric_ground_truth_becomes_string(tmp_path: Path) -> None:
+    path = tmp_path / "x.jsonl"
+    path.write_text(
+        json.dumps({"prompt": [{"role": "user", "content": "1+1"}], "reward_model": {"ground_truth": 2}})
+    )
+    assert load_rows(path)[0]["reward_model"]["ground_truth"] == "2"
+
+
+@pytest.mark.parametrize(
+    ("content", "match"),
+    [
+        ("", "no rows"),
+        (
+            '{"question": "q", "answer": "a"}',
+            r"missing column\(s\) \['prompt', 'reward_model'\].*found columns \['answer', 'question'\]",
+        ),
+        (
+            '{"prompt": "just text", "reward_model": {"ground_truth": "1"}}',
+            "'prompt' must be a non-empty list",
+        ),
+        (
+            '{"prompt": [{"role": "user"}], "reward_model": {"ground_truth": "1"}}',
+            "string 'role' and 'content'",
+        ),
+        (
+            '{"prompt": [{"role": "system", "content": "s"}], "reward_model": {"ground_truth": "1"}}',
+            "no 'user' message",
+        ),
+        (
+            '{"prompt": [{"role": "user", "content": "q"}], "reward_model": {"answer": "1"}}',
+            "with 'ground_truth'",
+        ),
+        (
+            '{"prompt": [{"role": "user", "content": "q"}], "reward_model": {"ground_truth": [1]}}',
+            "must be a string",
+        ),
+        (
+            '{"prompt": [{"role": "user", "content": "q"}], "reward_model": {"ground_truth": "1"}}\n{"prompt": 1}',
+            "row 1 has no 'reward_model'",
+        ),
+        ("not json", "not valid JSON"),
+    ],
+)
+def test_jsonl_validation_errors(tmp_path: Path, content: str, match: str) -> None:
+    path = tmp_path / "bad.jsonl"
+    path.write_text(content)
+    with pytest.raises(ValueError, match=match):
+        load_rows(path)
+
+
+def test_parquet_renamed_column(tmp_path: Path) -> None:
+    df = pd.read_parquet(DATA / "aime_2024.parquet").rename(columns={"reward_model": "reward"})
+    path = tmp_path / "aime24.parquet"
+    df.to_parquet(path)
+    with pytest.raises(ValueError, match=r"missing column\(s\) \['reward_model'\].*found columns .*'reward'"):
+        load_rows(path)
+
+
+def test_format_errors(tmp_path: Path) -> None:
+    with pytest.raises(FileNotFoundError):
+        load_rows(tmp_path / "nope.parquet")
+    csv = tmp_path / "data.csv"
+    csv.write_text("a,b\n")
+    with pytest.raises(ValueError, match="unsupported data format '.csv'; accepted: .parquet, .jsonl, .json"):
+        load_rows(csv)
+    broken = tmp_path / "broken.parquet"
+    broken.write_bytes(b"not parquet at all")
+    with pytest.raises(ValueError, match="not a readable parquet"):
+        load_rows(broken)
+    js = tmp_path / "rows.json"
+    js.write_text('{"prompt": []}')
+    with pytest.raises(ValueError, match="must hold a list"):
+        load_rows(js)
+
+
+@pytest.mark.parametrize(
+    ("path", "name"),
+    [
+        ("../shared/data/math/aime_2024.parquet", "aime_2024"),
+        ("aime24.jsonl", "aime_2024"),
+        ("AIME2025.parquet", "aime_2025"),
+        ("aime_25.jsonl", "aime_2025"),
+        ("amc2023.parquet", "amc2023"),
+        ("amc23.jsonl", "amc2023"),
+        ("math500.parquet", "math500"),
+        ("MATH_500.jsonl", "math500"),
+        ("math-500.jsonl", "math500"),
+        ("deepmath-5k.parquet", "deepmath-5k"),
+        ("my_set.jsonl", "my_set"),
+    ],
+)
+def test_benchmark_name(path: str, name: str) -> None:
+    assert benchmark_name(path) == name
+
+
+def test_paper_defaults() -> None:
+    assert BENCHMARKS == ("amc2023", "math500", "aime_2024", "aime_2025")
+    assert DEFAULT_SAMPLES == {"aime_2024": 32, "aime_2025": 32, "amc2023": 16, "math500": 16}
+    assert default_samples("aime_2025") == 32 and default_samples("math500") == 16
+    assert default_samples("deepmath-5k") is None
+
+
+def test_load_bundled() -> None:
+    pytest.importorskip("bupo.data.task", reason="bupo.data.task not written yet")
+    rows = load_bundled("test", n=5, seed=0)
+    assert len(rows) == 5
+    assert rows[0]["prompt"][0]["role"] == "system" and rows[0]["prompt"][1]["role"] == "user"
+    assert isinstance(rows[0]["reward_model"]["ground_truth"], str)
+    assert load_bundled("test", n=5, seed=0) == rows

@@ -1,0 +1,143 @@
+"""Prompt templates against the paper's exact strings (paper.md §4.1).
+
+Also home of ``char_tokenizer()``: a character-level fast tokenizer whose chat template is a minimal,
+faithful copy of Qwen3's (system/user/assistant turns + ``enable_thinking``), reused by the generation
+and evaluation tests.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pandas as pd
+import pytest
+
+from bupo.data.templates import OCTOTHINKER_TEMPLATE, TEMPLATES, render_prompt
+
+DATA = Path(__file__).resolve().parents[2] / "shared" / "data" / "math"
+
+# Qwen3's chat template (Qwen/Qwen3-8B), reduced to what the paper's prompts use: a leading system
+# turn, user/assistant turns, and the generation prompt with the empty think block when
+# enable_thinking is false.
+QWEN3_MINI_TEMPLATE = (
+    "{%- if messages[0].role == 'system' %}"
+    "{{- '<|im_start|>system\\n' + messages[0].content + '<|im_end|>\\n' }}"
+    "{%- endif %}"
+    "{%- for message in messages %}"
+    "{%- if message.role == 'user' or (message.role == 'system' and not loop.first) %}"
+    "{{- '<|im_start|>' + message.role + '\\n' + message.content + '<|im_end|>\\n' }}"
+    "{%- elif message.role == 'assistant' %}"
+    "{{- '<|im_start|>assistant\\n' + message.content + '<|im_end|>\\n' }}"
+    "{%- endif %}"
+    "{%- endfor %}"
+    "{%- if add_generation_prompt %}"
+    "{{- '<|im_start|>assistant\\n' }}"
+    "{%- if enable_thinking is defined and enable_thinking is false %}"
+    "{{- '<think>\\n\\n</think>\\n\\n' }}"
+    "{%- endif %}"
+    "{%- endif %}"
+)
+
+SPECIALS = ["<|endoftext|>", "<|im_start|>", "<|im_end|>"]
+
+
+def char_tokenizer(chat_template: str | None = QWEN3_MINI_TEMPLATE):
+    """A character-level PreTrainedTokenizerFast: printable ASCII + newline, Qwen-style special tokens
+    (pad <|endoftext|>=0, <|im_start|>=1, eos <|im_end|>=2), <think>/</think> as added tokens."""
+    from tokenizers import Regex, Tokenizer, decoders, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+
+    chars = ["\n", *(chr(c) for c in range(32, 127))]
+    vocab = {t: i for i, t in enumerate([*SPECIALS, "<unk>", "<think>", "</think>", *chars])}
+    tok = Tokenizer(models.WordLevel(vocab=vocab, unk_token="<unk>"))
+    tok.pre_tokenizer = pre_tokenizers.Split(Regex("."), behavior="isolated")
+    tok.decoder = decoders.Fuse()
+    tok.add_special_tokens(SPECIALS)
+    tok.add_tokens(["<think>", "</think>"])
+    return PreTrainedTokenizerFast(
+        tokenizer_object=tok,
+        eos_token="<|im_end|>",
+        pad_token="<|endoftext|>",
+        unk_token="<unk>",
+        chat_template=chat_template,
+    )
+
+
+def _first_row(name: str) -> dict:
+    df = pd.read_parquet(DATA / f"{name}.parquet")
+    return {"prompt": [dict(m) for m in df.iloc[0]["prompt"]]}
+
+
+@pytest.mark.parametrize("name", ["aime_2024", "math500", "deepmath-5k"])
+def test_qwen3_no_thinking_matches_the_paper(name: str) -> None:
+    messages = _first_row(name)["prompt"]
+    problem = messages[1]["content"]
+    expected = (
+        "<|im_start|>system\nPlease reason step by step, and put your final answer within \\boxed{}.<|im_end|>\n"
+        "<|im_start|>user\n" + problem + "<|im_end|>\n<|im_start|>assistant\n<think>\n\n</think>\n\n"
+    )
+    assert render_prompt(char_tokenizer(), messages, "qwen3_no_thinking") == expected
+
+
+def test_chat_template_without_thinking_switch() -> None:
+    messages = [{"role": "system", "content": "S"}, {"role": "user", "content": "Q"}]
+    assert render_prompt(char_tokenizer(), messages, "chat") == (
+        "<|im_start|>system\nS<|im_end|>\n<|im_start|>user\nQ<|im_end|>\n<|im_start|>assistant\n"
+    )
+
+
+def test_octothinker_matches_the_paper() -> None:
+    messages = _first_row("aime_2024")["prompt"]
+    problem = messages[1]["content"]
+    expected = (
+        "A conversation between User and Assistant. The user asks a question, and the Assistant solves it. "
+        "The assistant first thinks about the reasoning process in the mind and then provides the user with "
+        "the answer. User: You must put your answer inside \\boxed{} and Your final answer will be extracted "
+        "automatically by the \\boxed{} tag.\n" + problem + " Assistant:"
+    )
+    assert render_prompt(None, messages, "octothinker") == expected
+    assert OCTOTHINKER_TEMPLATE.count("{problem}") == 1
+    # braces in the problem survive (no str.format)
+    assert render_prompt(None, [{"role": "user", "content": "x^{2} {problem}"}], "octothinker").endswith(
+        "x^{2} {problem} Assistant:"
+    )
+
+
+def test_template_errors() -> None:
+    msgs = [{"role": "user", "content": "Q"}]
+    with pytest.raises(ValueError, match="accepted: qwen3_no_thinking, chat, octothinker"):
+        render_prompt(char_tokenizer(), msgs, "qwen")
+    with pytest.raises(ValueError, match="has none"):
+        render_prompt(char_tokenizer(chat_template=None), msgs, "chat")
+    with pytest.raises(ValueError, match="has none"):
+        render_prompt(None, msgs, "qwen3_no_thinking")
+    plain = "{% for m in messages %}{{ m.content }}{% endfor %}{% if add_generation_prompt %}A:{% endif %}"
+    with pytest.raises(ValueError, match="enable_thinking"):
+        render_prompt(char_tokenizer(chat_template=plain), msgs, "qwen3_no_thinking")
+    with pytest.raises(ValueError, match="no user message"):
+        render_prompt(None, [{"role": "system", "content": "S"}], "octothinker")
+    with pytest.raises(ValueError, match="non-empty list"):
+        render_prompt(None, [], "octothinker")
+    with pytest.raises(ValueError, match="string 'role' and 'content'"):
+        render_prompt(None, [{"role": "user"}], "octothinker")
+    assert TEMPLATES == ("qwen3_no_thinking", "chat", "octothinker")
+
+
+def test_bundled_tokenizer_renders_the_paper_prompt() -> None:
+    zoo = pytest.importorskip("bupo.zoo", reason="bupo.zoo not written yet")
+    if not hasattr(zoo, "bundled_model_path") or not zoo.bundled_model_path().exists():
+        pytest.skip("the bundled model is not built yet (bupo.zoo.bundled_model_path)")
+    from transformers import AutoTokenizer
+
+    tok = AutoTokenizer.from_pretrained(str(zoo.bundled_model_path()))
+    messages = [
+        {
+            "role": "system",
+            "content": "Please reason step by step, and put your final answer within \\boxed{}.",
+        },
+        {"role": "user", "content": "Compute 2 + 3."},
+    ]
+    assert render_prompt(tok, messages, "qwen3_no_thinking") == (
+        "<|im_start|>system\nPlease reason step by step, and put your final answer within \\boxed{}.<|im_end|>\n"
+        "<|im_start|>user\nCompute 2 + 3.<|im_end|>\n<|im_start|>assistant\n<think>\n\n</think>\n\n"
+    )
