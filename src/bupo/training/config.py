@@ -1,0 +1,179 @@
+"""``BuPOConfig``: TRL's ``GRPOConfig`` plus the three BuPO knobs and a few logging options.
+
+Conventions:
+
+- ``internal_layer`` is the 0-based decoder layer ``k`` of the official code (paper layer ``l = k + 1``);
+  ``"auto"`` is accepted here and must be resolved (``bupo train`` does it from the analysis) before a trainer
+  is built.
+- ``internal_steps`` is s_inter, counted in **rollout steps** (one step = one generation batch), like the
+  official ``global_steps <= iterative_steps`` with ``global_steps`` counted from 1: rollout steps 1..S are
+  trained on the layer-``k`` internal policy, S+1.. on the full policy. ``internal_steps=0`` is plain GRPO.
+  TRL's ``max_steps`` / ``save_steps`` / ``logging_steps`` count *optimizer* steps;
+  one rollout step = ``steps_per_generation * num_iterations / gradient_accumulation_steps`` optimizer steps
+  (:attr:`BuPOConfig.optimizer_steps_per_rollout`).
+- ``internal_projection``: ``raw`` = lm_head(h) without the final norm (the paper), ``final_norm`` = logit lens.
+- Entropies are in nats.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+from trl import GRPOConfig
+
+from bupo.internal.adapters import PROJECTIONS
+
+
+def _parse_layer(value: object) -> int | str | None:
+    if value is None or value == "auto":
+        return value
+    if isinstance(value, bool):
+        raise ValueError(f"internal_layer must be an int >= 0 or 'auto', got {value!r}")
+    if isinstance(value, str):
+        text = value.strip().lower()
+        if text in ("auto",):
+            return "auto"
+        if text in ("none", "null", ""):
+            return None
+        try:
+            value = int(text)
+        except ValueError:
+            raise ValueError(
+                f"internal_layer must be an int >= 0 (0-based k, paper layer k+1) or 'auto', got {value!r}"
+            ) from None
+    if not isinstance(value, int) or value < 0:
+        raise ValueError(f"internal_layer must be an int >= 0 (0-based k, paper layer k+1) or 'auto', got {value!r}")
+    return value
+
+
+@dataclass
+class BuPOConfig(GRPOConfig):
+    """GRPOConfig + Bottom-up Policy Optimization (arXiv 2512.19673).
+
+    Every GRPOConfig field keeps its meaning; the BuPO fields are below. See the module docstring for the
+    step/layer conventions. With ``internal_steps > 0`` and several processes, ``ddp_find_unused_parameters`` is
+    set to True (layers above ``k`` get no gradient during the internal phase and DDP would otherwise hang or
+    raise); an explicit False is rejected.
+    """
+
+    internal_layer: int | str | None = field(
+        default=None,
+        metadata={
+            "help": "BuPO: the 0-based decoder layer k whose internal policy is optimised first (paper layer k+1), "
+            "or 'auto' (bupo train: the boundary layer suggested by the analysis). Required when internal_steps > 0."
+        },
+    )
+    internal_steps: int = field(
+        default=0,
+        metadata={
+            "help": "BuPO: s_inter, the number of rollout steps (generation batches, counted from 1) trained on the "
+            "layer-k internal policy before switching to the full policy. 0 = plain GRPO."
+        },
+    )
+    internal_projection: str = field(
+        default="raw",
+        metadata={
+            "help": "BuPO: how the internal policy reads the residual stream: 'raw' = lm_head(h) (the paper) or "
+            "'final_norm' = lm_head(final_norm(h)) (logit lens)."
+        },
+    )
+    log_policy_entropies: bool = field(
+        default=True,
+        metadata={
+            "help": "Log bupo/entropy_full and bupo/entropy_internal every rollout step. The policy being trained "
+            "comes for free from the loss pass; the other one costs one no-grad forward of the rollout batch "
+            "(the full model during the internal phase, layers 0..k during the full phase)."
+        },
+    )
+    probe_every: int = field(
+        default=10,
+        metadata={
+            "help": "Every this many rollout steps (and at the first), log bupo/layer_entropy/L{k} (0-based k) "
+            "and bupo/layer_entropy/final on a small fixed probe batch. 0 disables."
+        },
+    )
+    probe_size: int = field(
+        default=4,
+        metadata={"help": "Number of sequences (from the first rollout batch, then frozen) in the probe batch."},
+    )
+    optimizer_batch_size: int | None = field(
+        default=None,
+        metadata={
+            "help": "Global number of completions per optimizer step (verl: ppo_mini_batch_size x n). When set, "
+            "gradient_accumulation_steps is derived from it and the world size, so presets stay valid on any "
+            "number of processes."
+        },
+    )
+
+    def __post_init__(self) -> None:
+        self.internal_layer = _parse_layer(self.internal_layer)
+        if isinstance(self.internal_steps, bool) or not isinstance(self.internal_steps, int) or self.internal_steps < 0:
+            raise ValueError(f"internal_steps must be an int >= 0 (rollout steps; 0 = GRPO), got {self.internal_steps!r}")
+        if self.internal_projection not in PROJECTIONS:
+            raise ValueError(
+                f"internal_projection must be one of {', '.join(PROJECTIONS)}, got {self.internal_projection!r}"
+            )
+        if self.internal_steps > 0 and self.internal_layer is None:
+            raise ValueError("internal_steps > 0 needs internal_layer (0-based k) or internal_layer='auto'")
+        for name in ("probe_every", "probe_size"):
+            v = getattr(self, name)
+            if isinstance(v, bool) or not isinstance(v, int) or v < 0:
+                raise ValueError(f"{name} must be an int >= 0, got {v!r}")
+        if self.optimizer_batch_size is not None and self.gradient_accumulation_steps != 1:
+            raise ValueError(
+                "give either optimizer_batch_size or gradient_accumulation_steps, not both "
+                f"(got {self.optimizer_batch_size} and {self.gradient_accumulation_steps})"
+            )
+        derive_generation = self.generation_batch_size is None and self.steps_per_generation is None
+        super().__post_init__()
+
+        if self.optimizer_batch_size is not None:
+            per_step = self.per_device_train_batch_size * self.world_size
+            if self.optimizer_batch_size % per_step != 0:
+                raise ValueError(
+                    f"optimizer_batch_size ({self.optimizer_batch_size}) must be a multiple of "
+                    f"per_device_train_batch_size x world_size = {self.per_device_train_batch_size} x "
+                    f"{self.world_size} = {per_step}"
+                )
+            self.gradient_accumulation_steps = self.optimizer_batch_size // per_step
+            if derive_generation:  # GRPOConfig's default: one optimizer step per generation batch
+                self.steps_per_generation = self.gradient_accumulation_steps
+                self.generation_batch_size = per_step * self.steps_per_generation
+
+        # One optimizer step must never mix two rollout batches (the phase is decided per rollout batch).
+        micro_per_rollout = self.steps_per_generation * self.num_iterations
+        if micro_per_rollout % self.gradient_accumulation_steps != 0:
+            raise ValueError(
+                f"steps_per_generation x num_iterations ({self.steps_per_generation} x {self.num_iterations}) must be "
+                f"a multiple of gradient_accumulation_steps ({self.gradient_accumulation_steps}), so that every "
+                "optimizer step uses one rollout batch only"
+            )
+
+        if self.internal_steps > 0:
+            if self.world_size > 1:
+                if self.ddp_find_unused_parameters is False:
+                    raise ValueError(
+                        "BuPO's internal phase leaves the layers above k without gradients, which DDP only accepts "
+                        "with ddp_find_unused_parameters=True; do not set it to False"
+                    )
+                self.ddp_find_unused_parameters = True
+            # a checkpoint inside a rollout batch would resume with a batch that straddles the phase switch
+            n = self.optimizer_steps_per_rollout
+            if self.save_strategy == "steps" and self.save_steps >= 1 and int(self.save_steps) % n != 0:
+                raise ValueError(
+                    f"save_steps ({self.save_steps}) must be a multiple of the optimizer steps per rollout step "
+                    f"({n}) so that checkpoints (and --resume) fall on rollout-step boundaries"
+                )
+
+    @property
+    def optimizer_steps_per_rollout(self) -> int:
+        """Optimizer steps per rollout (generation) batch."""
+        return self.steps_per_generation * self.num_iterations // self.gradient_accumulation_steps
+
+    def is_internal(self, global_step: int) -> bool:
+        """Whether the rollout batch generated when ``global_step`` optimizer steps are done is trained internally.
+
+        rollout_round_index = global_step // optimizer_steps_per_rollout (0-based), internal iff < internal_steps:
+        the official ``global_steps <= iterative_steps`` with 1-based global_steps.
+        """
+        return global_step // self.optimizer_steps_per_rollout < self.internal_steps

@@ -1,0 +1,266 @@
+"""``BuPOTrainer``: Bottom-up Policy Optimization (arXiv 2512.19673) on TRL's ``GRPOTrainer`` (trl==1.16.0).
+
+The whole algorithm is the difference to GRPO below (``BuPOTrainer`` up to the monitoring section). In the paper's
+notation, with rollouts o_i ~ pi_theta_old (always the FULL model) and group-normalised advantages A_i:
+
+    GRPO (Eq. 3):   J = E[ 1/G sum_i 1/|o_i| sum_t min( r_it A_i, clip(r_it, 1-eps, 1+eps) A_i ) ],
+                    r_it = pi_theta(o_it | s_it) / pi_theta_old(o_it | s_it)
+    IPA  (Eq. 9):   the same with rho^l_it = pi^l_Layer(o_it | s_it) / pi^l_Layer,old(o_it | s_it),
+                    pi^l_Layer = softmax(H^l E_u^T)   (residual stream after layer l, no final norm)
+    BuPO (Eq. 10):  J_BuPO = J_IPA while s_cur <= s_inter, J_GRPO afterwards.
+
+So BuPO only changes *which policy's log-probs* TRL computes, for the old (pre-update, no-grad) and the new
+(trained) log-probs alike, during the first ``internal_steps`` rollout steps. The layer-k internal policy is obtained by
+running the model's own forward truncated after layer k (:func:`bupo.internal.internal_policy`): no compute above k,
+and layers above k plus the final norm get no gradient (``grad is None``), so AdamW - weight decay included - leaves
+them bitwise unchanged (Eq. 14-15). Gradients reach embeddings, layers 0..k and lm_head (tied or not).
+
+Layer ``k`` is 0-based as in the official code (paper layer k+1). Entropies are in nats. Projection ``raw`` (paper)
+or ``final_norm`` (logit lens) per ``BuPOConfig.internal_projection``.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+from typing import Any
+
+import torch
+from trl import GRPOTrainer
+
+from bupo.internal import internal_policy, parts
+from bupo.internal.policy import check_layer
+from bupo.training.config import BuPOConfig
+from bupo.training.rewards import GuardedReward, guard_reward_funcs
+
+logger = logging.getLogger(__name__)
+
+PROBE_FILE = "bupo_probe.pt"
+
+
+def _hf_model(model: torch.nn.Module, accelerator: Any) -> torch.nn.Module:
+    """The HF model under DDP / DeepSpeed / FSDP1 wrappers (FSDP2 works in place) and PEFT."""
+    model = accelerator.unwrap_model(model)
+    return model.get_base_model() if hasattr(model, "get_base_model") else model
+
+
+class BuPOTrainer(GRPOTrainer):
+    """GRPOTrainer whose first ``args.internal_steps`` rollout steps optimise the layer-``args.internal_layer`` policy.
+
+    Same constructor as ``GRPOTrainer``; ``args`` must be a :class:`BuPOConfig` with ``internal_layer`` resolved to
+    an int (not ``"auto"``) when ``internal_steps > 0``. Reward callables are wrapped in
+    :class:`bupo.training.rewards.GuardedReward` (never raise, time-limited by ``reward_timeout`` seconds, counted).
+
+    KL (``beta > 0``): in the internal phase the reference log-probs are the *reference model's own layer-k policy*
+    (pi^k_ref, through the same truncated forward), so the k3 term is KL(pi^k_theta || pi^k_ref), zero at step 0.
+    The paper and the presets use ``beta = 0``.
+    """
+
+    def __init__(self, model: Any, reward_funcs: Any = None, args: BuPOConfig | None = None, *a: Any,
+                 reward_timeout: float | None = 60.0, **kw: Any) -> None:
+        if not isinstance(args, BuPOConfig):
+            raise ValueError(f"BuPOTrainer needs args=BuPOConfig(...), got {type(args).__name__}")
+        if args.internal_steps > 0 and args.loss_type == "vespo":
+            raise ValueError("loss_type='vespo' weighs by the sampler's log-probs, which BuPO's internal phase "
+                             "cannot compare with pi^k; use dapo/bnpo/grpo/dr_grpo")
+        self._bupo_internal = False  # phase of the rollout batch being trained on (decided in generation)
+        super().__init__(model, guard_reward_funcs(reward_funcs, reward_timeout), args, *a, **kw)
+        self._bupo_layer: int | None = None
+        if args.internal_layer is not None:
+            if args.internal_layer == "auto":
+                raise ValueError("internal_layer='auto' must be resolved to an int before building the trainer "
+                                 "(bupo train does it from the analysis)")
+            p = parts(_hf_model(self.model, self.accelerator))
+            self._bupo_layer = check_layer(args.internal_layer, p.num_layers)
+            if not p.adapter.truncatable:
+                raise ValueError(f"model_type {p.model.config.model_type!r} cannot run an internal policy by "
+                                 "truncation; BuPO supports the families in bupo.internal.supported_model_types()")
+        self._bupo_probe: dict[str, torch.Tensor] | None = None
+        self._bupo_probe_failed = False
+
+    # ------------------------------------------------------------------------------------------------------------
+    # BuPO: the difference to GRPO
+    # ------------------------------------------------------------------------------------------------------------
+
+    def _generate_and_score_completions(self, inputs: list[dict[str, Any]]) -> dict[str, Any]:
+        """Generate + score one rollout batch; decides the phase for every update on this batch (never mid-batch)."""
+        training = self.model.training
+        if training:
+            # rollout step s_cur = global_step // optimizer_steps_per_rollout + 1 (1-based, like verl's global_steps);
+            # internal iff s_cur <= s_inter. global_step is restored on resume, so the phase is too.
+            self._bupo_internal = self.args.is_internal(self.state.global_step)
+        self._set_phase_flags(training and self._bupo_internal)
+        try:
+            # rollouts come from the full model (generate runs outside the internal-policy context); the old
+            # log-probs computed in here go through _get_per_token_logps_and_entropies, i.e. pi^k_old when internal
+            output = super()._generate_and_score_completions(inputs)
+        finally:
+            self._set_phase_flags(self._bupo_internal)  # an eval call must not leak its flags into training
+        if training:
+            self._monitor_rollout(output)
+        return output
+
+    def _set_phase_flags(self, internal: bool) -> None:
+        # vLLM's importance-sampling correction and off-policy masking compare the trained policy's old log-probs with
+        # the sampler's (full model) log-probs: with pi^k that ratio is pi^k / pi, not engine mismatch, so both are
+        # off for internal batches (the official code had TIS off too). TRL reads both attributes at generation and
+        # at loss time.
+        self.vllm_importance_sampling_correction = self.args.vllm_importance_sampling_correction and not internal
+        self.off_policy_mask_threshold = None if internal else self.args.off_policy_mask_threshold
+
+    def _get_per_token_logps_and_entropies(self, model: Any, *args: Any, **kwargs: Any) -> tuple:
+        """log pi(o_t | s_t) for TRL; while internal: log pi^k, by the model's own forward truncated after layer k.
+
+        Covers the old log-probs (no-grad, pre-update weights), the trained log-probs and, with beta > 0, the
+        reference (the reference model's layer-k policy). Eval (model.eval()) always uses the full policy.
+        """
+        if not (self._bupo_internal and self.model.training):
+            out = super()._get_per_token_logps_and_entropies(model, *args, **kwargs)
+        else:
+            with internal_policy(_hf_model(model, self.accelerator), self._bupo_layer, self.args.internal_projection):
+                out = super()._get_per_token_logps_and_entropies(model, *args, **kwargs)
+        if kwargs.get("compute_entropy") and self.model.training and out[1] is not None:
+            self._record_entropy(out[1], args, kwargs, "internal" if self._bupo_internal else "full")
+        return out
+
+    # ------------------------------------------------------------------------------------------------------------
+    # monitoring (no effect on the updates)
+    # ------------------------------------------------------------------------------------------------------------
+
+    def _record_entropy(self, entropies: torch.Tensor, args: tuple, kwargs: dict, which: str) -> None:
+        """bupo/entropy_{which}: masked mean over completion tokens of the trained policy (the loss pass)."""
+        if self._bupo_layer is None and which == "internal":
+            return
+        attention_mask = args[1] if len(args) > 1 else kwargs["attention_mask"]
+        mask = attention_mask[:, -entropies.shape[1]:].to(entropies.dtype)
+        self._append_global_mean(f"bupo/entropy_{which}", (entropies.detach() * mask).sum(), mask.sum())
+
+    def _append_global_mean(self, key: str, total: torch.Tensor, count: torch.Tensor, mode: str = "train") -> None:
+        t = torch.stack([total.float(), count.float()]).to(self.accelerator.device)
+        t = self.accelerator.reduce(t, reduction="sum")
+        if t[1] > 0:
+            self._metrics[mode][key].append((t[0] / t[1]).item())
+
+    def _monitor_rollout(self, output: dict[str, Any]) -> None:
+        args = self.args
+        n_per = args.optimizer_steps_per_rollout
+        rollout_index = self.state.global_step // n_per  # 0-based
+        m = self._metrics["train"]
+        m["bupo/phase"].append(1.0 if self._bupo_internal else 0.0)
+        m["bupo/rollout_step"].append(float(rollout_index + 1))
+        if self._bupo_layer is not None:
+            m["bupo/internal_layer"].append(float(self._bupo_layer))
+        self._log_reward_counters("train")
+        multimodal = any(k in output for k in ("pixel_values", "image_grid_thw", "num_images"))
+        if args.log_policy_entropies and self._bupo_layer is not None and not multimodal:
+            self._log_other_policy_entropy(output)
+        if args.probe_every and self._bupo_layer is not None and not multimodal and not self._bupo_probe_failed:
+            if self._bupo_probe is None:
+                self._bupo_probe = self._make_probe(output)
+            if rollout_index % args.probe_every == 0:
+                self._run_probe()
+
+    def _log_reward_counters(self, mode: str) -> None:
+        guarded = [f for f in self.reward_funcs if isinstance(f, GuardedReward)]
+        if not guarded:
+            return
+        now = torch.tensor([f.counters() for f in guarded], dtype=torch.float64)
+        prev = getattr(self, "_bupo_reward_prev", torch.zeros_like(now))
+        self._bupo_reward_prev = now
+        delta = self.accelerator.reduce((now - prev).to(self.accelerator.device), reduction="sum").cpu()
+        total = self.accelerator.reduce(now.to(self.accelerator.device), reduction="sum").cpu()
+        for f, d, t in zip(guarded, delta.tolist(), total.tolist(), strict=True):
+            n, correct, err, tout = d
+            if n > 0 and f is guarded[0]:
+                self._metrics[mode]["bupo/accuracy"].append(correct / n)
+            self._metrics[mode][f"bupo/reward_errors/{f.__name__}"].append(err)
+            self._metrics[mode][f"bupo/reward_timeouts/{f.__name__}"].append(tout)
+            self._metrics[mode][f"bupo/reward_errors_total/{f.__name__}"].append(t[2])
+            self._metrics[mode][f"bupo/reward_timeouts_total/{f.__name__}"].append(t[3])
+
+    @torch.no_grad()
+    def _log_other_policy_entropy(self, output: dict[str, Any]) -> None:
+        """Entropy of the policy NOT being trained on this rollout batch: one extra no-grad forward."""
+        from trl.models.utils import disable_gradient_checkpointing
+
+        ids = torch.cat([output["prompt_ids"], output["completion_ids"]], dim=1)
+        mask = torch.cat([output["prompt_mask"], output["completion_mask"]], dim=1)
+        keep = output["completion_ids"].size(1)
+        compute = super()._get_per_token_logps_and_entropies  # the unwrapped GRPO method: full policy
+        with disable_gradient_checkpointing(self.model, self.args.gradient_checkpointing_kwargs):
+            if self._bupo_internal:
+                _, ent, _ = compute(self.model, ids, mask, keep, batch_size=self.args.per_device_train_batch_size,
+                                    compute_entropy=True)
+                which = "full"
+            else:
+                with internal_policy(_hf_model(self.model, self.accelerator), self._bupo_layer,
+                                     self.args.internal_projection):
+                    _, ent, _ = compute(self.model, ids, mask, keep,
+                                        batch_size=self.args.per_device_train_batch_size, compute_entropy=True)
+                which = "internal"
+        cm = output["completion_mask"].to(ent.dtype)
+        self._append_global_mean(f"bupo/entropy_{which}", (ent * cm).sum(), cm.sum())
+
+    def _make_probe(self, output: dict[str, Any]) -> dict[str, torch.Tensor]:
+        """A fixed probe batch: the first ``probe_size`` sequences of the first rollout batch, frozen (CPU)."""
+        n = max(1, min(self.args.probe_size, output["prompt_ids"].size(0)))
+        pm, cm = output["prompt_mask"][:n], output["completion_mask"][:n]
+        ids = torch.cat([output["prompt_ids"][:n], output["completion_ids"][:n]], dim=1)
+        mask = torch.cat([pm, cm], dim=1)
+        # position t predicts token t+1: keep positions whose next token is a completion token
+        positions = torch.zeros_like(mask, dtype=torch.bool)
+        positions[:, :-1] = torch.cat([torch.zeros_like(pm), cm], dim=1)[:, 1:].bool()
+        return {"input_ids": ids.cpu(), "attention_mask": mask.cpu(), "positions": positions.cpu()}
+
+    @torch.no_grad()
+    def _run_probe(self) -> None:
+        """bupo/layer_entropy/L{k} (0-based k; resid_post of every layer, projection as configured) and /final."""
+        from trl.models import unwrap_model_for_generation
+
+        from bupo.internal.streams import stream_stats
+
+        dev = self.accelerator.device
+        probe = {k: v.to(dev) for k, v in self._bupo_probe.items()}
+        try:
+            # ZeRO-3 gathers the parameters (as for generation); DDP/FSDP2 just unwrap
+            with unwrap_model_for_generation(self.model_wrapped, self.accelerator,
+                                             gather_deepspeed3_params=True) as unwrapped:
+                model = unwrapped.get_base_model() if hasattr(unwrapped, "get_base_model") else unwrapped
+                st = stream_stats(model, probe["input_ids"], probe["attention_mask"], streams=("resid_post",),
+                                  positions=probe["positions"], projection=self.args.internal_projection,
+                                  include_final=True)
+        except Exception as exc:  # a diagnostic must never stop training
+            self._bupo_probe_failed = True
+            logger.warning("layer-entropy probe disabled: %r", exc)
+            return
+        values = [st.stats[("resid_post", k)].entropy.mean() for k in range(st.num_layers)]
+        values.append(st.final.entropy.mean())
+        t = self.accelerator.reduce(torch.stack(values).float().to(dev), reduction="mean").cpu().tolist()
+        m = self._metrics["train"]
+        for k in range(st.num_layers):
+            m[f"bupo/layer_entropy/L{k}"].append(t[k])
+        m["bupo/layer_entropy/final"].append(t[-1])
+
+    # ------------------------------------------------------------------------------------------------------------
+    # checkpoints: the phase is recomputed from global_step; the probe batch is saved so curves stay continuous
+    # ------------------------------------------------------------------------------------------------------------
+
+    def _save_checkpoint(self, model: Any, trial: Any) -> None:
+        super()._save_checkpoint(model, trial)
+        if self._bupo_probe is not None and self.args.should_save:
+            from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR
+
+            folder = os.path.join(self._get_output_dir(trial=trial), f"{PREFIX_CHECKPOINT_DIR}-{self.state.global_step}")
+            tmp = os.path.join(folder, PROBE_FILE + ".tmp")
+            torch.save(self._bupo_probe, tmp)
+            os.replace(tmp, os.path.join(folder, PROBE_FILE))
+
+    def _load_optimizer_and_scheduler(self, checkpoint: str | None) -> None:
+        super()._load_optimizer_and_scheduler(checkpoint)
+        if checkpoint is not None and os.path.exists(os.path.join(checkpoint, PROBE_FILE)):
+            self._bupo_probe = torch.load(os.path.join(checkpoint, PROBE_FILE), weights_only=True)
+
+    @property
+    def bupo_internal(self) -> bool:
+        """Whether the rollout batch currently trained on uses the internal policy."""
+        return self._bupo_internal
