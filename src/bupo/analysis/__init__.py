@@ -1,1 +1,35 @@
-"""analysis"""
+"""Internal-policy entropy analysis: ``bupo analyze`` / ``bupo analyze compare`` / ``bupo sample``.
+
+Conventions: 0-based layer ``k`` = paper layer ``k + 1``; entropies in nats; projection ``raw`` (paper) or
+``final_norm`` (logit lens); ΔH convention ``bupo`` (paper / official script) or ``residual``.
+
+Exports are resolved lazily so that ``bupo.analysis.cli`` (imported by ``bupo --help``) stays light.
+"""
+
+from __future__ import annotations
+
+import importlib
+from typing import Any
+
+_EXPORTS = {
+    "analyze": "bupo.analysis.run",
+    "AnalysisResult": "bupo.analysis.run",
+    "load_summary": "bupo.analysis.run",
+    "suggested_layer": "bupo.analysis.run",
+    "read_traces": "bupo.analysis.run",
+    "boundary_layer": "bupo.analysis.summary",
+    "boundary_details": "bupo.analysis.summary",
+    "Aggregator": "bupo.analysis.summary",
+    "make_figures": "bupo.analysis.figures",
+    "render_report": "bupo.analysis.report",
+    "compare": "bupo.analysis.compare",
+    "sample_layer": "bupo.analysis.sample",
+}
+
+__all__ = sorted(_EXPORTS)
+
+
+def __getattr__(name: str) -> Any:
+    if name in _EXPORTS:
+        return getattr(importlib.import_module(_EXPORTS[name]), name)
+    raise AttributeError(f"module 'bupo.analysis' has no attribute {name!r}")

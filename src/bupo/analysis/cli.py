@@ -1,0 +1,170 @@
+"""CLI: ``bupo analyze``, ``bupo analyze compare`` and ``bupo sample`` (standard library only at top level)."""
+
+from __future__ import annotations
+
+import argparse
+
+PROJECTIONS = ("raw", "final_norm")
+CONVENTIONS = ("bupo", "residual")
+DEFAULT_BUNDLED_SAMPLES = 32
+
+
+def _positive_int(v: str) -> int:
+    try:
+        i = int(v)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a positive integer, got {v!r}") from None
+    if i < 1:
+        raise argparse.ArgumentTypeError(f"expected a positive integer, got {v!r}")
+    return i
+
+
+def _default_model() -> str:
+    try:
+        from bupo.zoo import DEFAULT_MODEL
+    except ImportError:
+        raise ValueError("no --model given and the bundled model is not available; pass --model PATH") from None
+    return str(DEFAULT_MODEL)
+
+
+def _add_model_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--model", help="local checkpoint folder (default: the bundled tiny reasoning model)")
+    p.add_argument("--dtype", default="float32", choices=("float32", "bfloat16", "float16"),
+                   help="weights dtype (default float32, as the official script; statistics are fp32 either way)")
+    p.add_argument("--device", default="auto", help="auto | cpu | cuda[:i] (default auto)")
+    p.add_argument("--projection", default="raw", choices=PROJECTIONS,
+                   help="raw = lm_head(h) as in the paper (default); final_norm = lm_head(final_norm(h)) (logit lens)")
+    p.add_argument("--template", default="chat",
+                   help="prompt template for message prompts: chat (tokenizer's chat template), qwen3_no_thinking, "
+                        "octothinker (default chat)")
+
+
+def register(subparsers) -> None:
+    a = subparsers.add_parser(
+        "analyze",
+        help="internal-policy entropy flow over reasoning traces (figures, report, boundary layer)",
+        description="Entropy of every internal layer / attention / FFN policy over response tokens, the entropy "
+                    "changes ΔH, the boundary layer (suggested internal layer k) and a self-contained report. "
+                    "Layers: paper l = 1..L in outputs, 0-based k = l - 1 for --internal-layer. Entropies in nats.",
+    )
+    _add_model_args(a)
+    a.add_argument("--data", help="paper parquet or JSONL rows (prompt messages); responses are generated "
+                                  "(default: the bundled task's held-out split)")
+    a.add_argument("--traces", help="JSONL of precomputed {'prompt': str | messages, 'response': str}")
+    a.add_argument("--out", help="output directory (required)")
+    a.add_argument("--max-samples", type=_positive_int,
+                   help=f"analyse at most N rows (default: all; {DEFAULT_BUNDLED_SAMPLES} for the bundled task)")
+    a.add_argument("--max-new-tokens", type=_positive_int, default=1024, help="generation length (default 1024)")
+    a.add_argument("--temperature", type=float, default=1.0, help="sampling temperature (default 1.0, as the paper)")
+    a.add_argument("--top-p", type=float, default=1.0, help="nucleus sampling (default 1.0)")
+    a.add_argument("--seed", type=int, default=0, help="generation seed (default 0)")
+    a.add_argument("--delta", default="bupo", choices=CONVENTIONS,
+                   help="ΔH convention: bupo (module output vs its normalised input, the paper; default) or "
+                        "residual (across the residual stream)")
+    a.add_argument("--chunk-size", type=_positive_int, default=1024,
+                   help="rows per logits chunk: peak extra memory ~ chunk x vocab x 8 bytes (default 1024)")
+    a.add_argument("--batch-tokens", type=_positive_int, default=4096,
+                   help="padded tokens per analysis forward (default 4096)")
+    a.add_argument("--gen-batch-size", type=_positive_int, default=32, help="prompts per generation batch (default 32)")
+    a.add_argument("--token-dtype", default="float16", choices=("float16", "float32"),
+                   help="storage dtype of per-token entropies in tokens.parquet (default float16)")
+    a.add_argument("--boundary-tol", type=float, default=0.1,
+                   help="boundary rule tolerance, relative to the largest FFN ΔH (default 0.1; docs/analysis.md)")
+    a.add_argument("--heatmap-sample", type=int, help="sample index for the layer x token heatmap (default: first)")
+    a.add_argument("--overwrite", action="store_true", help="replace a finished analysis in --out")
+    a.add_argument("--no-resume", action="store_true", help="discard staged partial results in --out")
+    a.add_argument("--quiet", action="store_true", help="no progress bars")
+    a.set_defaults(func=_analyze)
+
+    sub = a.add_subparsers(dest="analyze_command", metavar="{compare}")
+    c = sub.add_parser("compare", help="overlay several analyses on a normalised depth axis",
+                       description="Overlay analyses (directories with summary.json) on depth l/L.")
+    c.add_argument("dirs", nargs="+", help="analysis directories")
+    c.add_argument("--out", dest="compare_out", required=True, help="output directory")
+    c.add_argument("--labels", help="comma-separated labels, one per directory")
+    c.set_defaults(func=_compare)
+
+    s = subparsers.add_parser(
+        "sample", help="sample text from an internal layer policy",
+        description="Generate from the layer-K internal policy π^{K+1}_Layer (0-based K; raw = lm_head(H), no norm).",
+    )
+    _add_model_args(s)
+    s.set_defaults(template="chat")
+    s.add_argument("--layer", required=True,
+                   help="0-based layer K (paper layer K+1), a comma list, 'final' (the full model) or 'all'")
+    s.add_argument("--prompt", required=True, help="user message (wrapped by --template; 'none' = verbatim)")
+    s.add_argument("--max-new-tokens", type=_positive_int, default=64)
+    s.add_argument("--temperature", type=float, default=1.0, help="0 = greedy (default 1.0)")
+    s.add_argument("--top-p", type=float, default=1.0)
+    s.add_argument("--n", type=_positive_int, default=1, help="samples per layer")
+    s.add_argument("--seed", type=int, default=0)
+    s.add_argument("--json", action="store_true", help="print JSON instead of text")
+    s.set_defaults(func=_sample)
+
+
+def _analyze(args) -> int:
+    if not args.out:
+        raise ValueError("--out DIR is required")
+    if args.data and args.traces:
+        raise ValueError("give --data (responses are generated) or --traces (precomputed), not both")
+    from bupo.analysis.run import analyze
+
+    data = args.data
+    max_samples = args.max_samples
+    if data is None and args.traces is None:
+        from bupo.data.task import make_examples
+
+        max_samples = max_samples or DEFAULT_BUNDLED_SAMPLES
+        data = make_examples("test", max_samples, seed=args.seed)
+    res = analyze(
+        args.model or _default_model(), data=data, traces=args.traces, out_dir=args.out, max_samples=max_samples,
+        max_new_tokens=args.max_new_tokens, temperature=args.temperature, top_p=args.top_p, seed=args.seed,
+        projection=args.projection, delta=args.delta, template=args.template, dtype=args.dtype, device=args.device,
+        chunk_size=args.chunk_size, batch_tokens=args.batch_tokens, gen_batch_size=args.gen_batch_size,
+        token_dtype=args.token_dtype, boundary_tol=args.boundary_tol, heatmap_sample=args.heatmap_sample,
+        resume=not args.no_resume, overwrite=args.overwrite, progress=not args.quiet,
+    )
+    s = res.summary
+    skipped = {k: v for k, v in s["skipped"].items() if v}
+    print(f"analysed {s['num_samples']} samples, {s['num_tokens']} response tokens, {s['num_layers']} layers"
+          + (f"; skipped {skipped}" if skipped else ""))
+    if s["boundary_layer"] is None:
+        print(f"boundary layer: none ({s['boundary']['note']})")
+    else:
+        print(f"boundary layer l = {s['boundary_layer']} -> suggested internal layer k = {s['suggested_internal_layer']}")
+    print(f"final policy entropy {s['final_entropy']:.4f} nats; report: {args.out}/report.html")
+    return 0
+
+
+def _compare(args) -> int:
+    from bupo.analysis.compare import compare
+
+    labels = args.labels.split(",") if args.labels else None
+    res = compare(args.dirs, args.compare_out, labels=labels)
+    for r in res["runs"]:
+        print(f"{r['label']}: L={r['num_layers']} boundary={r['boundary_layer']} k={r['suggested_internal_layer']}")
+    if res["note"]:
+        print(f"note: {res['note']}")
+    print(f"wrote {args.compare_out}/compare.html")
+    return 0
+
+
+def _sample(args) -> int:
+    import json
+
+    from bupo.analysis.run import load_model
+    from bupo.analysis.sample import format_samples, parse_layers, sample_layer
+    from bupo.internal import parts
+
+    model, tokenizer = load_model(args.model or _default_model(), dtype=args.dtype, device=args.device)
+    layers = parse_layers(args.layer, parts(model).num_layers)
+    results = [(k, sample_layer(model, tokenizer, args.prompt, layer=k, projection=args.projection,
+                                template=args.template, max_new_tokens=args.max_new_tokens,
+                                temperature=args.temperature, top_p=args.top_p, n=args.n, seed=args.seed))
+               for k in layers]
+    if args.json:
+        print(json.dumps([{"layer": k, "paper_layer": None if k is None else k + 1, "projection": args.projection,
+                           "samples": t} for k, t in results], ensure_ascii=False, indent=1))
+    else:
+        print(format_samples(results, args.projection))
+    return 0

@@ -1,0 +1,123 @@
+"""``report.html``: one self-contained page (figures as base64 data URIs, inline CSS, no scripts, no links)."""
+
+from __future__ import annotations
+
+import base64
+import html
+import json
+import math
+from collections.abc import Mapping
+from pathlib import Path
+
+_CSS = """
+body{font-family:system-ui,-apple-system,Segoe UI,Helvetica,Arial,sans-serif;margin:2em auto;max-width:1200px;
+color:#222;padding:0 1em}
+h1{font-size:1.5em}h2{font-size:1.2em;margin-top:1.6em;border-bottom:1px solid #ddd}
+table{border-collapse:collapse;font-size:.85em}td,th{border:1px solid #ccc;padding:.2em .5em;text-align:right}
+th{background:#f3f3f3}td.l,th.l{text-align:left}.k{font-size:1.1em;background:#eef6ee;border:1px solid #9c9;
+padding:.6em 1em;display:inline-block}img{max-width:100%;border:1px solid #eee;margin:.4em 0}
+.pos{color:#1a7f37}.neg{color:#b42318}code{background:#f5f5f5;padding:0 .2em}
+"""
+
+
+def _img(path: Path) -> str:
+    data = base64.b64encode(Path(path).read_bytes()).decode("ascii")
+    return f'<img alt="{html.escape(Path(path).stem)}" src="data:image/png;base64,{data}">'
+
+
+def _fmt(v, digits: int = 4) -> str:
+    if v is None or (isinstance(v, float) and math.isnan(v)):
+        return "–"
+    if isinstance(v, float):
+        return f"{v:.{digits}f}"
+    return html.escape(str(v))
+
+
+def _signed(v, se) -> str:
+    if v is None:
+        return "–"
+    cls = "pos" if v > 0 else ("neg" if v < 0 else "")
+    s = f"{v:+.4f}"
+    if se is not None:
+        s += f" ± {se:.4f}"
+    return f'<span class="{cls}">{s}</span>'
+
+
+def _layer_table(s: Mapping) -> str:
+    L = int(s["num_layers"])
+    stages = (s.get("boundary") or {}).get("stages") or [""] * L
+    head = ("<tr><th>l (paper)</th><th>k (code)</th><th>H layer</th><th>ΔH layer ± SE</th><th>H attn</th>"
+            "<th>ΔH attn ± SE</th><th>H FFN</th><th>ΔH FFN ± SE</th><th>FFN stage</th><th>log p(next)</th>"
+            "<th>top-1 = final</th></tr>")
+    rows = []
+    for i in range(L):
+        mark = ' style="background:#eef6ee"' if s.get("boundary_layer") == i + 1 else ""
+        rows.append(
+            f"<tr{mark}><td>{i + 1}</td><td>{i}</td><td>{_fmt(s['layer_entropy'][i])}</td>"
+            f"<td>{_signed(s['layer_entropy_change'][i], s['layer_entropy_change_se'][i])}</td>"
+            f"<td>{_fmt(s['attn_entropy'][i])}</td>"
+            f"<td>{_signed(s['attn_entropy_change'][i], s['attn_entropy_change_se'][i])}</td>"
+            f"<td>{_fmt(s['ffn_entropy'][i])}</td>"
+            f"<td>{_signed(s['ffn_entropy_change'][i], s['ffn_entropy_change_se'][i])}</td>"
+            f"<td>{html.escape(stages[i] if i < len(stages) else '')}</td>"
+            f"<td>{_fmt(s['layer_logprob'][i], 3)}</td><td>{_fmt(s['layer_top1_agreement'][i], 3)}</td></tr>"
+        )
+    return f"<table>{head}{''.join(rows)}</table>"
+
+
+def _kv_table(items: Mapping) -> str:
+    rows = []
+    for k, v in items.items():
+        val = json.dumps(v, ensure_ascii=False) if isinstance(v, dict | list) else str(v)
+        rows.append(f'<tr><th class="l">{html.escape(str(k))}</th><td class="l"><code>{html.escape(val)}</code></td></tr>')
+    return f"<table>{''.join(rows)}</table>"
+
+
+def render_report(summary: Mapping, figures: Mapping[str, Path]) -> str:
+    """The report as one HTML string."""
+    s = summary
+    b = s.get("boundary_layer")
+    k = s.get("suggested_internal_layer")
+    if b is not None:
+        kbox = (f'<div class="k">Boundary layer <b>l = {b}</b> of {s["num_layers"]} &rarr; suggested internal layer '
+                f"<b>k = {k}</b> (0-based; <code>bupo train --internal-layer {k}</code>)</div>")
+    else:
+        kbox = f'<div class="k">No boundary layer: {html.escape(str((s.get("boundary") or {}).get("note", "")))}</div>'
+    bd = s.get("boundary") or {}
+    rule = html.escape(bd.get("rule", ""))
+    meta_keys = ["model", "model_type", "dtype", "device", "projection", "delta_convention", "template", "data",
+                 "traces", "generation", "position_convention", "num_layers", "vocab_size", "tied_embeddings",
+                 "num_samples", "num_tokens", "skipped", "chunk_size", "bupo_version", "torch_version",
+                 "transformers_version", "created"]
+    meta = {key: s[key] for key in meta_keys if key in s}
+    figs = "".join(f"<h3>{html.escape(name.replace('_', ' '))}</h3>{_img(p)}" for name, p in figures.items())
+    final = (f"final policy πθ: H = {_fmt(s.get('final_entropy'))} nats, mean log p(next) = "
+             f"{_fmt(s.get('final_logprob'), 3)}; embedding H^0: {_fmt(s.get('embed_entropy'))} nats")
+    return f"""<!DOCTYPE html>
+<html lang="en"><head><meta charset="utf-8"><title>bupo analyze — {html.escape(str(s.get('model', '')))}</title>
+<style>{_CSS}</style></head><body>
+<h1>Internal policy entropy — {html.escape(str(s.get('model', '')))}</h1>
+<p>{s.get('num_samples')} samples, {s.get('num_tokens')} response tokens; projection <code>{html.escape(str(s.get('projection')))}</code>,
+ΔH convention <code>{html.escape(str(s.get('delta_convention')))}</code>. Entropies in nats; paper layer l = code layer k + 1.</p>
+{kbox}
+<p>Boundary rule: {rule}</p>
+<p>{final}</p>
+<h2>Figures</h2>{figs}
+<h2>Per-layer summary</h2>
+<p>Means over response tokens; ± is the token-level standard error of the per-token difference.</p>
+{_layer_table(s)}
+<h2>Reproduce</h2>
+{_kv_table(meta)}
+</body></html>
+"""
+
+
+def write_report(summary: Mapping, figures: Mapping[str, Path], path: Path) -> Path:
+    """Write ``report.html`` atomically."""
+    import os
+
+    path = Path(path)
+    tmp = path.with_name(f".{path.name}.tmp")
+    tmp.write_text(render_report(summary, figures), encoding="utf-8")
+    os.replace(tmp, path)
+    return path

@@ -1,0 +1,788 @@
+"""``bupo analyze`` as a Python API: internal-policy entropy flow over reasoning traces.
+
+Pipeline: rows (paper parquet / JSONL / the bundled task) -> seeded generation with the chat template, or
+precomputed traces -> one hooked forward per batch (:func:`bupo.internal.streams.stream_stats`, chunked fp32
+statistics computed inside the hooks: never more than ``chunk_size`` x vocab logits, whatever the number of
+layers) -> per-token columns (Parquet) + streaming per-layer summaries -> boundary layer, figures, report.
+
+Conventions (all recorded in ``summary.json``):
+
+- **Positions.** Position ``t`` of a sequence holds the distribution that predicts token ``t + 1``. For a
+  prompt of ``P`` tokens and a response of ``R`` tokens we analyse the ``R`` positions ``P-1 .. P+R-2``,
+  i.e. every position whose prediction is a response token, and record the log-prob of that realised token.
+  (The official script starts one position later and includes the position after the last response token.)
+- **Layers** 0-based ``k`` in token columns, paper layer ``l = k + 1``; summary lists have element ``i`` = layer
+  ``i + 1``. ``boundary_layer`` is 1-based, ``suggested_internal_layer = boundary_layer - 1`` is 0-based.
+- **Projection** ``raw`` = lm_head(h) (paper, default) or ``final_norm`` = lm_head(final_norm(h)); both with the
+  model's softcap. ``final_entropy`` is always the model's real policy lm_head(final_norm(h_L)).
+- **ΔH convention** ``bupo`` (paper / official script) or ``residual``; see :mod:`bupo.analysis.summary`.
+- Entropies in nats.
+
+Outputs are written atomically; ``summary.json`` is written last, so a directory without it is an unfinished
+run, which the next call with the same settings resumes from its staged per-batch shards.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import shutil
+import time
+from collections import Counter
+from collections.abc import Iterator, Mapping, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from bupo.analysis.summary import (
+    CONVENTION_STREAMS,
+    DEFAULT_BOUNDARY_TOL,
+    Aggregator,
+    boundary_details,
+    check_convention,
+    entropy_col,
+)
+
+SUMMARY_FILE = "summary.json"
+TOKENS_FILE = "tokens.parquet"
+TRACES_FILE = "traces.jsonl"
+REPORT_FILE = "report.html"
+STAGING_DIR = ".bupo_analyze_partial"
+POSITION_CONVENTION = (
+    "position t predicts token t+1; analysed positions are P-1 .. P+R-2 for a P-token prompt and an R-token "
+    "response (every position whose prediction is a response token); logp = log-prob of that realised token"
+)
+TOKEN_DTYPES = ("float16", "float32")
+SKIP_REASONS = ("empty_response", "empty_prompt", "too_long")
+
+
+@dataclass
+class Trace:
+    """One prompt/response pair as token ids (tokenised separately, then concatenated)."""
+
+    index: int
+    prompt_ids: list[int]
+    response_ids: list[int]
+    prompt: Any = None
+    response: str | None = None
+
+
+@dataclass
+class AnalysisResult:
+    """What :func:`analyze` returns.
+
+    ``summary`` is the dict written to ``summary.json``; ``tokens`` the per-token table (one row per analysed
+    position: ``sample``, ``position``, ``response_index``, ``token_id`` and the ``H.*`` / ``logp.*`` / ``top1.*``
+    columns, see :mod:`bupo.analysis.summary`), loaded from ``tokens.parquet`` when it is not held in memory.
+    """
+
+    summary: dict
+    out_dir: Path | None = None
+    figures: dict[str, Path] = field(default_factory=dict)
+    _tokens: Any = None
+
+    @property
+    def tokens(self):
+        if self._tokens is None:
+            if self.out_dir is None:
+                raise ValueError("no per-token data: the analysis was run with keep_tokens=False and no out_dir")
+            import pandas as pd
+
+            self._tokens = pd.read_parquet(self.out_dir / TOKENS_FILE)
+        return self._tokens
+
+    @property
+    def num_layers(self) -> int:
+        return int(self.summary["num_layers"])
+
+    @property
+    def boundary_layer(self) -> int | None:
+        return self.summary["boundary_layer"]
+
+    @property
+    def suggested_internal_layer(self) -> int | None:
+        return self.summary["suggested_internal_layer"]
+
+    def entropy(self, stream: str, layer: int) -> np.ndarray:
+        """Per-token entropies (nats) of ``stream`` at 0-based ``layer``, over all analysed tokens."""
+        if stream == "resid_pre" and layer > 0:
+            stream, layer = "resid_post", layer - 1
+        col = entropy_col(stream, layer)
+        if col not in self.tokens:
+            raise ValueError(f"no column {col!r}: streams recorded for convention {self.summary['delta_convention']!r}")
+        return self.tokens[col].to_numpy(dtype=np.float32)
+
+    def layer_entropy_matrix(self, sample: int) -> np.ndarray:
+        """[L, n] per-token layer-policy entropies of one sample (row k = 0-based layer k)."""
+        t = self.tokens[self.tokens["sample"] == sample]
+        if len(t) == 0:
+            raise ValueError(f"sample {sample} has no analysed tokens (skipped or out of range)")
+        return np.stack([t[entropy_col("resid_post", k)].to_numpy(dtype=np.float32) for k in range(self.num_layers)])
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# inputs
+
+
+def load_model(path: str | os.PathLike, *, dtype: str = "float32", device: str = "auto"):
+    """Load a local checkpoint folder (never a hub id) and its tokenizer; returns (model, tokenizer)."""
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    path = Path(path)
+    if not (path.is_dir() and (path / "config.json").is_file()):
+        raise ValueError(f"--model must be a local checkpoint folder with a config.json, got {str(path)!r}")
+    dtypes = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+    if dtype not in dtypes:
+        raise ValueError(f"unknown dtype {dtype!r}; accepted: {', '.join(dtypes)}")
+    device = resolve_device(device)
+    model = AutoModelForCausalLM.from_pretrained(path, dtype=dtypes[dtype]).to(device).eval()
+    tokenizer = AutoTokenizer.from_pretrained(path)
+    return model, tokenizer
+
+
+def resolve_device(device: str) -> str:
+    import torch
+
+    if device == "auto":
+        return "cuda" if torch.cuda.is_available() else "cpu"
+    if device.startswith("cuda") and not torch.cuda.is_available():
+        raise ValueError(f"device {device!r} requested but CUDA is not available")
+    return device
+
+
+def _encode(tokenizer, text: str) -> list[int]:
+    """Response text -> ids, no special tokens added."""
+    return list(tokenizer(text, add_special_tokens=False)["input_ids"])
+
+
+def _encode_prompt(tokenizer, text: str) -> list[int]:
+    """Prompt text -> ids exactly as :mod:`bupo.generation` encodes prompts: the tokenizer's special tokens
+    (e.g. BOS) are added unless the text already starts with the BOS token."""
+    bos = getattr(tokenizer, "bos_token", None)
+    return list(tokenizer(text, add_special_tokens=not (bos and text.startswith(bos)))["input_ids"])
+
+
+def _prompt_ids(tokenizer, prompt: Any, template: str) -> list[int]:
+    """Token ids of a prompt: message lists get the template; strings are taken verbatim."""
+    if isinstance(prompt, str):
+        return _encode_prompt(tokenizer, prompt)
+    if isinstance(prompt, list | tuple) and all(isinstance(m, Mapping) and "role" in m and "content" in m for m in prompt):
+        from bupo.data.templates import render_prompt
+
+        return _encode_prompt(tokenizer, render_prompt(tokenizer, list(prompt), template))
+    raise ValueError(
+        f"prompt must be a string or a list of {{'role', 'content'}} messages, got {type(prompt).__name__}"
+    )
+
+
+def read_traces(path: str | os.PathLike) -> list[dict]:
+    """Read a traces JSONL: one ``{"prompt": str | [messages], "response": str}`` object per line."""
+    path = Path(path)
+    if not path.is_file():
+        raise ValueError(f"traces file not found: {str(path)!r}")
+    rows = []
+    with path.open(encoding="utf-8") as f:
+        for i, line in enumerate(f, 1):
+            if not line.strip():
+                continue
+            try:
+                row = json.loads(line)
+            except json.JSONDecodeError as exc:
+                raise ValueError(f"{path}:{i}: not valid JSON ({exc.msg})") from None
+            _check_trace_row(row, f"{path}:{i}")
+            rows.append(row)
+    if not rows:
+        raise ValueError(f"traces file {str(path)!r} holds no traces (expected JSONL with 'prompt' and 'response')")
+    return rows
+
+
+def _check_trace_row(row: Any, where: str) -> None:
+    if not isinstance(row, Mapping):
+        raise ValueError(f"{where}: a trace must be an object with 'prompt' and 'response', got {type(row).__name__}")
+    missing = [k for k in ("prompt", "response") if k not in row]
+    if missing:
+        raise ValueError(f"{where}: trace is missing {missing} (found keys {sorted(row)}); accepted: "
+                         "{'prompt': str or [{'role','content'}...], 'response': str}")
+    if not isinstance(row["response"], str):
+        raise ValueError(f"{where}: 'response' must be a string, got {type(row['response']).__name__}")
+    ids = row.get("response_ids")
+    if ids is not None and not (isinstance(ids, list) and all(isinstance(t, int) and not isinstance(t, bool) for t in ids)):
+        raise ValueError(f"{where}: 'response_ids' (optional) must be a list of token ids")
+
+
+def tokenize_traces(tokenizer, traces: Sequence[Mapping], template: str = "chat") -> list[Trace]:
+    """Tokenise prompt and response separately and concatenate the ids, so the boundary never shifts.
+
+    A row's optional ``response_ids`` (e.g. from a previous run's traces.jsonl, EOS included) are used as they
+    are instead of re-encoding ``response`` (whose decoded text drops special tokens).
+    """
+    out = []
+    for i, row in enumerate(traces):
+        _check_trace_row(row, f"trace {i}")
+        ids = row.get("response_ids")
+        resp = list(ids) if ids is not None else _encode(tokenizer, row["response"])
+        out.append(Trace(i, _prompt_ids(tokenizer, row["prompt"], template), resp, row["prompt"], row["response"]))
+    return out
+
+
+def generate_traces(model, tokenizer, rows: Sequence[Mapping], *, template: str, max_new_tokens: int,
+                    temperature: float, top_p: float, seed: int, batch_size: int = 32,
+                    progress: bool = False) -> list[dict]:
+    """Sample one response per row with the shared seeded generator; returns trace dicts with token ids."""
+    from bupo.data.templates import render_prompt
+    from bupo.generation import generate
+
+    prompts = []
+    for i, row in enumerate(rows):
+        if not isinstance(row, Mapping) or "prompt" not in row:
+            raise ValueError(f"data row {i} has no 'prompt' column (found {sorted(row) if isinstance(row, Mapping) else type(row).__name__})")
+        prompts.append(render_prompt(tokenizer, list(row["prompt"]), template))
+    completions = generate(model, tokenizer, prompts, n=1, max_new_tokens=max_new_tokens, temperature=temperature,
+                           top_p=top_p, seed=seed, batch_size=batch_size, progress=progress)
+    out = []
+    for row, prompt, comps in zip(rows, prompts, completions, strict=True):
+        c = comps[0]
+        out.append({"prompt": prompt, "response": c.text, "response_ids": [int(t) for t in c.token_ids],
+                    "messages": list(row["prompt"]),
+                    "ground_truth": (row.get("reward_model") or {}).get("ground_truth")})
+    return out
+
+
+def traces_from_generated(tokenizer, gen: Sequence[Mapping]) -> list[Trace]:
+    # the generator's own response ids are kept as they are (no decode/re-encode round trip)
+    return [Trace(i, _encode_prompt(tokenizer, g["prompt"]), list(g["response_ids"]), g["prompt"], g["response"])
+            for i, g in enumerate(gen)]
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# the measurement
+
+
+def make_projector(model, projection: str):
+    """A :class:`bupo.internal.stats.Projector` whose ``final_norm`` projection bypasses module hooks.
+
+    Shim: ``stream_stats(include_final=True)`` hooks the final norm to read the real policy, and the stock
+    Projector calls that same module for ``final_norm`` projections inside the stream hooks, which re-enters the
+    final-norm hook with [N, d] rows (IndexError). Calling ``.forward`` directly computes the same norm without
+    firing hooks.
+    """
+    from bupo.internal.stats import Projector
+
+    class _HookFreeProjector(Projector):
+        def logits(self, h, *, normed: bool = False):
+            if self.projection == "final_norm" and not normed:
+                h, normed = self.parts.final_norm.forward(h), True
+            return super().logits(h, normed=normed)
+
+    return _HookFreeProjector(model, projection)
+
+
+def streams_for(convention: str) -> tuple[str, ...]:
+    """Streams to capture: the convention's streams plus resid_pre (only its layer-0 copy is projected)."""
+    return ("resid_pre", *CONVENTION_STREAMS[check_convention(convention)])
+
+
+def _batches(traces: Sequence[Trace], batch_tokens: int) -> Iterator[list[Trace]]:
+    batch: list[Trace] = []
+    longest = 0
+    for tr in traces:
+        n = len(tr.prompt_ids) + len(tr.response_ids)
+        if batch and max(longest, n) * (len(batch) + 1) > batch_tokens:
+            yield batch
+            batch, longest = [], 0
+        batch.append(tr)
+        longest = max(longest, n)
+    if batch:
+        yield batch
+
+
+def measure_batch(model, batch: Sequence[Trace], *, convention: str, projector, chunk_size: int,
+                  pad_id: int) -> list[dict[str, np.ndarray]]:
+    """Per-sample token columns for a batch of traces (right-padded, one hooked forward)."""
+    import torch
+
+    from bupo.internal.streams import stream_stats
+
+    device = next(model.parameters()).device
+    T = max(len(t.prompt_ids) + len(t.response_ids) for t in batch)
+    B = len(batch)
+    ids = torch.full((B, T), pad_id, dtype=torch.long)
+    mask = torch.zeros((B, T), dtype=torch.long)
+    pos = torch.zeros((B, T), dtype=torch.bool)
+    for b, tr in enumerate(batch):
+        seq = tr.prompt_ids + tr.response_ids
+        ids[b, : len(seq)] = torch.tensor(seq, dtype=torch.long)
+        mask[b, : len(seq)] = 1
+        P, R = len(tr.prompt_ids), len(tr.response_ids)
+        pos[b, P - 1 : P + R - 1] = True
+    targets = torch.roll(ids, -1, dims=1)  # targets[t] = ids[t+1]; the wrapped last column is never selected
+    st = stream_stats(model, ids.to(device), mask.to(device), streams=streams_for(convention),
+                      positions=pos.to(device), targets=targets.to(device), projection=projector.projection,
+                      chunk_size=chunk_size, include_final=True, projector=projector)
+    L = st.num_layers
+    cols: dict[str, np.ndarray] = {entropy_col("resid_pre", 0): st.stats[("resid_pre", 0)].entropy.numpy()}
+    for s in CONVENTION_STREAMS[convention]:
+        for k in range(L):
+            cols[entropy_col(s, k)] = st.stats[(s, k)].entropy.numpy()
+    for k in range(L):
+        ts = st.stats[("resid_post", k)]
+        cols[f"logp.resid_post.{k}"] = ts.logprob.numpy()
+        cols[f"top1.resid_post.{k}"] = ts.top1_id.numpy().astype(np.int32)
+    cols["H.final"] = st.final.entropy.numpy()
+    cols["logp.final"] = st.final.logprob.numpy()
+    cols["top1.final"] = st.final.top1_id.numpy().astype(np.int32)
+    out, start = [], 0
+    for tr in batch:
+        P, R = len(tr.prompt_ids), len(tr.response_ids)
+        sl = slice(start, start + R)
+        sample = {
+            "sample": np.full(R, tr.index, dtype=np.int32),
+            "position": np.arange(P - 1, P + R - 1, dtype=np.int32),
+            "response_index": np.arange(R, dtype=np.int32),
+            "token_id": np.asarray(tr.response_ids, dtype=np.int32),
+        }
+        sample.update({c: v[sl] for c, v in cols.items()})
+        out.append(sample)
+        start += R
+    if start != st.num_positions:
+        raise RuntimeError(f"position bookkeeping mismatch: {start} expected, {st.num_positions} measured")
+    return out
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# staging (resumable) and outputs
+
+
+class _Staging:
+    """Per-batch Parquet shards under ``out_dir/.bupo_analyze_partial`` (or in memory when out_dir is None)."""
+
+    def __init__(self, out_dir: Path | None, fingerprint: str, resume: bool):
+        self.dir = None if out_dir is None else out_dir / STAGING_DIR
+        self.mem: dict[int, dict[str, np.ndarray]] = {}
+        if self.dir is None:
+            return
+        meta = self.dir / "fingerprint.txt"
+        if self.dir.exists() and (not resume or not meta.is_file() or meta.read_text() != fingerprint):
+            shutil.rmtree(self.dir)  # settings changed (or resume off): stale shards must not be mixed in
+        self.dir.mkdir(parents=True, exist_ok=True)
+        if not meta.is_file():
+            _atomic_write_text(meta, fingerprint)
+
+    def done(self) -> set[int]:
+        if self.dir is None:
+            return set(self.mem)
+        out = set()
+        for f in self.dir.glob("shard_*.json"):
+            out.update(json.loads(f.read_text())["samples"])
+        return out
+
+    def put(self, samples: list[dict[str, np.ndarray]]) -> None:
+        if self.dir is None:
+            for s in samples:
+                self.mem[int(s["sample"][0])] = s
+            return
+        import pyarrow as pa
+        import pyarrow.parquet as pq
+
+        idx = [int(s["sample"][0]) for s in samples]
+        name = f"shard_{idx[0]:07d}"
+        table = pa.Table.from_pydict({c: np.concatenate([s[c] for s in samples]) for c in samples[0]})
+        tmp = self.dir / f".{name}.parquet.tmp"
+        pq.write_table(table, tmp)
+        os.replace(tmp, self.dir / f"{name}.parquet")
+        # the index file is written after the data: a shard counts as done only once both exist
+        _atomic_write_text(self.dir / f"{name}.json", json.dumps({"samples": idx}))
+
+    def get(self, generated_key: str) -> Any:
+        if self.dir is None:
+            return None
+        f = self.dir / generated_key
+        return json.loads(f.read_text()) if f.is_file() else None
+
+    def put_json(self, key: str, value: Any) -> None:
+        if self.dir is not None:
+            _atomic_write_text(self.dir / key, json.dumps(value))
+
+    def samples(self) -> Iterator[dict[str, np.ndarray]]:
+        """Every staged sample's columns, in sample order."""
+        if self.dir is None:
+            for i in sorted(self.mem):
+                yield self.mem[i]
+            return
+        import pyarrow.parquet as pq
+
+        for f in sorted(self.dir.glob("shard_*.json")):
+            t = pq.read_table(f.with_suffix(".parquet"))
+            cols = {c: t.column(c).to_numpy() for c in t.column_names}
+            s = cols["sample"]
+            for i in np.unique(s):
+                sel = s == i
+                yield {c: v[sel] for c, v in cols.items()}
+
+    def cleanup(self) -> None:
+        if self.dir is not None:
+            shutil.rmtree(self.dir, ignore_errors=True)
+
+
+def _atomic_write_text(path: Path, text: str) -> None:
+    tmp = path.with_name(f".{path.name}.tmp")
+    tmp.write_text(text, encoding="utf-8")
+    os.replace(tmp, path)
+
+
+def _check_out_dir(out_dir: Path, overwrite: bool) -> None:
+    try:
+        out_dir.mkdir(parents=True, exist_ok=True)
+        probe = out_dir / ".bupo_write_probe"
+        probe.write_text("ok")
+        probe.unlink()
+    except OSError as exc:
+        raise ValueError(f"output directory {str(out_dir)!r} is not writable: {exc.strerror or exc}") from None
+    if (out_dir / SUMMARY_FILE).exists() and not overwrite:
+        raise ValueError(f"{str(out_dir)!r} already holds a finished analysis ({SUMMARY_FILE}); pass overwrite=True "
+                         "(--overwrite) or choose another --out")
+
+
+def _write_tokens(staging: _Staging, path: Path, token_dtype: str) -> None:
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    tmp = path.with_name(f".{path.name}.tmp")
+    writer = None
+    try:
+        for s in staging.samples():
+            cols = {c: (v.astype(token_dtype) if c.startswith(("H.", "logp.")) else v) for c, v in s.items()}
+            table = pa.Table.from_pydict(cols)
+            if writer is None:
+                writer = pq.ParquetWriter(tmp, table.schema, compression="zstd")
+            writer.write_table(table)  # one row group per sample keeps memory per sample, not per run
+    finally:
+        if writer is not None:
+            writer.close()
+    os.replace(tmp, path)
+
+
+def _tokens_frame(staging: _Staging, token_dtype: str):
+    import pandas as pd
+
+    frames = [pd.DataFrame({c: (v.astype(token_dtype) if c.startswith(("H.", "logp.")) else v) for c, v in s.items()})
+              for s in staging.samples()]
+    return pd.concat(frames, ignore_index=True)
+
+
+def _versions() -> dict[str, str]:
+    import torch
+    import transformers
+
+    import bupo
+
+    return {"bupo_version": bupo.__version__, "torch_version": torch.__version__,
+            "transformers_version": transformers.__version__}
+
+
+def _fingerprint(meta: Mapping) -> str:
+    return hashlib.sha256(json.dumps(meta, sort_keys=True, default=str).encode()).hexdigest()
+
+
+def _weights_checksum(model) -> float:
+    # cheap identity of the weights for resuming: a strided sample of every parameter (not a full hash)
+    total = 0.0
+    for t in model.parameters():
+        flat = t.detach().reshape(-1)
+        total += float(flat[:: max(1, flat.numel() // 64)].double().sum())
+    return round(total, 6)
+
+
+def _file_id(path: str | os.PathLike | None) -> Any:
+    if path is None:
+        return None
+    p = Path(path)
+    st = p.stat()
+    return [str(p.resolve()), st.st_size, st.st_mtime_ns]
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# the API
+
+
+def analyze(
+    model: Any,
+    tokenizer: Any = None,
+    *,
+    data: str | os.PathLike | Sequence[Mapping] | None = None,
+    traces: str | os.PathLike | Sequence[Mapping] | None = None,
+    out_dir: str | os.PathLike | None = None,
+    max_samples: int | None = None,
+    max_new_tokens: int = 512,
+    temperature: float = 1.0,
+    top_p: float = 1.0,
+    seed: int = 0,
+    projection: str = "raw",
+    delta: str = "bupo",
+    template: str = "chat",
+    dtype: str = "float32",
+    device: str = "auto",
+    chunk_size: int = 1024,
+    batch_tokens: int = 4096,
+    gen_batch_size: int = 32,
+    token_dtype: str = "float16",
+    boundary_tol: float = DEFAULT_BOUNDARY_TOL,
+    heatmap_sample: int | None = None,
+    figures: bool = True,
+    keep_tokens: bool | None = None,
+    resume: bool = True,
+    overwrite: bool = False,
+    progress: bool = False,
+) -> AnalysisResult:
+    """Analyse the internal-policy entropy of ``model`` over response tokens (see the module docstring).
+
+    Args:
+        model: a local checkpoint folder, or a loaded HF causal LM (then ``tokenizer`` is required).
+        data: rows (paper parquet / JSONL path, or a list of row dicts with a ``prompt`` message list); one
+            response per row is generated (seeded, ``template`` applied). Mutually exclusive with ``traces``.
+        traces: precomputed ``{"prompt": str | messages, "response": str}`` (JSONL path or list). String prompts
+            are taken verbatim; message lists get ``template``.
+        out_dir: where to write summary.json, tokens.parquet, traces.jsonl, figures and report.html; None keeps
+            everything in memory (no files).
+        projection: ``raw`` (paper) or ``final_norm`` (logit lens). delta: ``bupo`` or ``residual``.
+        dtype / device: only used when ``model`` is a path.
+        chunk_size: rows per logits chunk (peak memory ~ chunk_size x vocab x 8 bytes).
+        batch_tokens: padded tokens per forward (several short traces share one forward).
+        token_dtype: storage dtype of the entropy / log-prob columns in tokens.parquet (summaries use fp32).
+        keep_tokens: hold the per-token table in the result (default: only when out_dir is None).
+
+    Returns an :class:`AnalysisResult`. Raises ValueError for bad input; samples that cannot be analysed
+    (empty prompt or response, longer than the context) are skipped and counted in ``summary["skipped"]``.
+    """
+    import torch
+
+    from bupo.internal.adapters import check_projection, parts
+    check_projection(projection)
+    check_convention(delta)
+    if token_dtype not in TOKEN_DTYPES:
+        raise ValueError(f"unknown token_dtype {token_dtype!r}; accepted: {', '.join(TOKEN_DTYPES)}")
+    if (data is None) == (traces is None):
+        raise ValueError("give exactly one of data (rows to generate responses for) or traces (prompt/response pairs)")
+    if max_samples is not None and (not isinstance(max_samples, int) or max_samples < 1):
+        raise ValueError(f"max_samples must be a positive int, got {max_samples!r}")
+    for name, v in (("chunk_size", chunk_size), ("batch_tokens", batch_tokens), ("max_new_tokens", max_new_tokens)):
+        if not isinstance(v, int) or v < 1:
+            raise ValueError(f"{name} must be a positive int, got {v!r}")
+    if not (temperature > 0 and 0 < top_p <= 1):
+        raise ValueError(f"temperature must be > 0 and top_p in (0, 1], got {temperature}, {top_p}")
+    out = None if out_dir is None else Path(out_dir)
+    if out is not None:
+        _check_out_dir(out, overwrite)
+
+    model_path = None
+    if isinstance(model, str | os.PathLike):
+        model_path = str(model)
+        model, tokenizer = load_model(model, dtype=dtype, device=device)
+    elif tokenizer is None:
+        raise ValueError("a loaded model needs its tokenizer (analyze(model, tokenizer, ...))")
+    model.eval()
+    p = parts(model)
+    L = p.num_layers
+
+    # ---- input rows -> traces
+    data_desc = traces_desc = None
+    if traces is not None:
+        if isinstance(traces, str | os.PathLike):
+            traces_desc = str(traces)
+            trace_rows = read_traces(traces)
+        else:
+            trace_rows = list(traces)
+            traces_desc = f"<{len(trace_rows)} traces given in Python>"
+        if not trace_rows:
+            raise ValueError("no traces given")
+        trace_rows = trace_rows[:max_samples] if max_samples else trace_rows
+        rows = None
+    else:
+        if isinstance(data, str | os.PathLike):
+            from bupo.data.datasets import load_rows
+
+            data_desc = str(data)
+            rows = load_rows(data)
+        else:
+            rows = list(data)
+            data_desc = f"<{len(rows)} rows given in Python>"
+        if not rows:
+            raise ValueError(f"no data rows in {data_desc}")
+        rows = rows[:max_samples] if max_samples else rows
+        trace_rows = None
+
+    meta: dict[str, Any] = {
+        "model": model_path or getattr(model.config, "_name_or_path", None) or type(model).__name__,
+        "model_type": model.config.model_type,
+        "dtype": str(next(model.parameters()).dtype).removeprefix("torch."),
+        "device": str(next(model.parameters()).device),
+        "projection": projection,
+        "delta_convention": delta,
+        "template": template,
+        "data": data_desc,
+        "traces": traces_desc,
+        "generation": None if rows is None else {
+            "max_new_tokens": max_new_tokens, "temperature": temperature, "top_p": top_p, "seed": seed, "n": 1,
+            "generator": "bupo.generation.generate (HF generate)"},
+        "max_samples": max_samples,
+        "position_convention": POSITION_CONVENTION,
+        "layer_indexing": "lists: element i = paper layer i+1 = 0-based layer k=i; boundary_layer is 1-based",
+        "units": "nats",
+        "num_layers": L,
+        "vocab_size": int(p.lm_head.weight.shape[0]),
+        "tied_embeddings": bool(p.tied),
+        "softcap": p.softcap,
+    }
+    fp_meta = {k: meta[k] for k in ("model", "model_type", "dtype", "projection", "delta_convention", "template",
+                                    "generation", "max_samples", "num_layers")}
+    fp_meta["inputs"] = _file_id(data if isinstance(data, str | os.PathLike) else traces
+                                 if isinstance(traces, str | os.PathLike) else None)
+    fp_meta["weights"] = _weights_checksum(model)
+    staging = _Staging(out, _fingerprint(fp_meta), resume)
+
+    if rows is not None:
+        gen = staging.get("generated.json")
+        if gen is None:
+            gen = generate_traces(model, tokenizer, rows, template=template, max_new_tokens=max_new_tokens,
+                                  temperature=temperature, top_p=top_p, seed=seed, batch_size=gen_batch_size,
+                                  progress=progress)
+            staging.put_json("generated.json", gen)
+        all_traces = traces_from_generated(tokenizer, gen)
+        trace_records = gen
+    else:
+        all_traces = tokenize_traces(tokenizer, trace_rows, template)
+        trace_records = [{**r, "response_ids": tr.response_ids} for r, tr in zip(trace_rows, all_traces, strict=True)]
+
+    # ---- skips
+    ctx = getattr(p.text_config, "max_position_embeddings", None)
+    skipped: Counter[str] = Counter()
+    todo: list[Trace] = []
+    skip_reason: dict[int, str] = {}
+    for tr in all_traces:
+        if not tr.response_ids:
+            skip_reason[tr.index] = "empty_response"
+        elif not tr.prompt_ids:
+            skip_reason[tr.index] = "empty_prompt"  # nothing predicts the first response token
+        elif ctx is not None and len(tr.prompt_ids) + len(tr.response_ids) > ctx:
+            skip_reason[tr.index] = "too_long"
+        else:
+            todo.append(tr)
+    skipped.update(skip_reason.values())
+    if not todo:
+        raise ValueError(f"no analysable samples among {len(all_traces)}: skipped {dict(skipped)} "
+                         f"(context length {ctx})")
+
+    # ---- measure (resumable)
+    done = staging.done()
+    pending = [tr for tr in todo if tr.index not in done]
+    pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
+    t0 = time.perf_counter()
+    if pending:
+        from tqdm.auto import tqdm
+
+        projector = make_projector(model, projection)
+        bar = tqdm(total=len(todo), initial=len(todo) - len(pending), desc="analyze", unit="sample",
+                   disable=not progress)
+        with torch.inference_mode():
+            for batch in _batches(pending, batch_tokens):
+                staging.put(measure_batch(model, batch, convention=delta, projector=projector,
+                                          chunk_size=chunk_size, pad_id=pad_id))
+                bar.update(len(batch))
+        bar.close()
+        del projector
+    seconds = time.perf_counter() - t0
+
+    # ---- aggregate
+    agg = Aggregator(L, delta)
+    hm_index = heatmap_sample if heatmap_sample is not None else todo[0].index
+    heat = None
+    for s in staging.samples():
+        agg.add_sample(s)
+        if int(s["sample"][0]) == hm_index:
+            heat = np.stack([s[entropy_col("resid_post", k)] for k in range(L)]).astype(np.float32)
+    if heatmap_sample is not None and heat is None:
+        raise ValueError(f"heatmap_sample {heatmap_sample} was not analysed (skipped or out of range)")
+    stats = agg.result()
+    bd = boundary_details(stats["ffn_entropy_change"], tol=boundary_tol)
+    summary: dict[str, Any] = {
+        **meta,
+        "num_samples": agg.num_samples,
+        "num_tokens": agg.num_tokens,
+        "num_inputs": len(all_traces),
+        "skipped": {r: int(skipped.get(r, 0)) for r in SKIP_REASONS},
+        **stats,
+        "boundary_layer": bd.layer,
+        "suggested_internal_layer": None if bd.layer is None else bd.layer - 1,
+        "boundary": {
+            "rule": ("smallest b maximising C(b) = sum_{l<=b} (mean ΔH_FFN^l - tau), tau = tol * max(0, max_l mean "
+                     "ΔH_FFN^l): the end of the leading run of entropy-expanding FFN layers (docs/analysis.md)"),
+            "tol": bd.tol, "tau": bd.tau, "scores": bd.scores, "stages": bd.stages, "note": bd.note,
+        },
+        "heatmap_sample": hm_index,
+        "chunk_size": chunk_size,
+        "token_dtype": token_dtype,
+        "measure_seconds": round(seconds, 3),
+        **_versions(),
+        "created": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
+    }
+    result = AnalysisResult(summary=summary, out_dir=out)
+    if keep_tokens or (keep_tokens is None and out is None):
+        result._tokens = _tokens_frame(staging, token_dtype)
+    if out is None:
+        if figures:
+            raise ValueError("figures need an out_dir (or pass figures=False)")
+        return result
+
+    # ---- outputs; summary.json last: its presence marks a finished analysis
+    with (out / f".{TRACES_FILE}.tmp").open("w", encoding="utf-8") as f:
+        for i, rec in enumerate(trace_records):
+            rec = {"index": i, **rec, "prompt_tokens": len(all_traces[i].prompt_ids),
+                   "response_tokens": len(all_traces[i].response_ids), "skipped": skip_reason.get(i)}
+            f.write(json.dumps(rec, ensure_ascii=False, default=str) + "\n")
+    os.replace(out / f".{TRACES_FILE}.tmp", out / TRACES_FILE)
+    _write_tokens(staging, out / TOKENS_FILE, token_dtype)
+    if figures:
+        from bupo.analysis.figures import make_figures
+        from bupo.analysis.report import write_report
+
+        result.figures = make_figures(summary, out, heatmap=heat, heatmap_sample=hm_index)
+        write_report(summary, result.figures, out / REPORT_FILE)
+    _atomic_write_text(out / SUMMARY_FILE, json.dumps(summary, indent=1, ensure_ascii=False, allow_nan=False))
+    staging.cleanup()
+    return result
+
+
+def load_summary(path: str | os.PathLike) -> dict:
+    """Read ``summary.json`` (``path`` may be the file or the analysis directory)."""
+    p = Path(path)
+    if p.is_dir():
+        p = p / SUMMARY_FILE
+    if not p.is_file():
+        raise ValueError(f"no analysis summary at {str(p)!r} (run `bupo analyze --out DIR` first)")
+    try:
+        summary = json.loads(p.read_text(encoding="utf-8"))
+    except json.JSONDecodeError as exc:
+        raise ValueError(f"{str(p)!r} is not valid JSON ({exc.msg})") from None
+    if not isinstance(summary, dict) or "num_layers" not in summary:
+        raise ValueError(f"{str(p)!r} is not a bupo analyze summary (no 'num_layers')")
+    return summary
+
+
+def suggested_layer(path: str | os.PathLike) -> int:
+    """The 0-based internal layer ``k`` suggested by an analysis (``summary.json`` or its directory).
+
+    This is ``boundary_layer - 1`` (paper layer -> code index). Raises ValueError when the analysis found no
+    boundary layer (no FFN layer expands entropy).
+    """
+    s = load_summary(path)
+    k = s.get("suggested_internal_layer")
+    if k is None:
+        note = (s.get("boundary") or {}).get("note", "no boundary layer")
+        raise ValueError(f"the analysis at {str(path)!r} suggests no internal layer: {note}")
+    if not isinstance(k, int) or not 0 <= k < int(s["num_layers"]):
+        raise ValueError(f"suggested_internal_layer {k!r} in {str(path)!r} is not a layer of a {s['num_layers']}-layer model")
+    return k
