@@ -1,0 +1,249 @@
+"""``bupo eval`` and ``bupo eval compare`` (standard library only at import time)."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+from typing import Any
+
+DEFAULT_MAX_NEW_TOKENS = 8192  # the paper's Qwen scripts' max response; used when the model folder sets none
+DEFAULT_BUNDLED_PROBLEMS = 200
+
+
+def register(subparsers: Any) -> None:
+    p = subparsers.add_parser(
+        "eval",
+        help="Avg@K / Pass@K on AIME24/25, AMC23, MATH500 (or the bundled task) in the paper's table format",
+        description=(
+            "Sample n responses per problem, score them with the paper's boxed exact-match reward (or "
+            "math-verify), and report Avg@K and Pass@K (unbiased) per benchmark. Writes samples.jsonl, "
+            "results.json and table.md to --out; a rerun with the same settings resumes. Without --model, "
+            "the bundled tiny model; without --data, the bundled task's held-out split (bundled_test). "
+            "`bupo eval compare DIR...` prints one table across runs."
+        ),
+    )
+    p.add_argument("--model", help="local model folder (default: the bundled model)")
+    p.add_argument(
+        "--data", nargs="+", metavar="FILE", help=".parquet/.jsonl files (default: the bundled task)"
+    )
+    p.add_argument(
+        "--n", type=int, help="samples per problem (default: paper's: AIME 32, AMC/MATH500 16, else 16)"
+    )
+    p.add_argument(
+        "--k",
+        type=int,
+        nargs="+",
+        metavar="K",
+        help="Pass@K values, each <= n (default: 1 4 16 64 256 up to n)",
+    )
+    p.add_argument(
+        "--temperature", type=float, default=1.0, help="sampling temperature, 0 = greedy (default 1.0)"
+    )
+    p.add_argument("--top-p", type=float, default=1.0, help="nucleus sampling mass (default 1.0)")
+    p.add_argument("--top-k", type=int, default=None, help="top-k sampling (default: off)")
+    p.add_argument(
+        "--max-new-tokens",
+        type=int,
+        help=f"response length limit (default: the model folder's generation_config, else {DEFAULT_MAX_NEW_TOKENS})",
+    )
+    p.add_argument(
+        "--template",
+        default="auto",
+        choices=["auto", "qwen3_no_thinking", "chat", "octothinker"],
+        help="prompt template (auto: qwen3_no_thinking if the chat template supports it, else chat, else octothinker)",
+    )
+    p.add_argument(
+        "--reward",
+        default="boxed_exact",
+        choices=["boxed_exact", "math_verify"],
+        help="scorer (default: the paper's boxed_exact)",
+    )
+    p.add_argument("--out", help="output folder (default: runs/eval/<label>)")
+    p.add_argument(
+        "--backend", default="hf", choices=["hf", "vllm"], help="generation backend (vllm: optional extra)"
+    )
+    p.add_argument("--seed", type=int, default=0, help="base seed of the per-sample seeds (default 0)")
+    p.add_argument(
+        "--batch-size",
+        type=int,
+        default=None,
+        help="sequences per generation batch (default: hf 32, vllm 1024)",
+    )
+    p.add_argument(
+        "--problems",
+        type=int,
+        default=None,
+        help="only the first N problems of each benchmark (quick checks)",
+    )
+    p.add_argument("--label", help="row name in the tables (default: the model folder's name)")
+    p.add_argument("--device", default="auto", help="hf backend: auto, cpu, cuda, cuda:1, ... (default auto)")
+    p.add_argument(
+        "--dtype",
+        default="auto",
+        choices=["auto", "float32", "bfloat16", "float16"],
+        help="model dtype (auto: bf16 on GPU, fp32 on CPU)",
+    )
+    p.add_argument("--no-progress", action="store_true", help="no progress bar")
+    p.set_defaults(func=_eval_handler)
+
+    sub = p.add_subparsers(dest="eval_command", metavar="compare")
+    c = sub.add_parser(
+        "compare",
+        help="one table across eval runs",
+        description="Print one Table-1-style table across `bupo eval` output folders.",
+    )
+    c.add_argument("dirs", nargs="+", metavar="DIR", help="`bupo eval --out` folders (or results.json files)")
+    c.add_argument("--labels", nargs="+", help="row names, one per DIR (default: each run's label)")
+    c.add_argument("--out", help="also write the table to this markdown file")
+    c.set_defaults(func=_compare_handler)
+
+
+def _bundled_model_path() -> Path:
+    from bupo.zoo import DEFAULT_MODEL
+
+    path = Path(DEFAULT_MODEL)
+    if not (path / "config.json").exists():
+        raise ValueError(
+            f"no --model given and the bundled model is not built ({path}); build it with "
+            f"`bupo model build` or pass --model PATH (a local folder)"
+        )
+    return path
+
+
+def _model_folder(arg: str | None) -> Path:
+    if arg is None:
+        return _bundled_model_path()
+    path = Path(arg)
+    if not path.is_dir():
+        raise ValueError(
+            f"--model must be a local model folder (no model hub is used): {arg} is not a directory"
+        )
+    if not (path / "config.json").exists():
+        raise ValueError(f"--model {arg}: no config.json in that folder (expected a save_pretrained folder)")
+    return path
+
+
+def _default_max_new_tokens(path: Path) -> int:
+    gen = path / "generation_config.json"
+    if gen.exists():
+        try:
+            value = json.loads(gen.read_text()).get("max_new_tokens")
+        except (json.JSONDecodeError, AttributeError):
+            value = None
+        if isinstance(value, int) and value > 0:
+            return value
+    return DEFAULT_MAX_NEW_TOKENS
+
+
+def _load_hf(path: Path, device: str, dtype: str) -> tuple[Any, Any]:
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    if device == "auto":
+        device = "cuda" if torch.cuda.is_available() else "cpu"
+    if dtype == "auto":
+        torch_dtype = torch.bfloat16 if device.startswith("cuda") else torch.float32
+    else:
+        torch_dtype = getattr(torch, dtype)
+    tokenizer = AutoTokenizer.from_pretrained(str(path))
+    model = AutoModelForCausalLM.from_pretrained(str(path), dtype=torch_dtype).to(device)
+    return model.eval(), tokenizer
+
+
+def _datasets(args: argparse.Namespace) -> dict[str, list[dict]]:
+    from bupo.data.datasets import BUNDLED_TEST, benchmark_name, load_bundled, load_rows
+
+    if args.problems is not None and args.problems < 1:
+        raise ValueError(f"--problems must be >= 1, got {args.problems}")
+    if not args.data:
+        return {BUNDLED_TEST: load_bundled("test", n=args.problems or DEFAULT_BUNDLED_PROBLEMS, seed=0)}
+    out: dict[str, list[dict]] = {}
+    for f in args.data:
+        name = benchmark_name(f)
+        if name in out:
+            raise ValueError(f"two --data files map to the benchmark name {name!r}; rename one")
+        rows = load_rows(f)
+        out[name] = rows[: args.problems] if args.problems else rows
+    return out
+
+
+def _eval_handler(args: argparse.Namespace) -> int:
+    from bupo.evaluation.backends import VLLMBackend, path_fingerprint, require_vllm
+    from bupo.evaluation.core import evaluate, plan_benchmarks
+
+    folder = _model_folder(args.model)
+    label = args.label or ("bundled" if args.model is None else folder.resolve().name)
+    datasets = _datasets(args)
+    plan_benchmarks(datasets, args.n, args.k)  # bad data, n or K: fail before loading any model
+    if args.no_progress:
+        from transformers.utils import logging as hf_logging
+
+        hf_logging.disable_progress_bar()
+    out = Path(args.out) if args.out else Path("runs") / "eval" / label
+    max_new = args.max_new_tokens if args.max_new_tokens is not None else _default_max_new_tokens(folder)
+    common = dict(
+        n=args.n,
+        ks=args.k,
+        temperature=args.temperature,
+        top_p=args.top_p,
+        top_k=args.top_k,
+        max_new_tokens=max_new,
+        template=args.template,
+        reward=args.reward,
+        seed=args.seed,
+        out_dir=out,
+        label=label,
+        progress=not args.no_progress,
+    )
+    if args.backend == "vllm":
+        require_vllm()
+        from transformers import AutoTokenizer
+
+        tokenizer = AutoTokenizer.from_pretrained(str(folder))
+        backend = VLLMBackend.from_path(
+            folder,
+            seed=args.seed,
+            dtype="auto" if args.dtype == "auto" else args.dtype,
+            batch_size=args.batch_size or 1024,
+            progress=not args.no_progress,
+        )
+        results = evaluate(
+            None,
+            tokenizer,
+            datasets,
+            backend=backend,
+            model_id=path_fingerprint(folder),
+            batch_size=args.batch_size or 1024,
+            **common,
+        )
+    else:
+        model, tokenizer = _load_hf(folder, args.device, args.dtype)
+        results = evaluate(
+            model, tokenizer, datasets, backend="hf", batch_size=args.batch_size or 32, **common
+        )
+    print(results.table())
+    print(f"wrote {out / 'results.json'}, {out / 'table.md'}, {out / 'samples.jsonl'}", file=sys.stderr)
+    return 0
+
+
+def _compare_handler(args: argparse.Namespace) -> int:
+    from bupo.evaluation.core import atomic_write_text
+    from bupo.evaluation.report import compare_table, load_results
+
+    runs = [load_results(d) for d in args.dirs]
+    if args.labels is not None and len(args.labels) != len(runs):
+        raise ValueError(f"--labels needs one label per DIR: {len(runs)} dirs, {len(args.labels)} labels")
+    labels = (
+        list(args.labels)
+        if args.labels
+        else [r.get("label") or Path(d).name for r, d in zip(runs, args.dirs, strict=True)]
+    )
+    if len(set(labels)) < len(labels):  # same label twice: tell the rows apart by folder
+        labels = [f"{lab} ({Path(d).name})" for lab, d in zip(labels, args.dirs, strict=True)]
+    table = compare_table(list(zip(labels, runs, strict=True)))
+    print(table)
+    if args.out:
+        atomic_write_text(Path(args.out), table)
+    return 0

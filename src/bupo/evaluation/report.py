@@ -1,0 +1,137 @@
+"""Tables in the paper's Table 1 layout (AMC | MATH500 | AIME24 | AIME25 | Avg) and ``eval compare``.
+
+Works on the JSON form of results (``results.json``), so runs can be compared from their folders.
+Numbers are percentages with two decimals, as in the paper.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+from bupo.data.datasets import BENCHMARKS, DISPLAY_NAMES
+
+__all__ = ["column_order", "compare_table", "load_results", "pass_table", "results_table", "settings_line"]
+
+
+def column_order(names: Sequence[str]) -> list[str]:
+    """The paper's benchmarks in Table 1 order, then any others in their given order."""
+    seen = list(dict.fromkeys(names))
+    return [b for b in BENCHMARKS if b in seen] + [b for b in seen if b not in BENCHMARKS]
+
+
+def _pct(x: float | None) -> str:
+    return "–" if x is None else f"{100 * x:.2f}"
+
+
+def _avg(results: dict[str, Any], cols: Sequence[str]) -> float | None:
+    vals = [results["benchmarks"][c]["avg"] for c in cols if c in results["benchmarks"]]
+    return sum(vals) / len(vals) if vals and len(vals) == len(cols) else None
+
+
+def settings_line(results: dict[str, Any]) -> str:
+    s = results["settings"]
+    top_k = "off" if s.get("top_k") is None else s["top_k"]
+    return (
+        f"T={s['temperature']}, top_p={s['top_p']}, top_k={top_k}, max_new_tokens={s['max_new_tokens']}, "
+        f"template={s['template']}, reward={s['reward']}, seed={s['seed']}, backend={s['backend']}"
+    )
+
+
+def _header(cols: Sequence[str], first: str = "Model") -> list[str]:
+    names = [DISPLAY_NAMES.get(c, c) for c in cols]
+    return [
+        "| " + " | ".join([first, *names, "Avg"]) + " |",
+        "|" + "---|" * (len(cols) + 2),
+    ]
+
+
+def _k_note(runs: Sequence[dict[str, Any]], cols: Sequence[str]) -> str:
+    parts = []
+    for c in cols:
+        ns = sorted({r["benchmarks"][c]["n"] for r in runs if c in r["benchmarks"]})
+        parts.append(f"{DISPLAY_NAMES.get(c, c)} Avg@{'/'.join(str(n) for n in ns)}")
+    return ", ".join(parts)
+
+
+def results_table(results: dict[str, Any], label: str | None = None) -> str:
+    """Markdown for one run: the Table 1 row (Avg@K, %) and a Pass@K table."""
+    cols = column_order(list(results["benchmarks"]))
+    name = label or results.get("label") or "model"
+    lines = [
+        f"# bupo eval: {name}",
+        "",
+        f"Avg@K in % ({_k_note([results], cols)}; Avg = mean of the columns). {settings_line(results)}.",
+        "",
+        *_header(cols),
+        "| "
+        + " | ".join(
+            [name, *(_pct(results["benchmarks"][c]["avg"]) for c in cols), _pct(_avg(results, cols))]
+        )
+        + " |",
+        "",
+        pass_table(results),
+    ]
+    return "\n".join(lines) + "\n"
+
+
+def pass_table(results: dict[str, Any]) -> str:
+    """Pass@K (%, unbiased estimator) per benchmark, with n, problems and the truncation rate."""
+    cols = column_order(list(results["benchmarks"]))
+    ks = sorted({int(k) for c in cols for k in results["benchmarks"][c]["pass_at_k"]})
+    lines = [
+        "Pass@K in % (unbiased estimator over n samples per problem):",
+        "",
+        "| Benchmark | n | problems | " + " | ".join(f"Pass@{k}" for k in ks) + " | truncated |",
+        "|" + "---|" * (len(ks) + 4),
+    ]
+    for c in cols:
+        b = results["benchmarks"][c]
+        cells = [_pct(b["pass_at_k"].get(str(k), b["pass_at_k"].get(k))) for k in ks]
+        lines.append(
+            f"| {DISPLAY_NAMES.get(c, c)} | {b['n']} | {b['problems']} | "
+            + " | ".join(cells)
+            + f" | {_pct(b['truncated'])} |"
+        )
+    return "\n".join(lines) + "\n"
+
+
+def load_results(path: str | Path) -> dict[str, Any]:
+    """``results.json`` of a run folder (or the file itself)."""
+    p = Path(path)
+    f = p / "results.json" if p.is_dir() else p
+    if not f.exists():
+        raise FileNotFoundError(f"no results.json in {p} (is it a `bupo eval --out` folder?)")
+    try:
+        data = json.loads(f.read_text(encoding="utf-8"))
+    except json.JSONDecodeError as exc:
+        raise ValueError(f"{f}: not valid JSON ({exc.msg})") from exc
+    if not isinstance(data, dict) or "benchmarks" not in data or "settings" not in data:
+        raise ValueError(f"{f}: not a bupo eval results file (expected 'benchmarks' and 'settings')")
+    return data
+
+
+def compare_table(runs: Sequence[tuple[str, dict[str, Any]]]) -> str:
+    """One Table-1-style table across runs (one row per run), then each run's settings and Pass@K."""
+    if not runs:
+        raise ValueError("nothing to compare: give one or more result folders")
+    cols = column_order([c for _, r in runs for c in r["benchmarks"]])
+    lines = [f"Avg@K in % ({_k_note([r for _, r in runs], cols)}; – = not evaluated).", "", *_header(cols)]
+    for label, r in runs:
+        cells = [_pct(r["benchmarks"][c]["avg"]) if c in r["benchmarks"] else "–" for c in cols]
+        lines.append("| " + " | ".join([label, *cells, _pct(_avg(r, cols))]) + " |")
+    ks = sorted({int(k) for _, r in runs for b in r["benchmarks"].values() for k in b["pass_at_k"]})
+    if ks:
+        lines += ["", "Pass@K in %, mean over the benchmarks that report it:", ""]
+        lines += ["| Run | " + " | ".join(f"Pass@{k}" for k in ks) + " |", "|" + "---|" * (len(ks) + 1)]
+        for label, r in runs:
+            cells = []
+            for k in ks:
+                vals = [b["pass_at_k"][str(k)] for b in r["benchmarks"].values() if str(k) in b["pass_at_k"]]
+                cells.append(_pct(sum(vals) / len(vals)) if vals else "–")
+            lines.append("| " + " | ".join([label, *cells]) + " |")
+    lines += ["", "Settings:"]
+    lines += [f"- {label}: {settings_line(r)}" for label, r in runs]
+    return "\n".join(lines) + "\n"
