@@ -1,0 +1,62 @@
+"""``bupo train``: BuPO (or GRPO) on TRL's GRPOTrainer. Standard library only at import time."""
+
+from __future__ import annotations
+
+import argparse
+
+DESCRIPTION = """\
+Bottom-up Policy Optimization (arXiv 2512.19673) on TRL's GRPOTrainer: the first S rollout steps optimise the
+layer-k internal policy (0-based k, paper layer k+1), then GRPO on the full policy. Without arguments: the bundled
+tiny model on the bundled task, a few minutes on 2 CPU cores, with evaluation before and after.
+
+Any TRL/GRPOConfig argument can be added as is (underscores), e.g. --learning_rate 1e-5 --max_steps 20
+--num_generations 8 --use_vllm true; they override --config. Presets for the paper's runs: recipes/*.yaml."""
+
+EPILOG = """\
+examples:
+  bupo train                                         # bundled model + task, BuPO with k from the analysis
+  bupo train --algo grpo --out runs/grpo             # the GRPO baseline, same settings
+  bupo train --internal-layer 3 --internal-steps 10 --max_steps 60
+  bupo train --config recipes/qwen3-4b.yaml --model /models/Qwen3-4B --data data/deepmath-5k.parquet
+  accelerate launch --config_file recipes/accelerate/zero3.yaml -m bupo.cli train --config recipes/qwen3-8b.yaml
+  bupo train --out runs/x --resume                   # continue from the newest checkpoint (right phase)
+see docs/training.md"""
+
+
+class _PassThroughParser(argparse.ArgumentParser):
+    """Keeps unknown arguments (TRL's own flags) in ``args.trl_args`` instead of failing on them."""
+
+    def parse_known_args(self, args=None, namespace=None):  # type: ignore[override]
+        ns, rest = super().parse_known_args(args, namespace)
+        ns.trl_args = list(getattr(ns, "trl_args", None) or []) + list(rest)
+        return ns, []
+
+
+def register(subparsers: argparse._SubParsersAction) -> None:
+    p = subparsers.add_parser(
+        "train", help="train with BuPO or GRPO (TRL GRPOTrainer)", description=DESCRIPTION, epilog=EPILOG,
+        formatter_class=argparse.RawDescriptionHelpFormatter, allow_abbrev=False,
+    )
+    p.__class__ = _PassThroughParser
+    p.add_argument("--model", help="model folder (default: the bundled model)")
+    p.add_argument("--data", help="training rows: .parquet / .jsonl (paper shape) or 'bundled' (default)")
+    p.add_argument("--eval-data", nargs="+", metavar="FILE",
+                   help="held-out files evaluated during training ('bundled' = bundled test split, 'none' = off)")
+    p.add_argument("--algo", choices=("bupo", "grpo"), help="bupo (default) or grpo (internal_steps = 0)")
+    p.add_argument("--internal-layer", metavar="K|auto",
+                   help="0-based layer k (paper layer k+1) or 'auto' = the analysis' boundary layer (default auto)")
+    p.add_argument("--internal-steps", type=int, metavar="S", help="s_inter: rollout steps on the internal policy")
+    p.add_argument("--out", help="output folder (checkpoints, final model, bupo_run.json)")
+    p.add_argument("--config", help="TRL-style YAML of BuPOConfig/GRPOConfig fields and bupo train keys")
+    p.add_argument("--template", help="auto, qwen3_no_thinking, chat or octothinker")
+    p.add_argument("--reward", help="boxed_exact (default, the paper's) and/or math_verify, comma-separated")
+    p.add_argument("--analysis", help="analysis (summary.json or folder) for --internal-layer auto")
+    p.add_argument("--resume", nargs="?", const="latest", metavar="CHECKPOINT",
+                   help="resume from a checkpoint folder, or the newest one in --out when no folder is given")
+    p.set_defaults(func=_handler, trl_args=[])
+
+
+def _handler(args: argparse.Namespace) -> int:
+    from bupo.training.run import run_cli
+
+    return run_cli(args)

@@ -1,0 +1,156 @@
+"""``bupo train`` end to end on a tiny saved model and JSONL rows; presets; config layering; bad input."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+
+from bupo.cli import main
+from bupo.training.run import parse_train_args
+from test_training_common import char_tokenizer, make_model
+
+pytestmark = pytest.mark.xdist_group("training")
+PRESETS = ["qwen3-4b", "qwen3-8b", "octothinker-3b", "octothinker-8b"]
+PAPER = {"qwen3-4b": (5, 30, 8192), "qwen3-8b": (5, 20, 8192), "octothinker-3b": (26, 20, 3072),
+         "octothinker-8b": (30, 20, 3072)}
+TINY = ["--per_device_train_batch_size", "8", "--num_generations", "4", "--max_completion_length", "8",
+        "--eval_samples", "2", "--eval_rows", "4", "--probe_every", "1", "--learning_rate", "1e-2"]
+
+
+def _rows(n, offset=0):
+    return [{"prompt": [{"role": "system", "content": "Put the answer in \\boxed{}."},
+                        {"role": "user", "content": f"What is {i} + {i}?"}],
+             "reward_model": {"ground_truth": str(2 * i)}, "data_source": "toy"} for i in range(offset, offset + n)]
+
+
+@pytest.fixture(scope="module")
+def workspace(tmp_path_factory):
+    d = tmp_path_factory.mktemp("cli")
+    make_model().save_pretrained(d / "model")
+    char_tokenizer().save_pretrained(d / "model")
+    for name, rows in (("train.jsonl", _rows(16)), ("test.jsonl", _rows(4, 100))):
+        (d / name).write_text("".join(json.dumps(r) + "\n" for r in rows))
+    return d
+
+
+def _train(ws, out, *extra):
+    return main(["train", "--model", str(ws / "model"), "--data", str(ws / "train.jsonl"),
+                 "--eval-data", str(ws / "test.jsonl"), "--out", str(out), *TINY, *extra])
+
+
+def test_train_evaluates_checkpoints_and_resumes_with_the_right_phase(workspace, tmp_path, capsys):
+    out = tmp_path / "run"
+    # bundled defaults: 2 optimizer steps per rollout step, so rollout step 1 = optimizer steps 1-2 (internal)
+    assert _train(workspace, out, "--internal-layer", "1", "--internal-steps", "2", "--max_steps", "2",
+                  "--save_steps", "2") == 0
+    summary = json.loads((out / "bupo_run.json").read_text())
+    assert summary["internal_layer"] == 1 and summary["internal_layer_paper"] == 2
+    assert summary["optimizer_steps_per_rollout"] == 2 and summary["full_phase_starts_at_optimizer_step"] == 5
+    assert summary["template"] == "chat" and summary["train_rows"] == 16
+    assert [e["step"] for e in summary["evals"]] == [0, 2]
+    assert "eval/test/avg@2" in summary["evals"][0] and "eval/test/pass@1" in summary["evals"][0]
+    assert (out / "checkpoint-2").is_dir() and (out / "model.safetensors").exists()
+    assert (out / "evals" / "step-000002" / "results.json").exists()
+    history = json.loads((out / "log_history.json").read_text())
+    assert [h["bupo/phase"] for h in history if "bupo/phase" in h] == [1.0]
+    assert "eval/avg" in capsys.readouterr().out
+
+    # resume from the checkpoint inside the internal phase: rollout step 2 is still internal, 3 is full
+    assert _train(workspace, out, "--internal-layer", "1", "--internal-steps", "2", "--max_steps", "6",
+                  "--save_steps", "2", "--resume", "--eval-data", "none") == 0
+    summary = json.loads((out / "bupo_run.json").read_text())
+    assert summary["resumed_from"].endswith("checkpoint-2") and summary["global_step"] == 6
+    history = json.loads((out / "log_history.json").read_text())
+    phases = {h["step"]: h["bupo/phase"] for h in history if "bupo/phase" in h}
+    assert phases == {2: 1.0, 4: 1.0, 6: 0.0}
+    from transformers import AutoModelForCausalLM
+
+    final = AutoModelForCausalLM.from_pretrained(out)
+    assert final.config.num_hidden_layers == 4
+
+
+def test_grpo_baseline_and_auto_layer_from_an_analysis(workspace, tmp_path):
+    out = tmp_path / "grpo"
+    assert _train(workspace, out, "--algo", "grpo", "--max_steps", "2", "--eval-data", "none") == 0
+    summary = json.loads((out / "bupo_run.json").read_text())
+    assert summary["algo"] == "grpo" and summary["internal_steps"] == 0 and summary["internal_layer"] is None
+    history = json.loads((out / "log_history.json").read_text())
+    assert {h["bupo/phase"] for h in history if "bupo/phase" in h} == {0.0}
+
+    analysis = tmp_path / "analysis"
+    analysis.mkdir()
+    (analysis / "summary.json").write_text(json.dumps({"num_layers": 4, "boundary_layer": 3,
+                                                       "suggested_internal_layer": 2}))
+    out = tmp_path / "auto"
+    assert _train(workspace, out, "--internal-layer", "auto", "--analysis", str(analysis), "--max_steps", "2",
+                  "--eval-data", "none") == 0
+    summary = json.loads((out / "bupo_run.json").read_text())
+    assert summary["internal_layer"] == 2 and "analysis" in summary["internal_layer_source"]
+
+
+@pytest.mark.parametrize("argv, message", [
+    (["--learning_rat", "1"], "unrecognised arguments"),
+    (["--internal-steps", "0"], "needs --internal-steps"),
+    (["--data", "/nonexistent/rows.jsonl"], "not found"),
+    (["--resume"], "no checkpoint"),
+    (["--internal-layer", "seven"], "internal_layer"),
+    (["--template", "nope"], "unknown template"),
+])
+def test_bad_input_is_one_clear_line(workspace, tmp_path, capsys, argv, message):
+    rc = main(["train", "--model", str(workspace / "model"), "--data", str(workspace / "train.jsonl"),
+               "--out", str(tmp_path / "bad"), "--internal-layer", "1", "--eval-data", "none", *TINY, *argv])
+    err = capsys.readouterr().err
+    assert rc == 2 and message in err and "Traceback" not in err, err
+
+
+def test_unknown_yaml_key_is_rejected(tmp_path):
+    cfg = tmp_path / "c.yaml"
+    cfg.write_text("internal_layer: 3\ninternal_steps: 2\nlearning_rat: 1.0\n")
+    with pytest.raises(ValueError, match="learning_rat"):
+        parse_train_args([], config=str(cfg), cuda=False)
+
+
+@pytest.mark.parametrize("preset", PRESETS)
+def test_presets_parse_into_bupo_config_with_the_papers_settings(preset):
+    from bupo.training.config import BuPOConfig
+
+    args, script = parse_train_args([], config=f"recipes/{preset}.yaml", cuda=False)
+    k, s, length = PAPER[preset]
+    assert isinstance(args, BuPOConfig)
+    assert (args.internal_layer, args.internal_steps, args.max_completion_length) == (k, s, length)
+    assert args.internal_projection == "raw" and script.algo == "bupo"
+    assert args.learning_rate == 1e-6 and args.beta == 0.0 and args.epsilon == 0.2 and args.epsilon_high is None
+    assert args.num_generations == 8 and args.generation_batch_size == 1024 and args.num_iterations == 1
+    assert args.optimizer_steps_per_rollout == 4 and args.max_steps == 300 * 4
+    assert args.loss_type == "dapo" and args.temperature == 1.0 and args.top_p == 1.0 and args.top_k == 0
+    assert args.weight_decay == 0.01 and args.max_grad_norm == 1.0 and args.lr_scheduler_type == "constant"
+    assert args.save_steps % 4 == 0 and script.reward == "boxed_exact" and script.max_prompt_length == 1024
+    # 256 completions per optimizer step on one process
+    assert args.per_device_train_batch_size * args.gradient_accumulation_steps == 256
+
+
+def test_optimizer_batch_size_adapts_to_the_world_size(monkeypatch):
+    from bupo.training.config import BuPOConfig
+
+    monkeypatch.setattr(BuPOConfig, "world_size", property(lambda self: 8))
+    args, _ = parse_train_args([], config="recipes/qwen3-4b.yaml", cuda=False)
+    assert args.gradient_accumulation_steps == 4 and args.steps_per_generation == 16
+    assert args.optimizer_steps_per_rollout == 4 and args.ddp_find_unused_parameters is True
+    with pytest.raises(ValueError, match="optimizer_batch_size"):
+        parse_train_args(["--per_device_train_batch_size", "64"], config="recipes/qwen3-4b.yaml", cuda=False)
+
+
+def test_layering_flags_override_yaml_and_trl_flags_override_all(tmp_path):
+    cfg = tmp_path / "c.yaml"
+    cfg.write_text("internal_layer: 3\ninternal_steps: 2\nlearning_rate: 1e-4\nnum_generations: 4\n"
+                   "per_device_train_batch_size: 8\nenv:\n  BUPO_TEST_ENV: 'yes'\n")
+    args, _ = parse_train_args(["--learning_rate", "2e-5"], config=str(cfg), overrides={"internal_layer": "1"},
+                               cuda=False)
+    assert args.internal_layer == 1 and args.internal_steps == 2 and args.learning_rate == 2e-5
+    assert args.use_cpu and not args.bf16 and not args.gradient_checkpointing  # CPU defaults
+    import os
+
+    assert os.environ.pop("BUPO_TEST_ENV") == "yes"
+    assert torch.get_num_threads() >= 1
