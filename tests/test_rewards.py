@@ -269,17 +269,52 @@ def test_math_verify_slow_call_times_out_and_is_counted() -> None:
     assert math_verify_reward("\\boxed{3}", "3") == 1.0  # the worker still serves
 
 
-def test_math_verify_hung_worker_is_killed_and_replaced() -> None:
+def _wait_stopped(pid: int) -> None:
+    deadline = time.monotonic() + 10
+    while time.monotonic() < deadline:
+        state = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
+        if state in ("T", "t"):
+            return
+        time.sleep(0.001)
+    raise AssertionError("the worker did not stop")
+
+
+class _FreezeWorker:
+    """Stands in for the worker's stdin: stops the worker (SIGSTOP, confirmed) BEFORE the request is
+    written, so the request is in flight while the worker cannot run it — no race with a fast reply.
+    ``then`` is sent after the request (SIGKILL: the worker dies mid-call)."""
+
+    def __init__(self, inner, pid: int, then: int | None = None) -> None:
+        self.inner, self.pid, self.then = inner, pid, then
+
+    def write(self, data: bytes) -> int:
+        os.kill(self.pid, signal.SIGSTOP)
+        _wait_stopped(self.pid)
+        return self.inner.write(data)
+
+    def flush(self) -> None:
+        self.inner.flush()
+        if self.then is not None:
+            os.kill(self.pid, self.then)
+
+    def close(self) -> None:
+        self.inner.close()
+
+
+def _running_worker():
     worker = R._get_workers(1)[0]
     assert math_verify_reward("\\boxed{3}", "3") == 1.0  # make sure it runs
-    proc = worker._proc
-    assert proc is not None
+    assert worker._proc is not None
+    return worker, worker._proc
 
-    # freeze the worker mid-call (like a call stuck in C code no signal can interrupt)
-    threading.Timer(0.05, lambda: os.kill(proc.pid, signal.SIGSTOP)).start()
+
+def test_math_verify_hung_worker_is_killed_and_replaced() -> None:
+    worker, proc = _running_worker()
+    # freeze the worker mid-call (like a call stuck in C code that no signal can interrupt)
+    proc.stdin = _FreezeWorker(proc.stdin, proc.pid)
     stats = RewardStats()
     t0 = time.monotonic()
-    R.score("math_verify", "\\boxed{10^{10^{10}}}", "5", timeout=0.5, stats=stats)
+    assert R.score("math_verify", "\\boxed{5}", "5", timeout=0.5, stats=stats) == 0.0
     assert time.monotonic() - t0 < 0.5 + R._KILL_GRACE + 2.0
     assert stats.as_dict()["timeouts"] == 1
     assert proc.poll() is not None  # killed
@@ -288,15 +323,16 @@ def test_math_verify_hung_worker_is_killed_and_replaced() -> None:
 
 
 def test_math_verify_dead_worker_counts_error_then_recovers() -> None:
-    worker = R._get_workers(1)[0]
-    assert math_verify_reward("\\boxed{3}", "3") == 1.0
-    proc = worker._proc
-    assert proc is not None
-    threading.Timer(0.05, lambda: os.kill(proc.pid, signal.SIGKILL)).start()
+    worker, proc = _running_worker()
+    proc.stdin = _FreezeWorker(proc.stdin, proc.pid, then=signal.SIGKILL)
     stats = RewardStats()
-    R.score("math_verify", "\\boxed{10^{10^{10}}}", "5", timeout=2.0, stats=stats)
-    assert stats.as_dict()["errors"] == 1
+    assert R.score("math_verify", "\\boxed{5}", "5", timeout=2.0, stats=stats) == 0.0
+    assert stats.as_dict()["errors"] == 1 and "died" in (stats.last_error or "")
     assert math_verify_reward("\\boxed{5}", "5") == 1.0
+    # a worker that died between calls is restarted transparently
+    worker._proc.kill()
+    worker._proc.wait()
+    assert math_verify_reward("\\boxed{6}", "6") == 1.0
 
 
 def test_math_verify_from_threads() -> None:

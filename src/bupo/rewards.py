@@ -432,7 +432,7 @@ class _Worker:
         )
         self._buf = b""
         ready = self._read_line(_WORKER_START_TIMEOUT)
-        if ready is None or not ready.get("ready"):
+        if not isinstance(ready, dict) or not ready.get("ready"):
             self._kill()
             raise RuntimeError("the reward worker subprocess did not start (see stderr)")
 
@@ -448,21 +448,21 @@ class _Worker:
             with contextlib.suppress(Exception):
                 stream.close()
 
-    def _read_line(self, timeout: float) -> dict | None:
-        """The next reply, or None when the deadline passes or the worker died."""
+    def _read_line(self, timeout: float) -> dict | str:
+        """The next reply, or "timeout" when the deadline passes, or "eof" when the worker died."""
         assert self._proc is not None and self._proc.stdout is not None
         fd = self._proc.stdout.fileno()
         deadline = time.monotonic() + timeout
         while b"\n" not in self._buf:
             left = deadline - time.monotonic()
             if left <= 0:
-                return None
+                return "timeout"
             ready, _, _ = select.select([fd], [], [], left)
             if not ready:
-                return None
+                return "timeout"
             chunk = os.read(fd, 1 << 16)
-            if not chunk:  # EOF: the worker died
-                return None
+            if not chunk:  # EOF: the worker exited (possibly not yet reaped, so poll() may still say running)
+                return "eof"
             self._buf += chunk
         line, self._buf = self._buf.split(b"\n", 1)
         return json.loads(line)
@@ -489,10 +489,9 @@ class _Worker:
                 self._kill()
                 return "error", 0.0, f"reward worker died: {exc}"
             reply = self._read_line(timeout + _KILL_GRACE)
-            if reply is None:
-                died = self._proc.poll() is not None
+            if not isinstance(reply, dict):
                 self._kill()
-                if died:
+                if reply == "eof":
                     return "error", 0.0, "reward worker died during the call"
                 return "timeout", 0.0, ""
             return reply["outcome"], float(reply.get("value", 0.0)), reply.get("error", "")
