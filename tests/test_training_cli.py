@@ -124,7 +124,7 @@ def test_presets_parse_into_bupo_config_with_the_papers_settings(preset):
     assert args.learning_rate == 1e-6 and args.beta == 0.0 and args.epsilon == 0.2 and args.epsilon_high is None
     assert args.num_generations == 8 and args.generation_batch_size == 1024 and args.num_iterations == 1
     assert args.optimizer_steps_per_rollout == 4 and args.max_steps == 300 * 4
-    assert args.loss_type == "dapo" and args.temperature == 1.0 and args.top_p == 1.0 and args.top_k == 0
+    assert args.delta == 10.0 and args.loss_type == "dapo" and args.temperature == 1.0 and args.top_p == 1.0 and args.top_k == 0
     assert args.weight_decay == 0.01 and args.max_grad_norm == 1.0 and args.lr_scheduler_type == "constant"
     assert args.save_steps % 4 == 0 and script.reward == "boxed_exact" and script.max_prompt_length == 1024
     # 256 completions per optimizer step on one process

@@ -110,3 +110,22 @@ def test_internal_log_probs_through_grpo_method_equal_the_core(tmp_path):
     assert torch.allclose(full[m], ref_full[:, -keep:][m], atol=1e-5)
     assert not torch.allclose(full[m], ref[m], atol=1e-2)  # the two policies differ: the check can fail
     assert tr.model.config.num_hidden_layers == 4  # the context restored the depth
+
+
+def test_delta_is_verls_dual_clip():
+    """The presets set delta=10 for verl's dual clip (clip_ratio_c=10). TRL clamps the ratio at delta before the
+    clipped objective; for eps < delta - 1 that equals verl's min(max(L1, L2), -A c) for A < 0 and changes nothing for
+    A > 0 - checked here on TRL's own expression and on a dense grid of ratios and advantages."""
+    loss = _src("_compute_loss")
+    assert "coef_1 = torch.clamp(coef_1, max=self.args.delta)" in loss
+    assert "per_token_loss = -torch.min(per_token_loss1, per_token_loss2)" in loss
+    eps, c = 0.2, 10.0
+    r = torch.logspace(-3, 3, 2001, dtype=torch.float64).unsqueeze(1)
+    a = torch.tensor([-2.0, -0.5, 0.5, 2.0], dtype=torch.float64).unsqueeze(0)
+    # TRL (grpo_trainer._compute_loss): coef_2 from the unclamped ratio, coef_1 clamped at delta
+    coef_2 = torch.clamp(r, 1 - eps, 1 + eps)
+    trl_loss = -torch.min(torch.clamp(r, max=c) * a, coef_2 * a)
+    # verl core_algos.compute_policy_loss_vanilla with clip_ratio_c
+    l1, l2 = -a * r, -a * torch.clamp(r, 1 - eps, 1 + eps)
+    verl_loss = torch.where(a < 0, torch.min(torch.max(l1, l2), -a * c), torch.max(l1, l2))
+    assert torch.allclose(trl_loss, verl_loss)
