@@ -294,7 +294,8 @@ def evaluate(
         batch_size: sequences per generation batch.
         out_dir: where to write samples.jsonl / results.json / table.md and resume from; None = nothing written.
         backend: ``"hf"`` or a backend object with ``generate(requests, settings, on_batch)``.
-        model_id: identity of the model for resuming; default: a fingerprint of the HF model's weights.
+        model_id: identity of the model for resuming; default: a fingerprint of the HF model's weights
+            (only computed when ``out_dir`` is given).
         label: the row name in tables.
     """
     t0 = time.monotonic()
@@ -318,7 +319,8 @@ def evaluate(
     plan = plan_benchmarks(datasets, n, ks)
 
     if model_id is None:
-        model_id = model_fingerprint(model)
+        # the fingerprint only keys resumed samples; skip it (a pass over every parameter) without out_dir
+        model_id = model_fingerprint(model) if out_dir is not None else "not-saved"
     gen_settings = {
         "model": model_id,
         "template": template,
