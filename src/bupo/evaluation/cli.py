@@ -15,6 +15,8 @@ DEFAULT_BUNDLED_PROBLEMS = 200
 def register(subparsers: Any) -> None:
     p = subparsers.add_parser(
         "eval",
+        usage="bupo eval [--model PATH] [--data FILE ...] [--n N] [--k K ...] [options]\n"
+        "       bupo eval compare DIR [DIR ...] [--labels NAME ...] [--out FILE]",
         help="Avg@K / Pass@K on AIME24/25, AMC23, MATH500 (or the bundled task) in the paper's table format",
         description=(
             "Sample n responses per problem, score them with the paper's boxed exact-match reward (or "
@@ -88,7 +90,7 @@ def register(subparsers: Any) -> None:
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
     p.set_defaults(func=_eval_handler)
 
-    sub = p.add_subparsers(dest="eval_command", metavar="compare")
+    sub = p.add_subparsers(dest="eval_command", title="subcommands", metavar="compare")
     c = sub.add_parser(
         "compare",
         help="one table across eval runs",
