@@ -269,6 +269,16 @@ def test_interrupted_run_resumes_without_recomputing(model, tok, tmp_path, monke
     clean = analyze(model, tok, traces=traces, out_dir=tmp_path / "clean", figures=False)
     assert np.allclose(res.summary["ffn_entropy_change"], clean.summary["ffn_entropy_change"], atol=1e-7)
     assert res.summary["num_samples"] == len(traces)
+    # an interrupted run followed by a run on *different* traces must not reuse the stale shards
+    crash[0] = True
+    calls.clear()
+    monkeypatch.setattr(run_mod, "measure_batch", flaky)
+    with pytest.raises(_Crash):
+        analyze(model, tok, traces=traces, out_dir=tmp_path / "s", batch_tokens=1)
+    other = [dict(t, response=t["response"][::-1]) for t in traces]
+    got = analyze(model, tok, traces=other, out_dir=tmp_path / "s", batch_tokens=1, figures=False)
+    want = analyze(model, tok, traces=other, figures=False)
+    assert np.allclose(got.summary["layer_entropy"], want.summary["layer_entropy"], atol=1e-7)
 
 
 def test_bad_input_is_reported(model, tok, tmp_path):
@@ -358,6 +368,13 @@ def test_cli_analyze_generate_compare_and_sample(ckpt, tmp_path, capsys):
     assert len(tr) == 2 and all(len(t["response_ids"]) <= 12 for t in tr)
     printed = capsys.readouterr().out
     assert "analysed 2 samples" in printed or "skipped" in printed
+
+    # no --data: the bundled task's held-out split
+    out0 = tmp_path / "default"
+    assert main(["analyze", "--model", str(ckpt), "--out", str(out0), "--max-samples", "2", "--max-new-tokens", "4",
+                 "--quiet"]) == 0
+    first = json.loads((out0 / "traces.jsonl").read_text().splitlines()[0])
+    assert "Compute" in first["prompt"] and first["messages"][0]["role"] == "system"
 
     out2 = tmp_path / "b"
     assert main(["analyze", "--model", str(ckpt), "--traces", str(out / "traces.jsonl"), "--out", str(out2),

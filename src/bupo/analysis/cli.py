@@ -21,10 +21,10 @@ def _positive_int(v: str) -> int:
 
 def _default_model() -> str:
     try:
-        from bupo.zoo import DEFAULT_MODEL
+        from bupo.zoo import bundled_model_path
     except ImportError:
         raise ValueError("no --model given and the bundled model is not available; pass --model PATH") from None
-    return str(DEFAULT_MODEL)
+    return str(bundled_model_path())  # FileNotFoundError (one clear line) if it was not built
 
 
 def _add_model_args(p: argparse.ArgumentParser) -> None:

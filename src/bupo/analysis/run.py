@@ -497,14 +497,6 @@ def _weights_checksum(model) -> float:
     return round(total, 6)
 
 
-def _file_id(path: str | os.PathLike | None) -> Any:
-    if path is None:
-        return None
-    p = Path(path)
-    st = p.stat()
-    return [str(p.resolve()), st.st_size, st.st_mtime_ns]
-
-
 # ---------------------------------------------------------------------------------------------------------------
 # the API
 
@@ -639,8 +631,8 @@ def analyze(
     }
     fp_meta = {k: meta[k] for k in ("model", "model_type", "dtype", "projection", "delta_convention", "template",
                                     "generation", "max_samples", "num_layers")}
-    fp_meta["inputs"] = _file_id(data if isinstance(data, str | os.PathLike) else traces
-                                 if isinstance(traces, str | os.PathLike) else None)
+    # the inputs' content (not their path): a resumed run must never mix shards of different traces
+    fp_meta["inputs"] = _fingerprint({"rows": rows, "traces": trace_rows})
     fp_meta["weights"] = _weights_checksum(model)
     staging = _Staging(out, _fingerprint(fp_meta), resume)
 
