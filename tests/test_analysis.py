@@ -310,6 +310,11 @@ def test_bad_input_is_reported(model, tok, tmp_path):
     blocker.write_text("x")
     with pytest.raises(ValueError, match="not writable"):
         analyze(model, tok, traces=TRACES, out_dir=blocker / "sub")
+    # generation: a prompt that already fills the context is not generated, and is counted
+    long_rows = [{"prompt": [{"role": "user", "content": c}], "reward_model": {"ground_truth": "1"}}
+                 for c in ("1+1?", "z" * ctx)]
+    res = analyze(model, tok, data=long_rows, max_new_tokens=3, figures=False)
+    assert res.summary["skipped"]["too_long"] == 1 and res.summary["num_samples"] == 1
     rows = tmp_path / "rows.jsonl"
     rows.write_text(json.dumps({"question": "1+1", "reward_model": {"ground_truth": "2"}}) + "\n")
     with pytest.raises(ValueError, match="prompt"):

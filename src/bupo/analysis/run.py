@@ -231,8 +231,13 @@ def tokenize_traces(tokenizer, traces: Sequence[Mapping], template: str = "chat"
 
 def generate_traces(model, tokenizer, rows: Sequence[Mapping], *, template: str, max_new_tokens: int,
                     temperature: float, top_p: float, seed: int, batch_size: int = 32,
-                    progress: bool = False) -> list[dict]:
-    """Sample one response per row with the shared seeded generator; returns trace dicts with token ids."""
+                    progress: bool = False, context: int | None = None) -> list[dict]:
+    """Sample one response per row with the shared seeded generator; returns trace dicts with token ids.
+
+    Row ``i`` is seeded by its index (``prompt_keys``), so its sample does not depend on which other rows are
+    generated. Prompts that already fill the ``context`` are not generated (empty response; they are counted
+    as ``too_long`` later).
+    """
     from bupo.data.templates import render_prompt
     from bupo.generation import generate
 
@@ -241,12 +246,17 @@ def generate_traces(model, tokenizer, rows: Sequence[Mapping], *, template: str,
         if not isinstance(row, Mapping) or "prompt" not in row:
             raise ValueError(f"data row {i} has no 'prompt' column (found {sorted(row) if isinstance(row, Mapping) else type(row).__name__})")
         prompts.append(render_prompt(tokenizer, list(row["prompt"]), template))
-    completions = generate(model, tokenizer, prompts, n=1, max_new_tokens=max_new_tokens, temperature=temperature,
-                           top_p=top_p, seed=seed, batch_size=batch_size, progress=progress)
+    fits = [i for i, pr in enumerate(prompts) if context is None or len(_encode_prompt(tokenizer, pr)) < context]
+    completions = generate(model, tokenizer, [prompts[i] for i in fits], n=1, max_new_tokens=max_new_tokens,
+                           temperature=temperature, top_p=top_p, seed=seed, batch_size=batch_size,
+                           progress=progress, prompt_keys=fits) if fits else []
+    by_row = {i: comps[0] for i, comps in zip(fits, completions, strict=True)}
     out = []
-    for row, prompt, comps in zip(rows, prompts, completions, strict=True):
-        c = comps[0]
-        out.append({"prompt": prompt, "response": c.text, "response_ids": [int(t) for t in c.token_ids],
+    for i, (row, prompt) in enumerate(zip(rows, prompts, strict=True)):
+        c = by_row.get(i)
+        out.append({"prompt": prompt, "response": "" if c is None else c.text,
+                    "response_ids": [] if c is None else [int(t) for t in c.token_ids],
+                    "finish_reason": "prompt_too_long" if c is None else c.finish_reason,
                     "messages": list(row["prompt"]),
                     "ground_truth": (row.get("reward_model") or {}).get("ground_truth")})
     return out
@@ -635,13 +645,14 @@ def analyze(
     fp_meta["inputs"] = _fingerprint({"rows": rows, "traces": trace_rows})
     fp_meta["weights"] = _weights_checksum(model)
     staging = _Staging(out, _fingerprint(fp_meta), resume)
+    ctx = getattr(p.text_config, "max_position_embeddings", None)
 
     if rows is not None:
         gen = staging.get("generated.json")
         if gen is None:
             gen = generate_traces(model, tokenizer, rows, template=template, max_new_tokens=max_new_tokens,
                                   temperature=temperature, top_p=top_p, seed=seed, batch_size=gen_batch_size,
-                                  progress=progress)
+                                  progress=progress, context=ctx)
             staging.put_json("generated.json", gen)
         all_traces = traces_from_generated(tokenizer, gen)
         trace_records = gen
@@ -650,12 +661,13 @@ def analyze(
         trace_records = [{**r, "response_ids": tr.response_ids} for r, tr in zip(trace_rows, all_traces, strict=True)]
 
     # ---- skips
-    ctx = getattr(p.text_config, "max_position_embeddings", None)
     skipped: Counter[str] = Counter()
     todo: list[Trace] = []
     skip_reason: dict[int, str] = {}
     for tr in all_traces:
-        if not tr.response_ids:
+        if ctx is not None and len(tr.prompt_ids) >= ctx:
+            skip_reason[tr.index] = "too_long"  # the prompt alone fills the context
+        elif not tr.response_ids:
             skip_reason[tr.index] = "empty_response"
         elif not tr.prompt_ids:
             skip_reason[tr.index] = "empty_prompt"  # nothing predicts the first response token
