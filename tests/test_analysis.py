@@ -430,3 +430,32 @@ def test_log_v_ceiling_bounds_entropies(model, tok):
     logv = math.log(res.summary["vocab_size"])
     for key in ("layer_entropy", "attn_entropy", "ffn_entropy"):
         assert max(res.summary[key]) <= logv + 1e-5
+
+
+def test_cli_end_to_end_on_the_bundled_model(tmp_path):
+    from bupo.cli import main
+    from bupo.zoo import bundled_model_path
+
+    try:
+        path = bundled_model_path()
+    except FileNotFoundError as exc:  # reported by -ra; the zoo's own tests fail loudly when it is missing
+        pytest.skip(f"bundled model not built yet: {exc}")
+    out = tmp_path / "bundled"
+    # defaults: the bundled model and the bundled task's held-out split
+    assert main(["analyze", "--out", str(out), "--max-samples", "3", "--max-new-tokens", "64", "--quiet"]) == 0
+    s = json.loads((out / "summary.json").read_text())
+    assert s["model"] == str(path) and s["num_samples"] >= 1 and s["num_layers"] >= 1
+    b = s["boundary_layer"]
+    assert b is None or (1 <= b <= s["num_layers"] and s["suggested_internal_layer"] == b - 1)
+    page = (out / "report.html").read_text()
+    assert page.count("data:image/png;base64,") == 4
+    # the numbers equal the official computation on the same weights and the generated ids
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    model = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32).eval()
+    tok = AutoTokenizer.from_pretrained(path)
+    traces = [json.loads(x) for x in (out / "traces.jsonl").read_text().splitlines()]
+    traces = [t for t in traces if not t["skipped"]]
+    toks = [{"prompt_ids": run_mod._encode_prompt(tok, t["prompt"]), "response_ids": t["response_ids"]} for t in traces]
+    ref, _ = official_reference(model, tok, toks)
+    _assert_matches(s, ref)
