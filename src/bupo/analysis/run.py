@@ -563,6 +563,7 @@ def analyze(
     import torch
 
     from bupo.internal.adapters import check_projection, parts
+
     check_projection(projection)
     check_convention(delta)
     if token_dtype not in TOKEN_DTYPES:
@@ -574,8 +575,8 @@ def analyze(
     for name, v in (("chunk_size", chunk_size), ("batch_tokens", batch_tokens), ("max_new_tokens", max_new_tokens)):
         if not isinstance(v, int) or v < 1:
             raise ValueError(f"{name} must be a positive int, got {v!r}")
-    if not (temperature > 0 and 0 < top_p <= 1):
-        raise ValueError(f"temperature must be > 0 and top_p in (0, 1], got {temperature}, {top_p}")
+    if not (temperature >= 0 and 0 < top_p <= 1):
+        raise ValueError(f"temperature must be >= 0 (0 = greedy) and top_p in (0, 1], got {temperature}, {top_p}")
     out = None if out_dir is None else Path(out_dir)
     if out is not None:
         _check_out_dir(out, overwrite)
