@@ -3,9 +3,10 @@
 Official (Trae1ounG/BuPO, custom modeling files): a full forward with all hidden states, the model's own logits
 computed anyway, then ``lm_head(hidden_states[k+1])``. bupo: ``layer_logprobs`` runs layers 0..k only.
 
-Both are measured side by side in one run, each configuration in a fresh subprocess so that peak memory
-(VmHWM, reset through /proc/self/clear_refs) belongs to that path alone. Prints time and peak-memory ratios
-next to the ideal (k+1)/L.
+Both are measured side by side in one run. Time: in one process, the two paths alternate step by step and the
+fastest of ``--reps`` is kept (robust to a busy machine). Peak memory: each path in a fresh subprocess, so that
+VmHWM (reset through /proc/self/clear_refs after warm-up) belongs to that path alone. Prints the ratios next to
+the ideal (k+1)/L.
 
     python benchmarks/bench_internal.py [--layers 12] [--hidden 256] [--vocab 32000] [--seq 512] [--batch 4]
 """
@@ -14,7 +15,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import statistics
 import subprocess
 import sys
 import time
@@ -67,18 +67,26 @@ def run_one(args: argparse.Namespace) -> dict:
     def truncated():
         return layer_logprobs(model, ids, layer=k).sum()
 
-    fn = official if args.path == "official" else truncated
-    fn().backward()  # warm-up
-    model.zero_grad(set_to_none=True)
-    base = _rss_mb()
-    _peak_reset()
-    times = []
-    for _ in range(args.reps):
-        t0 = time.perf_counter()
-        fn().backward()
-        times.append(time.perf_counter() - t0)
+    paths = {"official": official, "truncated": truncated}
+    if args.path != "both":  # memory: one path alone in this process
+        fn = paths[args.path]
+        fn().backward()  # warm-up
         model.zero_grad(set_to_none=True)
-    return {"seconds": statistics.median(times), "peak_mb": _peak_mb() - base}
+        base = _rss_mb()
+        _peak_reset()
+        fn().backward()
+        return {"peak_mb": _peak_mb() - base}
+    times = {name: [] for name in paths}
+    for fn in paths.values():  # warm-up
+        fn().backward()
+        model.zero_grad(set_to_none=True)
+    for _ in range(args.reps):
+        for name, fn in paths.items():
+            t0 = time.perf_counter()
+            fn().backward()
+            times[name].append(time.perf_counter() - t0)
+            model.zero_grad(set_to_none=True)
+    return {f"{name}_s": min(ts) for name, ts in times.items()}
 
 
 def main() -> None:
@@ -88,10 +96,10 @@ def main() -> None:
     ap.add_argument("--vocab", type=int, default=8192)
     ap.add_argument("--seq", type=int, default=256)
     ap.add_argument("--batch", type=int, default=2)
-    ap.add_argument("--reps", type=int, default=3)
+    ap.add_argument("--reps", type=int, default=5)
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--json", help="also write the rows here")
-    ap.add_argument("--path", choices=["official", "truncated"], help=argparse.SUPPRESS)
+    ap.add_argument("--path", choices=["both", "official", "truncated"], help=argparse.SUPPRESS)
     ap.add_argument("--k", type=int, help=argparse.SUPPRESS)
     args = ap.parse_args()
     if args.path:  # child process
@@ -100,17 +108,18 @@ def main() -> None:
     L = args.layers
     rows = []
     print(f"Qwen3-shaped, L={L}, d={args.hidden}, V={args.vocab}, batch {args.batch} x {args.seq} tokens, "
-          f"{args.threads} threads; layer-k log-prob forward+backward, median of {args.reps}")
+          f"{args.threads} threads; layer-k log-prob forward+backward, fastest of {args.reps} alternating steps")
     print(f"{'k':>3} {'paper l':>7} {'official s':>10} {'bupo s':>8} {'time ratio':>10} {'(k+1)/L':>8} "
           f"{'official MB':>11} {'bupo MB':>8} {'mem ratio':>9}")
     for k in sorted({1, L // 2, L - 2}):
         res = {}
-        for path in ("official", "truncated"):
+        for path in ("both", "official", "truncated"):
             cmd = [sys.executable, __file__, "--path", path, "--k", str(k)] + [
                 f"--{n}={getattr(args, n)}" for n in ("layers", "hidden", "vocab", "seq", "batch", "reps", "threads")
             ]
             res[path] = json.loads(subprocess.check_output(cmd).decode().strip().splitlines()[-1])
-        o, t = res["official"], res["truncated"]
+        o = {"seconds": res["both"]["official_s"], "peak_mb": res["official"]["peak_mb"]}
+        t = {"seconds": res["both"]["truncated_s"], "peak_mb": res["truncated"]["peak_mb"]}
         row = dict(k=k, paper_layer=k + 1, official_s=o["seconds"], bupo_s=t["seconds"],
                    time_ratio=t["seconds"] / o["seconds"], ideal=(k + 1) / L,
                    official_mb=o["peak_mb"], bupo_mb=t["peak_mb"], mem_ratio=t["peak_mb"] / max(o["peak_mb"], 1e-9))
