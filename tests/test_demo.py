@@ -1,0 +1,100 @@
+"""bupo demo / reproduce: the orchestration end to end (tiny budgets) and the statistics they report."""
+
+from __future__ import annotations
+
+import json
+import re
+import statistics
+
+import pytest
+import torch
+
+from bupo.demo_report import markdown_table_to_html
+from bupo.reproduce import paired_ci, refinement_metrics
+from tiny_models import random_batch, tiny_model
+
+
+def test_paired_ci_matches_student_t():
+    diffs = [0.02, -0.01, 0.05, 0.03, 0.00]
+    mean, lo, hi = paired_ci(diffs)
+    half = 2.776 * statistics.stdev(diffs) / 5**0.5  # t_{0.975, df=4}
+    assert mean == pytest.approx(0.018)
+    assert (lo, hi) == pytest.approx((0.018 - half, 0.018 + half))
+
+
+def test_refinement_metrics_against_dense_reference():
+    m = tiny_model("qwen3", layers=4)
+    ids, mask = random_batch(m, batch=2, seq=9)
+    positions = torch.zeros_like(ids, dtype=torch.bool)
+    positions[:, 3:8] = True
+    k = 1
+    got = refinement_metrics(m, ids, mask, positions, k=k)
+    hs = m(ids, attention_mask=mask, output_hidden_states=True).hidden_states
+    with torch.no_grad():
+        # raw residual stream after layer j: hidden_states[j+1] for j < L-1 (the last one is post-norm in HF)
+        from bupo.internal import capture_streams
+
+        with capture_streams(m, streams=["resid_post"], layers=[3]) as st:
+            m(ids, attention_mask=mask)
+        raw = {j: hs[j + 1][positions] for j in range(3)} | {3: st[("resid_post", 3)][positions]}
+        lp = {j: torch.log_softmax(m.lm_head(h).double(), -1) for j, h in raw.items()}
+        for j in (2, 3):
+            cos = torch.nn.functional.cosine_similarity(raw[k], raw[j], dim=-1).mean().item()
+            kl = (lp[k].exp() * (lp[k] - lp[j])).sum(-1).mean().item()
+            assert got["cos"][j] == pytest.approx(cos, abs=1e-5)
+            assert got["kl"][j] == pytest.approx(kl, abs=1e-4)
+        ent = {j: -(lp[j].exp() * lp[j]).sum(-1).mean().item() for j in lp}
+        lp_prev = torch.log_softmax(m.lm_head(hs[k][positions]).double(), -1)
+        h_prev = -(lp_prev.exp() * lp_prev).sum(-1).mean().item()
+        assert got["delta_h_layer_k"] == pytest.approx(ent[k] - h_prev, abs=1e-4)
+
+
+def test_markdown_tables_become_html_tables():
+    html = markdown_table_to_html("Title line\n\n| a | b |\n|---|---|\n| 1 | <2> |\n\n- item")
+    assert "<table><tr><th>a</th><th>b</th></tr><tr><td>1</td><td>&lt;2&gt;</td></tr></table>" in html
+    assert "<p>Title line</p>" in html and "<li>item</li>" in html
+
+
+@pytest.mark.slow
+@pytest.mark.xdist_group("training")
+def test_demo_end_to_end_on_the_bundled_model(tmp_path, capsys):
+    from bupo.cli import main
+
+    out = tmp_path / "demo"
+    rc = main(["demo", "--out", str(out), "--rollout-steps", "2", "--internal-steps", "1",
+               "--analysis-samples", "4", "--eval-problems", "6", "--eval-samples", "2"])
+    assert rc == 0
+    printed = capsys.readouterr().out
+    assert "| base |" in printed and "| GRPO |" in printed and "| BuPO |" in printed
+    res = json.loads((out / "results.json").read_text())
+    summary = json.loads((out / "analysis" / "summary.json").read_text())
+    k = res["settings"]["internal_layer"]
+    assert k == summary["suggested_internal_layer"]
+    bupo_run = json.loads((out / "bupo" / "bupo_run.json").read_text())
+    grpo_run = json.loads((out / "grpo" / "bupo_run.json").read_text())
+    assert bupo_run["internal_layer"] == k and bupo_run["internal_steps"] == 1
+    assert grpo_run["internal_steps"] == 0
+    log = json.loads((out / "bupo" / "log_history.json").read_text())
+    phases = [r["bupo/phase"] for r in log if "bupo/phase" in r]
+    assert phases and phases[0] == 1.0 and phases[-1] == 0.0  # internal first, then full
+    for label in ("base", "GRPO", "BuPO"):
+        assert set(res["results"][label]["benchmarks"]) == {"bundled_test"}
+    # base and GRPO's step-0 evaluation are the same evaluation
+    assert res["results"]["base"]["benchmarks"]["bundled_test"]["n"] == 2
+    page = (out / "report.html").read_text()
+    assert page.count("data:image/png;base64,") >= 4  # analysis figures + training curves
+    assert not re.search(r"""(src|href)=["']?(https?:|//|file:)""", page)
+    assert f"k = <b>{k}</b>" in page
+    # resumable: a rerun reuses the finished analysis, trainings and evaluations
+    mtime = (out / "bupo" / "bupo_run.json").stat().st_mtime
+    assert main(["demo", "--out", str(out), "--rollout-steps", "2", "--internal-steps", "1",
+                 "--analysis-samples", "4", "--eval-problems", "6", "--eval-samples", "2"]) == 0
+    assert (out / "bupo" / "bupo_run.json").stat().st_mtime == mtime
+
+
+def test_demo_rejects_bad_budgets(capsys):
+    from bupo.cli import main
+
+    assert main(["demo", "--internal-steps", "5", "--rollout-steps", "2"]) == 2
+    assert "--internal-steps must be in 0..--rollout-steps" in capsys.readouterr().err
+    assert main(["demo", "--eval-samples", "0"]) == 2
