@@ -459,3 +459,17 @@ def test_cli_end_to_end_on_the_bundled_model(tmp_path):
     toks = [{"prompt_ids": run_mod._encode_prompt(tok, t["prompt"]), "response_ids": t["response_ids"]} for t in traces]
     ref, _ = official_reference(model, tok, toks)
     _assert_matches(s, ref)
+
+
+@pytest.mark.parametrize("family", ["llama", "qwen3_moe", "gemma2", "gemma3_text", "phi3", "olmo2"])
+def test_every_family_self_consistent(family, tok):
+    # residual convention: ΔH_attn + ΔH_FFN = ΔH_layer token by token; final_norm on the last layer = the real policy
+    from tiny_models import tiny_model as tm
+
+    m = tm(family, layers=3, vocab_size=128, tie=family == "gemma2")
+    res = analyze(m, tok, traces=TRACES, projection="final_norm", delta="residual", figures=False,
+                  token_dtype="float32")
+    s = res.summary
+    assert np.allclose(np.add(s["attn_entropy_change"], s["ffn_entropy_change"]), s["layer_entropy_change"], atol=1e-6)
+    assert s["layer_entropy"][-1] == pytest.approx(s["final_entropy"], abs=1e-5)
+    assert s["layer_logprob"][-1] == pytest.approx(s["final_logprob"], abs=1e-5)
