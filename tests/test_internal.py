@@ -226,3 +226,27 @@ def test_bad_masks_streams_and_architecture():
     m.config.model_type = "gpt_oss"
     with pytest.raises(ValueError, match="unsupported architecture.*qwen3.*register_adapter"):
         layer_logits(m, ids, layer=0)
+
+
+def test_stream_stats_final_norm_projection_with_the_real_policy():
+    # projecting with final_norm from inside a stream hook must not disturb the hook that reads the real policy
+    m = tiny_model("llama", layers=3)
+    p = parts(m)
+    ids, mask = random_batch(m)
+    st = stream_stats(m, ids, mask, streams=["attn_out", "resid_post"], projection="final_norm")
+    with capture_streams(m, streams=["attn_out"], layers=[1]) as raw:
+        logits = m(ids, attention_mask=mask).logits
+    z = _ref_head(p, p.final_norm(raw[("attn_out", 1)])).reshape(-1, m.config.vocab_size)
+    assert (st.stats[("attn_out", 1)].entropy.double() - _dense_entropy(z)).abs().max() < 1e-4
+    assert (st.final.entropy.double() - _dense_entropy(logits.reshape(-1, m.config.vocab_size))).abs().max() < 1e-4
+    # the last layer's final_norm projection is the model's own policy
+    assert torch.allclose(st.stats[("resid_post", 2)].entropy, st.final.entropy, atol=1e-5)
+
+
+def test_entropy_is_accurate_for_large_raw_logits():
+    # raw residual streams have large norms: logits with std ~50 must not lose precision to cancellation
+    m = tiny_model("qwen3", layers=2)
+    p = parts(m)
+    h = torch.randn(64, m.config.hidden_size) * 400
+    s = token_stats(m, h, chunk_size=16)
+    assert (s.entropy.double() - _dense_entropy(_ref_head(p, h))).abs().max() < 2e-5

@@ -3,7 +3,7 @@
 For hidden states ``h`` [N, d] and a projection (``raw``: z = lm_head(h); ``final_norm``: z = lm_head(final_norm(h));
 both followed by the model's own softcap and divided by ``temperature``) this computes, per row:
 
-    entropy   H = logsumexp(z) - sum_j softmax(z)_j z_j         (nats)
+    entropy   H = -sum_j p_j log p_j,  log p = z - logsumexp(z)  (nats)
     logprob   log softmax(z)[target]                             (if targets are given)
     top1_id   argmax_j z_j,   top1_prob = softmax(z)[top1_id]
 
@@ -62,7 +62,9 @@ class Projector:
     def logits(self, h: torch.Tensor, *, normed: bool = False) -> torch.Tensor:
         """Logits for rows ``h``; ``normed=True`` means ``h`` already went through the final norm."""
         if self.projection == "final_norm" and not normed:
-            h = self.parts.final_norm(h)
+            # .forward, not __call__: stream_stats hooks the final norm to read the real policy, and a projection
+            # made from inside another hook must not re-enter that hook
+            h = self.parts.final_norm.forward(h)
         z = F.linear(h.to(self.weight.dtype), self.weight, self.bias)
         return apply_head_postprocessing(z, self.parts.softcap)
 
@@ -91,19 +93,20 @@ class Projector:
             z = self.logits(hidden[start : start + chunk_size], normed=normed).float()
             if temperature != 1.0:
                 z.div_(temperature)
-            lse = torch.logsumexp(z, dim=-1)
-            zmax, zarg = z.max(dim=-1)
-            p = torch.exp(z - lse.unsqueeze(-1))
-            # sum_j p_j z_j as a batched dot product: no third chunk x vocab buffer
-            pz = torch.bmm(p.unsqueeze(1), z.unsqueeze(2)).reshape(-1)
+            # log-probs in place (lp = z - logsumexp z); H = -sum_j p_j lp_j. Summing p*lp, not lse - sum p*z,
+            # avoids cancellation between two large numbers when logits are large (raw residual streams).
+            lp = z.sub_(torch.logsumexp(z, dim=-1, keepdim=True))
+            lp_max, arg = lp.max(dim=-1)
+            p = lp.exp()
+            # sum_j p_j lp_j as a batched dot product: no third chunk x vocab buffer
+            ent.append(torch.bmm(p.unsqueeze(1), lp.unsqueeze(2)).reshape(-1).neg_().clamp_min_(0.0).cpu())
             del p
-            ent.append((lse - pz).clamp_min_(0.0).cpu())
-            ids.append(zarg.cpu())
-            top.append(torch.exp(zmax - lse).cpu())
+            ids.append(arg.cpu())
+            top.append(lp_max.exp().cpu())
             if targets is not None:
-                t = targets[start : start + chunk_size].to(z.device)
-                lps.append((z.gather(-1, t.unsqueeze(-1)).squeeze(-1) - lse).cpu())
-            del z
+                t = targets[start : start + chunk_size].to(lp.device)
+                lps.append(lp.gather(-1, t.unsqueeze(-1)).squeeze(-1).cpu())
+            del z, lp
         empty_f = torch.zeros(0)
         return TokenStats(
             entropy=torch.cat(ent) if ent else empty_f,

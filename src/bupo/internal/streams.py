@@ -186,19 +186,17 @@ def stream_stats(
     wanted = {(s, la) for s in streams for la in layers}
     derived = {(s, la) for (s, la) in wanted if s == "resid_pre" and la > 0 and ("resid_post", la - 1) in wanted}
     out: dict[tuple[str, int], TokenStats] = {}
-    final: list[TokenStats] = []
+    final: dict[str, TokenStats] = {}
 
     def reduce(stream, layer, t):
         out[(stream, layer)] = projector.stats(_select(t, positions), targets=sel_targets, chunk_size=chunk_size)
 
-    final_hook = None
-    if include_final:
-        final_hook = p.final_norm.register_forward_hook(
-            # the real policy: lm_head(final_norm(h_L)); the hooked output is already normed
-            lambda mod, args, o: final.append(
-                projector.stats(_select(o, positions), targets=sel_targets, chunk_size=chunk_size, normed=True)
-            )
-        )
+    def reduce_final(mod, args, o):
+        # the real policy: lm_head(final_norm(h_L)); the hooked output is already normed
+        final["final"] = projector.stats(_select(o, positions), targets=sel_targets, chunk_size=chunk_size,
+                                         normed=True)
+
+    final_hook = p.final_norm.register_forward_hook(reduce_final) if include_final else None
     try:
         with torch.no_grad(), tap(model, sorted(wanted - derived), reduce):
             kwargs = {"use_cache": False}
@@ -212,7 +210,7 @@ def stream_stats(
         out[(s, la)] = out[("resid_post", la - 1)]
     n = int(positions.sum()) if positions is not None else input_ids.numel()
     return StreamStats(
-        stats=out, final=final[0] if final else None, num_layers=p.num_layers, projection=projector.projection,
+        stats=out, final=final.get("final"), num_layers=p.num_layers, projection=projector.projection,
         num_positions=n,
     )
 
