@@ -273,22 +273,10 @@ def traces_from_generated(tokenizer, gen: Sequence[Mapping]) -> list[Trace]:
 
 
 def make_projector(model, projection: str):
-    """A :class:`bupo.internal.stats.Projector` whose ``final_norm`` projection bypasses module hooks.
-
-    Shim: ``stream_stats(include_final=True)`` hooks the final norm to read the real policy, and the stock
-    Projector calls that same module for ``final_norm`` projections inside the stream hooks, which re-enters the
-    final-norm hook with [N, d] rows (IndexError). Calling ``.forward`` directly computes the same norm without
-    firing hooks.
-    """
+    """The :class:`bupo.internal.stats.Projector` shared by every stream of an analysis (one fp32 cast)."""
     from bupo.internal.stats import Projector
 
-    class _HookFreeProjector(Projector):
-        def logits(self, h, *, normed: bool = False):
-            if self.projection == "final_norm" and not normed:
-                h, normed = self.parts.final_norm.forward(h), True
-            return super().logits(h, normed=normed)
-
-    return _HookFreeProjector(model, projection)
+    return Projector(model, projection)
 
 
 def streams_for(convention: str) -> tuple[str, ...]:
