@@ -23,6 +23,17 @@ CURVES = [
 ]
 
 
+def _save(fig, path: Path) -> Path:
+    import matplotlib.pyplot as plt
+
+    fig.tight_layout()
+    tmp = path.with_suffix(".tmp.png")
+    fig.savefig(tmp, dpi=100)
+    plt.close(fig)
+    os.replace(tmp, path)  # atomic: a reader never sees half a PNG
+    return path
+
+
 def _series(log: list[dict], key: str) -> tuple[list[float], list[float]]:
     xs, ys = [], []
     for rec in log:
@@ -61,12 +72,7 @@ def training_curves(runs: Mapping[str, Path], path: Path) -> Path | None:
         ax.grid(alpha=0.3)
     axes[0].legend(fontsize=8)
     fig.suptitle("training curves (shaded: BuPO's internal phase)", fontsize=10)
-    fig.tight_layout()
-    tmp = path.with_suffix(".tmp.png")
-    fig.savefig(tmp, dpi=100)
-    plt.close(fig)
-    os.replace(tmp, path)
-    return path
+    return _save(fig, path)
 
 
 def layer_probe_curves(runs: Mapping[str, Path], path: Path) -> Path | None:
@@ -96,12 +102,7 @@ def layer_probe_curves(runs: Mapping[str, Path], path: Path) -> Path | None:
         ax.set_ylabel("nats")
         ax.grid(alpha=0.3)
         ax.legend(fontsize=6, ncol=2)
-    fig.tight_layout()
-    tmp = path.with_suffix(".tmp.png")
-    fig.savefig(tmp, dpi=100)
-    plt.close(fig)
-    os.replace(tmp, path)
-    return path
+    return _save(fig, path)
 
 
 def markdown_table_to_html(md: str) -> str:
