@@ -131,6 +131,7 @@ def run_demo(out: Path, *, seed: int = 0, rollout_steps: int = 16, internal_step
              eval_samples: int = 8) -> dict:
     from bupo.demo_report import write_report
     from bupo.evaluation.report import compare_table
+    from bupo.io import atomic_write_json
 
     t0 = time.time()
     out.mkdir(parents=True, exist_ok=True)
@@ -160,7 +161,7 @@ def run_demo(out: Path, *, seed: int = 0, rollout_steps: int = 16, internal_step
     report = write_report(out / "report.html", title="bupo demo: BuPO vs GRPO on the bundled model",
                           analysis_dir=out / "analysis", runs={"GRPO": out / "grpo", "BuPO": out / "bupo"},
                           table_md=table, settings=settings)
-    (out / "results.json").write_text(json.dumps({"settings": settings, "results": results}, indent=2))
+    atomic_write_json(out / "results.json", {"settings": settings, "results": results})
     print()
     print(table)
     print(f"\nreport: {report}   ({settings['wall_seconds']:.0f} s)")

@@ -14,6 +14,7 @@ from collections.abc import Mapping
 from pathlib import Path
 
 from bupo.analysis.report import _img as img_tag
+from bupo.io import atomic_write_text
 
 CURVES = [
     ("reward", "mean reward (rollouts)"),
@@ -172,7 +173,4 @@ def write_report(path: Path, *, title: str, analysis_dir: Path | None, runs: Map
     parts += ["</table>", "<h3>Runs</h3><ul>"]
     parts += [f"<li>{html.escape(lb)}: <code>{html.escape(str(r))}</code></li>" for lb, r in runs.items()]
     parts += ["</ul></body></html>"]
-    tmp = path.with_suffix(".tmp")
-    tmp.write_text("\n".join(parts), encoding="utf-8")
-    os.replace(tmp, path)
-    return path
+    return atomic_write_text(path, "\n".join(parts))

@@ -17,12 +17,12 @@ from __future__ import annotations
 
 import json
 import math
-import os
 import statistics
 import time
 from pathlib import Path
 
 from bupo.demo import _eval_results, run_analysis, run_training
+from bupo.io import atomic_write_json
 
 # two-sided 95% Student t quantiles, df = 1..30 (beyond: normal)
 _T975 = [12.706, 4.303, 3.182, 2.776, 2.571, 2.447, 2.365, 2.306, 2.262, 2.228, 2.201, 2.179, 2.160, 2.145, 2.131,
@@ -52,12 +52,6 @@ def _metrics(results: dict) -> dict[str, float]:
 
 def _sd(xs: list[float]) -> float:
     return statistics.stdev(xs) if len(xs) > 1 else 0.0
-
-
-def _atomic_json(path: Path, obj) -> None:
-    tmp = path.with_suffix(".tmp")
-    tmp.write_text(json.dumps(obj, indent=2))
-    os.replace(tmp, path)
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -143,7 +137,7 @@ def refinement_over_training(run_dir: Path, k: int, probe) -> list[dict]:
     for step, path in points:
         model = AutoModelForCausalLM.from_pretrained(path).eval()
         rows.append({"step": step, **refinement_metrics(model, *probe, k=k)})
-    _atomic_json(cache, rows)
+    atomic_write_json(cache, rows)
     return rows
 
 
@@ -259,7 +253,7 @@ def run_reproduce(out: Path, *, seeds: int = 5, rollout_steps: int = 16, interna
                 "internal_layer": k, "internal_layer_paper": k + 1, "eval_problems": eval_problems,
                 "eval_samples": eval_samples, "wall_seconds": round(time.time() - t0, 1)}
     results = {"settings": settings, "seed_study": stats, "ablations": ablation_results, "refinement": curves}
-    _atomic_json(out / "results.json", results)
+    atomic_write_json(out / "results.json", results)
     sections = [("Ablations (seed 0)", markdown_table_to_html("\n".join(abl_rows)) if abl_rows else "<p>skipped</p>"),
                 ("Feature refinement (seed 0)", img_tag(fig))]
     table = (f"Seed study: {seeds} seeds, Avg@{eval_samples} / Pass@K over {eval_problems} held-out problems, "

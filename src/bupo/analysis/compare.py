@@ -19,7 +19,8 @@ import numpy as np
 
 from bupo.analysis.figures import _arr, _plt, _save
 from bupo.analysis.report import _CSS, _img
-from bupo.analysis.run import _atomic_write_text, load_summary
+from bupo.analysis.run import load_summary
+from bupo.io import atomic_write_text
 
 
 def _label(summary: dict, path: Path) -> str:
@@ -103,7 +104,7 @@ def compare(dirs: Sequence[str | os.PathLike], out_dir: str | os.PathLike, label
     }
     figs = {"compare": _plot(runs, out / "compare.png", normalized=False),
             "compare_normalized": _plot(runs, out / "compare_normalized.png", normalized=True)}
-    _atomic_write_text(out / "compare.json", json.dumps(result, indent=1, allow_nan=False))
+    atomic_write_text(out / "compare.json", json.dumps(result, indent=1, allow_nan=False))
     head = "".join(f"<th>{html.escape(k)}</th>" for k in rows[0])
     body = "".join("<tr>" + "".join(f"<td>{html.escape('–' if v is None else (f'{v:.4g}' if isinstance(v, float) else str(v)))}</td>"
                                    for v in r.values()) + "</tr>" for r in rows)
@@ -112,5 +113,5 @@ def compare(dirs: Sequence[str | os.PathLike], out_dir: str | os.PathLike, label
             f"<p>{html.escape(result['note'])}</p><table><tr>{head}</tr>{body}</table>"
             + "".join(f"<h2>{html.escape(n.replace('_', ' '))}</h2>{_img(p)}" for n, p in figs.items())
             + "</body></html>")
-    _atomic_write_text(out / "compare.html", page)
+    atomic_write_text(out / "compare.html", page)
     return result

@@ -45,6 +45,7 @@ from bupo.analysis.summary import (
     check_convention,
     entropy_col,
 )
+from bupo.io import atomic_write_text
 
 SUMMARY_FILE = "summary.json"
 TOKENS_FILE = "tokens.parquet"
@@ -368,7 +369,7 @@ class _Staging:
             shutil.rmtree(self.dir)  # settings changed (or resume off): stale shards must not be mixed in
         self.dir.mkdir(parents=True, exist_ok=True)
         if not meta.is_file():
-            _atomic_write_text(meta, fingerprint)
+            atomic_write_text(meta, fingerprint)
 
     def done(self) -> set[int]:
         if self.dir is None:
@@ -393,7 +394,7 @@ class _Staging:
         pq.write_table(table, tmp)
         os.replace(tmp, self.dir / f"{name}.parquet")
         # the index file is written after the data: a shard counts as done only once both exist
-        _atomic_write_text(self.dir / f"{name}.json", json.dumps({"samples": idx}))
+        atomic_write_text(self.dir / f"{name}.json", json.dumps({"samples": idx}))
 
     def get(self, generated_key: str) -> Any:
         if self.dir is None:
@@ -403,7 +404,7 @@ class _Staging:
 
     def put_json(self, key: str, value: Any) -> None:
         if self.dir is not None:
-            _atomic_write_text(self.dir / key, json.dumps(value))
+            atomic_write_text(self.dir / key, json.dumps(value))
 
     def samples(self) -> Iterator[dict[str, np.ndarray]]:
         """Every staged sample's columns, in sample order."""
@@ -424,12 +425,6 @@ class _Staging:
     def cleanup(self) -> None:
         if self.dir is not None:
             shutil.rmtree(self.dir, ignore_errors=True)
-
-
-def _atomic_write_text(path: Path, text: str) -> None:
-    tmp = path.with_name(f".{path.name}.tmp")
-    tmp.write_text(text, encoding="utf-8")
-    os.replace(tmp, path)
 
 
 def _check_out_dir(out_dir: Path, overwrite: bool) -> None:
@@ -744,7 +739,7 @@ def analyze(
 
         result.figures = make_figures(summary, out, heatmap=heat, heatmap_sample=hm_index)
         write_report(summary, result.figures, out / REPORT_FILE)
-    _atomic_write_text(out / SUMMARY_FILE, json.dumps(summary, indent=1, ensure_ascii=False, allow_nan=False))
+    atomic_write_text(out / SUMMARY_FILE, json.dumps(summary, indent=1, ensure_ascii=False, allow_nan=False))
     staging.cleanup()
     return result
 

@@ -22,11 +22,9 @@ validates every 30 steps with n=1 at T=1.0.
 
 from __future__ import annotations
 
-import contextlib
 import hashlib
 import json
 import os
-import tempfile
 import time
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
@@ -40,6 +38,7 @@ from bupo.evaluation.backends import HFBackend, SamplingSettings, model_fingerpr
 from bupo.evaluation.metrics import avg_at_k, default_ks, mean_pass_at_k
 from bupo.evaluation.report import results_table
 from bupo.generation import Completion, sample_seed
+from bupo.io import atomic_write_text
 from bupo.rewards import REWARDS, RewardStats, extract_boxed, score_batch
 
 __all__ = [
@@ -131,22 +130,6 @@ class EvalResults:
             out[f"{prefix}/{name}/truncated"] = b.truncated
         out[f"{prefix}/avg"] = self.average
         return out
-
-
-def atomic_write_text(path: Path, text: str) -> None:
-    """Write ``text`` to ``path`` via a temporary file in the same folder and ``os.replace``."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "w", encoding="utf-8") as f:
-            f.write(text)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        with contextlib.suppress(OSError):
-            os.unlink(tmp)
-        raise
 
 
 def resolve_template(tokenizer: Any, template: str) -> str:
