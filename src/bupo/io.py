@@ -20,6 +20,7 @@ def atomic_write_text(path: str | os.PathLike, text: str) -> Path:
             f.write(text)
             f.flush()
             os.fsync(f.fileno())
+        os.chmod(tmp, 0o644)  # mkstemp creates 0600; outputs are meant to be shared like any written file
         os.replace(tmp, path)
     except BaseException:
         with contextlib.suppress(OSError):
