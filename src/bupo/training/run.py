@@ -64,13 +64,13 @@ class BuPOScriptArguments:
 SMALL_RUN_DEFAULTS: dict[str, Any] = {
     "output_dir": "runs/bupo-bundled",
     "internal_layer": "auto",
-    "internal_steps": 8,
-    "max_steps": 48,  # 24 rollout steps of 2 optimizer steps
-    "per_device_train_batch_size": 16,
-    "steps_per_generation": 2,
+    "internal_steps": 4,  # of 20 rollout steps (the paper: 30 of 300; longer internal phases hurt, v3 Table 2)
+    "max_steps": 40,  # 20 rollout steps of 2 optimizer steps
+    "per_device_train_batch_size": 32,
+    "steps_per_generation": 2,  # 64 completions (8 prompts x 8) per rollout step
     "num_generations": 8,
-    "max_completion_length": 96,
-    "learning_rate": 5e-5,
+    "max_completion_length": 64,
+    "learning_rate": 2e-4,  # the bundled model's GRPO proof (bupo model grpo-proof)
     "lr_scheduler_type": "constant",
     "weight_decay": 0.01,
     "max_grad_norm": 1.0,
@@ -80,9 +80,9 @@ SMALL_RUN_DEFAULTS: dict[str, Any] = {
     "temperature": 1.0,
     "logging_steps": 2,
     "save_strategy": "steps",
-    "save_steps": 24,
+    "save_steps": 20,
     "save_total_limit": 2,
-    "probe_every": 4,
+    "probe_every": 2,
     "seed": 0,
     "report_to": "none",
     "disable_tqdm": True,
