@@ -25,13 +25,13 @@ def register(subparsers: Any) -> None:
     )
     p.add_argument("--out", default="demo", help="output folder (default: demo)")
     p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--rollout-steps", type=int, default=16, help="rollout steps per training run (default 16)")
-    p.add_argument("--internal-steps", type=int, default=4,
-                   help="BuPO's s_inter: rollout steps on the internal policy (default 4)")
+    p.add_argument("--rollout-steps", type=int, default=8, help="rollout steps per training run (default 8)")
+    p.add_argument("--internal-steps", type=int, default=2,
+                   help="BuPO's s_inter: rollout steps on the internal policy (default 2)")
     p.add_argument("--internal-layer", default="auto", help="0-based k, or auto (the analysis' suggestion)")
-    p.add_argument("--analysis-samples", type=int, default=48, help="responses analysed (default 48)")
-    p.add_argument("--eval-problems", type=int, default=100, help="held-out problems evaluated (default 100)")
-    p.add_argument("--eval-samples", type=int, default=8, help="samples per problem: Avg@K / Pass@K (default 8)")
+    p.add_argument("--analysis-samples", type=int, default=16, help="responses analysed (default 16)")
+    p.add_argument("--eval-problems", type=int, default=48, help="held-out problems evaluated (default 48)")
+    p.add_argument("--eval-samples", type=int, default=4, help="samples per problem: Avg@K / Pass@K (default 4)")
     p.set_defaults(func=_demo)
 
     r = subparsers.add_parser(
@@ -92,18 +92,21 @@ def run_analysis(out_dir: Path, *, samples: int, seed: int) -> dict:
 
 
 def _max_new_tokens() -> int:
+    """The bundled model's own generation length (its generation_config.json)."""
     from bupo.zoo import bundled_model_path
 
-    card = bundled_model_path() / "bupo_card.json"
-    if card.is_file():
-        return int(json.loads(card.read_text()).get("max_new_tokens", 128))
-    return 128
+    cfg = bundled_model_path() / "generation_config.json"
+    return int(json.loads(cfg.read_text()).get("max_new_tokens", 96)) if cfg.is_file() else 96
 
 
 def run_training(out_dir: Path, *, algo: str, seed: int, rollout_steps: int, internal_steps: int,
                  internal_layer: int | None, eval_problems: int, eval_samples: int, eval_before: bool,
-                 save_every: int = 0) -> dict:
-    """One ``bupo train`` run on the bundled model and task; reused when ``bupo_run.json`` already exists."""
+                 save_every: int = 0, completions_per_step: int = 32) -> dict:
+    """One ``bupo train`` run on the bundled model and task; reused when ``bupo_run.json`` already exists.
+
+    Everything not set here is ``bupo train``'s calibrated small-run default (lr 2e-4 as in the bundled model's
+    GRPO proof, 8 samples per prompt, 2 optimizer steps per rollout step, dapo loss, no KL).
+    """
     from bupo.training.run import RUN_FILE, parse_train_args, train
 
     done = out_dir / RUN_FILE
@@ -116,7 +119,7 @@ def run_training(out_dir: Path, *, algo: str, seed: int, rollout_steps: int, int
         "internal_steps": internal_steps if algo == "bupo" else 0, "internal_layer": internal_layer,
         "eval_rows": eval_problems, "eval_samples": eval_samples, "eval_before_train": eval_before,
         "save_steps": (save_every * per) if save_every else rollout_steps * per,
-        "save_total_limit": None if save_every else 1, "max_completion_length": _max_new_tokens(),
+        "save_total_limit": None if save_every else 1, "per_device_train_batch_size": completions_per_step // 2,
     }
     train_args, script = parse_train_args([], overrides=overrides)
     return train(train_args, script)
@@ -126,9 +129,9 @@ def run_training(out_dir: Path, *, algo: str, seed: int, rollout_steps: int, int
 # the demo
 
 
-def run_demo(out: Path, *, seed: int = 0, rollout_steps: int = 16, internal_steps: int = 4,
-             internal_layer: str | int = "auto", analysis_samples: int = 48, eval_problems: int = 100,
-             eval_samples: int = 8) -> dict:
+def run_demo(out: Path, *, seed: int = 0, rollout_steps: int = 8, internal_steps: int = 2,
+             internal_layer: str | int = "auto", analysis_samples: int = 16, eval_problems: int = 48,
+             eval_samples: int = 4) -> dict:
     from bupo.demo_report import write_report
     from bupo.evaluation.report import compare_table
     from bupo.io import atomic_write_json
