@@ -436,10 +436,7 @@ def test_cli_end_to_end_on_the_bundled_model(tmp_path):
     from bupo.cli import main
     from bupo.zoo import bundled_model_path
 
-    try:
-        path = bundled_model_path()
-    except FileNotFoundError as exc:  # reported by -ra; the zoo's own tests fail loudly when it is missing
-        pytest.skip(f"bundled model not built yet: {exc}")
+    path = bundled_model_path()  # ships with the package: missing is a failure
     out = tmp_path / "bundled"
     # defaults: the bundled model and the bundled task's held-out split
     assert main(["analyze", "--out", str(out), "--max-samples", "3", "--max-new-tokens", "64", "--quiet"]) == 0

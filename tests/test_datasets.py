@@ -147,7 +147,6 @@ def test_paper_defaults() -> None:
 
 
 def test_load_bundled() -> None:
-    pytest.importorskip("bupo.data.task", reason="bupo.data.task not written yet")
     rows = load_bundled("test", n=5, seed=0)
     assert len(rows) == 5
     assert rows[0]["prompt"][0]["role"] == "system" and rows[0]["prompt"][1]["role"] == "user"

@@ -496,8 +496,7 @@ def test_cli_errors(
 def test_bundled_model_end_to_end(tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
     from bupo.zoo import DEFAULT_MODEL
 
-    if not (Path(DEFAULT_MODEL) / "config.json").exists():
-        pytest.skip(f"the bundled model is not built yet ({DEFAULT_MODEL})")
+    assert (Path(DEFAULT_MODEL) / "config.json").exists(), "the bundled model ships with the package"
     out = tmp_path / "bundled"
     assert cli_main(["eval", "--problems", "6", "--n", "4", "--out", str(out), "--no-progress"]) == 0
     data = json.loads((out / "results.json").read_text())

@@ -5,6 +5,7 @@ from __future__ import annotations
 import ast
 import operator
 import re
+from pathlib import Path
 
 import pandas as pd
 import pytest
@@ -12,7 +13,7 @@ import pytest
 from bupo.data import task
 from bupo.data.task import MAX_DIFFICULTY, SYSTEM_PROMPT, make_examples
 
-PAPER_PARQUET = "/work/shared/data/math/math500.parquet"
+PAPER_PARQUET = Path(__file__).resolve().parents[2] / "shared" / "data" / "math" / "math500.parquet"
 
 _OPS = {ast.Add: operator.add, ast.Sub: operator.sub, ast.Mult: operator.mul}
 

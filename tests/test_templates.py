@@ -126,8 +126,7 @@ def test_template_errors() -> None:
 def test_bundled_tokenizer_renders_the_paper_prompt() -> None:
     from bupo.zoo import DEFAULT_MODEL
 
-    if not (Path(DEFAULT_MODEL) / "config.json").exists():
-        pytest.skip(f"the bundled model is not built yet ({DEFAULT_MODEL})")
+    assert (Path(DEFAULT_MODEL) / "config.json").exists(), "the bundled model ships with the package"
     from transformers import AutoTokenizer
 
     tok = AutoTokenizer.from_pretrained(DEFAULT_MODEL)
