@@ -17,6 +17,17 @@ import time
 from pathlib import Path
 from typing import Any
 
+_THREADS_HELP = ("torch CPU threads (default 1: the bundled model's matrices are tiny, and on shared cores more threads "
+                 "were measured up to 10x slower)")
+
+
+def _set_threads(n: int) -> None:
+    import torch
+
+    if n < 1:
+        raise ValueError(f"--threads must be >= 1, got {n}")
+    torch.set_num_threads(n)
+
 
 def register(subparsers: Any) -> None:
     p = subparsers.add_parser(
@@ -25,13 +36,14 @@ def register(subparsers: Any) -> None:
     )
     p.add_argument("--out", default="demo", help="output folder (default: demo)")
     p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--rollout-steps", type=int, default=8, help="rollout steps per training run (default 8)")
+    p.add_argument("--rollout-steps", type=int, default=16, help="rollout steps per training run (default 16)")
     p.add_argument("--internal-steps", type=int, default=2,
                    help="BuPO's s_inter: rollout steps on the internal policy (default 2)")
     p.add_argument("--internal-layer", default="auto", help="0-based k, or auto (the analysis' suggestion)")
-    p.add_argument("--analysis-samples", type=int, default=16, help="responses analysed (default 16)")
-    p.add_argument("--eval-problems", type=int, default=48, help="held-out problems evaluated (default 48)")
-    p.add_argument("--eval-samples", type=int, default=4, help="samples per problem: Avg@K / Pass@K (default 4)")
+    p.add_argument("--analysis-samples", type=int, default=32, help="responses analysed (default 32)")
+    p.add_argument("--eval-problems", type=int, default=100, help="held-out problems evaluated (default 100)")
+    p.add_argument("--eval-samples", type=int, default=8, help="samples per problem: Avg@K / Pass@K (default 8)")
+    p.add_argument("--threads", type=int, default=1, help=_THREADS_HELP)
     p.set_defaults(func=_demo)
 
     r = subparsers.add_parser(
@@ -45,11 +57,13 @@ def register(subparsers: Any) -> None:
     r.add_argument("--eval-problems", type=int, default=100)
     r.add_argument("--eval-samples", type=int, default=8)
     r.add_argument("--no-ablations", action="store_true", help="only the seed study")
+    r.add_argument("--threads", type=int, default=1, help=_THREADS_HELP)
     r.set_defaults(func=_reproduce)
 
 
 def _demo(args: argparse.Namespace) -> int:
     _check_positive(args, "rollout_steps", "analysis_samples", "eval_problems", "eval_samples")
+    _set_threads(args.threads)
     if not 0 <= args.internal_steps <= args.rollout_steps:
         raise ValueError(f"--internal-steps must be in 0..--rollout-steps ({args.rollout_steps}), "
                          f"got {args.internal_steps}")
@@ -63,6 +77,7 @@ def _reproduce(args: argparse.Namespace) -> int:
     from bupo.reproduce import run_reproduce
 
     _check_positive(args, "seeds", "rollout_steps", "eval_problems", "eval_samples")
+    _set_threads(args.threads)
     run_reproduce(Path(args.out), seeds=args.seeds, rollout_steps=args.rollout_steps,
                   internal_steps=args.internal_steps, eval_problems=args.eval_problems,
                   eval_samples=args.eval_samples, ablations=not args.no_ablations)
@@ -132,9 +147,9 @@ def run_training(out_dir: Path, *, algo: str, seed: int, rollout_steps: int, int
 # the demo
 
 
-def run_demo(out: Path, *, seed: int = 0, rollout_steps: int = 8, internal_steps: int = 2,
-             internal_layer: str | int = "auto", analysis_samples: int = 16, eval_problems: int = 48,
-             eval_samples: int = 4) -> dict:
+def run_demo(out: Path, *, seed: int = 0, rollout_steps: int = 16, internal_steps: int = 2,
+             internal_layer: str | int = "auto", analysis_samples: int = 32, eval_problems: int = 100,
+             eval_samples: int = 8) -> dict:
     from bupo.demo_report import write_report
     from bupo.evaluation.report import compare_table
     from bupo.io import atomic_write_json
