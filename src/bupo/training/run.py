@@ -10,10 +10,8 @@ steps (one generation batch each); TRL's ``max_steps`` / ``save_steps`` / ``logg
 
 from __future__ import annotations
 
-import json
 import logging
 import os
-import tempfile
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -300,14 +298,6 @@ def make_eval_callback(trainer: Any, sets: dict[str, list[dict]], script: BuPOSc
 # the run
 
 
-def _atomic_json(path: Path, obj: Any) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    with os.fdopen(fd, "w", encoding="utf-8") as f:
-        json.dump(obj, f, indent=2, default=str)
-    os.replace(tmp, path)
-
-
 def _resolve_resume(resume: str | None, output_dir: str) -> str | None:
     if resume is None:
         return None
@@ -329,6 +319,7 @@ def train(train_args: Any, script: BuPOScriptArguments) -> dict[str, Any]:
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     from bupo.evaluation import resolve_template
+    from bupo.io import atomic_write_json
     from bupo.rewards import make_reward_func
     from bupo.training.data import BUNDLED, build_prompt_dataset, load_training_rows
     from bupo.training.trainer import BuPOTrainer
@@ -409,8 +400,8 @@ def train(train_args: Any, script: BuPOScriptArguments) -> dict[str, Any]:
             "evals": records,
             "versions": _versions(),
         })
-        _atomic_json(out_dir / RUN_FILE, summary)
-        _atomic_json(out_dir / "log_history.json", trainer.state.log_history)
+        atomic_write_json(out_dir / RUN_FILE, summary, default=str)
+        atomic_write_json(out_dir / "log_history.json", trainer.state.log_history, default=str)
     return summary
 
 
