@@ -137,7 +137,8 @@ def run_training(out_dir: Path, *, algo: str, seed: int, rollout_steps: int, int
         "internal_steps": internal_steps if algo == "bupo" else 0, "internal_layer": internal_layer,
         "eval_rows": eval_problems, "eval_samples": eval_samples, "eval_before_train": eval_before,
         "save_steps": (save_every * per) if save_every else rollout_steps * per,
-        "save_total_limit": None if save_every else 1, "per_device_train_batch_size": completions_per_step // 2,
+        # keep every checkpoint when they are wanted for metrics over training (None would not override the default)
+        "save_total_limit": rollout_steps if save_every else 1, "per_device_train_batch_size": completions_per_step // 2,
     }
     train_args, script = parse_train_args([], overrides=overrides)
     return train(train_args, script)
