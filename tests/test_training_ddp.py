@@ -55,6 +55,9 @@ SCRIPT = textwrap.dedent(
     rank = int(os.environ.get("RANK", 0))
     with open(os.path.join(out, f"rank{{rank}}.json"), "w") as f:
         json.dump(record, f)
+    # shut gloo down before interpreter exit: its threads torn down during static destruction can abort the process
+    tr.accelerator.wait_for_everyone()
+    torch.distributed.destroy_process_group()
     """
 )
 
@@ -62,7 +65,7 @@ SCRIPT = textwrap.dedent(
 def test_two_process_ddp_runs_both_phases(tmp_path):
     script = tmp_path / "ddp_run.py"
     script.write_text(SCRIPT.format(tests=str(TESTS)))
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false",
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "GLOO_SOCKET_IFNAME": "lo", "HF_HUB_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false",
            "PYTHONPATH": os.pathsep.join([str(TESTS), os.environ.get("PYTHONPATH", "")])}
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
            str(script), str(tmp_path)]
