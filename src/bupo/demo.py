@@ -96,13 +96,12 @@ def _check_positive(args: argparse.Namespace, *names: str) -> None:
 
 def run_analysis(out_dir: Path, *, samples: int, seed: int) -> dict:
     """Analyse the bundled model on held-out problems (resumable); returns summary.json as a dict."""
-    from bupo.analysis import analyze
+    from bupo.analysis import analyze, load_summary
     from bupo.data.task import make_examples
     from bupo.zoo import DEFAULT_MODEL
 
-    done = out_dir / "summary.json"
-    if done.is_file():  # a finished analysis (summary.json is written last) is reused
-        return json.loads(done.read_text())
+    if (out_dir / "summary.json").is_file():  # a finished analysis (summary.json is written last) is reused
+        return load_summary(out_dir)
     rows = make_examples("test", samples, seed=seed)
     res = analyze(DEFAULT_MODEL, data=rows, out_dir=out_dir, max_new_tokens=_max_new_tokens(), seed=seed,
                   progress=True)
@@ -194,4 +193,6 @@ def _eval_results(run_dir: Path, *, first: bool) -> dict:
     evals = sorted((run_dir / "evals").glob("step-*/results.json"))
     if not evals:
         raise ValueError(f"{run_dir} has no evaluation results (evals/step-*/results.json)")
-    return json.loads((evals[0] if first else evals[-1]).read_text())
+    from bupo.evaluation.report import load_results
+
+    return load_results(evals[0] if first else evals[-1])

@@ -13,7 +13,8 @@ import os
 from collections.abc import Mapping
 from pathlib import Path
 
-from bupo.analysis.report import _img as img_tag
+from bupo.analysis.report import img_tag
+from bupo.analysis.run import load_summary
 from bupo.io import atomic_write_text
 
 CURVES = [
@@ -44,18 +45,19 @@ def _series(log: list[dict], key: str) -> tuple[list[float], list[float]]:
     return xs, ys
 
 
-def training_curves(runs: Mapping[str, Path], path: Path) -> Path | None:
+def read_logs(runs: Mapping[str, Path]) -> dict[str, list[dict]]:
+    """Each run's ``log_history.json`` (TRL's log plus ``bupo/*``), by label; runs without one are left out."""
+    return {label: json.loads((Path(run) / "log_history.json").read_text()) for label, run in runs.items()
+            if (Path(run) / "log_history.json").is_file()}
+
+
+def training_curves(logs: Mapping[str, list[dict]], path: Path) -> Path | None:
     """One panel per curve, one line per run; the internal phase of BuPO runs is shaded."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    logs = {}
-    for label, run in runs.items():
-        f = Path(run) / "log_history.json"
-        if f.is_file():
-            logs[label] = json.loads(f.read_text())
     if not logs:
         return None
     fig, axes = plt.subplots(1, len(CURVES), figsize=(4.2 * len(CURVES), 3.3))
@@ -76,15 +78,13 @@ def training_curves(runs: Mapping[str, Path], path: Path) -> Path | None:
     return _save(fig, path)
 
 
-def layer_probe_curves(runs: Mapping[str, Path], path: Path) -> Path | None:
+def layer_probe_curves(logs: Mapping[str, list[dict]], path: Path) -> Path | None:
     """Mean entropy of every layer policy on the fixed probe batch over training (bupo/layer_entropy/L*)."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    logs = {lb: json.loads((Path(r) / "log_history.json").read_text()) for lb, r in runs.items()
-            if (Path(r) / "log_history.json").is_file()}
     if not logs:
         return None
     fig, axes = plt.subplots(1, len(logs), figsize=(5 * len(logs), 3.5), squeeze=False)
@@ -151,7 +151,7 @@ def write_report(path: Path, *, title: str, analysis_dir: Path | None, runs: Map
              "projection <code>raw</code> (lm_head of the residual stream, no final norm), as in the paper.</p>",
              "<h2>Results</h2>", markdown_table_to_html(table_md)]
     if analysis_dir is not None and (Path(analysis_dir) / "summary.json").is_file():
-        summary = json.loads((Path(analysis_dir) / "summary.json").read_text())
+        summary = load_summary(analysis_dir)
         parts += ["<h2>Internal entropy flow of the base model</h2>",
                   f"<p>Boundary layer (paper numbering) <b>{summary.get('boundary_layer')}</b> &rarr; suggested "
                   f"internal layer k = <b>{summary.get('suggested_internal_layer')}</b> (0-based). "
@@ -162,8 +162,9 @@ def write_report(path: Path, *, title: str, analysis_dir: Path | None, runs: Map
             if png.is_file():
                 parts.append(img_tag(png))
     parts.append("<h2>Training</h2>")
-    for fig in (training_curves(runs, fig_dir / "training_curves.png"),
-                layer_probe_curves(runs, fig_dir / "layer_probe.png")):
+    logs = read_logs(runs)
+    for fig in (training_curves(logs, fig_dir / "training_curves.png"),
+                layer_probe_curves(logs, fig_dir / "layer_probe.png")):
         if fig is not None:
             parts.append(img_tag(fig))
     for heading, body in extra_sections or []:

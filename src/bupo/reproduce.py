@@ -247,7 +247,7 @@ def run_reproduce(out: Path, *, seeds: int = 5, rollout_steps: int = 16, interna
     fig_dir.mkdir(exist_ok=True)
     fig = refinement_figure(curves, k, fig_dir / "refinement.png")
 
-    from bupo.analysis.report import _img as img_tag
+    from bupo.analysis.report import img_tag
 
     settings = {"seeds": seeds, "rollout_steps": rollout_steps, "internal_steps": internal_steps,
                 "internal_layer": k, "internal_layer_paper": k + 1, "eval_problems": eval_problems,

@@ -18,7 +18,7 @@ from pathlib import Path
 import numpy as np
 
 from bupo.analysis.figures import _arr, _plt, _save
-from bupo.analysis.report import _CSS, _img
+from bupo.analysis.report import _CSS, img_tag
 from bupo.analysis.run import load_summary
 from bupo.io import atomic_write_text
 
@@ -111,7 +111,7 @@ def compare(dirs: Sequence[str | os.PathLike], out_dir: str | os.PathLike, label
     page = (f'<!DOCTYPE html><html lang="en"><head><meta charset="utf-8"><title>bupo analyze compare</title>'
             f"<style>{_CSS}</style></head><body><h1>Internal policy entropy across models</h1>"
             f"<p>{html.escape(result['note'])}</p><table><tr>{head}</tr>{body}</table>"
-            + "".join(f"<h2>{html.escape(n.replace('_', ' '))}</h2>{_img(p)}" for n, p in figs.items())
+            + "".join(f"<h2>{html.escape(n.replace('_', ' '))}</h2>{img_tag(p)}" for n, p in figs.items())
             + "</body></html>")
     atomic_write_text(out / "compare.html", page)
     return result

@@ -20,7 +20,8 @@ padding:.6em 1em;display:inline-block}img{max-width:100%;border:1px solid #eee;m
 """
 
 
-def _img(path: Path) -> str:
+def img_tag(path: Path) -> str:
+    """An <img> with the PNG embedded as a base64 data URI (self-contained pages)."""
     data = base64.b64encode(Path(path).read_bytes()).decode("ascii")
     return f'<img alt="{html.escape(Path(path).stem)}" src="data:image/png;base64,{data}">'
 
@@ -90,7 +91,7 @@ def render_report(summary: Mapping, figures: Mapping[str, Path]) -> str:
                  "num_samples", "num_tokens", "skipped", "chunk_size", "bupo_version", "torch_version",
                  "transformers_version", "created"]
     meta = {key: s[key] for key in meta_keys if key in s}
-    figs = "".join(f"<h3>{html.escape(name.replace('_', ' '))}</h3>{_img(p)}" for name, p in figures.items())
+    figs = "".join(f"<h3>{html.escape(name.replace('_', ' '))}</h3>{img_tag(p)}" for name, p in figures.items())
     final = (f"final policy πθ: H = {_fmt(s.get('final_entropy'))} nats, mean log p(next) = "
              f"{_fmt(s.get('final_logprob'), 3)}; embedding H^0: {_fmt(s.get('embed_entropy'))} nats")
     return f"""<!DOCTYPE html>
