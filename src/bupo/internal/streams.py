@@ -160,7 +160,7 @@ def stream_stats(
     positions: torch.Tensor | None = None,
     targets: torch.Tensor | None = None,
     projection: str = "raw",
-    chunk_size: int = 1024,
+    chunk_size: int | None = None,
     include_final: bool = True,
     projector: Projector | None = None,
 ) -> StreamStats:
