@@ -61,8 +61,13 @@ def register(subparsers) -> None:
     a.add_argument("--delta", default="bupo", choices=CONVENTIONS,
                    help="ΔH convention: bupo (module output vs its normalised input, the paper; default) or "
                         "residual (across the residual stream)")
-    a.add_argument("--chunk-size", type=_positive_int, default=1024,
-                   help="rows per logits chunk: peak extra memory ~ chunk x vocab x 8 bytes (default 1024)")
+    a.add_argument("--chunk-size", type=_positive_int, default=None,
+                   help="rows per logits chunk: extra memory ~ chunk x vocab x 4 bytes (x 8 with the eager epilogue); "
+                        "default 1024 on CPU, up to 8192 on CUDA (at most a quarter of the free GPU memory)")
+    a.add_argument("--epilogue", default="auto", choices=("auto", "eager", "compiled", "triton"),
+                   help="how each logits chunk is reduced to entropies (same numbers): eager, compiled "
+                        "(torch.compile), triton (CUDA), or auto = triton on CUDA, compiled for 16k+ vocabularies, "
+                        "else eager (default)")
     a.add_argument("--batch-tokens", type=_positive_int, default=4096,
                    help="padded tokens per analysis forward (default 4096)")
     a.add_argument("--gen-batch-size", type=_positive_int, default=32, help="prompts per generation batch (default 32)")
@@ -120,7 +125,7 @@ def _analyze(args) -> int:
         args.model or _default_model(), data=data, traces=args.traces, out_dir=args.out, max_samples=max_samples,
         max_new_tokens=args.max_new_tokens, temperature=args.temperature, top_p=args.top_p, seed=args.seed,
         projection=args.projection, delta=args.delta, template=args.template, dtype=args.dtype, device=args.device,
-        chunk_size=args.chunk_size, batch_tokens=args.batch_tokens, gen_batch_size=args.gen_batch_size,
+        chunk_size=args.chunk_size, epilogue=args.epilogue, batch_tokens=args.batch_tokens, gen_batch_size=args.gen_batch_size,
         token_dtype=args.token_dtype, boundary_tol=args.boundary_tol, heatmap_sample=args.heatmap_sample,
         resume=not args.no_resume, overwrite=args.overwrite, progress=not args.quiet,
     )

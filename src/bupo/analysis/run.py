@@ -273,11 +273,11 @@ def traces_from_generated(tokenizer, gen: Sequence[Mapping]) -> list[Trace]:
 # the measurement
 
 
-def make_projector(model, projection: str):
+def make_projector(model, projection: str, epilogue: str = "auto"):
     """The :class:`bupo.internal.stats.Projector` shared by every stream of an analysis (one fp32 cast)."""
     from bupo.internal.stats import Projector
 
-    return Projector(model, projection)
+    return Projector(model, projection, epilogue=epilogue)
 
 
 def streams_for(convention: str) -> tuple[str, ...]:
@@ -299,7 +299,7 @@ def _batches(traces: Sequence[Trace], batch_tokens: int) -> Iterator[list[Trace]
         yield batch
 
 
-def measure_batch(model, batch: Sequence[Trace], *, convention: str, projector, chunk_size: int,
+def measure_batch(model, batch: Sequence[Trace], *, convention: str, projector, chunk_size: int | None,
                   pad_id: int) -> list[dict[str, np.ndarray]]:
     """Per-sample token columns for a batch of traces (right-padded, one hooked forward)."""
     import torch
@@ -511,7 +511,8 @@ def analyze(
     template: str = "chat",
     dtype: str = "float32",
     device: str = "auto",
-    chunk_size: int = 1024,
+    chunk_size: int | None = None,
+    epilogue: str = "auto",
     batch_tokens: int = 4096,
     gen_batch_size: int = 32,
     token_dtype: str = "float16",
@@ -535,7 +536,10 @@ def analyze(
             everything in memory (no files).
         projection: ``raw`` (paper) or ``final_norm`` (logit lens). delta: ``bupo`` or ``residual``.
         dtype / device: only used when ``model`` is a path.
-        chunk_size: rows per logits chunk (peak memory ~ chunk_size x vocab x 8 bytes).
+        chunk_size: rows per logits chunk (extra memory ~ chunk_size x vocab x 4 bytes, x 8 with the eager
+            epilogue); None: 1024 on CPU, up to 8192 on CUDA (a quarter of the free GPU memory at most).
+        epilogue: how each fp32 logits chunk is reduced: ``eager``, ``compiled`` (torch.compile), ``triton`` (CUDA) or
+            ``auto`` (triton on CUDA, compiled for vocabularies of 16k+, else eager). Same numbers to ~1e-5 nats.
         batch_tokens: padded tokens per forward (several short traces share one forward).
         token_dtype: storage dtype of the entropy / log-prob columns in tokens.parquet (summaries use fp32).
         keep_tokens: hold the per-token table in the result (default: only when out_dir is None).
@@ -546,16 +550,20 @@ def analyze(
     import torch
 
     from bupo.internal.adapters import check_projection, parts
+    from bupo.internal.stats import EPILOGUES
 
     check_projection(projection)
     check_convention(delta)
+    if epilogue not in EPILOGUES:
+        raise ValueError(f"unknown epilogue {epilogue!r}; accepted: {', '.join(EPILOGUES)}")
     if token_dtype not in TOKEN_DTYPES:
         raise ValueError(f"unknown token_dtype {token_dtype!r}; accepted: {', '.join(TOKEN_DTYPES)}")
     if (data is None) == (traces is None):
         raise ValueError("give exactly one of data (rows to generate responses for) or traces (prompt/response pairs)")
     if max_samples is not None and (not isinstance(max_samples, int) or max_samples < 1):
         raise ValueError(f"max_samples must be a positive int, got {max_samples!r}")
-    for name, v in (("chunk_size", chunk_size), ("batch_tokens", batch_tokens), ("max_new_tokens", max_new_tokens)):
+    for name, v in (("chunk_size", 1 if chunk_size is None else chunk_size), ("batch_tokens", batch_tokens),
+                    ("max_new_tokens", max_new_tokens)):
         if not isinstance(v, int) or v < 1:
             raise ValueError(f"{name} must be a positive int, got {v!r}")
     if not (temperature >= 0 and 0 < top_p <= 1):
@@ -669,10 +677,11 @@ def analyze(
     pending = [tr for tr in todo if tr.index not in done]
     pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
     t0 = time.perf_counter()
+    engine: dict | None = None
     if pending:
         from tqdm.auto import tqdm
 
-        projector = make_projector(model, projection)
+        projector = make_projector(model, projection, epilogue)
         bar = tqdm(total=len(todo), initial=len(todo) - len(pending), desc="analyze", unit="sample",
                    disable=not progress)
         with torch.inference_mode():
@@ -681,6 +690,8 @@ def analyze(
                                           chunk_size=chunk_size, pad_id=pad_id))
                 bar.update(len(batch))
         bar.close()
+        engine = {"gemm": projector.gemm, "epilogue": projector.epilogue,
+                  "chunk_size": chunk_size or projector.default_chunk}
         del projector
     seconds = time.perf_counter() - t0
 
@@ -711,7 +722,10 @@ def analyze(
             "tol": bd.tol, "tau": bd.tau, "scores": bd.scores, "stages": bd.stages, "note": bd.note,
         },
         "heatmap_sample": hm_index,
-        "chunk_size": chunk_size,
+        "chunk_size": engine["chunk_size"] if engine else chunk_size,
+        # how the logits were made and reduced in this call (None: every sample came from a resumed run)
+        "gemm": engine["gemm"] if engine else None,
+        "epilogue": engine["epilogue"] if engine else None,
         "token_dtype": token_dtype,
         "measure_seconds": round(seconds, 3),
         **_versions(),
