@@ -182,8 +182,9 @@ def section_analysis(small: bool) -> dict:
     out["epilogue_one_stream"] = epi
 
     runs = []
-    variants = ([(2048, "auto"), (8192, "triton"), (8192, "compiled"), (2048, "eager")] if cuda
-                else [(256, "eager"), (256, "compiled")])
+    # first: the defaults (chunk rows and epilogue chosen by bupo), then fixed alternatives
+    variants = ([(None, "auto"), (2048, "triton"), (8192, "compiled"), (2048, "eager")] if cuda
+                else [(None, "auto"), (256, "eager"), (256, "compiled")])
     for chunk, comp in variants:
         warm = dict(trace, response_ids=resp[:1000])  # compile + allocator warm-up outside the timing
         analyze(model, tok, traces=[warm], figures=False, keep_tokens=False, chunk_size=chunk, epilogue=comp,
@@ -199,7 +200,7 @@ def section_analysis(small: bool) -> dict:
         _sync(torch, cuda)
         sec = time.perf_counter() - t0
         peak = (torch.cuda.max_memory_allocated() - base) / 2**30 if cuda else float("nan")
-        r = {"chunk": chunk, "asked": comp, "epilogue": res.summary["epilogue"], "gemm": res.summary["gemm"],
+        r = {"chunk": res.summary["chunk_size"], "asked": f"chunk={chunk}, epilogue={comp}", "epilogue": res.summary["epilogue"], "gemm": res.summary["gemm"],
              "seconds": sec, "projection_seconds": sec - fwd, "peak_extra_gib": peak,
              "floor_fraction": out["floor_measured_s"] / sec,
              "floor_fraction_excl_forward": out["floor_measured_s"] / max(sec - fwd, 1e-9),
@@ -207,7 +208,7 @@ def section_analysis(small: bool) -> dict:
              "num_tokens": res.summary["num_tokens"], "final_entropy": res.summary["final_entropy"],
              "layer_entropy": res.summary["layer_entropy"]}
         runs.append(r)
-        print(f"  analyze chunk={chunk} epilogue={r['epilogue']}: {sec:.3f} s for {r['num_tokens']} tokens, "
+        print(f"  analyze chunk={r['chunk']} epilogue={r['epilogue']}{' (defaults)' if chunk is None else ''}: {sec:.3f} s for {r['num_tokens']} tokens, "
               f"{r['floor_fraction']:.0%} of the measured GEMM floor ({r['floor_fraction_excl_forward']:.0%} "
               f"without the forward), peak +{peak:.2f} GiB", flush=True)
     agree = max(abs(a - b) for r in runs for a, b in zip(r["layer_entropy"], runs[0]["layer_entropy"], strict=True))
