@@ -175,6 +175,17 @@ def test_summary_matches_the_official_script_computation(model, tok, convention)
     assert res.summary["num_tokens"] == sum(len(t["response_ids"]) for t in _tokenized(tok, TRACES))
 
 
+def test_summary_records_how_the_logits_were_reduced_and_epilogues_agree(model, tok):
+    a = analyze(model, tok, traces=TRACES, figures=False)
+    assert (a.summary["chunk_size"], a.summary["gemm"], a.summary["epilogue"]) == (1024, "fp32", "eager")
+    b = analyze(model, tok, traces=TRACES, figures=False, epilogue="compiled", chunk_size=3)
+    assert (b.summary["chunk_size"], b.summary["epilogue"]) == (3, "compiled")
+    for key in ("layer_entropy", "attn_entropy_change", "ffn_entropy_change"):
+        assert np.allclose(a.summary[key], b.summary[key], atol=1e-5, rtol=0), key
+    with pytest.raises(ValueError, match="accepted: auto, eager, compiled, triton"):
+        analyze(model, tok, traces=TRACES, figures=False, epilogue="fused")
+
+
 def test_matches_reference_on_an_untied_llama_with_several_samples_per_batch(tok):
     m = make_model("llama", layers=4, tie=False, seed=3)
     res = analyze(m, tok, traces=TRACES * 2, figures=False, token_dtype="float32", batch_tokens=10_000)

@@ -88,7 +88,7 @@ def render_report(summary: Mapping, figures: Mapping[str, Path]) -> str:
     rule = html.escape(bd.get("rule", ""))
     meta_keys = ["model", "model_type", "dtype", "device", "projection", "delta_convention", "template", "data",
                  "traces", "generation", "position_convention", "num_layers", "vocab_size", "tied_embeddings",
-                 "num_samples", "num_tokens", "skipped", "chunk_size", "bupo_version", "torch_version",
+                 "num_samples", "num_tokens", "skipped", "chunk_size", "gemm", "epilogue", "bupo_version", "torch_version",
                  "transformers_version", "created"]
     meta = {key: s[key] for key in meta_keys if key in s}
     figs = "".join(f"<h3>{html.escape(name.replace('_', ' '))}</h3>{img_tag(p)}" for name, p in figures.items())
