@@ -113,3 +113,24 @@ def test_projections_agree_across_epilogues():
     assert torch.allclose(a.logprob, b.logprob, atol=1e-5)
     assert torch.equal(a.top1_id, b.top1_id)
     assert torch.allclose(a.top1_prob, b.top1_prob, atol=1e-6)
+
+
+def test_a_failing_compile_falls_back_under_auto_and_raises_when_asked_for(monkeypatch):
+    from bupo.internal import stats as stats_mod
+
+    def broken():
+        def run(z):
+            raise RuntimeError("no C++ compiler")
+
+        return run
+
+    monkeypatch.setattr(stats_mod, "_compiled_epilogue", broken)
+    big = tiny_model("qwen3", layers=1, vocab_size=16384)
+    h = torch.randn(5, big.config.hidden_size)
+    p = Projector(big)  # auto picks compiled for a 16k vocabulary
+    with pytest.warns(RuntimeWarning, match="no C\\+\\+ compiler"):
+        got = p.stats(h)
+    assert p.epilogue == "eager"
+    assert torch.allclose(got.entropy, Projector(big, epilogue="eager").stats(h).entropy)
+    with pytest.raises(RuntimeError, match="the compiled entropy epilogue failed: no C\\+\\+ compiler"):
+        Projector(big, epilogue="compiled").stats(h)
