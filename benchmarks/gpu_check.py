@@ -144,7 +144,7 @@ def section_analysis(small: bool) -> dict:
     for hs in st.values():
         x = hs[0, :256]
         ref = torch.distributions.Categorical(logits=x.double() @ w64.t()).entropy().cpu()
-        worst = max(worst, (proj.stats(x, chunk_size=128).entropy.double() - ref).abs().max().item())
+        worst = max(worst, (proj.stats(x, chunk_size=128).entropy.double().cpu() - ref).abs().max().item())
     checks.add("entropy vs fp64 reference (bf16 operands)", worst < 1e-3, max_abs_nats=worst, gemm=proj.gemm,
                epilogue=proj.epilogue)
 
@@ -285,7 +285,7 @@ def section_core(small: bool) -> dict:
         x = post[0, :256].to(dtype)
         ref = torch.distributions.Categorical(logits=x.double() @ model.lm_head.weight.double().t()).entropy().cpu()
         proj = Projector(model, "raw")
-        err = (proj.stats(x, chunk_size=100).entropy.double() - ref).abs().max().item()
+        err = (proj.stats(x, chunk_size=100).entropy.double().cpu() - ref).abs().max().item()
         checks.add("chunked entropy vs dense fp64", err <= 1e-3, max_abs_nats=err, gemm=proj.gemm,
                    epilogue=proj.epilogue)
 

@@ -321,7 +321,7 @@ def measure_batch(model, batch: Sequence[Trace], *, convention: str, projector, 
     targets = torch.roll(ids, -1, dims=1)  # targets[t] = ids[t+1]; the wrapped last column is never selected
     st = stream_stats(model, ids.to(device), mask.to(device), streams=streams_for(convention),
                       positions=pos.to(device), targets=targets.to(device), projection=projector.projection,
-                      chunk_size=chunk_size, include_final=True, projector=projector)
+                      chunk_size=chunk_size, projector=projector)
     L = st.num_layers
     cols: dict[str, np.ndarray] = {entropy_col("resid_pre", 0): st.stats[("resid_pre", 0)].entropy.numpy()}
     for s in CONVENTION_STREAMS[convention]:

@@ -48,25 +48,17 @@ AUTO_COMPILE_VOCAB = 16384
 
 @dataclass
 class TokenStats:
-    """Per-token statistics; 1-D CPU tensors of equal length N (one row per analysed position)."""
+    """Per-token statistics; 1-D tensors of equal length N (one row per analysed position), on the device of the
+    hidden states they were read from (:func:`bupo.internal.streams.stream_stats` returns them on the CPU)."""
 
     entropy: torch.Tensor
     logprob: torch.Tensor | None
     top1_id: torch.Tensor
     top1_prob: torch.Tensor
 
-    def __len__(self) -> int:
-        return int(self.entropy.shape[0])
-
-    @staticmethod
-    def cat(items: list[TokenStats]) -> TokenStats:
-        has_lp = all(s.logprob is not None for s in items)
-        return TokenStats(
-            entropy=torch.cat([s.entropy for s in items]),
-            logprob=torch.cat([s.logprob for s in items]) if has_lp else None,
-            top1_id=torch.cat([s.top1_id for s in items]),
-            top1_prob=torch.cat([s.top1_prob for s in items]),
-        )
+    def cpu(self) -> TokenStats:
+        return TokenStats(self.entropy.cpu(), None if self.logprob is None else self.logprob.cpu(),
+                          self.top1_id.cpu(), self.top1_prob.cpu())
 
 
 def entropy_epilogue(z: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
@@ -134,8 +126,7 @@ class Projector:
     eager with a warning. ``gemm`` and ``epilogue`` say what was chosen.
     """
 
-    def __init__(self, model: torch.nn.Module, projection: str = "raw", *, fp32: bool = True,
-                 epilogue: str = "auto"):
+    def __init__(self, model: torch.nn.Module, projection: str = "raw", *, epilogue: str = "auto"):
         if epilogue not in EPILOGUES:
             raise ValueError(f"unknown epilogue {epilogue!r}; accepted: {', '.join(EPILOGUES)}")
         self.parts: ModelParts = parts(model)
@@ -143,14 +134,12 @@ class Projector:
         w = self.parts.lm_head.weight.detach()
         b = self.parts.lm_head.bias
         low = w.dtype in (torch.bfloat16, torch.float16)
-        self._mm_fp32_out = fp32 and low and w.is_cuda and _mm_out_fp32_works(w.device, w.dtype)
+        self._mm_fp32_out = low and w.is_cuda and _mm_out_fp32_works(w.device, w.dtype)
         if self._mm_fp32_out:
             self.weight, self.gemm = w, f"{str(w.dtype).removeprefix('torch.')} operands, fp32 accumulate/output"
-        elif fp32:
-            self.weight, self.gemm = w.float(), "fp32"
         else:
-            self.weight, self.gemm = w, str(w.dtype).removeprefix("torch.")
-        self.bias = None if b is None else (b.detach().float() if fp32 else b.detach())
+            self.weight, self.gemm = w.float(), "fp32"
+        self.bias = None if b is None else b.detach().float()
         if epilogue == "auto":
             # a compile costs seconds once per process: worth it on a GPU, or when the vocabulary is large enough
             # that the eager epilogue's ~8 passes over each chunk cost as much as the GEMM itself
@@ -221,7 +210,7 @@ class Projector:
             if targets.shape[0] != n:
                 raise ValueError(f"targets has {targets.shape[0]} rows, hidden has {n}")
         ent, lps, ids, top = [], [], [], []
-        # results stay on the device until the end: a .cpu() per chunk would stall the GPU between chunks
+        # results stay on the device: a .cpu() here would stall the GPU (stream_stats copies once per forward)
         for start in range(0, n, chunk_size):
             z = self.logits(hidden[start : start + chunk_size], normed=normed).float()
             if temperature != 1.0:
@@ -236,16 +225,14 @@ class Projector:
             top.append(p1)
             if targets is not None:
                 lps.append(z_t - lse)
-        empty_f = torch.zeros(0)
-
-        def cat(xs, empty):
-            return torch.cat(xs).cpu() if xs else empty
+        def cat(xs, dtype=torch.float32):
+            return torch.cat(xs) if xs else torch.zeros(0, dtype=dtype, device=hidden.device)
 
         return TokenStats(
-            entropy=cat(ent, empty_f),
-            logprob=cat(lps, empty_f) if targets is not None else None,
-            top1_id=cat(ids, torch.zeros(0, dtype=torch.long)),
-            top1_prob=cat(top, empty_f),
+            entropy=cat(ent),
+            logprob=cat(lps) if targets is not None else None,
+            top1_id=cat(ids, torch.long),
+            top1_prob=cat(top),
         )
 
 

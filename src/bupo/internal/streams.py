@@ -20,7 +20,7 @@ from __future__ import annotations
 import contextlib
 from collections import defaultdict
 from collections.abc import Callable, Iterable, Iterator
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 import torch
 
@@ -105,8 +105,11 @@ def tap(
             h.remove()
 
 
-def _select(t: torch.Tensor, positions: torch.Tensor | None) -> torch.Tensor:
-    return t if positions is None else t[positions]
+def _take(t: torch.Tensor, index: torch.Tensor | None) -> torch.Tensor:
+    """Rows ``index`` of ``t`` [B, T, ...] flattened to [B*T, ...]; an index gathers without the device sync
+    that a boolean mask costs (the mask's nonzero is computed once per forward, not once per hook)."""
+    flat = t.reshape(-1, *t.shape[2:])
+    return flat if index is None else flat.index_select(0, index)
 
 
 @contextlib.contextmanager
@@ -125,9 +128,10 @@ def capture_streams(
     p = parts(model)
     streams, layers = _check_selection(p, streams, layers)
     store: dict[tuple[str, int], torch.Tensor] = {}
+    index = None if positions is None else positions.reshape(-1).nonzero().squeeze(1)
 
     def keep(stream, layer, t):
-        store[(stream, layer)] = _select(t, positions).detach()
+        store[(stream, layer)] = (t if index is None else _take(t, index)).detach()
 
     with tap(model, [(s, la) for s in streams for la in layers], keep):
         yield store
@@ -138,11 +142,10 @@ class StreamStats:
     """Statistics of every requested (stream, layer) policy plus the model's real policy (``final``)."""
 
     stats: dict[tuple[str, int], TokenStats]
-    final: TokenStats | None
+    final: TokenStats
     num_layers: int
     projection: str
     num_positions: int
-    meta: dict = field(default_factory=dict)
 
     def entropy(self, stream: str) -> torch.Tensor:
         """[num_layers_captured, N] entropies of one stream, layers in increasing order."""
@@ -161,7 +164,6 @@ def stream_stats(
     targets: torch.Tensor | None = None,
     projection: str = "raw",
     chunk_size: int | None = None,
-    include_final: bool = True,
     projector: Projector | None = None,
 ) -> StreamStats:
     """One forward pass; per-token statistics of each (stream, layer) policy, computed inside the hooks.
@@ -182,21 +184,20 @@ def stream_stats(
     if positions is not None and positions.dtype != torch.bool:
         raise ValueError("positions must be a boolean mask [batch, seq]")
     projector = projector or Projector(model, projection)
-    sel_targets = None if targets is None else _select(targets, positions)
+    index = None if positions is None else positions.reshape(-1).nonzero().squeeze(1)
+    sel_targets = None if targets is None else _take(targets, index)
     wanted = {(s, la) for s in streams for la in layers}
     derived = {(s, la) for (s, la) in wanted if s == "resid_pre" and la > 0 and ("resid_post", la - 1) in wanted}
-    out: dict[tuple[str, int], TokenStats] = {}
-    final: dict[str, TokenStats] = {}
+    out: dict[tuple[str, int | str], TokenStats] = {}
 
     def reduce(stream, layer, t):
-        out[(stream, layer)] = projector.stats(_select(t, positions), targets=sel_targets, chunk_size=chunk_size)
+        out[(stream, layer)] = projector.stats(_take(t, index), targets=sel_targets, chunk_size=chunk_size)
 
     def reduce_final(mod, args, o):
         # the real policy: lm_head(final_norm(h_L)); the hooked output is already normed
-        final["final"] = projector.stats(_select(o, positions), targets=sel_targets, chunk_size=chunk_size,
-                                         normed=True)
+        out[("final", "")] = projector.stats(_take(o, index), targets=sel_targets, chunk_size=chunk_size, normed=True)
 
-    final_hook = p.final_norm.register_forward_hook(reduce_final) if include_final else None
+    final_hook = p.final_norm.register_forward_hook(reduce_final)
     try:
         with torch.no_grad(), tap(model, sorted(wanted - derived), reduce):
             kwargs = {"use_cache": False}
@@ -204,15 +205,14 @@ def stream_stats(
                 kwargs["logits_to_keep"] = 1  # the model's own full logits are not needed
             p.model(input_ids=input_ids, attention_mask=attention_mask, **kwargs)
     finally:
-        if final_hook is not None:
-            final_hook.remove()
+        final_hook.remove()
+    out = {key: ts.cpu() for key, ts in out.items()}  # one device->host copy per forward, after it
+    final = out.pop(("final", ""))
     for s, la in derived:
         out[(s, la)] = out[("resid_post", la - 1)]
-    n = int(positions.sum()) if positions is not None else input_ids.numel()
-    return StreamStats(
-        stats=out, final=final.get("final"), num_layers=p.num_layers, projection=projector.projection,
-        num_positions=n,
-    )
+    n = input_ids.numel() if index is None else index.numel()
+    return StreamStats(stats=out, final=final, num_layers=p.num_layers, projection=projector.projection,
+                       num_positions=n)
 
 
 def _forward_params(model: torch.nn.Module) -> set[str]:

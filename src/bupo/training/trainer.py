@@ -227,8 +227,7 @@ class BuPOTrainer(GRPOTrainer):
                                              gather_deepspeed3_params=True) as unwrapped:
                 model = unwrapped.get_base_model() if hasattr(unwrapped, "get_base_model") else unwrapped
                 st = stream_stats(model, probe["input_ids"], probe["attention_mask"], streams=("resid_post",),
-                                  positions=probe["positions"], projection=self.args.internal_projection,
-                                  include_final=True)
+                                  positions=probe["positions"], projection=self.args.internal_projection)
         except Exception as exc:  # a diagnostic must never stop training
             self._bupo_probe_failed = True
             logger.warning("layer-entropy probe disabled: %r", exc)
