@@ -56,6 +56,15 @@ def test_log_probs_go_through_the_overridden_method_with_the_fused_head():
     assert "per_token_logps.detach() if old_per_token_logps is None" in loss
 
 
+def test_loss_pass_logs_the_entropy_bupo_copies():
+    # BuPOTrainer._compute_loss copies the last train "entropy" into bupo/entropy_{phase}: TRL must log it once per
+    # _compute_loss call, from the loss pass's own entropies, under the train key while the model is training
+    loss = _src("_compute_loss")
+    assert 'mode = "train" if self.model.training else "eval"' in loss
+    assert loss.count('self._metrics[mode]["entropy"].append(global_masked_mean(entropies))') == 1
+    assert "compute_entropy=True" in loss
+
+
 def test_phase_flags_are_instance_attributes_read_at_generation_and_loss_time():
     gen, loss = _src("_generate_and_score_completions"), _src("_compute_loss")
     for src in (gen, loss):

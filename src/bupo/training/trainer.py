@@ -119,27 +119,23 @@ class BuPOTrainer(GRPOTrainer):
         else:
             with internal_policy(_hf_model(model, self.accelerator), self._bupo_layer, self.args.internal_projection):
                 out = super()._get_per_token_logps_and_entropies(model, *args, **kwargs)
-        if kwargs.get("compute_entropy") and self.model.training and out[1] is not None:
-            self._record_entropy(out[1], args, kwargs, "internal" if self._bupo_internal else "full")
         return out
 
     # ------------------------------------------------------------------------------------------------------------
     # monitoring (no effect on the updates)
     # ------------------------------------------------------------------------------------------------------------
 
-    def _record_entropy(self, entropies: torch.Tensor, args: tuple, kwargs: dict, which: str) -> None:
-        """bupo/entropy_{which}: masked mean over completion tokens of the trained policy (the loss pass)."""
-        if self._bupo_layer is None and which == "internal":
-            return
-        attention_mask = args[1] if len(args) > 1 else kwargs["attention_mask"]
-        mask = attention_mask[:, -entropies.shape[1]:].to(entropies.dtype)
-        self._append_global_mean(f"bupo/entropy_{which}", (entropies.detach() * mask).sum(), mask.sum())
+    def _compute_loss(self, model: Any, inputs: dict[str, Any]) -> torch.Tensor:
+        """TRL's loss; then bupo/entropy_{phase} = the ``entropy`` TRL just logged for this micro-batch.
 
-    def _append_global_mean(self, key: str, total: torch.Tensor, count: torch.Tensor, mode: str = "train") -> None:
-        t = torch.stack([total.float(), count.float()]).to(self.accelerator.device)
-        t = self.accelerator.reduce(t, reduction="sum")
-        if t[1] > 0:
-            self._metrics[mode][key].append((t[0] / t[1]).item())
+        TRL's value is the global masked mean over completion tokens of the trained policy's entropy (the loss pass,
+        so pi^k while internal), already all-reduced: copying it costs no extra reduction or host sync.
+        """
+        loss = super()._compute_loss(model, inputs)
+        if self.model.training:
+            which = "internal" if self._bupo_internal else "full"
+            self._metrics["train"][f"bupo/entropy_{which}"].append(self._metrics["train"]["entropy"][-1])
+        return loss
 
     def _monitor_rollout(self, output: dict[str, Any]) -> None:
         args = self.args
@@ -199,7 +195,8 @@ class BuPOTrainer(GRPOTrainer):
                                         batch_size=self.args.per_device_train_batch_size, compute_entropy=True)
                 which = "internal"
         cm = output["completion_mask"].to(ent.dtype)
-        self._append_global_mean(f"bupo/entropy_{which}", (ent * cm).sum(), cm.sum())
+        t = self.accelerator.reduce(torch.stack([(ent * cm).sum(), cm.sum()]).float(), reduction="sum")
+        self._metrics["train"][f"bupo/entropy_{which}"].append((t[0] / t[1].clamp(min=1.0)).item())
 
     def _make_probe(self, output: dict[str, Any]) -> dict[str, torch.Tensor]:
         """A fixed probe batch: the first ``probe_size`` sequences of the first rollout batch, frozen (CPU)."""
