@@ -252,12 +252,16 @@ def is_equiv(answer: str, ground_truth: str) -> bool:
         return answer == ground_truth
 
 
-def _boxed_exact_raw(completion: str, ground_truth: str) -> float:
+def _check_strings(completion: object, ground_truth: object) -> None:
     if not isinstance(completion, str) or not isinstance(ground_truth, str):
         raise TypeError(
             f"completion and ground_truth must be str, got {type(completion).__name__} and "
             f"{type(ground_truth).__name__}"
         )
+
+
+def _boxed_exact_raw(completion: str, ground_truth: str) -> float:
+    _check_strings(completion, ground_truth)
     found = _last_boxed(completion)
     if found is None or found[0] == "fbox":  # \fbox: the paper's scorer rejects it (module docstring)
         return 0.0
@@ -296,11 +300,7 @@ def _parse_gold(ground_truth: str) -> list:
 
 
 def _math_verify_raw(completion: str, ground_truth: str) -> float:
-    if not isinstance(completion, str) or not isinstance(ground_truth, str):
-        raise TypeError(
-            f"completion and ground_truth must be str, got {type(completion).__name__} and "
-            f"{type(ground_truth).__name__}"
-        )
+    _check_strings(completion, ground_truth)
     from math_verify import parse, verify
 
     gold = _parse_gold(ground_truth)

@@ -17,7 +17,7 @@ Register a new family with :func:`register_adapter` (see its docstring).
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, replace
 
 import torch
 from torch import nn
@@ -53,7 +53,6 @@ class Adapter:
     #: the decoder loop reads ``config.num_hidden_layers`` (see module docstring)
     truncatable: bool = True
     notes: str = ""
-    extra: dict = field(default_factory=dict, compare=False)
 
 
 _REGISTRY: dict[str, Adapter] = {}
