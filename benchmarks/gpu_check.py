@@ -109,10 +109,11 @@ def section_analysis(small: bool) -> dict:
     checks = Checks()
     g = torch.Generator().manual_seed(1)
     prompt = "Q: 1+1? A:"  # verbatim string prompt; its ids come from the bundled char tokenizer
-    P = len(tok(prompt, add_special_tokens=False)["input_ids"])
+    prompt_ids = tok(prompt, add_special_tokens=False)["input_ids"]
+    P = len(prompt_ids)
     resp = torch.randint(3, V, (T - P,), generator=g).tolist()
     trace = {"prompt": prompt, "response": "", "response_ids": resp}
-    ids = torch.tensor([tok(prompt, add_special_tokens=False)["input_ids"] + resp], device=device)
+    ids = torch.tensor([prompt_ids + resp], device=device)
     S = 5 * L + 2  # projections per token: embedding, 5 per layer (attn_in/out, mlp_in/out, resid_post), final
     out: dict = {"device": _device_name(torch, cuda), "torch": torch.__version__, "model": "random-init Qwen3",
                  "num_layers": L, "d": d, "vocab": V, "tokens": T, "streams_projected": S, "dtype": str(dtype)}
@@ -401,7 +402,8 @@ def section_train(small: bool, out_dir: Path) -> dict:
         return name
 
     def changed(names):
-        return [n for n in names if not torch.equal(initial[n], dict(model.named_parameters())[n].detach())]
+        now = dict(model.named_parameters())
+        return [n for n in names if not torch.equal(initial[n], now[n].detach())]
 
     above = [n for n in initial if isinstance(group(n), int) and group(n) > k]
     below = [n for n in initial if isinstance(group(n), int) and group(n) <= k]
