@@ -10,7 +10,7 @@ import pytest
 import torch
 
 from bupo.demo_report import markdown_table_to_html
-from bupo.reproduce import paired_ci, refinement_metrics
+from bupo.reproduce import paired_ci, refinement_metrics, refinement_over_training
 from tiny_models import random_batch, tiny_model
 
 
@@ -47,6 +47,27 @@ def test_refinement_metrics_against_dense_reference():
         lp_prev = torch.log_softmax(m.lm_head(hs[k][positions]).double(), -1)
         h_prev = -(lp_prev.exp() * lp_prev).sum(-1).mean().item()
         assert got["delta_h_layer_k"] == pytest.approx(ent[k] - h_prev, abs=1e-4)
+
+
+def test_refinement_over_training_reuses_the_given_base_row_and_caches(tmp_path):
+    m = tiny_model("qwen3", layers=4)
+    ids, mask = random_batch(m, batch=2, seq=9)
+    positions = torch.zeros_like(ids, dtype=torch.bool)
+    positions[:, 2:8] = True
+    probe = (ids, mask, positions)
+    run = tmp_path / "run"
+    for step, seed in ((4, 1), (2, 2)):
+        tiny_model("qwen3", layers=4, seed=seed).save_pretrained(run / f"checkpoint-{step}")
+    base = {"step": 0, "marker": "measured elsewhere"}
+    rows = refinement_over_training(run, 1, probe, base=base)
+    assert rows[0] == base  # not measured again (the bundled model would not even fit this probe's vocabulary)
+    assert [r["step"] for r in rows] == [0, 2, 4]
+    ref = refinement_metrics(tiny_model("qwen3", layers=4, seed=2), ids, mask, positions, k=1)
+    assert rows[1]["delta_h_layer_k"] == pytest.approx(ref["delta_h_layer_k"], abs=1e-6)
+    assert rows[1]["kl"][3] == pytest.approx(ref["kl"][3], abs=1e-6)
+    # a rerun reads the cache (JSON: layer keys become strings) instead of measuring
+    cached = refinement_over_training(run, 1, probe=None)
+    assert cached[0] == base and cached[2]["entropy_k"] == pytest.approx(rows[2]["entropy_k"])
 
 
 def test_markdown_tables_become_html_tables():

@@ -62,36 +62,34 @@ def probe_batch(n: int = 16, seed: int = 1234):
     """Held-out prompts + base-model responses as one padded batch with the response positions marked."""
     import torch
 
+    from bupo.analysis.run import generate_traces, traces_from_generated
     from bupo.data.task import make_examples
-    from bupo.data.templates import render_prompt
     from bupo.demo import _max_new_tokens
-    from bupo.generation import generate
     from bupo.zoo import load_bundled
 
     model, tok = load_bundled()
     rows = make_examples("test", n, seed=seed)
-    prompts = [render_prompt(tok, r["prompt"], "chat") for r in rows]
-    comps = generate(model, tok, prompts, n=1, max_new_tokens=_max_new_tokens(), temperature=1.0, seed=seed)
-    seqs, resp = [], []
-    for prompt, c in zip(prompts, comps, strict=True):
-        p_ids = tok(prompt, add_special_tokens=False)["input_ids"]
-        r_ids = list(c[0].token_ids)
-        seqs.append(p_ids + r_ids)
-        resp.append((len(p_ids), len(r_ids)))
+    gen = generate_traces(model, tok, rows, template="chat", max_new_tokens=_max_new_tokens(), temperature=1.0,
+                          top_p=1.0, seed=seed)
+    traces = traces_from_generated(tok, gen)
+    seqs = [t.prompt_ids + t.response_ids for t in traces]
     width = max(len(s) for s in seqs)
     pad = tok.pad_token_id if tok.pad_token_id is not None else 0
     ids = torch.full((len(seqs), width), pad, dtype=torch.long)
     mask = torch.zeros_like(ids)
     positions = torch.zeros_like(ids, dtype=torch.bool)
-    for i, (s, (lp, lr)) in enumerate(zip(seqs, resp, strict=True)):
-        off = width - len(s)  # left padding
+    for i, (s, t) in enumerate(zip(seqs, traces, strict=True)):
+        # left padding as before; measure_batch's right padding would shift the rotary positions of the
+        # plain forward below and so change the numbers
+        off = width - len(s)
+        lp, lr = len(t.prompt_ids), len(t.response_ids)
         ids[i, off:] = torch.tensor(s)
         mask[i, off:] = 1
         positions[i, off + lp - 1: off + lp + lr - 1] = True  # positions that predict response tokens
     return ids, mask, positions
 
 
-def refinement_metrics(model, ids, mask, positions, k: int, chunk_size: int = 512) -> dict:
+def refinement_metrics(model, ids, mask, positions, k: int) -> dict:
     """cos(H^k, H^j), KL(pi^k || pi^j) for j > k, and ΔH_Layer of layer k, averaged over the probe positions."""
     import torch
 
@@ -105,38 +103,49 @@ def refinement_metrics(model, ids, mask, positions, k: int, chunk_size: int = 51
     def logp(h):
         return torch.log_softmax(proj.logits(h).float(), -1)
 
+    def ent(lp, probs):
+        return -(probs * lp).sum(-1).mean().item()
+
     hk = st[("resid_post", k)]
     lk = logp(hk)
+    pk = lk.exp()
     h_prev = st[("resid_pre", k)]  # H^{k-1} (the embedding output for k = 0)
     out = {"cos": {}, "kl": {}}
     for j in range(k + 1, p.num_layers):
         hj = st[("resid_post", j)]
         out["cos"][j] = torch.nn.functional.cosine_similarity(hk, hj, dim=-1).mean().item()
         lj = logp(hj)
-        out["kl"][j] = (lk.exp() * (lk - lj)).sum(-1).mean().item()
-    def ent(lp):
-        return -(lp.exp() * lp).sum(-1).mean().item()
-
-    out["delta_h_layer_k"] = ent(lk) - ent(logp(h_prev))
-    out["entropy_k"] = ent(lk)
+        out["kl"][j] = (pk * (lk - lj)).sum(-1).mean().item()
+    lp_prev = logp(h_prev)
+    h_k = ent(lk, pk)
+    out["delta_h_layer_k"] = h_k - ent(lp_prev, lp_prev.exp())
+    out["entropy_k"] = h_k
     return out
 
 
-def refinement_over_training(run_dir: Path, k: int, probe) -> list[dict]:
-    """Metrics for the base model and each checkpoint of a run (cached in ``refinement.json``)."""
+def refinement_point(model_dir: str | Path, k: int, probe) -> dict:
+    """:func:`refinement_metrics` of the model saved in ``model_dir`` on the probe batch."""
     from transformers import AutoModelForCausalLM
 
+    model = AutoModelForCausalLM.from_pretrained(model_dir).eval()
+    return refinement_metrics(model, *probe, k=k)
+
+
+def refinement_over_training(run_dir: Path, k: int, probe, base: dict | None = None) -> list[dict]:
+    """Metrics for the base model and each checkpoint of a run (cached in ``refinement.json``).
+
+    ``base``: the base model's row (step 0) when it was already measured for another run on the same probe;
+    measured here otherwise.
+    """
     from bupo.zoo import DEFAULT_MODEL
 
     cache = run_dir / "refinement.json"
     if cache.is_file():
         return json.loads(cache.read_text())
-    points = [(0, DEFAULT_MODEL)] + sorted(
-        (int(c.name.split("-")[1]), str(c)) for c in run_dir.glob("checkpoint-*") if c.is_dir())
-    rows = []
-    for step, path in points:
-        model = AutoModelForCausalLM.from_pretrained(path).eval()
-        rows.append({"step": step, **refinement_metrics(model, *probe, k=k)})
+    rows = [base if base is not None else {"step": 0, **refinement_point(DEFAULT_MODEL, k, probe)}]
+    for step, path in sorted((int(c.name.split("-")[1]), str(c)) for c in run_dir.glob("checkpoint-*")
+                             if c.is_dir()):
+        rows.append({"step": step, **refinement_point(path, k, probe)})
     atomic_write_json(cache, rows)
     return rows
 
@@ -172,33 +181,27 @@ def refinement_figure(curves: dict[str, list[dict]], k: int, path: Path) -> Path
 def run_reproduce(out: Path, *, seeds: int = 5, rollout_steps: int = 16, internal_steps: int = 4,
                   eval_problems: int = 100, eval_samples: int = 8, ablations: bool = True) -> dict:
     from bupo.demo_report import markdown_table_to_html, write_report
-    from bupo.internal import parts
-    from bupo.zoo import load_bundled
 
     t0 = time.time()
     out.mkdir(parents=True, exist_ok=True)
     summary = run_analysis(out / "analysis", samples=48, seed=0)
     k = int(summary["suggested_internal_layer"])
-    num_layers = parts(load_bundled()[0]).num_layers
+    num_layers = int(summary["num_layers"])
     common = dict(rollout_steps=rollout_steps, eval_problems=eval_problems, eval_samples=eval_samples)
 
-    def train(name, algo, seed, s_inter=internal_steps, layer=k, save_every=0):
+    def train(name, algo, seed, s_inter=internal_steps, layer=k, save_every=0, eval_before=False):
         print(f"== {name}")
         run_training(out / "runs" / name, algo=algo, seed=seed, internal_steps=s_inter, internal_layer=layer,
-                     eval_before=False, save_every=save_every, **common)
+                     eval_before=eval_before, save_every=save_every, **common)
         return _metrics(_eval_results(out / "runs" / name, first=False))
 
-    # base model: one evaluation (step 0 of the first GRPO run)
+    # base model: one evaluation (step 0 of the first GRPO run); seed-0 runs keep checkpoints for the refinement
     per_seed = {"grpo": [], "bupo": []}
     for seed in range(seeds):
         for algo in ("grpo", "bupo"):
-            save_every = max(1, rollout_steps // 4) if seed == 0 else 0
-            name = f"{algo}-seed{seed}"
-            print(f"== {name}")
-            run_training(out / "runs" / name, algo=algo, seed=seed, internal_steps=internal_steps,
-                         internal_layer=k, eval_before=(seed == 0 and algo == "grpo"), save_every=save_every,
-                         **common)
-            per_seed[algo].append(_metrics(_eval_results(out / "runs" / name, first=False)))
+            per_seed[algo].append(train(f"{algo}-seed{seed}", algo, seed,
+                                        save_every=max(1, rollout_steps // 4) if seed == 0 else 0,
+                                        eval_before=(seed == 0 and algo == "grpo")))
     base = _metrics(_eval_results(out / "runs" / "grpo-seed0", first=True))
 
     keys = list(base)
@@ -241,8 +244,11 @@ def run_reproduce(out: Path, *, seeds: int = 5, rollout_steps: int = 16, interna
 
     print("== feature refinement")
     probe = probe_batch()
-    curves = {label: refinement_over_training(out / "runs" / name, k, probe)
-              for label, name in (("GRPO", "grpo-seed0"), ("BuPO", "bupo-seed0"))}
+    curves, base_row = {}, None
+    for label, name in (("GRPO", "grpo-seed0"), ("BuPO", "bupo-seed0")):
+        # the base model (step 0) is the same for both curves: measured once
+        curves[label] = refinement_over_training(out / "runs" / name, k, probe, base=base_row)
+        base_row = curves[label][0]
     fig_dir = out / "figures"
     fig_dir.mkdir(exist_ok=True)
     fig = refinement_figure(curves, k, fig_dir / "refinement.png")
