@@ -154,3 +154,25 @@ def test_layering_flags_override_yaml_and_trl_flags_override_all(tmp_path):
 
     assert os.environ.pop("BUPO_TEST_ENV") == "yes"
     assert torch.get_num_threads() >= 1
+
+
+def test_auto_layer_analysis_runs_on_the_training_device(tmp_path, monkeypatch):
+    """With no analysis, ``auto`` analyses the model on the device it will train on (the accelerator, not the CPU
+    from_pretrained left it on). "meta" stands in for the accelerator: the fake analysis sees where the model is."""
+    import bupo.analysis.run as analysis_run
+    from bupo.training.run import resolve_internal_layer
+
+    seen = {}
+
+    def fake_analyze(model, tokenizer, *, out_dir, **kw):
+        seen["device"] = next(model.parameters()).device
+        out_dir.mkdir(parents=True)
+        (out_dir / "summary.json").write_text(json.dumps({"num_layers": 4, "suggested_internal_layer": 1}))
+
+    monkeypatch.setattr(analysis_run, "analyze", fake_analyze)
+    model = make_model()
+    assert next(model.parameters()).device.type == "cpu"
+    k, source = resolve_internal_layer("auto", model=model, tokenizer=None, model_path=None,
+                                       output_dir=str(tmp_path), analysis=None, rows=_rows(4), template="chat",
+                                       samples=4, max_new_tokens=4, device=torch.device("meta"))
+    assert (k, seen["device"].type) == (1, "meta") and "run by bupo train" in source

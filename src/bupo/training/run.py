@@ -186,9 +186,14 @@ def resolve_internal_layer(
     samples: int,
     max_new_tokens: int,
     is_main: bool = True,
+    device: Any = None,
 ) -> tuple[int | None, str]:
     """``(k, source)``: an int is used as given; ``"auto"`` reads the analysis' suggested (boundary) layer,
-    running a short analysis into ``<output_dir>/analysis`` when none exists."""
+    running a short analysis into ``<output_dir>/analysis`` when none exists.
+
+    ``device``: where that short analysis runs (``bupo train`` passes the training device, so a model loaded on the
+    CPU is moved to the accelerator first instead of generating on the CPU); None leaves the model where it is.
+    """
     if value is None or isinstance(value, int):
         return value, "given"
     from bupo.analysis.run import suggested_layer
@@ -204,6 +209,8 @@ def resolve_internal_layer(
     out = Path(output_dir) / "analysis"
     if is_main:
         logger.info("--internal-layer auto: no analysis found, analysing %d responses into %s", samples, out)
+        if device is not None:
+            model.to(device)  # the trainer would move it there anyway
         was_training = model.training
         model.eval()
         try:
@@ -355,7 +362,7 @@ def train(train_args: Any, script: BuPOScriptArguments) -> dict[str, Any]:
         layer_value, model=model, tokenizer=tokenizer, model_path=model_path, output_dir=str(out_dir),
         analysis=script.analysis, rows=rows, template=template, samples=script.auto_layer_samples,
         max_new_tokens=train_args.max_completion_length,
-        is_main=int(os.environ.get("RANK", "0")) == 0)
+        is_main=int(os.environ.get("RANK", "0")) == 0, device=train_args.device)
     train_args.internal_layer = k
 
     reward_funcs = [make_reward_func(name.strip(), timeout=script.reward_timeout)
