@@ -481,3 +481,23 @@ def test_every_family_self_consistent(family, tok):
     assert np.allclose(np.add(s["attn_entropy_change"], s["ffn_entropy_change"]), s["layer_entropy_change"], atol=1e-6)
     assert s["layer_entropy"][-1] == pytest.approx(s["final_entropy"], abs=1e-5)
     assert s["layer_logprob"][-1] == pytest.approx(s["final_logprob"], abs=1e-5)
+
+
+def test_bad_arguments_are_rejected_before_any_generation_or_measurement(model, tok, monkeypatch):
+    def boom(*a, **k):
+        raise AssertionError("the model ran before the arguments were checked")
+
+    monkeypatch.setattr(run_mod, "measure_batch", boom)
+    monkeypatch.setattr(run_mod, "generate_traces", boom)
+    rows = [{"prompt": [{"role": "user", "content": "1+1?"}]}]
+    with pytest.raises(ValueError, match="figures need an out_dir"):
+        analyze(model, tok, data=rows, max_new_tokens=2)
+    with pytest.raises(ValueError, match="figures need an out_dir"):
+        analyze(model, tok, traces=TRACES)
+    with pytest.raises(ValueError, match="heatmap_sample 7 is not analysed"):
+        analyze(model, tok, traces=TRACES, figures=False, heatmap_sample=7)
+    skipped = TRACES + [{"prompt": "x", "response": ""}]
+    with pytest.raises(ValueError, match="heatmap_sample 3 is not analysed \\(empty_response\\)"):
+        analyze(model, tok, traces=skipped, figures=False, heatmap_sample=3)
+    with pytest.raises(ValueError, match="heatmap_sample must be"):
+        analyze(model, tok, traces=TRACES, figures=False, heatmap_sample="0")

@@ -568,6 +568,10 @@ def analyze(
             raise ValueError(f"{name} must be a positive int, got {v!r}")
     if not (temperature >= 0 and 0 < top_p <= 1):
         raise ValueError(f"temperature must be >= 0 (0 = greedy) and top_p in (0, 1], got {temperature}, {top_p}")
+    if figures and out_dir is None:
+        raise ValueError("figures need an out_dir (or pass figures=False)")
+    if heatmap_sample is not None and (not isinstance(heatmap_sample, int) or isinstance(heatmap_sample, bool)):
+        raise ValueError(f"heatmap_sample must be a sample index (int) or None, got {heatmap_sample!r}")
     out = None if out_dir is None else Path(out_dir)
     if out is not None:
         _check_out_dir(out, overwrite)
@@ -671,6 +675,9 @@ def analyze(
     if not todo:
         raise ValueError(f"no analysable samples among {len(all_traces)}: skipped {dict(skipped)} "
                          f"(context length {ctx})")
+    if heatmap_sample is not None and heatmap_sample not in {tr.index for tr in todo}:
+        why = skip_reason.get(heatmap_sample, f"out of range: inputs are 0..{len(all_traces) - 1}")
+        raise ValueError(f"heatmap_sample {heatmap_sample} is not analysed ({why}); pick an analysed sample")
 
     # ---- measure (resumable)
     done = staging.done()
@@ -703,8 +710,6 @@ def analyze(
         agg.add_sample(s)
         if int(s["sample"][0]) == hm_index:
             heat = np.stack([s[entropy_col("resid_post", k)] for k in range(L)]).astype(np.float32)
-    if heatmap_sample is not None and heat is None:
-        raise ValueError(f"heatmap_sample {heatmap_sample} was not analysed (skipped or out of range)")
     stats = agg.result()
     bd = boundary_details(stats["ffn_entropy_change"], tol=boundary_tol)
     summary: dict[str, Any] = {
@@ -735,8 +740,6 @@ def analyze(
     if keep_tokens or (keep_tokens is None and out is None):
         result._tokens = _tokens_frame(staging, token_dtype)
     if out is None:
-        if figures:
-            raise ValueError("figures need an out_dir (or pass figures=False)")
         return result
 
     # ---- outputs; summary.json last: its presence marks a finished analysis
