@@ -9,10 +9,10 @@ from __future__ import annotations
 
 import html
 import json
-import os
 from collections.abc import Mapping
 from pathlib import Path
 
+from bupo.analysis.figures import _plt, _save
 from bupo.analysis.report import img_tag
 from bupo.analysis.run import load_summary
 from bupo.io import atomic_write_text
@@ -23,17 +23,6 @@ CURVES = [
     ("bupo/entropy_full", "entropy of the full policy pi_theta (nats)"),
     ("bupo/entropy_internal", "entropy of the internal policy pi^k (nats)"),
 ]
-
-
-def _save(fig, path: Path) -> Path:
-    import matplotlib.pyplot as plt
-
-    fig.tight_layout()
-    tmp = path.with_suffix(".tmp.png")
-    fig.savefig(tmp, dpi=100)
-    plt.close(fig)
-    os.replace(tmp, path)  # atomic: a reader never sees half a PNG
-    return path
 
 
 def _series(log: list[dict], key: str) -> tuple[list[float], list[float]]:
@@ -53,13 +42,9 @@ def read_logs(runs: Mapping[str, Path]) -> dict[str, list[dict]]:
 
 def training_curves(logs: Mapping[str, list[dict]], path: Path) -> Path | None:
     """One panel per curve, one line per run; the internal phase of BuPO runs is shaded."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
     if not logs:
         return None
+    plt = _plt()
     fig, axes = plt.subplots(1, len(CURVES), figsize=(4.2 * len(CURVES), 3.3))
     for ax, (key, title) in zip(axes, CURVES, strict=True):
         for label, log in logs.items():
@@ -80,13 +65,9 @@ def training_curves(logs: Mapping[str, list[dict]], path: Path) -> Path | None:
 
 def layer_probe_curves(logs: Mapping[str, list[dict]], path: Path) -> Path | None:
     """Mean entropy of every layer policy on the fixed probe batch over training (bupo/layer_entropy/L*)."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
     if not logs:
         return None
+    plt = _plt()
     fig, axes = plt.subplots(1, len(logs), figsize=(5 * len(logs), 3.5), squeeze=False)
     for ax, (label, log) in zip(axes[0], logs.items(), strict=True):
         keys = sorted({k for rec in log for k in rec if k.startswith("bupo/layer_entropy/L")},

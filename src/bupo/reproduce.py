@@ -151,12 +151,9 @@ def refinement_over_training(run_dir: Path, k: int, probe, base: dict | None = N
 
 
 def refinement_figure(curves: dict[str, list[dict]], k: int, path: Path) -> Path:
-    import matplotlib
+    from bupo.analysis.figures import _plt, _save
 
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    fig, axes = plt.subplots(1, 3, figsize=(14, 3.5))
+    fig, axes = _plt().subplots(1, 3, figsize=(14, 3.5))
     for label, rows in curves.items():
         steps = [r["step"] for r in rows]
         axes[0].plot(steps, [statistics.fmean(r["cos"].values()) for r in rows], marker="o", label=label)
@@ -169,10 +166,7 @@ def refinement_figure(curves: dict[str, list[dict]], k: int, path: Path) -> Path
         ax.set_xlabel("optimizer step")
         ax.grid(alpha=0.3)
         ax.legend(fontsize=8)
-    fig.tight_layout()
-    fig.savefig(path, dpi=100)
-    plt.close(fig)
-    return path
+    return _save(fig, path)  # atomic
 
 
 # ---------------------------------------------------------------------------------------------------------------
