@@ -13,6 +13,7 @@ from bupo.data.datasets import (
     DEFAULT_SAMPLES,
     benchmark_name,
     default_samples,
+    load_benchmarks,
     load_bundled,
     load_rows,
 )
@@ -152,3 +153,30 @@ def test_load_bundled() -> None:
     assert rows[0]["prompt"][0]["role"] == "system" and rows[0]["prompt"][1]["role"] == "user"
     assert isinstance(rows[0]["reward_model"]["ground_truth"], str)
     assert load_bundled("test", n=5, seed=0) == rows
+
+
+def test_load_benchmarks_names_limits_and_the_bundled_split(tmp_path: Path) -> None:
+    amc = tmp_path / "amc23.jsonl"
+    amc.write_text("".join(json.dumps(r) + "\n" for r in load_rows(DATA / "amc2023.parquet")[:5]))
+    sets = load_benchmarks([str(amc), "bundled"], limit=3)
+    assert list(sets) == ["amc2023", "bundled_test"]
+    assert sets["amc2023"] == load_rows(amc)[:3]
+    # bundled_test is always the held-out split with seed 0, whoever loads it
+    assert sets["bundled_test"] == load_bundled("test", n=3, seed=0)
+    assert len(load_benchmarks(["bundled"])["bundled_test"]) == 200
+    assert len(load_benchmarks([str(amc)])["amc2023"]) == 5
+
+
+def test_load_benchmarks_rejects_duplicate_names_and_bad_limits(tmp_path: Path) -> None:
+    rows = load_rows(DATA / "amc2023.parquet")[:2]
+    a, b = tmp_path / "amc23.jsonl", tmp_path / "AMC-2023.parquet"
+    a.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    pd.DataFrame(rows).to_parquet(b)
+    with pytest.raises(ValueError, match="both map to the benchmark name 'amc2023'"):
+        load_benchmarks([str(a), str(b)])
+    with pytest.raises(ValueError, match="both map to the benchmark name 'bundled_test'"):
+        load_benchmarks(["bundled", "bundled"])
+    with pytest.raises(ValueError, match=">= 1"):
+        load_benchmarks([str(a)], limit=0)
+    with pytest.raises(ValueError, match="no evaluation data"):
+        load_benchmarks([])

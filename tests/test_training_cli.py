@@ -176,3 +176,21 @@ def test_auto_layer_analysis_runs_on_the_training_device(tmp_path, monkeypatch):
                                        output_dir=str(tmp_path), analysis=None, rows=_rows(4), template="chat",
                                        samples=4, max_new_tokens=4, device=torch.device("meta"))
     assert (k, seen["device"].type) == (1, "meta") and "run by bupo train" in source
+
+
+def test_in_training_eval_sets_are_bupo_evals(workspace):
+    """bupo train evaluates the same problems under the same names as bupo eval (one loader, one seed)."""
+    import argparse
+
+    from bupo.evaluation.cli import _datasets
+    from bupo.training.run import _eval_sets
+
+    assert _eval_sets(None, None, 5) == _datasets(argparse.Namespace(data=None, problems=5))
+    assert list(_eval_sets(None, None, 5)) == ["bundled_test"]
+    test = str(workspace / "test.jsonl")
+    assert _eval_sets([test], str(workspace / "train.jsonl"), 3) == _datasets(argparse.Namespace(data=[test],
+                                                                                                 problems=3))
+    assert _eval_sets(None, str(workspace / "train.jsonl"), 3) == {}
+    assert _eval_sets(["none"], None, 3) == {}
+    with pytest.raises(ValueError, match="both map to the benchmark name"):
+        _eval_sets([test, test], None, None)

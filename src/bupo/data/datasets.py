@@ -6,6 +6,9 @@ kept as they are (numpy arrays and scalars from pyarrow become lists and Python 
 
 Benchmark names and the paper's default samples per problem (Avg@K): AIME24/25 32, AMC23 and
 MATH500 16. The bundled synthetic task's held-out split loads as ``bundled_test``.
+
+:func:`load_benchmarks` is the one mapping from data specs to ``{benchmark_name: rows}`` shared by ``bupo eval`` and
+the evaluation inside ``bupo train``, so the same name always means the same problems.
 """
 
 from __future__ import annotations
@@ -17,12 +20,16 @@ from typing import Any
 
 __all__ = [
     "BENCHMARKS",
+    "BUNDLED",
     "BUNDLED_TEST",
+    "BUNDLED_TEST_PROBLEMS",
+    "BUNDLED_TEST_SEED",
     "DEFAULT_SAMPLES",
     "DISPLAY_NAMES",
     "REQUIRED_COLUMNS",
     "benchmark_name",
     "default_samples",
+    "load_benchmarks",
     "load_bundled",
     "load_rows",
     "validate_rows",
@@ -33,7 +40,10 @@ REQUIRED_COLUMNS = ("prompt", "reward_model")
 BENCHMARKS = ("amc2023", "math500", "aime_2024", "aime_2025")
 DISPLAY_NAMES = {"amc2023": "AMC", "math500": "MATH500", "aime_2024": "AIME24", "aime_2025": "AIME25"}
 DEFAULT_SAMPLES = {"aime_2024": 32, "aime_2025": 32, "amc2023": 16, "math500": 16}
+BUNDLED = "bundled"  # the data spec naming the bundled task
 BUNDLED_TEST = "bundled_test"
+BUNDLED_TEST_PROBLEMS = 200  # problems of bundled_test when no limit is given
+BUNDLED_TEST_SEED = 0  # one seed wherever bundled_test is evaluated, so results under that name compare
 _SUFFIXES = (".parquet", ".jsonl", ".json")
 
 _ALIASES = [
@@ -197,3 +207,32 @@ def load_bundled(
     from bupo.data.task import make_examples  # lazy: written by the task module's owner
 
     return validate_rows(make_examples(split, n, seed, difficulty), f"bundled task ({split})")
+
+
+def load_benchmarks(specs: list[str], limit: int | None = None) -> dict[str, list[dict]]:
+    """``{benchmark_name: rows}`` for data specs: ``.parquet`` / ``.jsonl`` / ``.json`` files (named by
+    :func:`benchmark_name`) or ``"bundled"`` (the bundled task's held-out split as ``bundled_test``:
+    ``limit`` or :data:`BUNDLED_TEST_PROBLEMS` problems, seed :data:`BUNDLED_TEST_SEED`).
+
+    ``limit``: at most this many problems per benchmark (the first ones); None keeps every row.
+    Raises ValueError for no specs, a limit below 1, or two specs mapping to the same benchmark name (one would
+    silently replace the other); FileNotFoundError / ValueError from :func:`load_rows` for a bad file.
+    """
+    if limit is not None and limit < 1:
+        raise ValueError(f"the problem limit must be >= 1, got {limit}")
+    if not specs:
+        raise ValueError(f"no evaluation data given; pass data files (.parquet/.jsonl/.json) or {BUNDLED!r}")
+    out: dict[str, list[dict]] = {}
+    origin: dict[str, str] = {}
+    for spec in specs:
+        spec = str(spec)
+        name = BUNDLED_TEST if spec == BUNDLED else benchmark_name(spec)
+        if name in out:
+            raise ValueError(f"{origin[name]!r} and {spec!r} both map to the benchmark name {name!r}; "
+                             "rename one file (names come from the file name, see benchmark_name)")
+        if spec == BUNDLED:
+            rows = load_bundled("test", n=limit or BUNDLED_TEST_PROBLEMS, seed=BUNDLED_TEST_SEED)
+        else:
+            rows = load_rows(spec)
+        out[name], origin[name] = (rows[:limit] if limit else rows), spec
+    return out

@@ -9,7 +9,6 @@ from pathlib import Path
 from typing import Any
 
 DEFAULT_MAX_NEW_TOKENS = 8192  # the paper's Qwen scripts' max response; used when the model folder sets none
-DEFAULT_BUNDLED_PROBLEMS = 200
 
 
 def register(subparsers: Any) -> None:
@@ -155,20 +154,11 @@ def _load_hf(path: Path, device: str, dtype: str) -> tuple[Any, Any]:
 
 
 def _datasets(args: argparse.Namespace) -> dict[str, list[dict]]:
-    from bupo.data.datasets import BUNDLED_TEST, benchmark_name, load_bundled, load_rows
+    from bupo.data.datasets import BUNDLED, load_benchmarks
 
     if args.problems is not None and args.problems < 1:
         raise ValueError(f"--problems must be >= 1, got {args.problems}")
-    if not args.data:
-        return {BUNDLED_TEST: load_bundled("test", n=args.problems or DEFAULT_BUNDLED_PROBLEMS, seed=0)}
-    out: dict[str, list[dict]] = {}
-    for f in args.data:
-        name = benchmark_name(f)
-        if name in out:
-            raise ValueError(f"two --data files map to the benchmark name {name!r}; rename one")
-        rows = load_rows(f)
-        out[name] = rows[: args.problems] if args.problems else rows
-    return out
+    return load_benchmarks(args.data or [BUNDLED], args.problems)
 
 
 def _eval_handler(args: argparse.Namespace) -> int:

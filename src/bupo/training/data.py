@@ -11,21 +11,18 @@ import logging
 from collections.abc import Sequence
 from typing import Any
 
-logger = logging.getLogger(__name__)
+from bupo.data.datasets import BUNDLED  # re-exported: the spec naming the bundled task
 
-BUNDLED = "bundled"
+logger = logging.getLogger(__name__)
 
 
 def load_training_rows(spec: str | None, *, split: str = "train", n: int = 2048, seed: int = 0) -> list[dict]:
-    """Rows from a ``.parquet`` / ``.jsonl`` / ``.json`` file, or the bundled task (``spec`` None or ``"bundled"``)."""
-    from bupo.data.datasets import load_rows, validate_rows
+    """Rows from a ``.parquet`` / ``.jsonl`` / ``.json`` file, or ``n`` rows of the bundled task's ``split``
+    generated with ``seed`` (``spec`` None or ``"bundled"``)."""
+    from bupo.data.datasets import load_bundled, load_rows
 
-    if spec is None or spec == BUNDLED or spec.startswith(BUNDLED + ":"):
-        from bupo.data.task import make_examples
-
-        if spec and ":" in spec:  # bundled:test, bundled:train
-            split = spec.split(":", 1)[1]
-        return validate_rows(make_examples(split, n, seed), f"bundled task ({split})")
+    if spec is None or spec == BUNDLED:
+        return load_bundled(split, n=n, seed=seed)
     return load_rows(spec)
 
 

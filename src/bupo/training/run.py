@@ -234,21 +234,15 @@ def _barrier() -> None:
 
 
 def _eval_sets(specs: list[str] | None, train_spec: str | None, rows_limit: int | None) -> dict[str, list[dict]]:
-    from bupo.data.datasets import benchmark_name, load_rows
-    from bupo.training.data import BUNDLED, load_training_rows
+    """The in-training eval sets: :func:`bupo.data.datasets.load_benchmarks` (the same names, rows and seed as
+    ``bupo eval``); default the bundled test split when training on the bundled task; ``["none"]`` disables."""
+    from bupo.data.datasets import BUNDLED, load_benchmarks
 
     if specs is None:
         specs = [BUNDLED] if (train_spec in (None, BUNDLED)) else []
-    if [s.lower() for s in specs] == ["none"]:
+    if not specs or [s.lower() for s in specs] == ["none"]:
         return {}
-    sets: dict[str, list[dict]] = {}
-    for spec in specs:
-        if spec == BUNDLED:
-            rows, name = load_training_rows(BUNDLED, split="test", n=rows_limit or 200, seed=1), "bundled_test"
-        else:
-            rows, name = load_rows(spec), benchmark_name(spec)
-        sets[name] = rows[:rows_limit] if rows_limit else rows
-    return sets
+    return load_benchmarks(specs, rows_limit)
 
 
 def make_eval_callback(trainer: Any, sets: dict[str, list[dict]], script: BuPOScriptArguments, template: str,
