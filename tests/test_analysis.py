@@ -501,3 +501,32 @@ def test_bad_arguments_are_rejected_before_any_generation_or_measurement(model, 
         analyze(model, tok, traces=skipped, figures=False, heatmap_sample=3)
     with pytest.raises(ValueError, match="heatmap_sample must be"):
         analyze(model, tok, traces=TRACES, figures=False, heatmap_sample="0")
+
+
+def test_a_model_in_train_mode_is_measured_in_eval_mode_and_restored(tok, monkeypatch):
+    m = make_model(seed=5)
+    m.train()
+    m.model.layers[0].eval()  # a mixed state (e.g. a frozen block) must come back exactly as it was
+    before = {name: mod.training for name, mod in m.named_modules()}
+    real = run_mod.measure_batch
+    seen = []
+
+    def spy(model_, batch, **kw):
+        seen.append(any(mod.training for mod in model_.modules()))
+        return real(model_, batch, **kw)
+
+    monkeypatch.setattr(run_mod, "measure_batch", spy)
+    analyze(m, tok, traces=TRACES, figures=False)
+    assert seen and not any(seen)  # dropout off while measuring
+    assert {name: mod.training for name, mod in m.named_modules()} == before
+    rows = [{"prompt": [{"role": "user", "content": "1+1?"}]}]
+    analyze(m, tok, data=rows, max_new_tokens=2, figures=False)
+    assert {name: mod.training for name, mod in m.named_modules()} == before
+
+    def crash(*a, **k):
+        raise _Crash("boom")
+
+    monkeypatch.setattr(run_mod, "measure_batch", crash)
+    with pytest.raises(_Crash):
+        analyze(m, tok, traces=TRACES, figures=False)
+    assert {name: mod.training for name, mod in m.named_modules()} == before

@@ -181,6 +181,11 @@ def test_model_generation_config_defaults_are_ignored_and_state_restored(tok) ->
     got = generate(m, tok, PROMPTS, n=2, max_new_tokens=8, seed=5)
     assert got == base
     assert m.generation_config is saved and m.training
+    # a mixed state (one block frozen in eval) comes back exactly, not flattened by model.train()
+    m.model.layers[0].eval()
+    before = [mod.training for mod in m.modules()]
+    generate(m, tok, PROMPTS[:1], max_new_tokens=2)
+    assert [mod.training for mod in m.modules()] == before
 
 
 def test_greedy_ignores_seed(model, tok) -> None:

@@ -24,12 +24,13 @@ Conventions:
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from typing import Any
 
-__all__ = ["Completion", "generate", "generate_requests", "sample_seed", "validate_sampling"]
+__all__ = ["Completion", "eval_mode", "generate", "generate_requests", "sample_seed", "validate_sampling"]
 
 
 @dataclass(frozen=True)
@@ -70,6 +71,19 @@ def validate_sampling(
         raise ValueError(f"top_p must be in (0, 1], got {top_p!r}")
     if top_k is not None and (not isinstance(top_k, int) or top_k < 1):
         raise ValueError(f"top_k must be None (off) or an integer >= 1, got {top_k!r}")
+
+
+@contextlib.contextmanager
+def eval_mode(model: Any) -> Iterator[None]:
+    """Eval mode (no dropout) inside the block; every module's own ``training`` flag is restored on exit,
+    so a model handed in by a training loop (even one with some submodules frozen in eval) comes back as it was."""
+    modes = [(m, m.training) for m in model.modules()]
+    model.eval()
+    try:
+        yield
+    finally:
+        for m, mode in modes:
+            m.training = mode
 
 
 def _eos_ids(model: Any, tokenizer: Any) -> list[int]:
@@ -208,14 +222,12 @@ def generate_requests(
         from tqdm.auto import tqdm
 
         bar = tqdm(total=len(requests), desc="generate", unit="seq")
-    was_training = bool(getattr(model, "training", False))
-    model.eval()
     # generate() fills every unset option from model.generation_config (e.g. Qwen3's repetition and
     # top-k defaults); swap in a blank one for the call so only the settings given here apply
     saved_config = getattr(model, "generation_config", None)
     model.generation_config = GenerationConfig(eos_token_id=eos_ids or None, pad_token_id=pad_id)
     try:
-        with torch.inference_mode():
+        with eval_mode(model), torch.inference_mode():
             for start in range(0, len(order), batch_size):
                 idx = order[start : start + batch_size]
                 ids = [encoded[requests[i][0]] for i in idx]
@@ -247,8 +259,6 @@ def generate_requests(
                     bar.update(len(idx))
     finally:
         model.generation_config = saved_config
-        if was_training:
-            model.train()
         if bar is not None:
             bar.close()
     return [r for r in results if r is not None]

@@ -544,11 +544,14 @@ def analyze(
         token_dtype: storage dtype of the entropy / log-prob columns in tokens.parquet (summaries use fp32).
         keep_tokens: hold the per-token table in the result (default: only when out_dir is None).
 
+    The model runs in eval mode; a loaded model's training flags are restored when analyze returns or raises.
+
     Returns an :class:`AnalysisResult`. Raises ValueError for bad input; samples that cannot be analysed
     (empty prompt or response, longer than the context) are skipped and counted in ``summary["skipped"]``.
     """
     import torch
 
+    from bupo.generation import eval_mode
     from bupo.internal.adapters import check_projection, parts
     from bupo.internal.stats import EPILOGUES
 
@@ -582,7 +585,6 @@ def analyze(
         model, tokenizer = load_model(model, dtype=dtype, device=device)
     elif tokenizer is None:
         raise ValueError("a loaded model needs its tokenizer (analyze(model, tokenizer, ...))")
-    model.eval()
     p = parts(model)
     L = p.num_layers
 
@@ -691,7 +693,7 @@ def analyze(
         projector = make_projector(model, projection, epilogue)
         bar = tqdm(total=len(todo), initial=len(todo) - len(pending), desc="analyze", unit="sample",
                    disable=not progress)
-        with torch.inference_mode():
+        with eval_mode(model), torch.inference_mode():
             for batch in _batches(pending, batch_tokens):
                 staging.put(measure_batch(model, batch, convention=delta, projector=projector,
                                           chunk_size=chunk_size, pad_id=pad_id))
