@@ -357,6 +357,24 @@ def test_bupo_rewards_counters_are_folded_in():
     assert real.counters() == (4, 1, 2, 0)
 
 
+def test_only_user_rewards_get_the_whole_call_timeout():
+    from bupo.rewards import make_reward_func
+    from bupo.training.rewards import GuardedReward, guard_reward_funcs
+
+    def user(completions, **kw):
+        return [0.0] * len(completions)
+
+    own = make_reward_func("boxed_exact")
+    wrapped = guard_reward_funcs([own, user, "a-model-id"], timeout=7.0)
+    assert [type(w).__name__ for w in wrapped] == ["GuardedReward", "GuardedReward", "str"]
+    assert wrapped[0].func is own and wrapped[0].timeout is None  # limits each completion itself
+    assert wrapped[1].func is user and wrapped[1].timeout == 7.0
+    assert guard_reward_funcs(wrapped, timeout=7.0) == wrapped  # already guarded: kept as is
+    # bupo's own reward, wrapped without a thread, still never raises into training and is still counted
+    assert wrapped[0](["\\boxed{3}"], ground_truth=["3", "4"]) == [0.0] and wrapped[0].errors == 1
+    assert isinstance(wrapped[0], GuardedReward)
+
+
 def test_trainer_rejects_bad_setups(tmp_path):
     with pytest.raises(ValueError, match="out of range"):
         make_trainer(tmp_path, internal_layer=4)

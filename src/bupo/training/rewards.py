@@ -6,8 +6,11 @@ is counted (``errors`` / ``timeouts``, in completions); the training loop never 
 :func:`bupo.rewards.make_reward_func` already limit and count each completion themselves (``func.stats``); their
 counters are folded in, so one place reports both.
 
-A timed-out call keeps running in a daemon thread (Python cannot kill a thread); bupo's own rewards never get there
-because they time-limit each completion, and the thread cannot block interpreter exit.
+Only user-supplied callables get the whole-call ``timeout`` (a thread per call). A timed-out call keeps running in a
+daemon thread (Python cannot kill a thread), which cannot block interpreter exit. bupo's own rewards (recognised by
+their :class:`bupo.rewards.RewardStats` ``.stats``) are wrapped with ``timeout=None``: they limit each completion
+themselves, and a whole-batch limit would wrongly zero a large batch of slow-but-legal completions while the
+abandoned call kept using the reward workers.
 """
 
 from __future__ import annotations
@@ -97,8 +100,11 @@ class GuardedReward:
 
 
 def guard_reward_funcs(reward_funcs: Any, timeout: float | None) -> list:
-    """Wrap every synchronous callable (not models, not strings, not async functions) in :class:`GuardedReward`."""
+    """Wrap every synchronous callable (not models, not strings, not async functions) in :class:`GuardedReward`:
+    with ``timeout`` seconds per call, except bupo's own reward functions (per-completion limits; counted only)."""
     from trl.trainer.utils import is_async_callable
+
+    from bupo.rewards import RewardStats
 
     if reward_funcs is None:
         return []
@@ -108,7 +114,8 @@ def guard_reward_funcs(reward_funcs: Any, timeout: float | None) -> list:
         if isinstance(f, GuardedReward | str) or not callable(f) or _is_module(f) or is_async_callable(f):
             out.append(f)
         else:
-            out.append(GuardedReward(f, timeout=timeout))
+            own = isinstance(getattr(f, "stats", None), RewardStats)  # from bupo.rewards.make_reward_func
+            out.append(GuardedReward(f, timeout=None if own else timeout))
     return out
 
 

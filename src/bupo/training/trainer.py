@@ -49,7 +49,8 @@ class BuPOTrainer(GRPOTrainer):
 
     Same constructor as ``GRPOTrainer``; ``args`` must be a :class:`BuPOConfig` with ``internal_layer`` resolved to
     an int (not ``"auto"``) when ``internal_steps > 0``. Reward callables are wrapped in
-    :class:`bupo.training.rewards.GuardedReward` (never raise, time-limited by ``reward_timeout`` seconds, counted).
+    :class:`bupo.training.rewards.GuardedReward` (never raise, counted; user-supplied ones are time-limited by
+    ``reward_timeout`` seconds per call, bupo's own limit each completion themselves).
 
     KL (``beta > 0``): in the internal phase the reference log-probs are the *reference model's own layer-k policy*
     (pi^k_ref, through the same truncated forward), so the k3 term is KL(pi^k_theta || pi^k_ref), zero at step 0.
