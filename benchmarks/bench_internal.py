@@ -127,8 +127,9 @@ def main() -> None:
         print(f"{k:>3} {k + 1:>7} {o['seconds']:>10.3f} {t['seconds']:>8.3f} {row['time_ratio']:>10.2f} "
               f"{row['ideal']:>8.2f} {o['peak_mb']:>11.0f} {t['peak_mb']:>8.0f} {row['mem_ratio']:>9.2f}")
     if args.json:
-        with open(args.json, "w") as f:
-            json.dump(rows, f, indent=2)
+        from bupo.io import atomic_write_json
+
+        atomic_write_json(args.json, rows)
 
 
 if __name__ == "__main__":

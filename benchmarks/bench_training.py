@@ -15,13 +15,11 @@ Goal (issue): time(internal k) / time(full) <= (k + 1) / L + 0.10.
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import statistics
 import sys
 import tempfile
 import time
-from pathlib import Path
 
 
 def _model_and_tokenizer(args):
@@ -131,10 +129,9 @@ def main(argv: list[str] | None = None) -> int:
         print(f"{r['k']:>3} {r['paper_layer']:>3} {r['internal_s']:>11.4f} {r['full_s']:>9.4f} {r['ratio']:>6.3f} "
               f"{r['cpu_ratio']:>9.3f} {r['ideal']:>8.3f} {r['goal']:>6.3f}  {'yes' if r['meets_goal'] else 'NO'}")
     if args.out:
-        p = Path(args.out)
-        tmp = p.with_suffix(p.suffix + ".tmp")
-        tmp.write_text(json.dumps(result, indent=2))
-        os.replace(tmp, p)
+        from bupo.io import atomic_write_json
+
+        atomic_write_json(args.out, result)
     return 0
 
 

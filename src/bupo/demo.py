@@ -181,7 +181,7 @@ def run_demo(out: Path, *, seed: int = 0, rollout_steps: int = 16, internal_step
     print("[4/4] writing the report")
     report = write_report(out / "report.html", title="bupo demo: BuPO vs GRPO on the bundled model",
                           analysis_dir=out / "analysis", runs={"GRPO": out / "grpo", "BuPO": out / "bupo"},
-                          table_md=table, settings=settings)
+                          table_md=table, settings=settings, summary=summary)
     atomic_write_json(out / "results.json", {"settings": settings, "results": results})
     print()
     print(table)

@@ -121,8 +121,12 @@ th{background:#f3f3f3}img{max-width:100%;border:1px solid #eee;margin:.4em 0}cod
 
 
 def write_report(path: Path, *, title: str, analysis_dir: Path | None, runs: Mapping[str, Path], table_md: str,
-                 settings: Mapping, extra_sections: list[tuple[str, str]] | None = None) -> Path:
-    """Write the report atomically; returns its path."""
+                 settings: Mapping, extra_sections: list[tuple[str, str]] | None = None,
+                 summary: Mapping | None = None) -> Path:
+    """Write the report atomically; returns its path.
+
+    ``summary``: the analysis' ``summary.json`` when the caller already holds it (else read from ``analysis_dir``).
+    """
     path = Path(path)
     fig_dir = path.parent / "figures"
     fig_dir.mkdir(parents=True, exist_ok=True)
@@ -131,8 +135,9 @@ def write_report(path: Path, *, title: str, analysis_dir: Path | None, runs: Map
              "<p>Conventions: layer k is 0-based as in the official code (paper layer l = k+1); entropies in nats; "
              "projection <code>raw</code> (lm_head of the residual stream, no final norm), as in the paper.</p>",
              "<h2>Results</h2>", markdown_table_to_html(table_md)]
-    if analysis_dir is not None and (Path(analysis_dir) / "summary.json").is_file():
+    if summary is None and analysis_dir is not None and (Path(analysis_dir) / "summary.json").is_file():
         summary = load_summary(analysis_dir)
+    if analysis_dir is not None and summary is not None:
         parts += ["<h2>Internal entropy flow of the base model</h2>",
                   f"<p>Boundary layer (paper numbering) <b>{summary.get('boundary_layer')}</b> &rarr; suggested "
                   f"internal layer k = <b>{summary.get('suggested_internal_layer')}</b> (0-based). "

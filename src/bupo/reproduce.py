@@ -261,7 +261,7 @@ def run_reproduce(out: Path, *, seeds: int = 5, rollout_steps: int = 16, interna
     report = write_report(out / "report.html", title="bupo reproduce: BuPO vs GRPO in miniature",
                           analysis_dir=out / "analysis",
                           runs={"GRPO": out / "runs" / "grpo-seed0", "BuPO": out / "runs" / "bupo-seed0"},
-                          table_md=table, settings=settings, extra_sections=sections)
+                          table_md=table, settings=settings, extra_sections=sections, summary=summary)
     print(table)
     if abl_rows:
         print("\n" + "\n".join(abl_rows))

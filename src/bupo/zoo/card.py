@@ -130,15 +130,19 @@ def render_card(record: dict[str, Any], proof: dict[str, Any] | None = None) -> 
     return "\n".join(lines)
 
 
-def write_card(folder: str | os.PathLike, record: dict[str, Any] | None = None) -> Path:
-    """(Re)write ``folder/README.md`` from ``recipe.json`` (or ``record``) and ``grpo_proof.json`` if present."""
+def write_card(
+    folder: str | os.PathLike, record: dict[str, Any] | None = None, proof: dict[str, Any] | None = None
+) -> Path:
+    """(Re)write ``folder/README.md`` atomically from ``record`` and ``proof`` (the GRPO proof result).
+
+    Either one left out is read from the folder: ``recipe.json``, and ``grpo_proof.json`` if present.
+    """
+    from bupo.io import atomic_write_text
+
     folder = Path(folder)
     if record is None:
         record = json.loads((folder / "recipe.json").read_text(encoding="utf-8"))
-    proof_file = folder / "grpo_proof.json"
-    proof = json.loads(proof_file.read_text(encoding="utf-8")) if proof_file.is_file() else None
-    text = render_card(record, proof)
-    tmp = folder / ".README.md.tmp"
-    tmp.write_text(text, encoding="utf-8")
-    os.replace(tmp, folder / "README.md")
-    return folder / "README.md"
+    if proof is None:
+        proof_file = folder / "grpo_proof.json"
+        proof = json.loads(proof_file.read_text(encoding="utf-8")) if proof_file.is_file() else None
+    return atomic_write_text(folder / "README.md", render_card(record, proof))

@@ -208,22 +208,17 @@ def run_from_args(args: argparse.Namespace) -> dict[str, Any]:
     keys = [k for k in PROOF_DEFAULTS if hasattr(args, k)]
     result = run(args.model, save_dir=args.save_dir, machine_note=args.machine_note,
                  log=lambda s: print(s, flush=True), **{k: getattr(args, k) for k in keys})  # fmt: skip
+    from bupo.io import atomic_write_json
+
     if args.out:
-        _write_json(Path(args.out), result)
+        atomic_write_json(args.out, result, sort_keys=True)
     if args.write_card:
         from bupo.zoo.card import write_card
 
         folder = Path(result["model"])
-        _write_json(folder / "grpo_proof.json", result)
-        write_card(folder)
+        atomic_write_json(folder / "grpo_proof.json", result, sort_keys=True)
+        write_card(folder, proof=result)
     return result
-
-
-def _write_json(path: Path, obj: Any) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp")
-    tmp.write_text(json.dumps(obj, indent=2, sort_keys=True), encoding="utf-8")
-    os.replace(tmp, path)
 
 
 def main(argv: list[str] | None = None) -> int:
