@@ -48,10 +48,10 @@ def load_bundled(dtype: Any = None) -> tuple[Any, Any]:
 def bundled_task(
     split: str = "test", n: int = 200, seed: int = 0, difficulty: int | None = None
 ) -> list[dict]:
-    """Rows of the bundled arithmetic task (see :func:`bupo.data.task.make_examples`)."""
-    from bupo.data.task import make_examples
+    """Rows of the bundled arithmetic task, validated (:func:`bupo.data.datasets.load_bundled`)."""
+    from bupo.data.datasets import load_bundled as load_task
 
-    return make_examples(split, n, seed=seed, difficulty=difficulty)
+    return load_task(split, n, seed=seed, difficulty=difficulty)
 
 
 def model_card() -> str:

@@ -48,13 +48,12 @@ def register(subparsers: argparse._SubParsersAction) -> None:
 
 
 def _info(args: argparse.Namespace) -> int:
-    from bupo.zoo import bundled_model_path
+    from bupo.zoo import bundled_model_path, model_card
 
-    folder = bundled_model_path()
     if args.json:
-        print((folder / "recipe.json").read_text(encoding="utf-8"))
+        print((bundled_model_path() / "recipe.json").read_text(encoding="utf-8"))
     else:
-        print((folder / "README.md").read_text(encoding="utf-8"))
+        print(model_card())
     return 0
 
 
