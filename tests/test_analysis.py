@@ -309,6 +309,10 @@ def test_bad_input_is_reported(model, tok, tmp_path):
         analyze(model, tok, traces=[{"prompt": "x", "text": "y"}], figures=False)
     with pytest.raises(ValueError, match="exactly one of"):
         analyze(model, tok, figures=False)
+    with pytest.raises(ValueError, match="temperature must be >= 0"):
+        analyze(model, tok, traces=TRACES, figures=False, temperature=-0.5)
+    with pytest.raises(ValueError, match="top_p must be in"):
+        analyze(model, tok, traces=TRACES, figures=False, top_p=1.5)
     bad = tmp_path / "t.jsonl"
     bad.write_text('{"prompt": "x", "response": "y"}\nnot json\n')
     with pytest.raises(ValueError, match="t.jsonl:2"):
@@ -434,6 +438,10 @@ def test_sample_layer_draws_from_the_internal_policy(model, tok):
     assert isinstance(full, str)
     with pytest.raises(ValueError):
         sample_layer(model, tok, "x", layer=99)
+    for bad, what in ((dict(temperature=-1.0), "temperature"), (dict(top_p=0.0), "top_p"),
+                      (dict(n=0), "n \\(samples"), (dict(max_new_tokens=0), "max_new_tokens")):
+        with pytest.raises(ValueError, match=what):
+            sample_layer(model, tok, "x", layer=0, **bad)
 
 
 def test_log_v_ceiling_bounds_entropies(model, tok):
@@ -445,6 +453,7 @@ def test_log_v_ceiling_bounds_entropies(model, tok):
 
 def test_cli_end_to_end_on_the_bundled_model(tmp_path):
     from bupo.cli import main
+    from bupo.generation import encode_prompt
     from bupo.zoo import bundled_model_path
 
     path = bundled_model_path()  # ships with the package: missing is a failure
@@ -464,7 +473,7 @@ def test_cli_end_to_end_on_the_bundled_model(tmp_path):
     tok = AutoTokenizer.from_pretrained(path)
     traces = [json.loads(x) for x in (out / "traces.jsonl").read_text().splitlines()]
     traces = [t for t in traces if not t["skipped"]]
-    toks = [{"prompt_ids": run_mod._encode_prompt(tok, t["prompt"]), "response_ids": t["response_ids"]} for t in traces]
+    toks = [{"prompt_ids": encode_prompt(tok, t["prompt"]), "response_ids": t["response_ids"]} for t in traces]
     ref, _ = official_reference(model, tok, toks)
     _assert_matches(s, ref)
 

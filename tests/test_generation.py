@@ -259,6 +259,30 @@ def test_bad_inputs(model, tok) -> None:
     with pytest.raises(ValueError, match="strings"):
         generate(model, tok, [123], max_new_tokens=4)  # type: ignore[list-item]
     assert generate(model, tok, [], max_new_tokens=4) == []
+    with pytest.raises(ValueError, match="tokenises to nothing"):
+        generate(model, tok, [""], max_new_tokens=4)
+
+
+class _BosTok:
+    """Records the rule: a tokenizer that prepends BOS (id 1) when asked to add special tokens."""
+
+    bos_token = "<s>"
+
+    def __call__(self, text, add_special_tokens):
+        ids = [1] if add_special_tokens else []
+        if text.startswith("<s>"):
+            ids.append(1)
+            text = text[3:]
+        return {"input_ids": ids + [ord(c) for c in text]}
+
+
+def test_encode_prompt_adds_special_tokens_unless_the_text_starts_with_bos(tok) -> None:
+    from bupo.generation import encode_prompt
+
+    assert encode_prompt(_BosTok(), "ab") == [1, 97, 98]
+    assert encode_prompt(_BosTok(), "<s>ab") == [1, 97, 98]  # the template wrote BOS: not doubled
+    assert encode_prompt(tok, "") == []  # empty stays empty (analyze counts it as a skip, generate raises)
+    assert encode_prompt(tok, "Hi") == tok("Hi")["input_ids"]
 
 
 def test_sample_seed_is_stable() -> None:

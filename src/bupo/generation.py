@@ -30,7 +30,7 @@ from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from typing import Any
 
-__all__ = ["Completion", "eval_mode", "generate", "generate_requests", "sample_seed", "validate_sampling"]
+__all__ = ["Completion", "encode_prompt", "eval_mode", "generate", "generate_requests", "sample_seed", "validate_sampling"]
 
 
 @dataclass(frozen=True)
@@ -109,13 +109,12 @@ def _pad_id(tokenizer: Any, eos_ids: list[int]) -> int:
     raise ValueError("the tokenizer has neither a pad token nor an EOS token; set tokenizer.pad_token")
 
 
-def _encode(tokenizer: Any, prompt: str) -> list[int]:
+def encode_prompt(tokenizer: Any, text: str) -> list[int]:
+    """Prompt text -> token ids, the one rule every bupo command uses for prompts: the tokenizer's special
+    tokens (e.g. BOS) are added unless ``text`` already starts with the BOS token (chat templates that write
+    it themselves). An empty list is returned as is; callers decide whether that is an error or a skip."""
     bos = getattr(tokenizer, "bos_token", None)
-    add_special = not (bos and prompt.startswith(bos))
-    ids = tokenizer(prompt, add_special_tokens=add_special)["input_ids"]
-    if not ids:
-        raise ValueError(f"the prompt {prompt[:60]!r} tokenises to nothing")
-    return list(ids)
+    return list(tokenizer(text, add_special_tokens=not (bos and text.startswith(bos)))["input_ids"])
 
 
 class _RowSampler:
@@ -206,7 +205,10 @@ def generate_requests(
         if not isinstance(prompt, str):
             raise ValueError(f"prompts must be strings, got {type(prompt).__name__}")
         if prompt not in encoded:
-            encoded[prompt] = _encode(tokenizer, prompt)
+            ids = encode_prompt(tokenizer, prompt)
+            if not ids:
+                raise ValueError(f"the prompt {prompt[:60]!r} tokenises to nothing; a prompt needs at least one token")
+            encoded[prompt] = ids
     order = sorted(range(len(requests)), key=lambda i: (len(encoded[requests[i][0]]), i))
     device = _model_device(model)
     gen_config = GenerationConfig(

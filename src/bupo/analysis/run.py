@@ -45,6 +45,7 @@ from bupo.analysis.summary import (
     check_convention,
     entropy_col,
 )
+from bupo.generation import encode_prompt
 from bupo.io import atomic_write_text
 
 SUMMARY_FILE = "summary.json"
@@ -160,21 +161,14 @@ def _encode(tokenizer, text: str) -> list[int]:
     return list(tokenizer(text, add_special_tokens=False)["input_ids"])
 
 
-def _encode_prompt(tokenizer, text: str) -> list[int]:
-    """Prompt text -> ids exactly as :mod:`bupo.generation` encodes prompts: the tokenizer's special tokens
-    (e.g. BOS) are added unless the text already starts with the BOS token."""
-    bos = getattr(tokenizer, "bos_token", None)
-    return list(tokenizer(text, add_special_tokens=not (bos and text.startswith(bos)))["input_ids"])
-
-
 def _prompt_ids(tokenizer, prompt: Any, template: str) -> list[int]:
     """Token ids of a prompt: message lists get the template; strings are taken verbatim."""
     if isinstance(prompt, str):
-        return _encode_prompt(tokenizer, prompt)
+        return encode_prompt(tokenizer, prompt)
     if isinstance(prompt, list | tuple) and all(isinstance(m, Mapping) and "role" in m and "content" in m for m in prompt):
         from bupo.data.templates import render_prompt
 
-        return _encode_prompt(tokenizer, render_prompt(tokenizer, list(prompt), template))
+        return encode_prompt(tokenizer, render_prompt(tokenizer, list(prompt), template))
     raise ValueError(
         f"prompt must be a string or a list of {{'role', 'content'}} messages, got {type(prompt).__name__}"
     )
@@ -247,7 +241,7 @@ def generate_traces(model, tokenizer, rows: Sequence[Mapping], *, template: str,
         if not isinstance(row, Mapping) or "prompt" not in row:
             raise ValueError(f"data row {i} has no 'prompt' column (found {sorted(row) if isinstance(row, Mapping) else type(row).__name__})")
         prompts.append(render_prompt(tokenizer, list(row["prompt"]), template))
-    fits = [i for i, pr in enumerate(prompts) if context is None or len(_encode_prompt(tokenizer, pr)) < context]
+    fits = [i for i, pr in enumerate(prompts) if context is None or len(encode_prompt(tokenizer, pr)) < context]
     completions = generate(model, tokenizer, [prompts[i] for i in fits], n=1, max_new_tokens=max_new_tokens,
                            temperature=temperature, top_p=top_p, seed=seed, batch_size=batch_size,
                            progress=progress, prompt_keys=fits) if fits else []
@@ -265,7 +259,7 @@ def generate_traces(model, tokenizer, rows: Sequence[Mapping], *, template: str,
 
 def traces_from_generated(tokenizer, gen: Sequence[Mapping]) -> list[Trace]:
     # the generator's own response ids are kept as they are (no decode/re-encode round trip)
-    return [Trace(i, _encode_prompt(tokenizer, g["prompt"]), list(g["response_ids"]), g["prompt"], g["response"])
+    return [Trace(i, encode_prompt(tokenizer, g["prompt"]), list(g["response_ids"]), g["prompt"], g["response"])
             for i, g in enumerate(gen)]
 
 
@@ -551,7 +545,7 @@ def analyze(
     """
     import torch
 
-    from bupo.generation import eval_mode
+    from bupo.generation import eval_mode, validate_sampling
     from bupo.internal.adapters import check_projection, parts
     from bupo.internal.stats import EPILOGUES
 
@@ -565,12 +559,10 @@ def analyze(
         raise ValueError("give exactly one of data (rows to generate responses for) or traces (prompt/response pairs)")
     if max_samples is not None and (not isinstance(max_samples, int) or max_samples < 1):
         raise ValueError(f"max_samples must be a positive int, got {max_samples!r}")
-    for name, v in (("chunk_size", 1 if chunk_size is None else chunk_size), ("batch_tokens", batch_tokens),
-                    ("max_new_tokens", max_new_tokens)):
+    for name, v in (("chunk_size", 1 if chunk_size is None else chunk_size), ("batch_tokens", batch_tokens)):
         if not isinstance(v, int) or v < 1:
             raise ValueError(f"{name} must be a positive int, got {v!r}")
-    if not (temperature >= 0 and 0 < top_p <= 1):
-        raise ValueError(f"temperature must be >= 0 (0 = greedy) and top_p in (0, 1], got {temperature}, {top_p}")
+    validate_sampling(max_new_tokens=max_new_tokens, temperature=temperature, top_p=top_p, top_k=None)
     if figures and out_dir is None:
         raise ValueError("figures need an out_dir (or pass figures=False)")
     if heatmap_sample is not None and (not isinstance(heatmap_sample, int) or isinstance(heatmap_sample, bool)):

@@ -14,14 +14,19 @@ TEMPLATE_NONE = "none"
 
 
 def prompt_ids(tokenizer: Any, prompt: str, template: str) -> list[int]:
-    """``template="none"``: the prompt verbatim; otherwise the prompt as one user message through ``template``."""
+    """``template="none"``: the prompt verbatim; otherwise the prompt as one user message through ``template``.
+
+    Encoded as every bupo command encodes prompts (:func:`bupo.generation.encode_prompt`: special tokens such as
+    BOS are added unless the text already starts with BOS)."""
+    from bupo.generation import encode_prompt
+
     if template == TEMPLATE_NONE:
         text = prompt
     else:
         from bupo.data.templates import render_prompt
 
         text = render_prompt(tokenizer, [{"role": "user", "content": prompt}], template)
-    ids = list(tokenizer(text, add_special_tokens=False)["input_ids"])
+    ids = encode_prompt(tokenizer, text)
     if not ids:
         raise ValueError("the prompt is empty after tokenisation")
     return ids
@@ -50,12 +55,10 @@ def sample_layer(
 
     import torch
 
+    from bupo.generation import validate_sampling
     from bupo.internal import internal_policy
 
-    if max_new_tokens < 1 or n < 1:
-        raise ValueError(f"max_new_tokens and n must be >= 1, got {max_new_tokens}, {n}")
-    if temperature < 0 or not 0 < top_p <= 1:
-        raise ValueError(f"temperature must be >= 0 and top_p in (0, 1], got {temperature}, {top_p}")
+    validate_sampling(n=n, max_new_tokens=max_new_tokens, temperature=temperature, top_p=top_p, top_k=None)
     ids = prompt_ids(tokenizer, prompt, template)
     device = next(model.parameters()).device
     input_ids = torch.tensor([ids] * n, dtype=torch.long, device=device)
