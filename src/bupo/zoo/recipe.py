@@ -150,7 +150,8 @@ class _Stream:
         self.buffer = [(to_row(p, "train", i), p) for i, p in enumerate(probs)]
         self.buffer.reverse()
 
-    def batch(self, n: int) -> tuple[Any, Any, Any]:
+    def batch(self, n: int) -> tuple[Any, Any]:
+        """``(input_ids, labels)``, right-padded; no attention mask (see :func:`_train`)."""
         import torch
 
         ids, labels = [], []
@@ -167,12 +168,10 @@ class _Stream:
         pad = self.tok.pad_token_id
         input_ids = torch.full((n, width), pad, dtype=torch.long)
         lab_t = torch.full((n, width), -100, dtype=torch.long)
-        attn = torch.zeros((n, width), dtype=torch.long)
         for j, (i, lab) in enumerate(zip(ids, labels, strict=True)):
             input_ids[j, : len(i)] = torch.tensor(i)
             lab_t[j, : len(lab)] = torch.tensor(lab)
-            attn[j, : len(i)] = 1
-        return input_ids, attn, lab_t
+        return input_ids, lab_t
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -182,7 +181,7 @@ class _Stream:
 def build_config(tokenizer: Any, cfg: RecipeConfig) -> Any:
     from transformers import Qwen3Config
 
-    eos = [tokenizer.convert_tokens_to_ids(t) for t in ("<|im_end|>", "<|endoftext|>")]
+    from bupo.zoo.tokenizer import IM_END
     return Qwen3Config(
         vocab_size=len(tokenizer),
         hidden_size=cfg.hidden_size,
@@ -197,7 +196,7 @@ def build_config(tokenizer: Any, cfg: RecipeConfig) -> Any:
         rms_norm_eps=1e-6,
         initializer_range=0.02,
         bos_token_id=None,
-        eos_token_id=eos[0],
+        eos_token_id=tokenizer.convert_tokens_to_ids(IM_END),
         pad_token_id=tokenizer.pad_token_id,
         use_cache=True,
     )
@@ -206,7 +205,9 @@ def build_config(tokenizer: Any, cfg: RecipeConfig) -> Any:
 def generation_config(tokenizer: Any, max_new_tokens: int = 96) -> Any:
     from transformers import GenerationConfig
 
-    eos = [tokenizer.convert_tokens_to_ids(t) for t in ("<|im_end|>", "<|endoftext|>")]
+    from bupo.zoo.tokenizer import IM_END, PAD_TOKEN
+
+    eos = [tokenizer.convert_tokens_to_ids(t) for t in (IM_END, PAD_TOKEN)]
     # plain temperature-1.0 sampling from the full distribution (top_k=0 turns HF's default top-50 off)
     return GenerationConfig(
         do_sample=True, temperature=1.0, top_p=1.0, top_k=0, max_new_tokens=max_new_tokens,
@@ -241,22 +242,18 @@ def sample_completions(
     return [[c.text for c in cs] for cs in out]
 
 
-def _reward(completion: str, ground_truth: str) -> float:
-    from bupo.rewards import boxed_exact
-
-    return boxed_exact(completion, ground_truth)
-
-
 def evaluate(
     model: Any, tokenizer: Any, rows: list[dict], n_samples: int, seed: int, max_new_tokens: int = 96,
     temperature: float = 1.0, ks: tuple[int, ...] = (1, 8),
 ) -> dict[str, Any]:  # fmt: skip
     """Held-out pass@k (unbiased estimator over ``n_samples`` samples per problem, ``boxed_exact`` reward)."""
-    from bupo.evaluation.metrics import pass_at_k
+    from bupo.evaluation.metrics import mean_pass_at_k
+    from bupo.rewards import boxed_exact
 
     comps = sample_completions(model, tokenizer, rows, n_samples, seed, max_new_tokens, temperature)
     correct = [
-        [_reward(c, r["reward_model"]["ground_truth"]) for c in cs] for r, cs in zip(rows, comps, strict=True)
+        int(sum(boxed_exact(c, r["reward_model"]["ground_truth"]) for c in cs))
+        for r, cs in zip(rows, comps, strict=True)
     ]
     res: dict[str, Any] = {
         "problems": len(rows),
@@ -265,7 +262,7 @@ def evaluate(
     }
     for k in ks:
         if k <= n_samples:
-            res[f"pass@{k}"] = sum(pass_at_k(n_samples, int(sum(c)), k) for c in correct) / len(rows)
+            res[f"pass@{k}"] = mean_pass_at_k(n_samples, correct, k)
     res["mean_completion_chars"] = sum(len(c) for cs in comps for c in cs) / max(1, n_samples * len(rows))
     res["example_completion"] = comps[0][0] if comps else ""
     return res
@@ -288,16 +285,14 @@ def torch_threads(n: int) -> Iterator[None]:
         torch.set_num_threads(prev)
 
 
-def train(cfg: RecipeConfig, log: Any = print, callback: Any = None) -> tuple[Any, Any, dict[str, Any]]:
-    """Build tokenizer + model and train them. Returns ``(model, tokenizer, train_stats)``.
-
-    ``callback(step, model, tokenizer)``, if given, runs after every ``log_every`` steps (development aid).
-    """
+def train(cfg: RecipeConfig, log: Any = print) -> tuple[Any, Any, dict[str, Any]]:
+    """Build tokenizer + model and train them. Returns ``(model, tokenizer, train_stats)``."""
     with torch_threads(cfg.threads):
-        return _train(cfg, log, callback)
+        return _train(cfg, log)
 
 
-def _train(cfg: RecipeConfig, log: Any, callback: Any) -> tuple[Any, Any, dict[str, Any]]:
+def _train(cfg: RecipeConfig, log: Any) -> tuple[Any, Any, dict[str, Any]]:
+    """:func:`train` under the caller's thread setting."""
     import torch
     from transformers import Qwen3ForCausalLM
 
@@ -320,7 +315,7 @@ def _train(cfg: RecipeConfig, log: Any, callback: Any) -> tuple[Any, Any, dict[s
     for step in range(cfg.steps):
         for g in opt.param_groups:
             g["lr"] = _lr_at(step, cfg)
-        input_ids, attn, labels = stream.batch(cfg.batch_size)
+        input_ids, labels = stream.batch(cfg.batch_size)
         # right padding + causal attention: real tokens never see the pads, so no mask is needed (faster sdpa path)
         loss = model(input_ids=input_ids, labels=labels).loss
         loss.backward()
@@ -332,9 +327,6 @@ def _train(cfg: RecipeConfig, log: Any, callback: Any) -> tuple[Any, Any, dict[s
             recent = losses[-cfg.log_every :]
             log(f"step {step + 1}/{cfg.steps} loss {sum(recent) / len(recent):.4f} "
                 f"lr {_lr_at(step, cfg):.2e} {time.perf_counter() - t0:.0f}s")  # fmt: skip
-            if callback is not None:
-                callback(step + 1, model, tok)
-                model.train()
     model.eval()
     stats = {
         "train_seconds": round(time.perf_counter() - t0, 1),
@@ -354,7 +346,7 @@ def build(out_dir: str | os.PathLike, cfg: RecipeConfig, log: Any = print) -> di
     out = Path(out_dir)
     t0 = time.perf_counter()
     with torch_threads(cfg.threads):
-        model, tok, stats = train(cfg, log)
+        model, tok, stats = _train(cfg, log)
         rows = make_examples("test", cfg.eval_problems, seed=cfg.eval_seed)
         t1 = time.perf_counter()
         ev = evaluate(
