@@ -65,16 +65,14 @@ def _path(args: argparse.Namespace) -> int:
 
 
 def _build(args: argparse.Namespace) -> int:
+    from dataclasses import replace
+
     from bupo.zoo.recipe import RecipeConfig, build
 
-    if args.threads < 1:
-        raise ValueError(f"--threads must be >= 1, got {args.threads}")
     cfg = RecipeConfig.smoke_config(seed=args.seed) if args.smoke else RecipeConfig(seed=args.seed)
-    cfg.threads = args.threads
-    if args.steps is not None:
-        if args.steps < 1:
-            raise ValueError(f"--steps must be >= 1, got {args.steps}")
-        cfg.steps = args.steps
+    # replace() re-runs RecipeConfig's checks (--threads, --steps >= 1) on the overridden values
+    overrides = {"threads": args.threads} | ({} if args.steps is None else {"steps": args.steps})
+    cfg = replace(cfg, **overrides)
     record = build(args.out, cfg, log=lambda s: print(s, file=sys.stderr, flush=True))
     print(
         json.dumps({"out": args.out, **{k: record[k] for k in ("train", "eval_heldout_t1", "total_seconds")}})

@@ -70,8 +70,10 @@ class RecipeConfig:
     smoke: bool = False
 
     def __post_init__(self) -> None:
-        if self.steps < 1 or self.batch_size < 1:
-            raise ValueError(f"steps and batch_size must be >= 1, got {self.steps}, {self.batch_size}")
+        # named by their `bupo model build` flags where they have one (the CLI passes them straight through)
+        for name, flag in (("steps", "--steps"), ("batch_size", "batch_size"), ("threads", "--threads")):
+            if getattr(self, name) < 1:
+                raise ValueError(f"{flag} must be >= 1, got {getattr(self, name)}")
         if not 0.0 <= self.noise < 1.0:
             raise ValueError(f"noise must be in [0, 1), got {self.noise}")
         if not 0.0 <= self.plain_prompt_frac <= 1.0:
