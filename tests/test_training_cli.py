@@ -69,6 +69,10 @@ def test_train_evaluates_checkpoints_and_resumes_with_the_right_phase(workspace,
 
     final = AutoModelForCausalLM.from_pretrained(out)
     assert final.config.num_hidden_layers == 4
+    from transformers import AutoTokenizer
+
+    saved_tok = AutoTokenizer.from_pretrained(out)  # saved with the model (by the trainer's save_model)
+    assert saved_tok("What is 2 + 2?")["input_ids"] == char_tokenizer()("What is 2 + 2?")["input_ids"]
 
 
 def test_grpo_baseline_and_auto_layer_from_an_analysis(workspace, tmp_path):
@@ -194,3 +198,44 @@ def test_in_training_eval_sets_are_bupo_evals(workspace):
     assert _eval_sets(["none"], None, 3) == {}
     with pytest.raises(ValueError, match="both map to the benchmark name"):
         _eval_sets([test, test], None, None)
+
+
+def test_auto_layer_analysis_leaves_the_model_training(tmp_path):
+    """The short analysis that ``auto`` runs puts the model in eval mode only while it runs (bupo train hands it
+    a model that then trains: dropout and friends must come back on)."""
+    from bupo.training.run import resolve_internal_layer
+
+    model = make_model()
+    model.train()
+    model.model.layers[0].eval()  # a submodule deliberately in eval mode stays so
+    k, source = resolve_internal_layer("auto", model=model, tokenizer=char_tokenizer(), model_path=None,
+                                       output_dir=str(tmp_path), analysis=None, rows=_rows(2), template="chat",
+                                       samples=2, max_new_tokens=4, device=torch.device("cpu"))
+    assert 0 <= k < 4 and "run by bupo train" in source and (tmp_path / "analysis" / "summary.json").is_file()
+    assert model.training and model.model.layers[1].training and not model.model.layers[0].training
+
+
+def test_in_training_eval_restores_the_training_mode_and_builds_no_graph(tmp_path, monkeypatch):
+    from transformers import TrainerControl, TrainerState
+
+    from bupo.training.run import BuPOScriptArguments, make_eval_callback
+    from test_training_common import make_trainer
+
+    tr = make_trainer(tmp_path, max_steps=1)
+    tr.model.train()
+    tr.model.model.layers[0].eval()  # a submodule deliberately in eval mode stays so
+    seen = []
+    orig = tr.model.generate
+
+    def spy(*a, **kw):  # where generation runs: eval mode, no autograd
+        seen.append((tr.model.training, torch.is_grad_enabled()))
+        return orig(*a, **kw)
+
+    monkeypatch.setattr(tr.model, "generate", spy)
+    script = BuPOScriptArguments(eval_samples=2, eval_max_new_tokens=4, eval_batch_size=8)
+    records: list[dict] = []
+    cb = make_eval_callback(tr, {"toy": _rows(2)}, script, "chat", tmp_path, records)
+    cb.on_train_begin(tr.args, TrainerState(), TrainerControl())
+    assert [r["step"] for r in records] == [0] and "eval/toy/avg@2" in records[0]
+    assert seen and all(s == (False, False) for s in seen)
+    assert tr.model.training and tr.model.model.layers[1].training and not tr.model.model.layers[0].training

@@ -211,13 +211,9 @@ def resolve_internal_layer(
         logger.info("--internal-layer auto: no analysis found, analysing %d responses into %s", samples, out)
         if device is not None:
             model.to(device)  # the trainer would move it there anyway
-        was_training = model.training
-        model.eval()
-        try:
-            analyze(model, tokenizer, data=rows[:samples], out_dir=out, max_samples=samples,
-                    max_new_tokens=max_new_tokens, template=template, figures=False)
-        finally:
-            model.train(was_training)
+        # analyze runs in eval mode and restores every module's training flag itself
+        analyze(model, tokenizer, data=rows[:samples], out_dir=out, max_samples=samples,
+                max_new_tokens=max_new_tokens, template=template, figures=False)
     _barrier()
     return suggested_layer(out), f"analysis {out} (run by bupo train, {samples} responses)"
 
@@ -254,26 +250,21 @@ def make_eval_callback(trainer: Any, sets: dict[str, list[dict]], script: BuPOSc
     every = script.eval_every * args.optimizer_steps_per_rollout
 
     def run_eval(step: int) -> None:
-        import torch
         from trl.models import unwrap_model_for_generation
 
         from bupo.evaluation import evaluate
 
         t0 = time.time()
         main = trainer.accelerator.is_main_process
-        # every rank evaluates the same seeded samples (sharded backends need all ranks in the forward); main writes
-        with unwrap_model_for_generation(trainer.model_wrapped, trainer.accelerator) as m, torch.no_grad():
-            was = m.training
-            m.eval()
-            try:
-                res = evaluate(m, trainer.processing_class, sets, n=script.eval_samples,
-                               max_new_tokens=script.eval_max_new_tokens or args.max_completion_length,
-                               temperature=args.temperature, top_p=args.top_p, template=template,
-                               reward=script.reward.split(",")[0], seed=args.seed,
-                               batch_size=script.eval_batch_size, label=f"step {step}",
-                               out_dir=(out_dir / "evals" / f"step-{step:06d}") if main else None)
-            finally:
-                m.train(was)
+        # every rank evaluates the same seeded samples (sharded backends need all ranks in the forward); main writes.
+        # Generation (bupo.generation) runs in eval mode under inference_mode and restores the training flags.
+        with unwrap_model_for_generation(trainer.model_wrapped, trainer.accelerator) as m:
+            res = evaluate(m, trainer.processing_class, sets, n=script.eval_samples,
+                           max_new_tokens=script.eval_max_new_tokens or args.max_completion_length,
+                           temperature=args.temperature, top_p=args.top_p, template=template,
+                           reward=script.reward.split(",")[0], seed=args.seed,
+                           batch_size=script.eval_batch_size, label=f"step {step}",
+                           out_dir=(out_dir / "evals" / f"step-{step:06d}") if main else None)
         metrics = res.metrics("eval")
         metrics["eval/seconds"] = time.time() - t0
         records.append({"step": step, "rollout_step": step // args.optimizer_steps_per_rollout, **metrics})
@@ -390,9 +381,8 @@ def train(train_args: Any, script: BuPOScriptArguments) -> dict[str, Any]:
     }
     t0 = time.time()
     result = trainer.train(resume_from_checkpoint=resume)
-    trainer.save_model(str(out_dir))
+    trainer.save_model(str(out_dir))  # the tokenizer too (Trainer._save saves processing_class)
     if trainer.accelerator.is_main_process:
-        tokenizer.save_pretrained(str(out_dir))
         summary.update({
             "seconds": time.time() - t0,
             "resumed_from": resume,
