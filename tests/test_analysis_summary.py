@@ -5,6 +5,7 @@ from __future__ import annotations
 import base64
 import json
 import re
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -256,3 +257,32 @@ def test_compare_overlays_runs_on_normalised_depth(tmp_path):
         assert (tmp_path / "cmp" / f).stat().st_size > 500
     with pytest.raises(ValueError, match="no analysis summary"):
         compare([tmp_path / "missing"], tmp_path / "cmp2")
+
+
+def test_atomic_path_replaces_on_success_and_leaves_the_target_on_failure(tmp_path):
+    from bupo.io import atomic_path
+
+    target = tmp_path / "sub" / "fig.png"
+    with atomic_path(target) as tmp:
+        assert tmp.suffix == ".png" and tmp.parent == target.parent and tmp != target
+        tmp.write_bytes(b"new")
+    assert target.read_bytes() == b"new"
+    with pytest.raises(RuntimeError), atomic_path(target) as tmp:
+        tmp.write_bytes(b"half")
+        raise RuntimeError("writer failed")
+    assert target.read_bytes() == b"new"  # the old file survives a failed write
+    assert [p.name for p in target.parent.iterdir()] == ["fig.png"]  # no temp file left behind
+
+
+def test_a_failing_figure_leaves_no_file(tmp_path, monkeypatch):
+    from bupo.analysis import figures
+
+    def full(fig, fname, **kw):
+        Path(fname).write_bytes(b"half a png")  # a writer that dies mid-file
+        raise OSError("disk full")
+
+    s = synthetic_summary(4)
+    monkeypatch.setattr("matplotlib.figure.Figure.savefig", full)
+    with pytest.raises(OSError, match="disk full"):
+        figures.plot_flow(s, tmp_path / "flow.png")
+    assert list(tmp_path.iterdir()) == []

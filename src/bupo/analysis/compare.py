@@ -9,7 +9,6 @@ whatever the scale — Llama's ΔH is ~50x smaller than Qwen's), ``compare.json`
 from __future__ import annotations
 
 import html
-import json
 import math
 import os
 from collections.abc import Sequence
@@ -20,7 +19,7 @@ import numpy as np
 from bupo.analysis.figures import _arr, _plt, _save
 from bupo.analysis.report import _CSS, img_tag
 from bupo.analysis.run import load_summary
-from bupo.io import atomic_write_text
+from bupo.io import atomic_write_json, atomic_write_text
 
 
 def _label(summary: dict, path: Path) -> str:
@@ -104,7 +103,7 @@ def compare(dirs: Sequence[str | os.PathLike], out_dir: str | os.PathLike, label
     }
     figs = {"compare": _plot(runs, out / "compare.png", normalized=False),
             "compare_normalized": _plot(runs, out / "compare_normalized.png", normalized=True)}
-    atomic_write_text(out / "compare.json", json.dumps(result, indent=1, allow_nan=False))
+    atomic_write_json(out / "compare.json", result, indent=1, allow_nan=False)
     head = "".join(f"<th>{html.escape(k)}</th>" for k in rows[0])
     body = "".join("<tr>" + "".join(f"<td>{html.escape('–' if v is None else (f'{v:.4g}' if isinstance(v, float) else str(v)))}</td>"
                                    for v in r.values()) + "</tr>" for r in rows)

@@ -218,14 +218,16 @@ def plot_heatmap(matrix: np.ndarray, path: Path, *, summary: Mapping | None = No
 
 
 def _save(fig, path: Path) -> Path:
-    import os
+    """Save ``fig`` as PNG atomically (a half-written figure never appears under ``path``) and close it."""
+    from bupo.io import atomic_path
 
     path = Path(path)
-    tmp = path.with_name(f".{path.name}.tmp.png")
-    fig.tight_layout()
-    fig.savefig(tmp, dpi=110)
-    _plt().close(fig)
-    os.replace(tmp, path)
+    try:
+        fig.tight_layout()
+        with atomic_path(path) as tmp:
+            fig.savefig(tmp, dpi=110, format="png")
+    finally:
+        _plt().close(fig)
     return path
 
 

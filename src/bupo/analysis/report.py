@@ -115,10 +115,6 @@ def render_report(summary: Mapping, figures: Mapping[str, Path]) -> str:
 
 def write_report(summary: Mapping, figures: Mapping[str, Path], path: Path) -> Path:
     """Write ``report.html`` atomically."""
-    import os
+    from bupo.io import atomic_write_text
 
-    path = Path(path)
-    tmp = path.with_name(f".{path.name}.tmp")
-    tmp.write_text(render_report(summary, figures), encoding="utf-8")
-    os.replace(tmp, path)
-    return path
+    return atomic_write_text(path, render_report(summary, figures))

@@ -46,7 +46,7 @@ from bupo.analysis.summary import (
     entropy_col,
 )
 from bupo.generation import encode_prompt
-from bupo.io import atomic_write_text
+from bupo.io import atomic_path, atomic_write_json, atomic_write_text
 
 SUMMARY_FILE = "summary.json"
 TOKENS_FILE = "tokens.parquet"
@@ -384,9 +384,8 @@ class _Staging:
         idx = [int(s["sample"][0]) for s in samples]
         name = f"shard_{idx[0]:07d}"
         table = pa.Table.from_pydict({c: np.concatenate([s[c] for s in samples]) for c in samples[0]})
-        tmp = self.dir / f".{name}.parquet.tmp"
-        pq.write_table(table, tmp)
-        os.replace(tmp, self.dir / f"{name}.parquet")
+        with atomic_path(self.dir / f"{name}.parquet") as tmp:
+            pq.write_table(table, tmp)
         # the index file is written after the data: a shard counts as done only once both exist
         atomic_write_text(self.dir / f"{name}.json", json.dumps({"samples": idx}))
 
@@ -438,19 +437,18 @@ def _write_tokens(staging: _Staging, path: Path, token_dtype: str) -> None:
     import pyarrow as pa
     import pyarrow.parquet as pq
 
-    tmp = path.with_name(f".{path.name}.tmp")
-    writer = None
-    try:
-        for s in staging.samples():
-            cols = {c: (v.astype(token_dtype) if c.startswith(("H.", "logp.")) else v) for c, v in s.items()}
-            table = pa.Table.from_pydict(cols)
-            if writer is None:
-                writer = pq.ParquetWriter(tmp, table.schema, compression="zstd")
-            writer.write_table(table)  # one row group per sample keeps memory per sample, not per run
-    finally:
-        if writer is not None:
-            writer.close()
-    os.replace(tmp, path)
+    with atomic_path(path) as tmp:
+        writer = None
+        try:
+            for s in staging.samples():
+                cols = {c: (v.astype(token_dtype) if c.startswith(("H.", "logp.")) else v) for c, v in s.items()}
+                table = pa.Table.from_pydict(cols)
+                if writer is None:
+                    writer = pq.ParquetWriter(tmp, table.schema, compression="zstd")
+                writer.write_table(table)  # one row group per sample keeps memory per sample, not per run
+        finally:
+            if writer is not None:
+                writer.close()
 
 
 def _tokens_frame(staging: _Staging, token_dtype: str):
@@ -737,12 +735,11 @@ def analyze(
         return result
 
     # ---- outputs; summary.json last: its presence marks a finished analysis
-    with (out / f".{TRACES_FILE}.tmp").open("w", encoding="utf-8") as f:
-        for i, rec in enumerate(trace_records):
-            rec = {"index": i, **rec, "prompt_tokens": len(all_traces[i].prompt_ids),
-                   "response_tokens": len(all_traces[i].response_ids), "skipped": skip_reason.get(i)}
-            f.write(json.dumps(rec, ensure_ascii=False, default=str) + "\n")
-    os.replace(out / f".{TRACES_FILE}.tmp", out / TRACES_FILE)
+    atomic_write_text(out / TRACES_FILE, "".join(
+        json.dumps({"index": i, **rec, "prompt_tokens": len(all_traces[i].prompt_ids),
+                    "response_tokens": len(all_traces[i].response_ids), "skipped": skip_reason.get(i)},
+                   ensure_ascii=False, default=str) + "\n"
+        for i, rec in enumerate(trace_records)))
     _write_tokens(staging, out / TOKENS_FILE, token_dtype)
     if figures:
         from bupo.analysis.figures import make_figures
@@ -750,7 +747,7 @@ def analyze(
 
         result.figures = make_figures(summary, out, heatmap=heat, heatmap_sample=hm_index)
         write_report(summary, result.figures, out / REPORT_FILE)
-    atomic_write_text(out / SUMMARY_FILE, json.dumps(summary, indent=1, ensure_ascii=False, allow_nan=False))
+    atomic_write_json(out / SUMMARY_FILE, summary, indent=1, ensure_ascii=False, allow_nan=False)
     staging.cleanup()
     return result
 
