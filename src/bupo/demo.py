@@ -116,30 +116,38 @@ def _max_new_tokens() -> int:
     return int(json.loads(cfg.read_text()).get("max_new_tokens", 96)) if cfg.is_file() else 96
 
 
+# one rollout step: 32 completions (4 prompts x 8 samples), trained on in 2 optimizer steps of 16
+_COMPLETIONS_PER_ROLLOUT = 32
+_STEPS_PER_ROLLOUT = 2
+
+
 def run_training(out_dir: Path, *, algo: str, seed: int, rollout_steps: int, internal_steps: int,
                  internal_layer: int | None, eval_problems: int, eval_samples: int, eval_before: bool,
-                 save_every: int = 0, completions_per_step: int = 32) -> dict:
+                 save_every: int = 0) -> dict:
     """One ``bupo train`` run on the bundled model and task; reused when ``bupo_run.json`` already exists.
 
     Everything not set here is ``bupo train``'s calibrated small-run default (lr 2e-4 as in the bundled model's
-    GRPO proof, 8 samples per prompt, 2 optimizer steps per rollout step, dapo loss, no KL).
+    GRPO proof, 8 samples per prompt, dapo loss, no KL). ``save_every`` counts rollout steps (0: at the end only).
     """
     from bupo.training.run import RUN_FILE, parse_train_args, train
 
     done = out_dir / RUN_FILE
     if done.is_file():
         return json.loads(done.read_text())
-    train_args, script = parse_train_args([], overrides={"output_dir": str(out_dir)})
-    per = train_args.optimizer_steps_per_rollout
+    per = _STEPS_PER_ROLLOUT
     overrides = {
         "output_dir": str(out_dir), "seed": seed, "algo": algo, "max_steps": rollout_steps * per,
         "internal_steps": internal_steps if algo == "bupo" else 0, "internal_layer": internal_layer,
         "eval_rows": eval_problems, "eval_samples": eval_samples, "eval_before_train": eval_before,
         "save_steps": (save_every * per) if save_every else rollout_steps * per,
         # keep every checkpoint when they are wanted for metrics over training (None would not override the default)
-        "save_total_limit": rollout_steps if save_every else 1, "per_device_train_batch_size": completions_per_step // 2,
+        "save_total_limit": rollout_steps if save_every else 1,
+        "steps_per_generation": per, "per_device_train_batch_size": _COMPLETIONS_PER_ROLLOUT // per,
     }
     train_args, script = parse_train_args([], overrides=overrides)
+    if train_args.optimizer_steps_per_rollout != per:  # the step counts above assume it
+        raise RuntimeError(f"expected {per} optimizer steps per rollout step, the training defaults give "
+                           f"{train_args.optimizer_steps_per_rollout}")
     return train(train_args, script)
 
 
@@ -161,13 +169,12 @@ def run_demo(out: Path, *, seed: int = 0, rollout_steps: int = 16, internal_step
     k = summary["suggested_internal_layer"] if internal_layer == "auto" else int(internal_layer)
     print(f"      boundary layer (paper numbering) = {summary['boundary_layer']} -> internal layer k = {k} "
           f"(0-based)")
-    runs = {}
     for i, algo in enumerate(("grpo", "bupo")):
         print(f"[{2 + i}/4] training {algo.upper()} for {rollout_steps} rollout steps"
               + (f" ({internal_steps} on pi^{k + 1}, i.e. k={k})" if algo == "bupo" else ""))
-        runs[algo] = run_training(out / algo, algo=algo, seed=seed, rollout_steps=rollout_steps,
-                                  internal_steps=internal_steps, internal_layer=k, eval_problems=eval_problems,
-                                  eval_samples=eval_samples, eval_before=(algo == "grpo"))
+        run_training(out / algo, algo=algo, seed=seed, rollout_steps=rollout_steps, internal_steps=internal_steps,
+                     internal_layer=k, eval_problems=eval_problems, eval_samples=eval_samples,
+                     eval_before=(algo == "grpo"))
     results = {
         "base": _eval_results(out / "grpo", first=True),
         "GRPO": _eval_results(out / "grpo", first=False),
