@@ -493,6 +493,25 @@ def test_cli_errors(
     assert message in err and err.count("\n") == 1
 
 
+def test_cli_device_and_missing_bundled_model_are_one_line_errors(
+    model_dir: Path, tmp_path: Path, capsys: pytest.CaptureFixture, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    import torch
+
+    import bupo.zoo
+
+    good = _write_jsonl(tmp_path / "amc23.jsonl", load_rows(DATA / "amc2023.parquet")[:1])
+    base = ["eval", "--no-progress", "--out", str(tmp_path / "o"), "--data", str(good)]
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    assert cli_main([*base, "--model", str(model_dir), "--device", "cuda"]) == 2
+    err = capsys.readouterr().err
+    assert "CUDA is not available" in err and err.count("\n") == 1
+    monkeypatch.setattr(bupo.zoo, "_BUNDLED_DIR", tmp_path / "no_model")
+    assert cli_main(base) == 2
+    err = capsys.readouterr().err
+    assert "bundled model is missing" in err and err.count("\n") == 1
+
+
 def test_bundled_model_end_to_end(tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
     from bupo.zoo import DEFAULT_MODEL
 

@@ -101,21 +101,11 @@ def register(subparsers: Any) -> None:
     c.set_defaults(func=_compare_handler)
 
 
-def _bundled_model_path() -> Path:
-    from bupo.zoo import DEFAULT_MODEL
-
-    path = Path(DEFAULT_MODEL)
-    if not (path / "config.json").exists():
-        raise ValueError(
-            f"no --model given and the bundled model is not built ({path}); build it with "
-            f"`bupo model build` or pass --model PATH (a local folder)"
-        )
-    return path
-
-
 def _model_folder(arg: str | None) -> Path:
     if arg is None:
-        return _bundled_model_path()
+        from bupo.zoo import bundled_model_path  # FileNotFoundError (missing) is one line in bupo.cli.main
+
+        return bundled_model_path()
     path = Path(arg)
     if not path.is_dir():
         raise ValueError(
@@ -142,8 +132,9 @@ def _load_hf(path: Path, device: str, dtype: str) -> tuple[Any, Any]:
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    if device == "auto":
-        device = "cuda" if torch.cuda.is_available() else "cpu"
+    from bupo.analysis.run import resolve_device
+
+    device = resolve_device(device)
     if dtype == "auto":
         torch_dtype = torch.bfloat16 if device.startswith("cuda") else torch.float32
     else:
@@ -221,7 +212,6 @@ def _eval_handler(args: argparse.Namespace) -> int:
 
 
 def _compare_handler(args: argparse.Namespace) -> int:
-    from bupo.evaluation.core import atomic_write_text
     from bupo.evaluation.report import compare_table, load_results
 
     runs = [load_results(d) for d in args.dirs]
@@ -237,5 +227,7 @@ def _compare_handler(args: argparse.Namespace) -> int:
     table = compare_table(list(zip(labels, runs, strict=True)))
     print(table)
     if args.out:
+        from bupo.io import atomic_write_text
+
         atomic_write_text(Path(args.out), table)
     return 0

@@ -45,7 +45,6 @@ __all__ = [
     "FALLBACK_SAMPLES",
     "BenchmarkResult",
     "EvalResults",
-    "atomic_write_text",
     "evaluate",
     "plan_benchmarks",
     "resolve_template",
