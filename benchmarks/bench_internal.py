@@ -25,18 +25,11 @@ def _peak_reset() -> None:
         f.write("5")
 
 
-def _peak_mb() -> float:
+def _status_mb(field: str) -> float:
+    """A memory field of /proc/self/status (VmRSS: resident now, VmHWM: peak since the last reset) in MB."""
     with open("/proc/self/status") as f:
         for line in f:
-            if line.startswith("VmHWM:"):
-                return int(line.split()[1]) / 1024
-    return float("nan")
-
-
-def _rss_mb() -> float:
-    with open("/proc/self/status") as f:
-        for line in f:
-            if line.startswith("VmRSS:"):
+            if line.startswith(field + ":"):
                 return int(line.split()[1]) / 1024
     return float("nan")
 
@@ -72,10 +65,10 @@ def run_one(args: argparse.Namespace) -> dict:
         fn = paths[args.path]
         fn().backward()  # warm-up
         model.zero_grad(set_to_none=True)
-        base = _rss_mb()
+        base = _status_mb("VmRSS")
         _peak_reset()
         fn().backward()
-        return {"peak_mb": _peak_mb() - base}
+        return {"peak_mb": _status_mb("VmHWM") - base}
     times = {name: [] for name in paths}
     for fn in paths.values():  # warm-up
         fn().backward()
