@@ -280,6 +280,10 @@ def test_interrupted_run_resumes_without_recomputing(model, tok, tmp_path, monke
     clean = analyze(model, tok, traces=traces, out_dir=tmp_path / "clean", figures=False)
     assert np.allclose(res.summary["ffn_entropy_change"], clean.summary["ffn_entropy_change"], atol=1e-7)
     assert res.summary["num_samples"] == len(traces)
+    # the resumed tokens.parquet holds every row once, in sample order, as a clean run does
+    key = ["sample", "position", "response_index", "token_id"]
+    assert res.tokens[key].equals(clean.tokens[key])
+    assert list(res.tokens.dtypes) == list(clean.tokens.dtypes)
     # an interrupted run followed by a run on *different* traces must not reuse the stale shards
     crash[0] = True
     calls.clear()

@@ -24,13 +24,14 @@ run, which the next call with the same settings resumes from its staged per-batc
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import os
 import shutil
 import time
 from collections import Counter
-from collections.abc import Iterator, Mapping, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -294,8 +295,9 @@ def _batches(traces: Sequence[Trace], batch_tokens: int) -> Iterator[list[Trace]
 
 
 def measure_batch(model, batch: Sequence[Trace], *, convention: str, projector, chunk_size: int | None,
-                  pad_id: int) -> list[dict[str, np.ndarray]]:
-    """Per-sample token columns for a batch of traces (right-padded, one hooked forward)."""
+                  pad_id: int) -> dict[str, np.ndarray]:
+    """Token columns of a batch of traces (right-padded, one hooked forward): one row per analysed position,
+    samples in batch order, each sample's rows contiguous."""
     import torch
 
     from bupo.internal.streams import stream_stats
@@ -328,22 +330,19 @@ def measure_batch(model, batch: Sequence[Trace], *, convention: str, projector, 
     cols["H.final"] = st.final.entropy.numpy()
     cols["logp.final"] = st.final.logprob.numpy()
     cols["top1.final"] = st.final.top1_id.numpy().astype(np.int32)
-    out, start = [], 0
-    for tr in batch:
-        P, R = len(tr.prompt_ids), len(tr.response_ids)
-        sl = slice(start, start + R)
-        sample = {
-            "sample": np.full(R, tr.index, dtype=np.int32),
-            "position": np.arange(P - 1, P + R - 1, dtype=np.int32),
-            "response_index": np.arange(R, dtype=np.int32),
-            "token_id": np.asarray(tr.response_ids, dtype=np.int32),
-        }
-        sample.update({c: v[sl] for c, v in cols.items()})
-        out.append(sample)
-        start += R
-    if start != st.num_positions:
-        raise RuntimeError(f"position bookkeeping mismatch: {start} expected, {st.num_positions} measured")
-    return out
+    P = np.array([len(tr.prompt_ids) for tr in batch])
+    R = np.array([len(tr.response_ids) for tr in batch])
+    if int(R.sum()) != st.num_positions:
+        raise RuntimeError(f"position bookkeeping mismatch: {int(R.sum())} expected, {st.num_positions} measured")
+    # response_index of every row: its offset from the start of its sample's run of rows
+    response_index = np.arange(int(R.sum())) - np.repeat(np.cumsum(R) - R, R)
+    return {
+        "sample": np.repeat(np.array([tr.index for tr in batch], dtype=np.int32), R),
+        "position": (np.repeat(P - 1, R) + response_index).astype(np.int32),
+        "response_index": response_index.astype(np.int32),
+        "token_id": np.array([t for tr in batch for t in tr.response_ids], dtype=np.int32),
+        **cols,
+    }
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -351,11 +350,12 @@ def measure_batch(model, batch: Sequence[Trace], *, convention: str, projector, 
 
 
 class _Staging:
-    """Per-batch Parquet shards under ``out_dir/.bupo_analyze_partial`` (or in memory when out_dir is None)."""
+    """One block of token columns per measured batch: Parquet shards under ``out_dir/.bupo_analyze_partial``
+    (or in memory when out_dir is None)."""
 
     def __init__(self, out_dir: Path | None, fingerprint: str, resume: bool):
         self.dir = None if out_dir is None else out_dir / STAGING_DIR
-        self.mem: dict[int, dict[str, np.ndarray]] = {}
+        self.mem: list[dict[str, np.ndarray]] = []
         if self.dir is None:
             return
         meta = self.dir / "fingerprint.txt"
@@ -367,25 +367,23 @@ class _Staging:
 
     def done(self) -> set[int]:
         if self.dir is None:
-            return set(self.mem)
+            return {int(i) for b in self.mem for i in np.unique(b["sample"])}
         out = set()
         for f in self.dir.glob("shard_*.json"):
             out.update(json.loads(f.read_text())["samples"])
         return out
 
-    def put(self, samples: list[dict[str, np.ndarray]]) -> None:
+    def put(self, block: dict[str, np.ndarray]) -> None:
         if self.dir is None:
-            for s in samples:
-                self.mem[int(s["sample"][0])] = s
+            self.mem.append(block)
             return
         import pyarrow as pa
         import pyarrow.parquet as pq
 
-        idx = [int(s["sample"][0]) for s in samples]
+        idx = [int(i) for i in np.unique(block["sample"])]
         name = f"shard_{idx[0]:07d}"
-        table = pa.Table.from_pydict({c: np.concatenate([s[c] for s in samples]) for c in samples[0]})
         with atomic_path(self.dir / f"{name}.parquet") as tmp:
-            pq.write_table(table, tmp)
+            pq.write_table(pa.Table.from_pydict(block), tmp)
         # the index file is written after the data: a shard counts as done only once both exist
         atomic_write_text(self.dir / f"{name}.json", json.dumps({"samples": idx}))
 
@@ -399,25 +397,35 @@ class _Staging:
         if self.dir is not None:
             atomic_write_text(self.dir / key, json.dumps(value))
 
-    def samples(self) -> Iterator[dict[str, np.ndarray]]:
-        """Every staged sample's columns, in sample order."""
+    def blocks(self) -> Iterator[dict[str, np.ndarray]]:
+        """Every staged block's columns, in sample order (batches cover increasing, disjoint sample ranges)."""
         if self.dir is None:
-            for i in sorted(self.mem):
-                yield self.mem[i]
+            yield from sorted(self.mem, key=lambda b: int(b["sample"][0]))
             return
         import pyarrow.parquet as pq
 
         for f in sorted(self.dir.glob("shard_*.json")):
             t = pq.read_table(f.with_suffix(".parquet"))
-            cols = {c: t.column(c).to_numpy() for c in t.column_names}
-            s = cols["sample"]
-            for i in np.unique(s):
-                sel = s == i
-                yield {c: v[sel] for c, v in cols.items()}
+            yield {c: t.column(c).to_numpy() for c in t.column_names}
 
     def cleanup(self) -> None:
         if self.dir is not None:
             shutil.rmtree(self.dir, ignore_errors=True)
+
+
+def _per_sample(block: Mapping[str, np.ndarray]) -> Iterator[dict[str, np.ndarray]]:
+    """Split a block into its samples: contiguous slices (each sample's rows are adjacent, in sample order)."""
+    s = block["sample"]
+    if np.any(s[1:] < s[:-1]):
+        raise RuntimeError("staged token rows are not in sample order")
+    _, starts = np.unique(s, return_index=True)
+    for a, b in zip(starts, [*starts[1:], len(s)], strict=True):
+        yield {c: v[a:b] for c, v in block.items()}
+
+
+def _stored(block: Mapping[str, np.ndarray], token_dtype: str) -> dict[str, np.ndarray]:
+    """Columns as stored in tokens.parquet: entropies and log-probs in ``token_dtype``, ids as they are."""
+    return {c: (v.astype(token_dtype, copy=False) if c.startswith(("H.", "logp.")) else v) for c, v in block.items()}
 
 
 def _check_out_dir(out_dir: Path, overwrite: bool) -> None:
@@ -433,30 +441,31 @@ def _check_out_dir(out_dir: Path, overwrite: bool) -> None:
                          "(--overwrite) or choose another --out")
 
 
-def _write_tokens(staging: _Staging, path: Path, token_dtype: str) -> None:
+@contextlib.contextmanager
+def _parquet_rows(path: Path | None) -> Iterator[Callable[[Mapping[str, np.ndarray]], None]]:
+    """Yields ``write(columns)``, which appends one row group to ``path``; the file appears atomically when the
+    block exits cleanly. Without a path ``write`` does nothing (an in-memory analysis)."""
+    if path is None:
+        yield lambda cols: None
+        return
     import pyarrow as pa
     import pyarrow.parquet as pq
 
+    writer = None
     with atomic_path(path) as tmp:
-        writer = None
+
+        def write(cols: Mapping[str, np.ndarray]) -> None:
+            nonlocal writer
+            table = pa.Table.from_pydict(dict(cols))
+            if writer is None:
+                writer = pq.ParquetWriter(tmp, table.schema, compression="zstd")
+            writer.write_table(table)
+
         try:
-            for s in staging.samples():
-                cols = {c: (v.astype(token_dtype) if c.startswith(("H.", "logp.")) else v) for c, v in s.items()}
-                table = pa.Table.from_pydict(cols)
-                if writer is None:
-                    writer = pq.ParquetWriter(tmp, table.schema, compression="zstd")
-                writer.write_table(table)  # one row group per sample keeps memory per sample, not per run
+            yield write
         finally:
             if writer is not None:
-                writer.close()
-
-
-def _tokens_frame(staging: _Staging, token_dtype: str):
-    import pandas as pd
-
-    frames = [pd.DataFrame({c: (v.astype(token_dtype) if c.startswith(("H.", "logp.")) else v) for c, v in s.items()})
-              for s in staging.samples()]
-    return pd.concat(frames, ignore_index=True)
+                writer.close()  # before atomic_path moves (or removes) the file
 
 
 def _versions() -> dict[str, str]:
@@ -694,14 +703,22 @@ def analyze(
         del projector
     seconds = time.perf_counter() - t0
 
-    # ---- aggregate
+    # ---- one pass over the staged blocks: aggregate, heatmap row, tokens.parquet and/or the in-memory table
     agg = Aggregator(L, delta)
     hm_index = heatmap_sample if heatmap_sample is not None else todo[0].index
     heat = None
-    for s in staging.samples():
-        agg.add_sample(s)
-        if int(s["sample"][0]) == hm_index:
-            heat = np.stack([s[entropy_col("resid_post", k)] for k in range(L)]).astype(np.float32)
+    keep = keep_tokens or (keep_tokens is None and out is None)
+    frames = []
+    with _parquet_rows(None if out is None else out / TOKENS_FILE) as write_tokens:
+        for block in staging.blocks():
+            for s in _per_sample(block):
+                agg.add_sample(s)
+                if int(s["sample"][0]) == hm_index:
+                    heat = np.stack([s[entropy_col("resid_post", k)] for k in range(L)]).astype(np.float32)
+            stored = _stored(block, token_dtype)
+            write_tokens(stored)  # one row group per batch: memory per batch, not per run
+            if keep:
+                frames.append(stored)
     stats = agg.result()
     bd = boundary_details(stats["ffn_entropy_change"], tol=boundary_tol)
     summary: dict[str, Any] = {
@@ -729,8 +746,10 @@ def analyze(
         "created": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
     }
     result = AnalysisResult(summary=summary, out_dir=out)
-    if keep_tokens or (keep_tokens is None and out is None):
-        result._tokens = _tokens_frame(staging, token_dtype)
+    if keep:
+        import pandas as pd
+
+        result._tokens = pd.concat([pd.DataFrame(f) for f in frames], ignore_index=True)
     if out is None:
         return result
 
@@ -740,7 +759,6 @@ def analyze(
                     "response_tokens": len(all_traces[i].response_ids), "skipped": skip_reason.get(i)},
                    ensure_ascii=False, default=str) + "\n"
         for i, rec in enumerate(trace_records)))
-    _write_tokens(staging, out / TOKENS_FILE, token_dtype)
     if figures:
         from bupo.analysis.figures import make_figures
         from bupo.analysis.report import write_report
