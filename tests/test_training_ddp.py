@@ -22,7 +22,7 @@ SCRIPT = textwrap.dedent(
     import torch
     torch.set_num_threads(1)
     from transformers import TrainerCallback
-    from test_training_common import make_model, make_trainer
+    from test_training_common import letter_reward, make_model, make_trainer
 
     out = sys.argv[1]
     model = make_model(tie=True)
@@ -39,8 +39,13 @@ SCRIPT = textwrap.dedent(
             record["lower_same"][s] = all(torch.equal(params[n].detach(), init[n]) for n in lower)
             record["phase"][s] = tr.bupo_internal
 
-    tr = make_trainer(out, model=model, internal_steps=2, max_steps=4, weight_decay=0.1, probe_every=2,
-                      per_device_train_batch_size=4, num_generations=4)
+    RANK = int(os.environ.get("RANK", 0))
+
+    def solved(completions, **kw):  # "correct" (1.0) at a rank-dependent rate: 1/2 on rank 0, 1/4 on rank 1
+        return [1.0 if i % (2 + 2 * RANK) == 0 else 0.0 for i in range(len(completions))]
+
+    tr = make_trainer(out, model=model, reward=[solved, letter_reward], internal_steps=2, max_steps=4,
+                      weight_decay=0.1, probe_every=2, per_device_train_batch_size=4, num_generations=4)
     tr.add_callback(Check())
     tr.train()
     record["world_size"] = tr.accelerator.num_processes
@@ -48,6 +53,11 @@ SCRIPT = textwrap.dedent(
     record["wrapped"] = type(tr.model_wrapped).__name__
     record["logged_phase"] = [h["bupo/phase"] for h in tr.state.log_history if "bupo/phase" in h]
     record["probe_keys"] = sorted(k for h in tr.state.log_history for k in h if k.startswith("bupo/layer_entropy"))
+    logs = [h for h in tr.state.log_history if "bupo/phase" in h]
+    record["accuracy"] = [h["bupo/accuracy"] for h in logs]
+    record["entropy_pairs"] = [(h["entropy"], h["bupo/entropy_internal" if h["bupo/phase"] else "bupo/entropy_full"])
+                               for h in logs]
+    record["counters"] = list(tr.reward_funcs[0].counters())  # this rank's (completions, correct, errors, timeouts)
     # the weights are identical on both ranks (DDP all-reduced the gradients of the trained layers)
     flat = torch.cat([p.detach().flatten() for p in tr.model.parameters()])
     gathered = tr.accelerator.gather(flat.unsqueeze(0))
@@ -85,3 +95,12 @@ def test_two_process_ddp_runs_both_phases(tmp_path):
         if rank == 0:
             assert rec["logged_phase"] == [1.0, 1.0, 0.0, 0.0]
             assert "bupo/layer_entropy/final" in rec["probe_keys"]
+            # bupo/entropy_{phase} is TRL's globally reduced loss-pass entropy
+            assert all(e == pytest.approx(b, rel=1e-6) for e, b in rec["entropy_pairs"])
+    # accuracy per rollout is over both ranks' completions: with equal batches its mean is the global rate
+    recs = [json.loads((tmp_path / f"rank{r}.json").read_text()) for r in (0, 1)]
+    completions = sum(r["counters"][0] for r in recs)
+    correct = sum(r["counters"][1] for r in recs)
+    assert recs[0]["counters"][0] == recs[1]["counters"][0] > 0
+    assert recs[0]["counters"][1] != recs[1]["counters"][1]  # local rates differ: a local-only count would show
+    assert sum(recs[0]["accuracy"]) / len(recs[0]["accuracy"]) == pytest.approx(correct / completions)

@@ -162,10 +162,10 @@ class BuPOTrainer(GRPOTrainer):
         if not guarded:
             return
         now = torch.tensor([f.counters() for f in guarded], dtype=torch.float64)
-        prev = getattr(self, "_bupo_reward_prev", torch.zeros_like(now))
-        self._bupo_reward_prev = now
-        delta = self.accelerator.reduce((now - prev).to(self.accelerator.device), reduction="sum").cpu()
+        # one all-reduce: the global totals; this rollout's global delta = totals - the previous global totals
         total = self.accelerator.reduce(now.to(self.accelerator.device), reduction="sum").cpu()
+        delta = total - getattr(self, "_bupo_reward_prev", torch.zeros_like(total))
+        self._bupo_reward_prev = total
         for f, d, t in zip(guarded, delta.tolist(), total.tolist(), strict=True):
             n, correct, err, tout = d
             if n > 0 and f is guarded[0]:
