@@ -69,8 +69,6 @@ class Trace:
     index: int
     prompt_ids: list[int]
     response_ids: list[int]
-    prompt: Any = None
-    response: str | None = None
 
 
 @dataclass
@@ -221,7 +219,7 @@ def tokenize_traces(tokenizer, traces: Sequence[Mapping], template: str = "chat"
         _check_trace_row(row, f"trace {i}")
         ids = row.get("response_ids")
         resp = list(ids) if ids is not None else _encode(tokenizer, row["response"])
-        out.append(Trace(i, _prompt_ids(tokenizer, row["prompt"], template), resp, row["prompt"], row["response"]))
+        out.append(Trace(i, _prompt_ids(tokenizer, row["prompt"], template), resp))
     return out
 
 
@@ -260,19 +258,11 @@ def generate_traces(model, tokenizer, rows: Sequence[Mapping], *, template: str,
 
 def traces_from_generated(tokenizer, gen: Sequence[Mapping]) -> list[Trace]:
     # the generator's own response ids are kept as they are (no decode/re-encode round trip)
-    return [Trace(i, encode_prompt(tokenizer, g["prompt"]), list(g["response_ids"]), g["prompt"], g["response"])
-            for i, g in enumerate(gen)]
+    return [Trace(i, encode_prompt(tokenizer, g["prompt"]), list(g["response_ids"])) for i, g in enumerate(gen)]
 
 
 # ---------------------------------------------------------------------------------------------------------------
 # the measurement
-
-
-def make_projector(model, projection: str, epilogue: str = "auto"):
-    """The :class:`bupo.internal.stats.Projector` shared by every stream of an analysis (one fp32 cast)."""
-    from bupo.internal.stats import Projector
-
-    return Projector(model, projection, epilogue=epilogue)
 
 
 def streams_for(convention: str) -> tuple[str, ...]:
@@ -353,11 +343,13 @@ class _Staging:
     """One block of token columns per measured batch: Parquet shards under ``out_dir/.bupo_analyze_partial``
     (or in memory when out_dir is None)."""
 
-    def __init__(self, out_dir: Path | None, fingerprint: str, resume: bool):
+    def __init__(self, out_dir: Path | None, fingerprint: str | None, resume: bool):
         self.dir = None if out_dir is None else out_dir / STAGING_DIR
         self.mem: list[dict[str, np.ndarray]] = []
         if self.dir is None:
             return
+        if fingerprint is None:
+            raise ValueError("staging on disk needs the run's fingerprint")
         meta = self.dir / "fingerprint.txt"
         if self.dir.exists() and (not resume or not meta.is_file() or meta.read_text() != fingerprint):
             shutil.rmtree(self.dir)  # settings changed (or resume off): stale shards must not be mixed in
@@ -554,7 +546,7 @@ def analyze(
 
     from bupo.generation import eval_mode, validate_sampling
     from bupo.internal.adapters import check_projection, parts
-    from bupo.internal.stats import EPILOGUES
+    from bupo.internal.stats import EPILOGUES, Projector
 
     check_projection(projection)
     check_convention(delta)
@@ -598,7 +590,7 @@ def analyze(
             traces_desc = f"<{len(trace_rows)} traces given in Python>"
         if not trace_rows:
             raise ValueError("no traces given")
-        trace_rows = trace_rows[:max_samples] if max_samples else trace_rows
+        trace_rows = trace_rows[:max_samples]
         rows = None
     else:
         if isinstance(data, str | os.PathLike):
@@ -611,7 +603,7 @@ def analyze(
             data_desc = f"<{len(rows)} rows given in Python>"
         if not rows:
             raise ValueError(f"no data rows in {data_desc}")
-        rows = rows[:max_samples] if max_samples else rows
+        rows = rows[:max_samples]
         trace_rows = None
 
     meta: dict[str, Any] = {
@@ -636,12 +628,15 @@ def analyze(
         "tied_embeddings": bool(p.tied),
         "softcap": p.softcap,
     }
-    fp_meta = {k: meta[k] for k in ("model", "model_type", "dtype", "projection", "delta_convention", "template",
-                                    "generation", "max_samples", "num_layers")}
-    # the inputs' content (not their path): a resumed run must never mix shards of different traces
-    fp_meta["inputs"] = _fingerprint({"rows": rows, "traces": trace_rows})
-    fp_meta["weights"] = _weights_checksum(model)
-    staging = _Staging(out, _fingerprint(fp_meta), resume)
+    fingerprint = None
+    if out is not None:  # only staging on disk can be resumed, so only it needs to recognise its own shards
+        fp_meta = {k: meta[k] for k in ("model", "model_type", "dtype", "projection", "delta_convention", "template",
+                                        "generation", "max_samples", "num_layers")}
+        # the inputs' content (not their path): a resumed run must never mix shards of different traces
+        fp_meta["inputs"] = _fingerprint({"rows": rows, "traces": trace_rows})
+        fp_meta["weights"] = _weights_checksum(model)
+        fingerprint = _fingerprint(fp_meta)
+    staging = _Staging(out, fingerprint, resume)
     ctx = getattr(p.text_config, "max_position_embeddings", None)
 
     if rows is not None:
@@ -658,7 +653,6 @@ def analyze(
         trace_records = [{**r, "response_ids": tr.response_ids} for r, tr in zip(trace_rows, all_traces, strict=True)]
 
     # ---- skips
-    skipped: Counter[str] = Counter()
     todo: list[Trace] = []
     skip_reason: dict[int, str] = {}
     for tr in all_traces:
@@ -672,7 +666,7 @@ def analyze(
             skip_reason[tr.index] = "too_long"
         else:
             todo.append(tr)
-    skipped.update(skip_reason.values())
+    skipped = Counter(skip_reason.values())
     if not todo:
         raise ValueError(f"no analysable samples among {len(all_traces)}: skipped {dict(skipped)} "
                          f"(context length {ctx})")
@@ -689,7 +683,7 @@ def analyze(
     if pending:
         from tqdm.auto import tqdm
 
-        projector = make_projector(model, projection, epilogue)
+        projector = Projector(model, projection, epilogue=epilogue)  # one fp32 cast shared by every stream
         bar = tqdm(total=len(todo), initial=len(todo) - len(pending), desc="analyze", unit="sample",
                    disable=not progress)
         with eval_mode(model), torch.inference_mode():

@@ -43,22 +43,6 @@ CONVENTION_STREAMS: dict[str, tuple[str, ...]] = {
     "residual": ("attn_out", "resid_mid", "mlp_out", "resid_post"),
 }
 
-#: per-layer quantities of the summary (lists of length L) in output order
-LAYER_KEYS = (
-    "layer_entropy",
-    "attn_entropy",
-    "ffn_entropy",
-    "attn_input_entropy",
-    "ffn_input_entropy",
-    "layer_entropy_change",
-    "attn_entropy_change",
-    "ffn_entropy_change",
-    "layer_logprob",
-    "layer_top1_agreement",
-)
-#: scalar quantities
-SCALAR_KEYS = ("embed_entropy", "final_entropy", "final_logprob")
-
 DEFAULT_BOUNDARY_TOL = 0.1
 
 
@@ -85,8 +69,11 @@ def required_columns(num_layers: int, convention: str) -> list[str]:
 def derive(cols: Mapping[str, np.ndarray], num_layers: int, convention: str) -> dict[str, np.ndarray]:
     """Per-token quantities of one block of tokens.
 
-    Returns ``{key: array}`` with arrays of shape ``[n, L]`` for :data:`LAYER_KEYS` and ``[n]`` for
-    :data:`SCALAR_KEYS`, in float64 (entropy columns are fp32 from the hooks; the differences are taken here).
+    Returns ``{key: array}`` in float64 (entropy columns are fp32 from the hooks; the differences are taken here):
+    shape ``[n, L]`` for the per-layer keys ``layer_entropy``, ``attn_entropy``, ``ffn_entropy``,
+    ``attn_input_entropy``, ``ffn_input_entropy``, ``layer_entropy_change``, ``attn_entropy_change``,
+    ``ffn_entropy_change``, ``layer_logprob``, ``layer_top1_agreement``; shape ``[n]`` for the scalars
+    ``embed_entropy``, ``final_entropy``, ``final_logprob``.
     """
     check_convention(convention)
     missing = [c for c in required_columns(num_layers, convention) if c not in cols]
