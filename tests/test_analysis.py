@@ -212,6 +212,13 @@ def test_positions_token_ids_and_final_norm_self_check(model, tok):
     assert np.allclose(t[f"H.resid_post.{L - 1}"], t["H.final"], atol=1e-5)
     assert np.allclose(t[f"logp.resid_post.{L - 1}"], t["logp.final"], atol=1e-5)
     assert res.summary["layer_top1_agreement"][-1] == 1.0
+    m = res.layer_entropy_matrix(1)
+    R1 = len(toks[1].response_ids)
+    assert m.shape == (L, R1) and m.dtype == np.float32
+    for k in range(L):
+        assert np.array_equal(m[k], t.loc[t["sample"] == 1, f"H.resid_post.{k}"].to_numpy(np.float32))
+    with pytest.raises(ValueError, match="no analysed tokens"):
+        res.layer_entropy_matrix(99)
     # prompt and response tokenised separately: the response ids are exactly the response's own encoding
     assert toks[2].response_ids == tok(" 42", add_special_tokens=False)["input_ids"]
 

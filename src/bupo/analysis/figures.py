@@ -62,6 +62,11 @@ def pool_columns(mat: np.ndarray, max_cols: int) -> tuple[np.ndarray, int]:
     return np.nanmean(padded.reshape(mat.shape[0], nb, width), axis=2), width
 
 
+def _arr(xs: Sequence) -> np.ndarray:
+    """A summary list -> float64 array, None (no data) -> NaN."""
+    return np.array([np.nan if v is None else v for v in xs], dtype=np.float64)
+
+
 def ci_halfwidth(summary: Mapping, key: str, z: float = 1.96) -> tuple[np.ndarray, str]:
     """Half-width of the 95 % CI of ``summary[key]`` and which SE it used ("sample" or "token")."""
     by_sample = summary.get(f"{key}_se_by_sample")
@@ -69,21 +74,14 @@ def ci_halfwidth(summary: Mapping, key: str, z: float = 1.96) -> tuple[np.ndarra
         se, kind = by_sample, "sample"
     else:
         se, kind = summary.get(f"{key}_se"), "token"
-    arr = np.array([np.nan if v is None else v for v in (se or [])], dtype=np.float64)
-    return z * np.nan_to_num(arr, nan=0.0), kind
+    return z * np.nan_to_num(_arr(se or []), nan=0.0), kind
 
 
-def _layer_ticks(ax, num_layers: int, offset: float = 0.0, max_ticks: int = 24, first: int = 1) -> None:
-    step = max(1, math.ceil(num_layers / max_ticks))
-    ticks = list(range(first, num_layers + 1, step))
-    if ticks[-1] != num_layers:
-        ticks.append(num_layers)
-    ax.set_xticks([t + offset for t in ticks])
+def _layer_ticks(ax, num_layers: int, max_ticks: int = 24, first: int = 1) -> None:
+    """x ticks on paper layers first..num_layers, thinned to at most ``max_ticks``, the last layer always shown."""
+    ticks = [first + i for i in stride_rows(num_layers - first + 1, max_ticks)]
+    ax.set_xticks(ticks)
     ax.set_xticklabels([str(t) for t in ticks], fontsize=8)
-
-
-def _arr(xs: Sequence) -> np.ndarray:
-    return np.array([np.nan if v is None else v for v in xs], dtype=np.float64)
 
 
 def _title(summary: Mapping, what: str) -> str:
@@ -203,10 +201,7 @@ def plot_heatmap(matrix: np.ndarray, path: Path, *, summary: Mapping | None = No
     # x in token units (columns may be pooled); y in strided-row units, labelled with paper layers
     im = ax.imshow(pooled, aspect="auto", origin="lower", interpolation="nearest", cmap="viridis", vmin=0, vmax=vmax,
                    extent=(0, n, -0.5, len(rows) - 0.5))
-    step = max(1, math.ceil(len(rows) / 24))
-    ticks = list(range(0, len(rows), step))
-    if ticks[-1] != len(rows) - 1:
-        ticks.append(len(rows) - 1)
+    ticks = stride_rows(len(rows), 24)  # the last (deepest) plotted layer is always labelled
     ax.set_yticks(ticks)
     ax.set_yticklabels([str(rows[t] + 1) for t in ticks], fontsize=7)
     ax.set_ylabel("layer l (paper numbering)")

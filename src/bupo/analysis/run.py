@@ -121,7 +121,12 @@ class AnalysisResult:
         t = self.tokens[self.tokens["sample"] == sample]
         if len(t) == 0:
             raise ValueError(f"sample {sample} has no analysed tokens (skipped or out of range)")
-        return np.stack([t[entropy_col("resid_post", k)].to_numpy(dtype=np.float32) for k in range(self.num_layers)])
+        return _layer_matrix(t, self.num_layers)
+
+
+def _layer_matrix(cols: Mapping[str, Any], num_layers: int) -> np.ndarray:
+    """[L, n] float32 layer-policy entropies (row k = 0-based layer k) of one sample's token columns."""
+    return np.stack([np.asarray(cols[entropy_col("resid_post", k)], dtype=np.float32) for k in range(num_layers)])
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -708,7 +713,7 @@ def analyze(
             for s in _per_sample(block):
                 agg.add_sample(s)
                 if int(s["sample"][0]) == hm_index:
-                    heat = np.stack([s[entropy_col("resid_post", k)] for k in range(L)]).astype(np.float32)
+                    heat = _layer_matrix(s, L)
             stored = _stored(block, token_dtype)
             write_tokens(stored)  # one row group per batch: memory per batch, not per run
             if keep:
