@@ -213,14 +213,14 @@ def plot_heatmap(matrix: np.ndarray, path: Path, *, summary: Mapping | None = No
 
 
 def _save(fig, path: Path) -> Path:
-    """Save ``fig`` as PNG atomically (a half-written figure never appears under ``path``) and close it."""
+    """Save ``fig`` atomically (format from ``path``'s suffix; a half-written figure never appears under ``path``) and close it."""
     from bupo.io import atomic_path
 
     path = Path(path)
     try:
         fig.tight_layout()
         with atomic_path(path) as tmp:
-            fig.savefig(tmp, dpi=110, format="png")
+            fig.savefig(tmp, dpi=110)  # the temp path keeps the suffix, so the format follows path
     finally:
         _plt().close(fig)
     return path
