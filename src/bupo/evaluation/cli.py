@@ -25,7 +25,7 @@ def register(subparsers: Any) -> None:
             "`bupo eval compare DIR...` prints one table across runs."
         ),
     )
-    p.add_argument("--model", help="local model folder (default: the bundled model)")
+    p.add_argument("--model", help="a bupo name (`bupo model list`), a local folder or a Hub id (default: tiny, the bundled model)")
     p.add_argument(
         "--data", nargs="+", metavar="FILE", help=".parquet/.jsonl files (default: the bundled task)"
     )
@@ -102,18 +102,9 @@ def register(subparsers: Any) -> None:
 
 
 def _model_folder(arg: str | None) -> Path:
-    if arg is None:
-        from bupo.zoo import bundled_model_path  # FileNotFoundError (missing) is one line in bupo.cli.main
+    from bupo.models import resolve_model  # one-line ValueError / FileNotFoundError in bupo.cli.main
 
-        return bundled_model_path()
-    path = Path(arg)
-    if not path.is_dir():
-        raise ValueError(
-            f"--model must be a local model folder (no model hub is used): {arg} is not a directory"
-        )
-    if not (path / "config.json").exists():
-        raise ValueError(f"--model {arg}: no config.json in that folder (expected a save_pretrained folder)")
-    return path
+    return Path(resolve_model(arg))
 
 
 def _default_max_new_tokens(path: Path) -> int:

@@ -38,7 +38,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         formatter_class=argparse.RawDescriptionHelpFormatter, allow_abbrev=False,
     )
     p.__class__ = _PassThroughParser
-    p.add_argument("--model", help="model folder (default: the bundled model)")
+    p.add_argument("--model", help="a bupo name (`bupo model list`), a local folder or a Hub id (default: tiny, the bundled model)")
     p.add_argument("--data", help="training rows: .parquet / .jsonl (paper shape) or 'bundled' (default)")
     p.add_argument("--eval-data", nargs="+", metavar="FILE",
                    help="held-out files evaluated during training ('bundled' = bundled test split, 'none' = off)")

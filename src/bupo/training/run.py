@@ -318,11 +318,9 @@ def train(train_args: Any, script: BuPOScriptArguments) -> dict[str, Any]:
 
     out_dir = Path(train_args.output_dir)
     resume = _resolve_resume(script.resume, str(out_dir))
-    model_path = script.model_name_or_path
-    if model_path is None:
-        from bupo.zoo import bundled_model_path
+    from bupo.models import resolve_model
 
-        model_path = str(bundled_model_path())
+    model_path = resolve_model(script.model_name_or_path)  # bupo name, folder or Hub id; one-line errors
     if script.algo == "grpo":
         train_args.internal_steps = 0
     elif train_args.internal_steps <= 0:

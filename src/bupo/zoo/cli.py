@@ -1,5 +1,8 @@
-"""``bupo model``: the bundled tiny reasoning model.
+"""``bupo model``: models by name (list, get, import-gguf) and the bundled tiny reasoning model.
 
+- ``bupo model list [--json]``: every bupo model name with family, layers, vocabulary, licence, ready?;
+- ``bupo model get NAME``: prepare a name (convert its GGUF into the cache once); the last line is its folder;
+- ``bupo model import-gguf FILE --out DIR``: convert any GGUF into a Hugging Face safetensors folder;
 - ``bupo model info [--json]``: print the model card (recipe, seed, data, measured accuracy);
 - ``bupo model path``: print the folder (the default ``--model`` of every other command);
 - ``bupo model build [--out DIR] [--seed S] [--smoke] [--threads N]``: run the recipe from scratch;
@@ -16,8 +19,23 @@ import sys
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:
-    p = subparsers.add_parser("model", help="the bundled tiny reasoning model (info, build, grpo-proof)")
+    p = subparsers.add_parser(
+        "model", help="models by name (list, get, import-gguf) and the bundled tiny model (info, build, grpo-proof)"
+    )
     sub = p.add_subparsers(dest="model_command", metavar="MODEL_COMMAND")
+
+    lst = sub.add_parser("list", help="bupo model names: family, layers, vocabulary, licence, ready?")
+    lst.add_argument("--json", action="store_true", help="print the table as JSON")
+    lst.set_defaults(func=_list)
+
+    get = sub.add_parser("get", help="prepare a named model (GGUF -> cache, once); prints its folder last")
+    get.add_argument("name", help="a bupo model name (see `bupo model list`)")
+    get.set_defaults(func=_get)
+
+    imp = sub.add_parser("import-gguf", help="convert a GGUF file into a Hugging Face safetensors folder")
+    imp.add_argument("file", help="the .gguf file")
+    imp.add_argument("--out", required=True, help="output folder (must not exist or be empty)")
+    imp.set_defaults(func=_import_gguf)
 
     info = sub.add_parser("info", help="print the bundled model's card")
     info.add_argument("--json", action="store_true", help="print the recipe record (recipe.json) instead")
@@ -45,6 +63,40 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     proof.set_defaults(func=_proof)
 
     p.set_defaults(func=lambda args: (p.print_help(), 0)[1])
+
+
+def _list(args: argparse.Namespace) -> int:
+    from bupo.models import cache_root, model_table
+
+    rows = model_table()
+    if args.json:
+        print(json.dumps(rows, indent=2))
+        return 0
+    cols = ("name", "family", "layers", "vocab", "licence", "ready")
+    cells = [[str(r[c]).lower() if c == "ready" else str(r[c]) for c in cols] for r in rows]
+    widths = [max(len(c), *(len(row[i]) for row in cells)) for i, c in enumerate(cols)]
+    print("  ".join(c.ljust(w) for c, w in zip(cols, widths, strict=True)))
+    for r, row in zip(rows, cells, strict=True):
+        note = "" if r["ready"] or r["installed"] else f"  (needs: {r['install']})"
+        print("  ".join(v.ljust(w) for v, w in zip(row, widths, strict=True)).rstrip() + note)
+    print(f"cache: {cache_root()} (set BUPO_CACHE to move it); `bupo model get NAME` prepares a name")
+    return 0
+
+
+def _get(args: argparse.Namespace) -> int:
+    from bupo.models import prepare_model
+
+    print(prepare_model(args.name))  # unknown names and missing packages: one-line ValueError
+    return 0
+
+
+def _import_gguf(args: argparse.Namespace) -> int:
+    from bupo.models import import_gguf
+
+    record = import_gguf(args.file, args.out)
+    print(json.dumps({k: record[k] for k in ("architecture", "layers", "vocab", "chat_template")}))
+    print(args.out)
+    return 0
 
 
 def _info(args: argparse.Namespace) -> int:

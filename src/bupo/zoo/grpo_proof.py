@@ -40,7 +40,7 @@ PROOF_DEFAULTS: dict[str, Any] = {
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
     d = PROOF_DEFAULTS
-    p.add_argument("--model", default=None, help="model folder (default: the bundled model)")
+    p.add_argument("--model", default=None, help="a bupo name, folder or Hub id (default: tiny, the bundled model)")
     p.add_argument("--out", default=None, help="write the result JSON here (default: print only)")
     p.add_argument("--write-card", action="store_true", help="store the result in the model folder + card")
     p.add_argument("--save-dir", default=None, help="save the GRPO-trained model here")
@@ -91,11 +91,11 @@ def _run(
     from trl import GRPOConfig, GRPOTrainer
 
     from bupo.data.task import make_examples
+    from bupo.models import resolve_model
     from bupo.rewards import make_reward_func
-    from bupo.zoo import DEFAULT_MODEL
     from bupo.zoo.recipe import evaluate
 
-    model_dir = str(model_dir or DEFAULT_MODEL)
+    model_dir = resolve_model(model_dir)  # same names, folders and one-line errors as every --model
     tok = AutoTokenizer.from_pretrained(model_dir, local_files_only=True)
     model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32, local_files_only=True)
     test_rows = make_examples("test", cfg["eval_problems"], seed=cfg["eval_seed"])
