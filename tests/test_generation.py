@@ -67,13 +67,17 @@ def reference_sample(model, tok, prompt, row_seed, max_new_tokens, temperature, 
                 if top_k is not None:
                     kth = torch.topk(probs, top_k).values[-1]
                     probs = torch.where(probs >= kth, probs, 0.0)
-                p_sorted, order = torch.sort(probs, descending=True)
-                if top_p < 1.0:
-                    before = torch.cumsum(p_sorted, 0) - p_sorted
-                    p_sorted = torch.where(before >= top_p, 0.0, p_sorted)
-                cdf = torch.cumsum(p_sorted, 0)
-                pos = int((cdf <= u * cdf[-1]).sum())
-                nxt = int(order[min(pos, int((p_sorted > 0).sum()) - 1)])
+                if top_p == 1.0 and top_k is None:  # no truncation: inverse CDF in vocabulary order, no sort
+                    cdf = torch.cumsum(probs, 0)
+                    nxt = min(int((cdf <= u * cdf[-1]).sum()), int(torch.nonzero(probs).max()))
+                else:  # truncation: inverse CDF over the tokens sorted by probability
+                    p_sorted, order = torch.sort(probs, descending=True)
+                    if top_p < 1.0:
+                        before = torch.cumsum(p_sorted, 0) - p_sorted
+                        p_sorted = torch.where(before >= top_p, 0.0, p_sorted)
+                    cdf = torch.cumsum(p_sorted, 0)
+                    pos = int((cdf <= u * cdf[-1]).sum())
+                    nxt = int(order[min(pos, int((p_sorted > 0).sum()) - 1)])
             out.append(nxt)
             if nxt == tok.eos_token_id:
                 break

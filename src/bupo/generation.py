@@ -11,7 +11,9 @@ Conventions:
   requests share its batch — up to floating-point differences of batched kernels. That is what lets
   ``bupo eval`` resume an interrupted run and still produce the same samples.
 - Sampling: logits (fp32) / temperature, then top-k, then top-p (the smallest set of most likely
-  tokens whose probability reaches ``top_p``), then one inverse-CDF draw from the row's stream.
+  tokens whose probability reaches ``top_p``), then one inverse-CDF draw from the row's stream: over the
+  tokens sorted by probability when top-k or top-p truncates, over the vocabulary in id order otherwise
+  (no sort; the same distribution, other draws for the same seed).
   ``temperature=0`` is greedy. Sampling runs inside ``model.generate`` as a logits processor that
   leaves only the drawn token, with greedy search; the model's own ``generation_config`` sampling
   defaults (repetition penalty, top-k, ...) are NOT applied — only the settings given here.
@@ -142,18 +144,27 @@ class _RowSampler:
                 kth = torch.topk(logits, self.top_k, dim=-1).values[:, -1:]
                 logits = logits.masked_fill(logits < kth, float("-inf"))
             probs = torch.softmax(logits, dim=-1)
-            sorted_p, order = torch.sort(probs, dim=-1, descending=True)
-            if self.top_p < 1.0:
-                before = torch.cumsum(sorted_p, dim=-1) - sorted_p  # mass of strictly more likely tokens
-                sorted_p = sorted_p.masked_fill(before >= self.top_p, 0.0)
-            cdf = torch.cumsum(sorted_p, dim=-1)
             # one uniform per row from the row's own CPU generator: cheap and independent of the batch
-            u = torch.tensor([float(torch.rand((), generator=g)) for g in self.generators], dtype=cdf.dtype)
-            u = (u.to(cdf.device) * cdf[:, -1]).unsqueeze(-1)
-            pos = torch.searchsorted(cdf, u, right=True).squeeze(-1)
-            kept = (sorted_p > 0).sum(dim=-1)
-            pos = torch.minimum(pos, kept - 1).clamp_min(0)
-            chosen = order.gather(-1, pos.unsqueeze(-1)).squeeze(-1)
+            u = torch.tensor([float(torch.rand((), generator=g)) for g in self.generators], dtype=probs.dtype)
+            u = u.to(probs.device)
+            if self.top_p >= 1.0 and self.top_k is None:
+                # no truncation: the inverse CDF in vocabulary order is the same distribution, without the
+                # full-vocabulary sort (0.35 s a step at 8 x 262k on a CPU)
+                cdf = torch.cumsum(probs, dim=-1)
+                pos = torch.searchsorted(cdf, (u * cdf[:, -1]).unsqueeze(-1), right=True).squeeze(-1)
+                # float round-off can land past the last token with mass; step back onto it
+                last = probs.shape[-1] - 1 - (probs > 0).flip(-1).int().argmax(dim=-1)
+                chosen = torch.minimum(pos, last)
+            else:
+                sorted_p, order = torch.sort(probs, dim=-1, descending=True)
+                if self.top_p < 1.0:
+                    before = torch.cumsum(sorted_p, dim=-1) - sorted_p  # mass of strictly more likely tokens
+                    sorted_p = sorted_p.masked_fill(before >= self.top_p, 0.0)
+                cdf = torch.cumsum(sorted_p, dim=-1)
+                pos = torch.searchsorted(cdf, (u * cdf[:, -1]).unsqueeze(-1), right=True).squeeze(-1)
+                kept = (sorted_p > 0).sum(dim=-1)
+                pos = torch.minimum(pos, kept - 1).clamp_min(0)
+                chosen = order.gather(-1, pos.unsqueeze(-1)).squeeze(-1)
         out = torch.full_like(scores, float("-inf"))
         out.scatter_(-1, chosen.unsqueeze(-1), 0.0)
         return out
