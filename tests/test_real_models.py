@@ -237,10 +237,14 @@ def test_gemma3_core_parity_and_tokeniser(gemma_dir):
     assert model.config.model_type == "gemma3_text" and model.config.vocab_size == 262144
     assert model.config.num_hidden_layers == 18
     _assert_core_parity(model, tok, ks=[0, 5, 11, 16])
+    # a real model, not noise (the 270M base model continues greedily with " the capital of"): " Paris" is among
+    # the 5 likeliest next tokens and a plain sentence costs ~2 nats/token (ln 262144 = 12.5 for noise)
     ids, mask = _ids(tok, "The capital of France is")
     with torch.no_grad():
-        out = model.generate(ids, attention_mask=mask, max_new_tokens=3, do_sample=False)
-    assert "Paris" in tok.decode(out[0, ids.shape[1]:])
+        top = model(ids, attention_mask=mask).logits[0, -1].topk(5).indices.tolist()
+        text = "The capital of France is Paris. The capital of Germany is Berlin. The capital of Italy is Rome."
+        nll = float(model(*_ids(tok, text), labels=_ids(tok, text)[0]).loss)
+    assert tok.convert_tokens_to_ids("▁Paris") in top and nll < 3.0, (top, nll)
 
 
 # ------------------------------------------------------------------------------------------------ bad input
