@@ -471,7 +471,7 @@ def test_cli_end_to_end_and_compare(model_dir: Path, tmp_path: Path, capsys: pyt
         (["--n", "2", "--k", "4"], "Pass@4 needs at least 4 samples per problem but n=2"),
         (["--data", "{bad}"], "missing column"),
         (["--data", "{csv}"], "unsupported data format '.csv'"),
-        (["--model", "/nonexistent/model"], "must be a local model folder"),
+        (["--model", "/nonexistent/model"], "--model '/nonexistent/model': no such folder"),
         (["--problems", "0"], "--problems must be >= 1"),
     ],
 )
