@@ -3,7 +3,7 @@
 Both sides in one run, on the same model, prompts and lengths (EOS is switched off on both, so every row generates
 exactly ``--new-tokens`` tokens): tokens/s of
 
-- ``hf``: ``model.generate(do_sample=True, temperature=1, top_p=1, top_k=None)`` (one shared torch RNG);
+- ``hf``: ``model.generate(do_sample=True, temperature=1, top_p=1, top_k=0)`` (top-k off; one shared torch RNG);
 - ``bupo``: :func:`bupo.generation.generate_requests` at temperature 1, top_p 1 (per-row seeded streams, the
   vocabulary-order inverse CDF, no sort);
 - ``bupo_sorted``: the same at top_p = 1 - 1e-9 (the path that sorts the full vocabulary every step, as every
@@ -100,7 +100,8 @@ def bench(model: Any, tok: Any, label: str, args: argparse.Namespace) -> dict:
     mask = torch.tensor([[0] * (width - len(e)) + [1] * len(e) for e in enc])
     ids, mask = ids.to(model.device), mask.to(model.device)
     n = args.new_tokens
-    hf_cfg = GenerationConfig(do_sample=True, temperature=1.0, top_p=1.0, top_k=None, max_new_tokens=n,
+    # top_k=0: off (None would mean transformers' default 50), so both sides sample the same distribution
+    hf_cfg = GenerationConfig(do_sample=True, temperature=1.0, top_p=1.0, top_k=0, max_new_tokens=n,
                               eos_token_id=None, pad_token_id=pad)
     saved_eos = model.generation_config.eos_token_id
     no_eos = _NoEos(tok)
