@@ -367,3 +367,90 @@ def test_torn_cache_entry_is_rebuilt(smol_dir, cache, tmp_path, monkeypatch):
     assert len(calls) == 2 and bm.is_ready(SMOL)
     bm.prepare_model(SMOL, log=lambda s: None)
     assert len(calls) == 2  # ready: not converted again
+
+
+# ------------------------------------------------------------------------------------------------ any GGUF
+
+
+def _tiny_llama_gguf(path: Path) -> None:
+    """A 2-layer llama GGUF with a byte-level BPE (gpt2) tokenizer whose merges spell "Hello world" in 2 tokens;
+    bos = <|im_start|> (1), eos = pad = <|im_end|> (2), as SmolLM2's."""
+    import gguf
+    import numpy as np
+    from transformers.convert_slow_tokenizer import bytes_to_unicode
+
+    rng = np.random.default_rng(0)
+    merges = ["H e", "l l", "He ll", "Hell o", "Ġ w", "o r", "l d", "Ġw or", "Ġwor ld"]
+    tokens = ["<|endoftext|>", "<|im_start|>", "<|im_end|>", *sorted(set(bytes_to_unicode().values())),
+              *(m.replace(" ", "") for m in merges)]
+    v, h, f = len(tokens), 32, 64
+    w = gguf.GGUFWriter(str(path), "llama")
+    w.add_block_count(2)
+    w.add_context_length(128)
+    w.add_embedding_length(h)
+    w.add_feed_forward_length(f)
+    w.add_head_count(4)
+    w.add_head_count_kv(2)
+    w.add_rope_freq_base(10000.0)
+    w.add_layer_norm_rms_eps(1e-5)
+    w.add_rope_dimension_count(h // 4)
+    w.add_vocab_size(v)
+    w.add_tokenizer_model("gpt2")
+    w.add_tokenizer_pre("default")
+    w.add_token_list(tokens)
+    w.add_token_types([3, 3, 3] + [1] * (v - 3))
+    w.add_token_merges(merges)
+    w.add_bos_token_id(1)
+    w.add_eos_token_id(2)
+    w.add_pad_token_id(2)
+    w.add_add_bos_token(False)
+
+    def t(*shape):
+        return (rng.standard_normal(shape) * 0.05).astype(np.float32)
+
+    w.add_tensor("token_embd.weight", t(v, h))
+    w.add_tensor("output_norm.weight", np.ones(h, np.float32))
+    for i in range(2):
+        for name, shape in [("attn_q", (h, h)), ("attn_k", (h // 2, h)), ("attn_v", (h // 2, h)),
+                            ("attn_output", (h, h)), ("ffn_gate", (f, h)), ("ffn_up", (f, h)), ("ffn_down", (h, f))]:
+            w.add_tensor(f"blk.{i}.{name}.weight", t(*shape))
+        w.add_tensor(f"blk.{i}.attn_norm.weight", 1 + t(h))
+        w.add_tensor(f"blk.{i}.ffn_norm.weight", 1 + t(h))
+    w.write_header_to_file()
+    w.write_kv_data_to_file()
+    w.write_tensors_to_file()
+    w.close()
+
+
+def test_import_gguf_any_file_into_a_checked_folder(tmp_path, capsys):
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from bupo.cli import main
+    from bupo.internal import layer_logits
+
+    src = tmp_path / "tiny.gguf"
+    _tiny_llama_gguf(src)
+    out = tmp_path / "converted"
+    assert main(["model", "import-gguf", str(src), "--out", str(out)]) == 0
+    assert capsys.readouterr().out.strip().splitlines()[-1] == str(out)
+    assert not [p for p in tmp_path.iterdir() if p.name.startswith(".converted.tmp")]  # renamed into place
+    marker = json.loads((out / bm.MARKER).read_text())
+    assert marker["special_token_ids"] == {"bos": 1, "eos": 2, "pad": 2, "unk": None}
+    assert marker["hello_world_ids"] == [262, 267] and marker["chat_template"] is False
+    assert bm.resolve_model(str(out)) == str(out)  # an ordinary checkpoint folder
+    tok = AutoTokenizer.from_pretrained(out)
+    model = AutoModelForCausalLM.from_pretrained(out, dtype=torch.float32).eval()
+    assert tok("Hello world").input_ids == [262, 267] and tok.decode([262, 267]) == "Hello world"
+    assert (tok.eos_token, tok.pad_token, tok.bos_token) == ("<|im_end|>", "<|im_end|>", "<|im_start|>")
+    assert model.config.eos_token_id == model.generation_config.eos_token_id == 2
+    assert "quantization_config" not in json.loads((out / "config.json").read_text())
+    # the weights are the GGUF's: same logits as transformers' own GGUF loading
+    ref = AutoModelForCausalLM.from_pretrained(tmp_path, gguf_file=src.name, dtype=torch.float32).eval()
+    ids = torch.tensor([[262, 267, 5, 9]])
+    with torch.no_grad():
+        assert torch.equal(model(ids).logits, ref(ids).logits)
+        hs = model(ids, output_hidden_states=True).hidden_states
+        assert torch.allclose(layer_logits(model, ids, None, layer=0), model.lm_head(hs[1]), atol=1e-6, rtol=0)
+    # a second import onto the same folder refuses (nothing the user made is overwritten)
+    assert main(["model", "import-gguf", str(src), "--out", str(out)]) == 2
+    assert "not empty" in capsys.readouterr().err
