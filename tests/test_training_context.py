@@ -8,10 +8,10 @@ import json
 
 import pytest
 import torch
-from test_generation import tiny_qwen3
-from test_templates import char_tokenizer
 
 from bupo.generation import check_context, context_length, fits_context, generate
+from test_generation import tiny_qwen3
+from test_templates import char_tokenizer
 
 pytestmark = [pytest.mark.xdist_group("training")]
 

@@ -8,8 +8,9 @@ from pathlib import Path
 
 import pytest
 import torch
-from test_training_common import make_model, make_trainer
 from transformers import TrainerCallback
+
+from test_training_common import make_model, make_trainer
 
 pytestmark = [pytest.mark.xdist_group("training")]
 
