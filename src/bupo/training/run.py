@@ -182,7 +182,7 @@ def parse_train_args(
                          "not both")
     script_args.model_name_or_path = model_args.model_name_or_path
     script_args.model_args = model_args
-    check_model_flags(train_args, model_args)
+    model_init_kwargs(train_args, model_args)  # a key given twice is an error already here
     return train_args, script_args
 
 
@@ -466,6 +466,9 @@ def train(train_args: Any, script: BuPOScriptArguments) -> dict[str, Any]:
     from bupo.training.data import BUNDLED, build_prompt_dataset, load_training_rows
     from bupo.training.trainer import BuPOTrainer
 
+    # what this machine cannot honour (vLLM, peft, attention kernels) fails here, before anything is loaded;
+    # parse_train_args stays machine-independent so presets parse anywhere
+    check_model_flags(train_args, script.model_args or _default_model_args())
     out_dir = Path(train_args.output_dir)
     resume = _resolve_resume(script.resume, str(out_dir))
     model_path = script.model_name_or_path
