@@ -525,6 +525,7 @@ def train(train_args: Any, script: BuPOScriptArguments) -> dict[str, Any]:
     train_args.model_init_kwargs = None  # consumed by load_model (TRL would warn that it ignores them)
     trainer = BuPOTrainer(model=model, reward_funcs=reward_funcs, args=train_args, train_dataset=dataset,
                           processing_class=tokenizer, peft_config=peft_config(script.model_args))
+    _check_launcher(trainer)
     records: list[dict] = []
     if eval_sets:
         trainer.add_callback(make_eval_callback(trainer, eval_sets, script, template, out_dir, records))
@@ -557,6 +558,7 @@ def train(train_args: Any, script: BuPOScriptArguments) -> dict[str, Any]:
     t0 = time.time()
     result = trainer.train(resume_from_checkpoint=resume)
     trainer.save_model(str(out_dir))  # the tokenizer too (Trainer._save saves processing_class)
+    summary["global_step"] = trainer.state.global_step
     if trainer.accelerator.is_main_process:
         summary.update({
             "seconds": time.time() - t0,
@@ -569,6 +571,17 @@ def train(train_args: Any, script: BuPOScriptArguments) -> dict[str, Any]:
         atomic_write_json(out_dir / RUN_FILE, summary, default=str)
         atomic_write_json(out_dir / "log_history.json", trainer.state.log_history, default=str)
     return summary
+
+
+def _check_launcher(trainer: Any) -> None:
+    """A launcher config asking for FSDP or DeepSpeed that the trainer did not get is an error, not a silent DDP run
+    (accelerate 1.15 turns FSDP on only for GPU-like devices: an FSDP config on the CPU otherwise becomes DDP)."""
+    for env, enabled, name in (("ACCELERATE_USE_FSDP", trainer.is_fsdp_enabled, "FSDP"),
+                               ("ACCELERATE_USE_DEEPSPEED", trainer.is_deepspeed_enabled, "DeepSpeed")):
+        if os.environ.get(env, "false").lower() == "true" and not enabled:
+            raise ValueError(f"the accelerate config asks for {name}, but accelerate did not enable it on this "
+                             f"machine ({trainer.accelerator.distributed_type}; {name} needs GPUs); use "
+                             "recipes/accelerate/cpu.yaml for CPU processes")
 
 
 def _default_model_args() -> Any:
