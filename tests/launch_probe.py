@@ -4,6 +4,11 @@ Run as ``accelerate launch --config_file CFG tests/launch_probe.py OUT train ...
 BuPOTrainer that records, on every rank, whether that rank's own parameter shards (FSDP2: DTensor local shards) of the
 layers above k and the final norm are bitwise unchanged after the internal phase and moved after the switch, then
 runs ``bupo.cli.main(["train", ...])`` unchanged. Writes OUT/probe-rank{r}.json.
+
+ZeRO-3 shards are read from ``param.ds_tensor``. ``upper_within_decay`` allows what weight decay alone does to a
+parameter with a zero (not None) gradient, as under ZeRO-3: |w - w0| <= steps x lr x wd x |w0| + one ulp.
+``BUPO_PROBE_ALTERNATING_REWARD=1`` replaces the rewards by 0/1 alternating ones (random-init models never score),
+so every group has non-zero advantages.
 """
 
 from __future__ import annotations
@@ -20,7 +25,18 @@ from bupo.cli import main
 
 
 def _local(p: torch.Tensor) -> torch.Tensor:
+    if hasattr(p, "ds_tensor"):  # DeepSpeed ZeRO-3: this rank's partition
+        return p.ds_tensor.detach().clone()
     return (p.to_local() if hasattr(p, "to_local") else p).detach().clone()
+
+
+def _within_decay(now: torch.Tensor, init: torch.Tensor, steps: int, lr: float, wd: float) -> bool:
+    ulp = torch.finfo(init.dtype).eps * init.abs().float()
+    return bool(((now.float() - init.float()).abs() <= steps * lr * wd * init.abs().float() + ulp + 1e-30).all())
+
+
+def alternating(completions, **kw):
+    return [float(i % 2) for i in range(len(completions))]
 
 
 class Probe(TrainerCallback):
@@ -53,9 +69,12 @@ class Probe(TrainerCallback):
         upper, lower = self._groups()
         same = lambda group: {n: torch.equal(_local(p), self.init[n]) for n, p in group.items()}  # noqa: E731
         u, lo = same(upper), same(lower)
+        steps = state.global_step - self.record["start_step"]
+        decay = all(_within_decay(_local(p), self.init[n], steps, args.learning_rate, args.weight_decay)
+                    for n, p in upper.items())
         self.record["steps"][state.global_step] = {
             "internal": self.trainer.bupo_internal, "upper_same": all(u.values()), "lower_same": all(lo.values()),
-            "n_upper": len(u), "n_lower": len(lo)}
+            "upper_within_decay": decay, "n_upper": len(u), "n_lower": len(lo)}
 
     def on_train_end(self, args, state, control, **kw):
         self.record["world_size"] = self.trainer.accelerator.num_processes
@@ -81,6 +100,10 @@ if __name__ == "__main__":
     OUT = sys.argv[1]
     os.makedirs(OUT, exist_ok=True)
     trainer_mod.BuPOTrainer.__init__ = _patched_init
+    if os.environ.get("BUPO_PROBE_ALTERNATING_REWARD") == "1":
+        import bupo.rewards
+
+        bupo.rewards.make_reward_func = lambda name, **kw: alternating
     rc = main(sys.argv[2:])
     sys.stdout.flush()
     sys.stderr.flush()
