@@ -6,6 +6,7 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+import peft  # the peft extra is part of the dev extra: a missing peft fails here, it is not skipped
 import pytest
 import torch
 from transformers import TrainerCallback
@@ -14,7 +15,6 @@ from test_training_common import make_model, make_trainer
 
 pytestmark = [pytest.mark.xdist_group("training")]
 
-peft = pytest.importorskip("peft", reason="the peft extra (pip install 'bupo[peft]') is part of the dev extra")
 
 
 def _lora_layer(name: str) -> int | None:
