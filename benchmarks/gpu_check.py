@@ -3,7 +3,12 @@
     python benchmarks/gpu_check.py analysis --out DIR   # issue 4: Qwen3-4B-shaped, one 8192-token trace, all streams
     python benchmarks/gpu_check.py core --out DIR       # issue 2: core checks in bf16 on a Qwen3-0.6B shape + bench ratio
     python benchmarks/gpu_check.py train --out DIR      # issue 5: 2 internal + 2 full BuPO steps, bf16, HF generation
+    python benchmarks/gpu_check.py launchers --out DIR  # issue 13: accelerate launch zero3.yaml and fsdp2.yaml on 1 GPU
     python benchmarks/gpu_check.py all --small          # the same code paths on tiny shapes (CPU dry run)
+
+``launchers`` needs ``deepspeed`` importable for its ZeRO-3 half (the device has no index: carry a wheel built here
+with ``DS_BUILD_OPS=0 pip wheel 'deepspeed>=0.17,<0.20' -w wheels`` and ``pip install wheels/*.whl`` first); without
+it that half is reported as FAIL, not skipped. With ``--small`` it runs the CPU DDP config (2 processes) instead.
 
 Every model is random-init (there is no hub); shapes follow the public configs. Each section prints its lines,
 writes ``gpu_<section>.json`` to ``--out`` and exits non-zero if one of its checks fails. Conventions: 0-based
@@ -446,9 +451,88 @@ def section_train(small: bool, out_dir: Path) -> dict:
     return out
 
 
+# ---------------------------------------------------------------------------------------------------------------
+# issue 13: real launchers (accelerate launch with the shipped configs) through bupo train
+
+
+def section_launchers(small: bool, out_dir: Path) -> dict:
+    """``accelerate launch --config_file recipes/accelerate/{zero3,fsdp2}.yaml --num_processes 1`` running ``bupo
+    train`` (tests/launch_probe.py records each rank's shards) on a random-init Qwen3-0.6B shape: 1 internal + 1 full
+    rollout step at k = 13 (paper layer 14). Checks: the phase switch, layers above k and the final norm unchanged
+    after the internal step (FSDP2 bitwise; ZeRO-3 up to weight decay: its unused parameters get zero, not None,
+    gradients), moved after the switch, weights stay fp32 masters, no hang (timeout)."""
+    import subprocess
+
+    torch, device, dtype, cuda = _setup(small)
+    root = Path(__file__).resolve().parents[1]
+    checks = Checks()
+    L, d, V, heads, kv, inter = (28, 1024, 151936, 16, 8, 3072) if not small else (4, 64, 512, 4, 2, 128)
+    k = 13 if not small else 1
+    model_dir = out_dir / "launch_model"
+    if not (model_dir / "config.json").is_file():
+        model = _model(_qwen3(L, d, V, heads, kv, inter, 4096), torch.device("cpu"), torch.float32)
+        model.save_pretrained(model_dir)  # fp32 on disk: bupo train loads fp32 master weights
+        _tokenizer().save_pretrained(model_dir)
+        del model
+    runs = [("zero3.yaml", "DeepSpeedEngine"), ("fsdp2.yaml", None)] if cuda else [("cpu.yaml", None)]
+    out: dict = {"device": _device_name(torch, cuda), "torch": torch.__version__, "num_layers": L, "k": k, "runs": {}}
+    env = {**os.environ, "BUPO_PROBE_ALTERNATING_REWARD": "1", "TOKENIZERS_PARALLELISM": "false",
+           "PYTHONPATH": os.pathsep.join([str(root / "src"), str(root / "tests"), os.environ.get("PYTHONPATH", "")])}
+    if not cuda:
+        env.update(OMP_NUM_THREADS="1", GLOO_SOCKET_IFNAME="lo")
+    for config, _ in runs:
+        name = config.removesuffix(".yaml")
+        if name == "zero3":
+            import importlib.util
+
+            if importlib.util.find_spec("deepspeed") is None:
+                checks.add(f"{name}: deepspeed importable", False, hint="pip install a carried deepspeed wheel")
+                continue
+        run_dir, probe_dir = out_dir / f"launch_{name}", out_dir / f"launch_{name}_probe"
+        nproc = ["--num_processes", "1"] if cuda else []
+        cmd = [sys.executable, "-m", "accelerate.commands.launch", "--config_file",
+               str(root / "recipes" / "accelerate" / config), *nproc, str(root / "tests" / "launch_probe.py"),
+               str(probe_dir), "train", "--model", str(model_dir), "--algo", "bupo", "--internal-layer", str(k),
+               "--internal-steps", "1", "--out", str(run_dir), "--eval-data", "none", "--max_steps", "2",
+               "--steps_per_generation", "1", "--per_device_train_batch_size", "8", "--num_generations", "8",
+               "--max_completion_length", "128" if cuda else "16", "--learning_rate", "1e-5", "--weight_decay", "0.01",
+               "--save_strategy", "no", "--probe_every", "1", "--logging_steps", "1", "--disable_tqdm", "true",
+               "--max_prompt_length", "512", *(["--bf16", "true", "--gradient_checkpointing", "true"] if cuda else [])]
+        t0 = time.perf_counter()
+        try:
+            proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=420, cwd=root)
+            rc, tail = proc.returncode, (proc.stdout[-1500:] + proc.stderr[-3000:])
+        except subprocess.TimeoutExpired as exc:
+            rc, tail = "timeout", str(exc)[-2000:]
+        seconds = time.perf_counter() - t0
+        checks.add(f"{name}: bupo train ran to the end (no hang)", rc == 0, rc=rc, seconds=seconds)
+        if rc != 0:
+            print(tail, flush=True)
+            out["runs"][name] = {"rc": rc, "tail": tail}
+            continue
+        recs = [json.loads(f.read_text()) for f in sorted(probe_dir.glob("probe-rank*.json"))]
+        r0 = recs[0]
+        s1, s2 = r0["steps"]["1"], r0["steps"]["2"]
+        checks.add(f"{name}: phase switch after rollout step 1", s1["internal"] and not s2["internal"],
+                   wrapped=r0["wrapped"], param_type=r0["param_type"])
+        upper_ok = all((r["steps"]["1"]["upper_within_decay"] if name == "zero3" else r["steps"]["1"]["upper_same"])
+                       for r in recs)
+        checks.add(f"{name}: layers > k and final norm unchanged while internal"
+                   + (" (up to weight decay)" if name == "zero3" else " (bitwise, every rank)"),
+                   upper_ok and not s1["lower_same"], bitwise=s1["upper_same"], n_upper=s1["n_upper"])
+        checks.add(f"{name}: layers > k move after the switch", not s2["upper_same"])
+        summary = json.loads((run_dir / "bupo_run.json").read_text())
+        checks.add(f"{name}: fp32 master weights, {summary['mixed_precision']} autocast",
+                   summary["weights_dtype"] == "float32", weights=summary["weights_dtype"])
+        out["runs"][name] = {"seconds": seconds, "probe": recs, "summary": summary}
+    out["checks"] = checks.rows
+    out["ok"] = checks.ok
+    return out
+
+
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("section", choices=("analysis", "core", "train", "all"))
+    ap.add_argument("section", choices=("analysis", "core", "train", "launchers", "all"))
     ap.add_argument("--out", default=os.environ.get("OUT", "."), help="folder for gpu_<section>.json")
     ap.add_argument("--small", action="store_true", help="tiny shapes on the CPU: a dry run of the same code")
     args = ap.parse_args()
@@ -456,10 +540,11 @@ def main() -> int:
     out_dir = Path(args.out)
     out_dir.mkdir(parents=True, exist_ok=True)
     ok = True
-    for name in (("analysis", "core", "train") if args.section == "all" else (args.section,)):
+    for name in (("analysis", "core", "train", "launchers") if args.section == "all" else (args.section,)):
         t0 = time.perf_counter()
         fn = {"analysis": lambda: section_analysis(args.small), "core": lambda: section_core(args.small),
-              "train": lambda: section_train(args.small, out_dir)}[name]
+              "train": lambda: section_train(args.small, out_dir),
+              "launchers": lambda: section_launchers(args.small, out_dir)}[name]
         res = fn()
         res["section_seconds"] = time.perf_counter() - t0
         (out_dir / f"gpu_{name}.json").write_text(json.dumps(res, indent=1, default=str))

@@ -398,7 +398,7 @@ def test_vllm_backend_flow_with_a_fake_vllm(tmp_path: Path, monkeypatch: pytest.
 @pytest.fixture(scope="module")
 def model_dir(tmp_path_factory) -> Path:
     tok = char_tokenizer()
-    model = tiny_qwen3(tok, seed=3)
+    model = tiny_qwen3(tok, seed=3, context=4096)  # real AIME/AMC prompts fit (char tokens)
     model.generation_config.max_new_tokens = 12
     path = tmp_path_factory.mktemp("tiny_qwen3")
     model.save_pretrained(path)
@@ -413,7 +413,7 @@ def _write_jsonl(path: Path, rows: list[dict]) -> Path:
 
 def test_evaluate_real_model_matches_samples(tmp_path: Path) -> None:
     tok = char_tokenizer()
-    model = tiny_qwen3(tok, seed=3)
+    model = tiny_qwen3(tok, seed=3, context=4096)  # real AIME/AMC prompts fit (char tokens)
     rows = load_rows(DATA / "amc2023.parquet")[:3]
     res = evaluate(
         model, tok, {"amc2023": rows}, n=3, ks=[1, 3], max_new_tokens=10, out_dir=tmp_path, batch_size=4

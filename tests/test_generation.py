@@ -14,7 +14,7 @@ from bupo.generation import Completion, _RowSampler, generate, generate_requests
 from test_templates import char_tokenizer
 
 
-def tiny_qwen3(tokenizer, seed: int = 0, layers: int = 2):
+def tiny_qwen3(tokenizer, seed: int = 0, layers: int = 2, context: int = 256):
     config = AutoConfig.for_model(
         "qwen3",
         vocab_size=len(tokenizer),
@@ -24,7 +24,7 @@ def tiny_qwen3(tokenizer, seed: int = 0, layers: int = 2):
         num_attention_heads=4,
         num_key_value_heads=2,
         head_dim=8,
-        max_position_embeddings=256,
+        max_position_embeddings=context,
         pad_token_id=tokenizer.pad_token_id,
         eos_token_id=tokenizer.eos_token_id,
         bos_token_id=None,

@@ -133,6 +133,11 @@ def test_presets_parse_into_bupo_config_with_the_papers_settings(preset):
     assert args.save_steps % 4 == 0 and script.reward == "boxed_exact" and script.max_prompt_length == 1024
     # 256 completions per optimizer step on one process
     assert args.per_device_train_batch_size * args.gradient_accumulation_steps == 256
+    # fp32 master weights, bf16 autocast (issue 13); OctoThinker: the released code's chat template on [system, user]
+    from bupo.training.run import model_init_kwargs
+
+    assert model_init_kwargs(args, script.model_args)["dtype"] == "float32"
+    assert script.template == ("chat" if preset.startswith("octothinker") else "qwen3_no_thinking")
 
 
 def test_optimizer_batch_size_adapts_to_the_world_size(monkeypatch):

@@ -22,6 +22,9 @@ Conventions:
   (``finish_reason="stop"``; ``"length"`` = truncated); ``text`` is decoded with
   ``skip_special_tokens=True``.
 - The model is put in eval mode for the call (and restored), under ``torch.inference_mode``.
+- Length against context: a prompt plus ``max_new_tokens`` beyond the model's ``max_position_embeddings``
+  (:func:`context_length`) is an error here (:func:`check_context`); callers that prefer to drop such prompts
+  (training, analysis) filter them first with :func:`fits_context` and count what they drop.
 """
 
 from __future__ import annotations
@@ -32,7 +35,8 @@ from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from typing import Any
 
-__all__ = ["Completion", "encode_prompt", "eval_mode", "generate", "generate_requests", "sample_seed", "validate_sampling"]
+__all__ = ["Completion", "check_context", "context_length", "encode_prompt", "eval_mode", "fits_context", "generate",
+           "generate_requests", "sample_seed", "validate_sampling"]
 
 
 @dataclass(frozen=True)
@@ -117,6 +121,39 @@ def encode_prompt(tokenizer: Any, text: str) -> list[int]:
     it themselves). An empty list is returned as is; callers decide whether that is an error or a skip."""
     bos = getattr(tokenizer, "bos_token", None)
     return list(tokenizer(text, add_special_tokens=not (bos and text.startswith(bos)))["input_ids"])
+
+
+def context_length(model_or_config: Any) -> int | None:
+    """The model's context in tokens (``max_position_embeddings`` of its text config), or None if it declares none.
+
+    Accepts a model or a config. Positions past it are out of what the model was trained on (learned position
+    tables fail outright; RoPE extrapolates silently), so bupo never generates or scores beyond it.
+    """
+    config = getattr(model_or_config, "config", model_or_config)
+    get_text = getattr(config, "get_text_config", None)
+    text = get_text() if callable(get_text) else config
+    value = getattr(text, "max_position_embeddings", None)
+    return int(value) if isinstance(value, int) and not isinstance(value, bool) and value > 0 else None
+
+
+def fits_context(prompt_tokens: int, max_new_tokens: int, context: int | None) -> bool:
+    """Whether a prompt of ``prompt_tokens`` plus ``max_new_tokens`` generated tokens fits in ``context``."""
+    return context is None or prompt_tokens + max_new_tokens <= context
+
+
+def check_context(prompt_lengths: Sequence[int], max_new_tokens: int, context: int | None, *,
+                  what: str = "prompts") -> None:
+    """ValueError (one line, what to change) when any prompt + ``max_new_tokens`` exceeds ``context`` tokens."""
+    if context is None or not prompt_lengths:
+        return
+    over = [n for n in prompt_lengths if not fits_context(n, max_new_tokens, context)]
+    if over:
+        longest = max(over)
+        raise ValueError(
+            f"{len(over)} of {len(prompt_lengths)} {what} do not fit the model's context: the longest is {longest} "
+            f"tokens + max_new_tokens {max_new_tokens} = {longest + max_new_tokens} > max_position_embeddings "
+            f"{context}; lower max_new_tokens to at most {max(0, context - longest)} or use shorter prompts"
+        )
 
 
 class _RowSampler:
@@ -220,6 +257,7 @@ def generate_requests(
             if not ids:
                 raise ValueError(f"the prompt {prompt[:60]!r} tokenises to nothing; a prompt needs at least one token")
             encoded[prompt] = ids
+    check_context([len(ids) for ids in encoded.values()], max_new_tokens, context_length(model))
     order = sorted(range(len(requests)), key=lambda i: (len(encoded[requests[i][0]]), i))
     device = _model_device(model)
     gen_config = GenerationConfig(

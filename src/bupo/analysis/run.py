@@ -235,18 +235,18 @@ def generate_traces(model, tokenizer, rows: Sequence[Mapping], *, template: str,
     """Sample one response per row with the shared seeded generator; returns trace dicts with token ids.
 
     Row ``i`` is seeded by its index (``prompt_keys``), so its sample does not depend on which other rows are
-    generated. Prompts that already fill the ``context`` are not generated (empty response; they are counted
-    as ``too_long`` later).
+    generated. Prompts that leave no room for ``max_new_tokens`` in the ``context`` are not generated (empty
+    response, ``finish_reason="prompt_too_long"``; counted as ``too_long`` later), as in training.
     """
     from bupo.data.templates import render_prompt
-    from bupo.generation import generate
+    from bupo.generation import fits_context, generate
 
     prompts = []
     for i, row in enumerate(rows):
         if not isinstance(row, Mapping) or "prompt" not in row:
             raise ValueError(f"data row {i} has no 'prompt' column (found {sorted(row) if isinstance(row, Mapping) else type(row).__name__})")
         prompts.append(render_prompt(tokenizer, list(row["prompt"]), template))
-    fits = [i for i, pr in enumerate(prompts) if context is None or len(encode_prompt(tokenizer, pr)) < context]
+    fits = [i for i, pr in enumerate(prompts) if fits_context(len(encode_prompt(tokenizer, pr)), max_new_tokens, context)]
     completions = generate(model, tokenizer, [prompts[i] for i in fits], n=1, max_new_tokens=max_new_tokens,
                            temperature=temperature, top_p=top_p, seed=seed, batch_size=batch_size,
                            progress=progress, prompt_keys=fits) if fits else []
@@ -664,6 +664,8 @@ def analyze(
     for tr in all_traces:
         if ctx is not None and len(tr.prompt_ids) >= ctx:
             skip_reason[tr.index] = "too_long"  # the prompt alone fills the context
+        elif rows is not None and trace_records[tr.index].get("finish_reason") == "prompt_too_long":
+            skip_reason[tr.index] = "too_long"  # no room for max_new_tokens: not generated
         elif not tr.response_ids:
             skip_reason[tr.index] = "empty_response"
         elif not tr.prompt_ids:

@@ -17,7 +17,8 @@ from __future__ import annotations
 from collections.abc import Sequence
 from typing import Any
 
-__all__ = ["OCTOTHINKER_TEMPLATE", "TEMPLATES", "render_prompt", "user_problem"]
+__all__ = ["OCTOTHINKER_TEMPLATE", "RECORDED_TEMPLATE_KEY", "TEMPLATES", "record_template", "recorded_template",
+           "render_prompt", "user_problem"]
 
 OCTOTHINKER_TEMPLATE = (
     "A conversation between User and Assistant. The user asks a question, and the Assistant solves it. "
@@ -28,6 +29,22 @@ OCTOTHINKER_TEMPLATE = (
 
 TEMPLATES: tuple[str, ...] = ("qwen3_no_thinking", "chat", "octothinker")
 _EMPTY_THINK_END = "</think>\n\n"
+# tokenizer_config.json key holding the template a model was trained with (bupo train writes it, auto reads it)
+RECORDED_TEMPLATE_KEY = "bupo_template"
+
+
+def record_template(tokenizer: Any, template: str) -> None:
+    """Remember ``template`` in the tokenizer, so ``save_pretrained`` writes it to ``tokenizer_config.json``
+    (key :data:`RECORDED_TEMPLATE_KEY`) and ``--template auto`` picks it when the saved model is loaded again."""
+    if template not in TEMPLATES:
+        raise ValueError(f"unknown template {template!r}; accepted: {', '.join(TEMPLATES)}")
+    tokenizer.init_kwargs[RECORDED_TEMPLATE_KEY] = template
+
+
+def recorded_template(tokenizer: Any) -> str | None:
+    """The template recorded by :func:`record_template` (None when the tokenizer holds none or an unknown one)."""
+    value = (getattr(tokenizer, "init_kwargs", None) or {}).get(RECORDED_TEMPLATE_KEY)
+    return value if value in TEMPLATES else None
 
 
 def _check_messages(messages: Any) -> list[dict]:

@@ -53,7 +53,8 @@ def register(subparsers: Any) -> None:
         "--template",
         default="auto",
         choices=["auto", "qwen3_no_thinking", "chat", "octothinker"],
-        help="prompt template (auto: qwen3_no_thinking if the chat template supports it, else chat, else octothinker)",
+        help="prompt template (auto: the one bupo train recorded in the tokenizer, else qwen3_no_thinking if the chat "
+        "template supports it, else chat, else octothinker)",
     )
     p.add_argument(
         "--reward",

@@ -105,8 +105,15 @@ def layer_logits(
 
     Differentiable; runs only decoder layers ``0..layer``. ``projection="raw"``: lm_head(H^l) (the paper);
     ``"final_norm"``: lm_head(final_norm(H^l)) (logit lens). The model's softcap is applied in both.
+    Sequences longer than the model's ``max_position_embeddings`` are rejected (ValueError).
     """
     _check_inputs(input_ids, attention_mask)
+    from bupo.generation import context_length
+
+    ctx = context_length(model)
+    if ctx is not None and input_ids.shape[-1] > ctx:
+        raise ValueError(f"input_ids has {input_ids.shape[-1]} positions, more than the model's "
+                         f"max_position_embeddings {ctx}; truncate or split the sequences")
     with internal_policy(model, layer, projection):
         out = model(input_ids=input_ids, attention_mask=attention_mask, use_cache=False)
     return out.logits

@@ -4,6 +4,11 @@ Argument precedence (lowest first): TRL/GRPOConfig defaults < the small-run defa
 CPU defaults (no CUDA: ``use_cpu``, fp32, no gradient checkpointing) < ``--config`` YAML < bupo's own flags
 (``--model``, ``--internal-layer``, ...) < TRL-style flags given on the command line (``--learning_rate 1e-5``).
 
+TRL's ``ModelConfig`` flags (``--dtype``, ``--attn_implementation``, ``--use_peft``, ``--lora_*``, ...) and
+``--model_init_kwargs`` reach the model (:func:`model_init_kwargs`). Master weights are fp32 unless a low-precision
+``dtype`` is asked for explicitly: ``bf16``/``fp16`` are autocast (TRL's default), so AdamW's small updates are not
+rounded away in bf16 weights.
+
 Layer ``k`` is 0-based (paper layer k+1); ``internal_steps``, ``probe_every`` and ``eval_every`` count rollout
 steps (one generation batch each); TRL's ``max_steps`` / ``save_steps`` / ``logging_steps`` count optimizer steps.
 """
@@ -21,15 +26,29 @@ logger = logging.getLogger(__name__)
 
 RUN_FILE = "bupo_run.json"
 ALGOS = ("bupo", "grpo")
+# Below this learning rate most AdamW updates of bf16 weights round away (at 1e-6, 4 steps change ~2% of the
+# elements of bf16 weights against ~100% of fp32 ones): low-precision master weights then warn.
+LOW_PRECISION_LR = 1e-5
+# ModelConfig / GRPOConfig flags that are from_pretrained keywords, with their defaults (a flag left at its default
+# does not override the same key in --model_init_kwargs)
+_MODEL_FLAG_DEFAULTS: dict[str, Any] = {"dtype": "float32", "attn_implementation": None, "revision": "main",
+                                        "trust_remote_code": False}
 
 
 @dataclass
 class BuPOScriptArguments:
     """What ``bupo train`` needs besides the trainer config (also accepted as keys of the ``--config`` YAML)."""
 
-    model_name_or_path: str | None = field(default=None, metadata={"help": "model folder (default: the bundled model)"})
+    # parsed by TRL's ModelConfig (--model_name_or_path, --dtype, --use_peft, ...) and copied here after parsing
+    model_name_or_path: str | None = field(default=None, init=False)
+    model_args: Any = field(default=None, init=False, repr=False)
     data: str | None = field(default=None, metadata={
         "help": "training rows: .parquet / .jsonl / .json (paper shape), or 'bundled' (default: the bundled task)"})
+    dataset_name: str | None = field(default=None, metadata={
+        "help": "training rows from `datasets` (like TRL's scripts): a Hub id or a local dataset folder/file; "
+        "rows in the paper's shape (prompt messages, reward_model.ground_truth); instead of --data"})
+    dataset_config: str | None = field(default=None, metadata={"help": "the dataset's configuration name"})
+    dataset_train_split: str = field(default="train", metadata={"help": "the split of --dataset_name to train on"})
     eval_data: list[str] | None = field(default=None, metadata={
         "help": "held-out files evaluated in-process (Avg@K / Pass@K); 'bundled' = the bundled task's test split; "
         "'none' disables (default: bundled when training on the bundled task)"})
@@ -127,7 +146,7 @@ def parse_train_args(
     cuda: bool | None = None,
 ) -> tuple[Any, BuPOScriptArguments]:
     """``(BuPOConfig, BuPOScriptArguments)`` from the layered sources (see the module docstring)."""
-    from trl import TrlParser
+    from trl import ModelConfig, TrlParser
 
     from bupo.training.config import BuPOConfig
 
@@ -135,7 +154,7 @@ def parse_train_args(
         import torch
 
         cuda = torch.cuda.is_available()
-    parser = TrlParser((BuPOConfig, BuPOScriptArguments), allow_abbrev=False)  # no silent prefix matches
+    parser = TrlParser((BuPOConfig, BuPOScriptArguments, ModelConfig), allow_abbrev=False)  # no silent prefix matches
     merged: dict[str, Any] = {}
     if config is None:
         merged.update(SMALL_RUN_DEFAULTS)
@@ -147,10 +166,10 @@ def parse_train_args(
     unknown = parser.set_defaults_with_config(**merged)
     if unknown:
         keys = sorted({s[2:] for s in unknown[::2]})
-        raise ValueError(f"unknown configuration key(s) {keys}: not a BuPOConfig/GRPOConfig field nor a bupo train "
-                         "argument (see bupo train --help and TRL's GRPOConfig)")
+        raise ValueError(f"unknown configuration key(s) {keys}: not a BuPOConfig/GRPOConfig/ModelConfig field nor a "
+                         "bupo train argument (see bupo train --help and TRL's GRPOConfig and ModelConfig)")
     try:
-        train_args, script_args, rest = parser.parse_args_into_dataclasses(
+        train_args, script_args, model_args, rest = parser.parse_args_into_dataclasses(
             args=list(trl_args or []), return_remaining_strings=True)
     except SystemExit as exc:  # argparse already printed why
         raise ValueError(f"could not parse the TRL arguments {trl_args!r}") from exc
@@ -158,7 +177,137 @@ def parse_train_args(
         raise ValueError(f"unrecognised arguments {rest}; TRL arguments use underscores (--learning_rate 1e-5)")
     if script_args.algo not in ALGOS:
         raise ValueError(f"--algo must be one of {', '.join(ALGOS)}, got {script_args.algo!r}")
+    if script_args.data is not None and script_args.dataset_name is not None:
+        raise ValueError(f"give either --data ({script_args.data}) or --dataset_name ({script_args.dataset_name}), "
+                         "not both")
+    script_args.model_name_or_path = model_args.model_name_or_path
+    script_args.model_args = model_args
+    model_init_kwargs(train_args, model_args)  # a key given twice is an error already here
     return train_args, script_args
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# the model: TRL's ModelConfig flags, --model_init_kwargs, PEFT
+
+
+def _installed(module: str) -> bool:
+    import importlib.util
+
+    return importlib.util.find_spec(module) is not None
+
+
+def model_init_kwargs(train_args: Any, model_args: Any) -> dict[str, Any]:
+    """``from_pretrained`` keywords: ``--model_init_kwargs`` plus the ModelConfig/GRPOConfig flags
+    (``--dtype``, ``--attn_implementation``, ``--model_revision``, ``--trust_remote_code``).
+
+    A flag left at its default does not override the same key in ``--model_init_kwargs``; the two giving different
+    values is an error. ``dtype`` defaults to ``float32`` (TRL's default): fp32 master weights, with ``bf16``/``fp16``
+    as autocast.
+    """
+    kw = dict(train_args.model_init_kwargs or {})
+    if "torch_dtype" in kw:  # the pre-v5 name
+        kw.setdefault("dtype", kw.pop("torch_dtype"))
+    flags = {"dtype": model_args.dtype, "attn_implementation": model_args.attn_implementation,
+             "revision": model_args.model_revision, "trust_remote_code": train_args.trust_remote_code}
+    for key, value in flags.items():
+        if value == _MODEL_FLAG_DEFAULTS[key]:
+            continue
+        if key in kw and kw[key] != value:
+            raise ValueError(f"{key} given twice: --{'model_revision' if key == 'revision' else key} {value} and "
+                             f"--model_init_kwargs {key}={kw[key]!r}; give it once")
+        kw[key] = value
+    kw.setdefault("dtype", "float32")
+    if kw["dtype"] not in ("auto", "float32", "bfloat16", "float16"):
+        raise ValueError(f"dtype must be one of auto, float32, bfloat16, float16, got {kw['dtype']!r}")
+    return kw
+
+
+def _check_attn_implementation(name: str | None) -> None:
+    if name is None:
+        return
+    from transformers.utils import import_utils as iu
+
+    needs = {
+        "flash_attention_2": ("is_flash_attn_2_available", "the flash-attn package and a CUDA GPU "
+                              "(pip install flash-attn --no-build-isolation)"),
+        "flash_attention_3": ("is_flash_attn_3_available", "flash-attn 3 (Hopper GPUs) installed"),
+        "flex_attention": ("is_torch_flex_attn_available", "torch with flex attention"),
+    }
+    if name in needs:
+        check, what = needs[name]
+        fn = getattr(iu, check, None)
+        if fn is not None and not fn():
+            raise ValueError(f"attn_implementation {name!r} needs {what}, which this machine lacks; "
+                             "use --attn_implementation sdpa (or eager)")
+        return
+    if "/" in name:  # a Hub kernel, e.g. kernels-community/flash-attn3
+        if not _installed("kernels"):
+            raise ValueError(f"attn_implementation {name!r} is a Hub kernel and needs the kernels package: "
+                             "pip install kernels; or use --attn_implementation sdpa")
+        return
+    from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
+
+    accepted = ["eager", *sorted(ALL_ATTENTION_FUNCTIONS.keys())]
+    if name not in accepted:
+        raise ValueError(f"unknown attn_implementation {name!r}; accepted: {', '.join(accepted)} or a Hub kernel id")
+
+
+def check_model_flags(train_args: Any, model_args: Any) -> None:
+    """Reject, in one line each, model/engine flags this machine cannot honour (see docs/training.md)."""
+    if train_args.use_vllm and not _installed("vllm"):
+        raise ValueError("--use_vllm true needs vLLM, which is not installed: pip install 'bupo[vllm]' (a CUDA GPU); "
+                         "or drop --use_vllm (rollouts then use transformers' generate)")
+    lora_flags = [f for f in ("lora_r", "lora_alpha", "lora_dropout", "lora_target_modules", "lora_target_parameters",
+                              "lora_modules_to_save", "use_rslora", "use_dora")
+                  if getattr(model_args, f) != type(model_args).__dataclass_fields__[f].default]
+    if not model_args.use_peft and lora_flags:
+        raise ValueError(f"{', '.join('--' + f for f in lora_flags)} need --use_peft true (without it TRL ignores them)")
+    if model_args.use_peft and not _installed("peft"):
+        raise ValueError("--use_peft needs the peft package, which is not installed: pip install 'bupo[peft]'")
+    if (model_args.load_in_4bit or model_args.load_in_8bit) and not _installed("bitsandbytes"):
+        raise ValueError("--load_in_4bit / --load_in_8bit need bitsandbytes and a CUDA GPU: pip install bitsandbytes")
+    kw = model_init_kwargs(train_args, model_args)
+    _check_attn_implementation(kw.get("attn_implementation"))
+
+
+def load_model(model_path: str, train_args: Any, model_args: Any | None) -> Any:
+    """The policy model with the ModelConfig / ``--model_init_kwargs`` keywords (fp32 master weights by default).
+
+    Warns when the weights end up bf16/fp16 (asked for explicitly, or ``dtype: auto`` on a bf16 checkpoint) and
+    the learning rate is below 1e-5, where most AdamW updates round away.
+    """
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    if model_args is None:
+        from trl import ModelConfig
+
+        model_args = ModelConfig()
+    kw = model_init_kwargs(train_args, model_args)
+    dtype = kw.pop("dtype")
+    if model_args.load_in_4bit or model_args.load_in_8bit:
+        from trl import get_kbit_device_map, get_quantization_config
+
+        kw.setdefault("quantization_config", get_quantization_config(model_args))
+        kw.setdefault("device_map", get_kbit_device_map())
+    model = AutoModelForCausalLM.from_pretrained(model_path, dtype=dtype if dtype == "auto" else getattr(torch, dtype),
+                                                 **kw)
+    low = {p.dtype for p in model.parameters() if p.is_floating_point()} & {torch.bfloat16, torch.float16}
+    if low and train_args.learning_rate < LOW_PRECISION_LR:
+        logger.warning("the model's weights are %s (dtype %s) and learning_rate %.1e < %.0e: most AdamW updates of "
+                       "low-precision weights round away; keep dtype float32 (the default) and use bf16: true for "
+                       "mixed precision", "/".join(sorted(str(d).removeprefix("torch.") for d in low)), dtype,
+                       train_args.learning_rate, LOW_PRECISION_LR)
+    return model
+
+
+def peft_config(model_args: Any | None) -> Any:
+    """TRL's ``get_peft_config``: a ``peft.LoraConfig`` from the ``--use_peft`` / ``--lora_*`` flags, or None."""
+    if model_args is None or not model_args.use_peft:
+        return None
+    from trl import get_peft_config
+
+    return get_peft_config(model_args)
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -307,15 +456,19 @@ def _resolve_resume(resume: str | None, output_dir: str) -> str | None:
 
 def train(train_args: Any, script: BuPOScriptArguments) -> dict[str, Any]:
     """Assemble and run one training; returns the run summary (also written to ``<output_dir>/bupo_run.json``)."""
-    import torch
-    from transformers import AutoModelForCausalLM, AutoTokenizer
+    from transformers import AutoTokenizer
 
+    from bupo.data.templates import record_template
     from bupo.evaluation import resolve_template
+    from bupo.generation import context_length
     from bupo.io import atomic_write_json
     from bupo.rewards import make_reward_func
     from bupo.training.data import BUNDLED, build_prompt_dataset, load_training_rows
     from bupo.training.trainer import BuPOTrainer
 
+    # what this machine cannot honour (vLLM, peft, attention kernels) fails here, before anything is loaded;
+    # parse_train_args stays machine-independent so presets parse anywhere
+    check_model_flags(train_args, script.model_args or _default_model_args())
     out_dir = Path(train_args.output_dir)
     resume = _resolve_resume(script.resume, str(out_dir))
     from bupo.models import resolve_model
@@ -327,16 +480,31 @@ def train(train_args: Any, script: BuPOScriptArguments) -> dict[str, Any]:
         raise ValueError("--algo bupo needs --internal-steps S > 0 (rollout steps on the internal policy); "
                          "use --algo grpo for plain GRPO")
 
-    dtype = torch.bfloat16 if train_args.bf16 else (torch.float16 if train_args.fp16 else torch.float32)
-    model = AutoModelForCausalLM.from_pretrained(model_path, dtype=dtype)
-    tokenizer = AutoTokenizer.from_pretrained(model_path, padding_side="left", truncation_side="left")
+    # fp32 master weights unless a low-precision dtype is asked for; bf16/fp16 are autocast (TRL's default)
+    model = load_model(model_path, train_args, script.model_args)
+    tok_kw = {k: v for k, v in model_init_kwargs(train_args, script.model_args or _default_model_args()).items()
+              if k in ("revision", "trust_remote_code")}
+    tokenizer = AutoTokenizer.from_pretrained(model_path, padding_side="left", truncation_side="left", **tok_kw)
     template = resolve_template(tokenizer, script.template)
+    record_template(tokenizer, template)  # saved with the tokenizer: bupo eval/analyze --template auto reuse it
 
     n_rows = script.train_rows or 2048
-    rows = load_training_rows(script.data, split="train", n=n_rows, seed=train_args.seed)
-    dataset = build_prompt_dataset(rows, tokenizer, template, max_prompt_length=script.max_prompt_length,
+    if script.dataset_name is not None:
+        rows = load_dataset_rows(script.dataset_name, script.dataset_config, script.dataset_train_split)
+    else:
+        rows = load_training_rows(script.data, split="train", n=n_rows, seed=train_args.seed)
+    prompt_limit, limit_reason = prompt_length_limit(script.max_prompt_length, train_args.max_completion_length,
+                                                     context_length(model))
+    dataset = build_prompt_dataset(rows, tokenizer, template, max_prompt_length=prompt_limit,
                                    limit=script.train_rows)
-    eval_sets = _eval_sets(script.eval_data, script.data or BUNDLED, script.eval_rows)
+    considered = len(rows) if script.train_rows is None else min(len(rows), script.train_rows)
+    dropped = considered - len(dataset)
+    if dropped:
+        logger.warning("dropped %d of %d training prompts longer than %s tokens (%s)", dropped, considered,
+                       prompt_limit, limit_reason)
+    data_spec = (script.dataset_name if script.dataset_name is not None else (script.data or BUNDLED))
+    eval_sets = _eval_sets(script.eval_data, data_spec, script.eval_rows)
+    _check_eval_context(eval_sets, tokenizer, template, script, train_args, context_length(model))
 
     layer_value = train_args.internal_layer
     if script.algo == "grpo" and layer_value == "auto":
@@ -352,8 +520,10 @@ def train(train_args: Any, script: BuPOScriptArguments) -> dict[str, Any]:
                     for name in script.reward.split(",") if name.strip()]
     if not reward_funcs:
         raise ValueError("--reward needs at least one reward name (boxed_exact, math_verify)")
+    train_args.model_init_kwargs = None  # consumed by load_model (TRL would warn that it ignores them)
     trainer = BuPOTrainer(model=model, reward_funcs=reward_funcs, args=train_args, train_dataset=dataset,
-                          processing_class=tokenizer)
+                          processing_class=tokenizer, peft_config=peft_config(script.model_args))
+    _check_launcher(trainer)
     records: list[dict] = []
     if eval_sets:
         trainer.add_callback(make_eval_callback(trainer, eval_sets, script, template, out_dir, records))
@@ -362,8 +532,14 @@ def train(train_args: Any, script: BuPOScriptArguments) -> dict[str, Any]:
     summary: dict[str, Any] = {
         "algo": script.algo,
         "model": model_path,
-        "data": script.data or BUNDLED,
+        "data": data_spec,
         "template": template,
+        "weights_dtype": str(next(p for p in model.parameters() if p.is_floating_point()).dtype).removeprefix("torch."),
+        "mixed_precision": "bf16" if train_args.bf16 else ("fp16" if train_args.fp16 else "no"),
+        "peft": None if script.model_args is None or not script.model_args.use_peft else "lora",
+        "prompt_length_limit": prompt_limit,
+        "prompt_length_limit_reason": limit_reason,
+        "prompts_dropped": dropped,
         "reward": script.reward,
         "internal_layer": k,
         "internal_layer_paper": None if k is None else k + 1,
@@ -380,6 +556,7 @@ def train(train_args: Any, script: BuPOScriptArguments) -> dict[str, Any]:
     t0 = time.time()
     result = trainer.train(resume_from_checkpoint=resume)
     trainer.save_model(str(out_dir))  # the tokenizer too (Trainer._save saves processing_class)
+    summary["global_step"] = trainer.state.global_step
     if trainer.accelerator.is_main_process:
         summary.update({
             "seconds": time.time() - t0,
@@ -392,6 +569,79 @@ def train(train_args: Any, script: BuPOScriptArguments) -> dict[str, Any]:
         atomic_write_json(out_dir / RUN_FILE, summary, default=str)
         atomic_write_json(out_dir / "log_history.json", trainer.state.log_history, default=str)
     return summary
+
+
+def _check_launcher(trainer: Any) -> None:
+    """A launcher config asking for FSDP or DeepSpeed that the trainer did not get is an error, not a silent DDP run
+    (accelerate 1.15 turns FSDP on only for GPU-like devices: an FSDP config on the CPU otherwise becomes DDP)."""
+    for env, enabled, name in (("ACCELERATE_USE_FSDP", trainer.is_fsdp_enabled, "FSDP"),
+                               ("ACCELERATE_USE_DEEPSPEED", trainer.is_deepspeed_enabled, "DeepSpeed")):
+        if os.environ.get(env, "false").lower() == "true" and not enabled:
+            raise ValueError(f"the accelerate config asks for {name}, but accelerate did not enable it on this "
+                             f"machine ({trainer.accelerator.distributed_type}; {name} needs GPUs); use "
+                             "recipes/accelerate/cpu.yaml for CPU processes")
+
+
+def _default_model_args() -> Any:
+    from trl import ModelConfig
+
+    return ModelConfig()
+
+
+def prompt_length_limit(max_prompt_length: int | None, max_completion_length: int,
+                        context: int | None) -> tuple[int | None, str]:
+    """``(limit, reason)``: the longest prompt kept for training, and why.
+
+    Prompts longer than ``max_prompt_length`` are dropped (verl's ``filter_overlong_prompts``), and so are prompts
+    that leave no room for ``max_completion_length`` in the model's ``context`` (``max_position_embeddings``): a
+    counted drop, since one long prompt must not stop a run over thousands. ValueError when no prompt could fit.
+    """
+    if context is not None and max_completion_length >= context:
+        raise ValueError(f"max_completion_length {max_completion_length} leaves no room for a prompt in the model's "
+                         f"max_position_embeddings {context}; lower --max_completion_length")
+    room = None if context is None else context - max_completion_length
+    if room is not None and (max_prompt_length is None or room < max_prompt_length):
+        return room, (f"max_position_embeddings {context} - max_completion_length {max_completion_length}"
+                      + ("" if max_prompt_length is None else f" < max_prompt_length {max_prompt_length}"))
+    return max_prompt_length, "max_prompt_length"
+
+
+def _check_eval_context(sets: dict[str, list[dict]], tokenizer: Any, template: str, script: BuPOScriptArguments,
+                        train_args: Any, context: int | None) -> None:
+    # in-training evaluation must not fail half-way through a run: check its prompts now (bupo.generation would
+    # reject them at the first evaluation)
+    if not sets or context is None:
+        return
+    from bupo.data.templates import render_prompt
+    from bupo.generation import check_context, encode_prompt
+
+    max_new = script.eval_max_new_tokens or train_args.max_completion_length
+    for name, rows in sets.items():
+        lengths = [len(encode_prompt(tokenizer, render_prompt(tokenizer, r["prompt"], template))) for r in rows]
+        check_context(lengths, max_new, context, what=f"eval prompts of {name} (eval_max_new_tokens)")
+
+
+def load_dataset_rows(name: str, config: str | None, split: str) -> list[dict]:
+    """Rows of ``datasets.load_dataset(name, config, split=split)`` (a Hub id, a local folder or data file), or of
+    ``datasets.load_from_disk`` for a folder written by ``save_to_disk``; checked like ``--data`` rows."""
+    import datasets
+
+    from bupo.data.datasets import validate_rows
+
+    p = Path(name)
+    try:
+        if p.is_dir() and ((p / "state.json").is_file() or (p / "dataset_dict.json").is_file()):
+            ds = datasets.load_from_disk(str(p))
+            if isinstance(ds, datasets.DatasetDict):
+                if split not in ds:
+                    raise ValueError(f"--dataset_name {name}: no split {split!r} (splits: {', '.join(ds)})")
+                ds = ds[split]
+        else:
+            ds = datasets.load_dataset(name, config, split=split)
+    except (FileNotFoundError, datasets.exceptions.DatasetNotFoundError) as exc:
+        raise ValueError(f"--dataset_name {name}: not found as a local dataset folder/file nor on the Hub "
+                         f"({type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''})") from None
+    return validate_rows(ds.to_list(), f"--dataset_name {name} ({split})")
 
 
 def _versions() -> dict[str, str]:

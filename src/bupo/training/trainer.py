@@ -21,8 +21,10 @@ or ``final_norm`` (logit lens) per ``BuPOConfig.internal_projection``.
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
+from collections.abc import Iterator
 from typing import Any
 
 import torch
@@ -42,6 +44,27 @@ def _hf_model(model: torch.nn.Module, accelerator: Any) -> torch.nn.Module:
     """The HF model under DDP / DeepSpeed / FSDP1 wrappers (FSDP2 works in place) and PEFT."""
     model = accelerator.unwrap_model(model)
     return model.get_base_model() if hasattr(model, "get_base_model") else model
+
+
+@contextlib.contextmanager
+def _cpu_map_location(device: torch.device) -> Iterator[None]:
+    """Several CPU processes: Trainer loads the optimizer with map_location=args.device = "cpu:<rank>", which
+    torch.load cannot restore ("don't know how to restore data location ... cpu:0"); map it to "cpu"."""
+    if device.type != "cpu" or device.index is None:
+        yield
+        return
+    real = torch.load
+
+    def load(*a: Any, **kw: Any) -> Any:
+        if isinstance(kw.get("map_location"), (str, torch.device)) and torch.device(kw["map_location"]).type == "cpu":
+            kw["map_location"] = "cpu"
+        return real(*a, **kw)
+
+    torch.load = load
+    try:
+        yield
+    finally:
+        torch.load = real
 
 
 class BuPOTrainer(GRPOTrainer):
@@ -253,7 +276,8 @@ class BuPOTrainer(GRPOTrainer):
             os.replace(tmp, os.path.join(folder, PROBE_FILE))
 
     def _load_optimizer_and_scheduler(self, checkpoint: str | None) -> None:
-        super()._load_optimizer_and_scheduler(checkpoint)
+        with _cpu_map_location(self.args.device):
+            super()._load_optimizer_and_scheduler(checkpoint)
         if checkpoint is not None and os.path.exists(os.path.join(checkpoint, PROBE_FILE)):
             self._bupo_probe = torch.load(os.path.join(checkpoint, PROBE_FILE), weights_only=True)
 

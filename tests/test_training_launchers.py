@@ -1,0 +1,84 @@
+"""Real launchers on the CPU (issue 13, item 6): ``accelerate launch`` with the shipped configs, 2 processes on gloo,
+running ``bupo train`` end to end through both phases (tests/launch_probe.py adds one recording callback).
+
+- recipes/accelerate/cpu.yaml (DDP): ranks agree on the logged metrics, every rank's layers above k and final norm
+  are bitwise unchanged after the internal phase and move after the switch; resuming from the checkpoint at the
+  phase boundary continues in the full phase.
+- recipes/accelerate/fsdp2.yaml: accelerate 1.15 enables FSDP only on GPU-like devices, so on the CPU the run
+  would silently be DDP; bupo train refuses it in one line instead. FSDP2 itself is checked by
+  benchmarks/gpu_check.py on a GPU.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+pytestmark = [pytest.mark.distributed, pytest.mark.xdist_group("training")]
+
+ROOT = Path(__file__).resolve().parents[1]
+ACCELERATE = [sys.executable, "-m", "accelerate.commands.launch"]
+
+
+def _env() -> dict[str, str]:
+    return {**os.environ, "OMP_NUM_THREADS": "1", "GLOO_SOCKET_IFNAME": "lo", "HF_HUB_OFFLINE": "1",
+            "TOKENIZERS_PARALLELISM": "false",
+            "PYTHONPATH": os.pathsep.join([str(ROOT / "src"), str(ROOT / "tests"), os.environ.get("PYTHONPATH", "")])}
+
+
+def _train_args(out: Path) -> list[str]:
+    from bupo.zoo import bundled_model_path
+
+    # k = 3 of 8 layers; rollout step 1 internal, 2 full; one optimizer step per rollout of 2 x 8 completions
+    return ["train", "--model", str(bundled_model_path()), "--algo", "bupo", "--internal-layer", "3",
+            "--internal-steps", "1", "--out", str(out), "--eval-data", "none", "--max_steps", "2",
+            "--steps_per_generation", "1", "--per_device_train_batch_size", "8", "--num_generations", "8",
+            "--max_completion_length", "64", "--save_strategy", "steps", "--save_steps", "1", "--probe_every", "1",
+            "--logging_steps", "1", "--disable_tqdm", "true"]
+
+
+def _launch(config: str, probe_dir: Path, args: list[str], *extra: str) -> subprocess.CompletedProcess:
+    cmd = [*ACCELERATE, "--config_file", str(ROOT / "recipes" / "accelerate" / config), *extra,
+           str(ROOT / "tests" / "launch_probe.py"), str(probe_dir), *args]
+    return subprocess.run(cmd, env=_env(), capture_output=True, text=True, timeout=300, cwd=ROOT)
+
+
+def _ranks(probe_dir: Path) -> list[dict]:
+    return [json.loads((probe_dir / f"probe-rank{r}.json").read_text()) for r in (0, 1)]
+
+
+def test_accelerate_ddp_config_runs_both_phases_and_resumes(tmp_path):
+    out = tmp_path / "run"
+    proc = _launch("cpu.yaml", tmp_path / "p1", _train_args(out))
+    assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-4000:]
+    ranks = _ranks(tmp_path / "p1")
+    for rec in ranks:
+        assert rec["world_size"] == 2 and rec["wrapped"] == "DistributedDataParallel"
+        assert rec["steps"]["1"]["internal"] and not rec["steps"]["2"]["internal"]
+        assert rec["steps"]["1"]["upper_same"] and not rec["steps"]["1"]["lower_same"]  # internal: only <= k moves
+        assert not rec["steps"]["2"]["upper_same"]  # after the switch everything trains
+        assert rec["steps"]["1"]["n_upper"] == 4 * 11 + 1  # layers 4..7 (11 tensors each) + the final norm
+    assert ranks[0]["logs"] == ranks[1]["logs"] and [h["bupo/phase"] for h in ranks[0]["logs"]] == [1.0, 0.0]
+    summary = json.loads((out / "bupo_run.json").read_text())
+    assert summary["global_step"] == 2 and (out / "checkpoint-1").is_dir()
+
+    # resume from the checkpoint at the phase boundary: the next rollout step is the full phase
+    proc = _launch("cpu.yaml", tmp_path / "p2", [*_train_args(out), "--resume", str(out / "checkpoint-1")])
+    assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-4000:]
+    for rec in _ranks(tmp_path / "p2"):
+        assert rec["start_step"] == 1 and rec["global_step"] == 2 and rec["world_size"] == 2
+        assert list(rec["steps"]) == ["2"] and not rec["steps"]["2"]["internal"]
+    assert json.loads((out / "bupo_run.json").read_text())["resumed_from"] == str(out / "checkpoint-1")
+
+
+def test_accelerate_fsdp2_config_on_cpu_is_refused_not_silently_ddp(tmp_path):
+    proc = _launch("fsdp2.yaml", tmp_path / "p", _train_args(tmp_path / "run"), "--num_processes", "2",
+                   "--mixed_precision", "no")
+    assert proc.returncode != 0
+    assert "the accelerate config asks for FSDP, but accelerate did not enable it" in proc.stderr
+    assert not (tmp_path / "run" / "bupo_run.json").exists()
