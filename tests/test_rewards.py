@@ -380,3 +380,37 @@ def test_make_reward_func_bad_inputs() -> None:
 def test_registry() -> None:
     assert set(REWARDS) == {"boxed_exact", "math_verify"}
     assert REWARDS["boxed_exact"]("\\boxed{1}", "1") == 1.0
+
+
+# ------------------------------------------------------------------ fuzz: both rewards, adversarial strings
+
+_PIECES = ["\\boxed{", "\\boxed ", "\\fbox{", "{", "}", "\\frac", "\\dfrac", "\\sqrt", "\\text{ ", "$", "\\left(",
+           "\\right)", "^", "_", "=", "1", "2", "0", ".", "/", "\\!", "\\\\", "\\%", "x", " ", "\n", "\ud800", "\x00",
+           "π", "10^{10^{", "\\infty", ",", "\\in", "[", "]", "(", ")", "-", "\\pm", "e", "i", "\\circ", "%", "k =",
+           "\\begin{pmatrix}", "&", "\\end{pmatrix}", "9" * 50, "\\cdot", "!", "\\$", "\u202e", "🙂", "\\boxed{\\boxed{"]
+
+
+def _fuzz_strings(n: int, seed: int) -> list[str]:
+    import random
+
+    rng = random.Random(seed)
+    return ["".join(rng.choice(_PIECES) for _ in range(rng.randint(0, 24))) for _ in range(n)]
+
+
+def test_fuzz_both_rewards_never_raise_and_stay_bounded() -> None:
+    completions = _fuzz_strings(10_000, seed=14)
+    gts = _fuzz_strings(10_000, seed=15)
+    gts = [g if g.strip() else "5" for g in gts]
+    for name in ("boxed_exact", "math_verify"):
+        stats = RewardStats()
+        t0 = time.monotonic()
+        out = R.score_batch(name, completions, gts, timeout=1.0, stats=stats)
+        seconds = time.monotonic() - t0
+        assert len(out) == 10_000 and set(out) <= {0.0, 1.0}, name
+        d = stats.as_dict()
+        assert d["calls"] == 10_000, (name, d)
+        # a hang or a pile-up of slow calls would blow this bound (each call has its own 1 s limit)
+        assert seconds < 120, (name, seconds, d)
+    # and the same completions scored against their own box are found right by the paper's scorer
+    boxed = [f"so \\boxed{{{i}}}" for i in range(1000)]
+    assert R.score_batch("boxed_exact", boxed, [str(i) for i in range(1000)]) == [1.0] * 1000

@@ -144,7 +144,8 @@ def layer_logprobs(
     """
     if not (isinstance(temperature, int | float) and math.isfinite(temperature) and temperature > 0):
         raise ValueError(f"temperature must be a finite number > 0, got {temperature!r}")
-    if targets is None and isinstance(input_ids, torch.Tensor) and input_ids.dim() == 2 and input_ids.size(1) < 2:
+    if (targets is None and isinstance(input_ids, torch.Tensor) and input_ids.dim() == 2 and input_ids.numel()
+            and input_ids.size(1) < 2):
         raise ValueError("input_ids needs at least 2 tokens per sequence for next-token log-probs (or give targets)")
     if targets is not None and (not isinstance(targets, torch.Tensor)
                                 or targets.shape != getattr(input_ids, "shape", None)):

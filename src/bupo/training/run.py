@@ -172,6 +172,18 @@ def parse_train_args(
             args=list(trl_args or []), return_remaining_strings=True)
     except SystemExit as exc:  # argparse already printed why
         raise ValueError(f"could not parse the TRL arguments {trl_args!r}") from exc
+    except ZeroDivisionError:  # GRPOConfig divides by these counts before checking them
+        given = dict(merged)
+        args_list = list(trl_args or [])
+        for i, a in enumerate(args_list):
+            if a.startswith("--") and "=" in a:
+                given[a[2:].split("=")[0]] = a.split("=", 1)[1]
+            elif a.startswith("--") and i + 1 < len(args_list):
+                given[a[2:]] = args_list[i + 1]
+        zero = sorted(k.replace("-", "_") for k, v in given.items()
+                      if k.replace("-", "_") in _COUNT_KEYS and str(v).strip() in ("0", "0.0"))
+        raise ValueError(f"{', '.join(zero) or 'a batch count'} must be >= 1 (got 0); "
+                         f"{', '.join(_COUNT_KEYS)} count sequences or steps") from None
     if rest:
         raise ValueError(f"unrecognised arguments {rest}; TRL arguments use underscores (--learning_rate 1e-5)")
     if script_args.algo not in ALGOS:
@@ -180,6 +192,8 @@ def parse_train_args(
     return train_args, script_args
 
 
+_COUNT_KEYS = ("per_device_train_batch_size", "num_generations", "steps_per_generation", "generation_batch_size",
+               "gradient_accumulation_steps", "num_iterations")
 _TRUE_FALSE = {"true", "false", "yes", "no", "1", "0", "y", "n", "t", "f", "on", "off"}
 
 
@@ -468,6 +482,27 @@ def check_resume_matches(checkpoint: str, current: dict[str, Any], force: bool) 
                      "or --force-resume to resume anyway")
 
 
+def _checkpoint_step(folder: str) -> int:
+    import json
+
+    return int(json.loads((Path(folder) / "trainer_state.json").read_text(encoding="utf-8"))["global_step"])
+
+
+def _finished_run(trainer: Any, checkpoint: str, step: int) -> Any:
+    """The TrainOutput of a run whose checkpoint already holds every optimizer step: its weights and state, loaded."""
+    from transformers.trainer_callback import TrainerState
+    from transformers.trainer_utils import TrainOutput
+
+    from bupo.training.trainer import read_checkpoint_marker
+
+    print(f"bupo train: {checkpoint} is at optimizer step {step} >= max_steps {trainer.args.max_steps}: "
+          "nothing left to train; saving its weights", flush=True)
+    trainer._load_from_checkpoint(checkpoint)
+    trainer.state = TrainerState.load_from_json(str(Path(checkpoint) / "trainer_state.json"))
+    loss_sum = float((read_checkpoint_marker(checkpoint) or {}).get("train_loss_sum", float("nan")))
+    return TrainOutput(step, loss_sum / max(step, 1), {"train_loss": loss_sum / max(step, 1)})
+
+
 def _data_fingerprint(dataset: Any) -> str:
     import hashlib
 
@@ -567,7 +602,13 @@ def train(train_args: Any, script: BuPOScriptArguments) -> dict[str, Any]:
                        "generation batch = optimizer_steps_per_rollout optimizer steps); entropies in nats",
     }
     t0 = time.time()
-    result = trainer.train(resume_from_checkpoint=resume)
+    done = _checkpoint_step(resume) if resume is not None else 0
+    if resume is not None and train_args.max_steps > 0 and done >= train_args.max_steps:
+        # training had finished (a kill hit the final save): transformers would train past max_steps; keep the
+        # checkpoint's weights and train nothing
+        result = _finished_run(trainer, resume, done)
+    else:
+        result = trainer.train(resume_from_checkpoint=resume)
     trainer.save_model(str(out_dir))  # the tokenizer too (Trainer._save saves processing_class)
     if trainer.accelerator.is_main_process:
         summary.update({
