@@ -39,6 +39,8 @@ class BuPOScriptArguments:
         "tokenizer's chat template honours enable_thinking, else chat, else octothinker)"})
     reward: str = field(default="boxed_exact", metadata={"help": "comma-separated: boxed_exact (paper), math_verify"})
     reward_timeout: float = field(default=5.0, metadata={"help": "seconds per completion for each reward call"})
+    reward_workers: int | None = field(default=None, metadata={
+        "help": "worker processes scoring math_verify (default: $BUPO_REWARD_WORKERS, else the CPU cores per process)"})
     train_rows: int | None = field(default=None, metadata={
         "help": "use at most this many training rows (bundled task: how many to generate, default 2048)"})
     max_prompt_length: int | None = field(default=1024, metadata={
@@ -265,6 +267,8 @@ def validate_run_args(train_args: Any, script: BuPOScriptArguments, explicit: se
         v = getattr(script, name)
         if v is not None and v < 1:
             raise ValueError(f"{name} must be >= 1 (or unset), got {v}")
+    if script.reward_workers is not None and script.reward_workers < 1:
+        raise ValueError(f"reward_workers must be >= 1 (or unset: one per CPU core), got {script.reward_workers}")
     if not (_finite(script.reward_timeout) and script.reward_timeout > 0):
         raise ValueError(f"reward_timeout must be a finite number of seconds > 0, got {script.reward_timeout!r}")
     if not _finite(train_args.learning_rate) or train_args.learning_rate < 0:
@@ -275,8 +279,6 @@ def validate_run_args(train_args: Any, script: BuPOScriptArguments, explicit: se
     if script.algo == "bupo" and train_args.max_steps > 0 and train_args.internal_steps > 0:
         rollouts = math.ceil(train_args.max_steps / train_args.optimizer_steps_per_rollout)
         if train_args.internal_steps >= rollouts:
-            logger.warning("internal_steps=%d covers the whole run (%d rollout steps): there is no full-policy phase",
-                           train_args.internal_steps, rollouts)
             print(f"bupo train: warning: internal_steps={train_args.internal_steps} covers the whole run "
                   f"({rollouts} rollout steps of {train_args.optimizer_steps_per_rollout} optimizer steps): "
                   "no full-policy (GRPO) phase will run", flush=True)
@@ -564,7 +566,7 @@ def train(train_args: Any, script: BuPOScriptArguments) -> dict[str, Any]:
         is_main=int(os.environ.get("RANK", "0")) == 0, device=train_args.device)
     train_args.internal_layer = k
 
-    reward_funcs = [make_reward_func(name.strip(), timeout=script.reward_timeout)
+    reward_funcs = [make_reward_func(name.strip(), timeout=script.reward_timeout, workers=script.reward_workers)
                     for name in script.reward.split(",") if name.strip()]
     if not reward_funcs:
         raise ValueError("--reward needs at least one reward name (boxed_exact, math_verify)")

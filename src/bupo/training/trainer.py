@@ -22,6 +22,7 @@ or ``final_norm`` (logit lens) per ``BuPOConfig.internal_projection``.
 from __future__ import annotations
 
 import logging
+import math
 import os
 import shutil
 from pathlib import Path
@@ -107,6 +108,8 @@ class BuPOTrainer(GRPOTrainer):
         if args.internal_steps > 0 and args.loss_type == "vespo":
             raise ValueError("loss_type='vespo' weighs by the sampler's log-probs, which BuPO's internal phase "
                              "cannot compare with pi^k; use dapo/bnpo/grpo/dr_grpo")
+        if not (isinstance(args.temperature, int | float) and math.isfinite(args.temperature) and args.temperature > 0):
+            raise ValueError(f"temperature must be a finite number > 0 (rollouts sample), got {args.temperature!r}")
         self._bupo_internal = False  # phase of the rollout batch being trained on (decided in generation)
         super().__init__(model, guard_reward_funcs(reward_funcs, reward_timeout), args, *a, **kw)
         self._bupo_layer: int | None = None
