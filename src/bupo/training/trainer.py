@@ -317,7 +317,9 @@ class BuPOTrainer(GRPOTrainer):
         if self.args.should_save:
             if self._bupo_probe is not None:
                 torch.save(self._bupo_probe, os.path.join(folder, PROBE_FILE))
-            loss_sum = self._bupo_resumed_loss + self._total_loss_scalar + float(self._tr_loss.item())
+            pending = getattr(self, "_tr_loss", None)  # the loss since the last log (transformers' accumulator)
+            loss_sum = (self._bupo_resumed_loss + getattr(self, "_total_loss_scalar", 0.0)
+                        + (float(pending.item()) if pending is not None else 0.0))
             files = {f: os.path.getsize(os.path.join(folder, f)) for f in sorted(os.listdir(folder))
                      if os.path.isfile(os.path.join(folder, f))}
             for f in files:  # durable before the rename makes the checkpoint visible
