@@ -243,8 +243,8 @@ def test_resume_refuses_other_settings_unless_forced(ws, tmp_path, capsys):
 @pytest.mark.parametrize("argv, message", [
     (["--batch-size", "0"], "--batch-size must be >= 1"),
     (["--n", "0"], "--n must be >= 1"),
-    (["--temperature", "inf"], "temperature must be a finite number >= 0"),
-    (["--temperature", "nan"], "temperature must be a finite number >= 0"),
+    (["--temperature", "inf"], "temperature must be >= 0 and finite"),
+    (["--temperature", "nan"], "temperature must be >= 0 and finite"),
     (["--device", "gpu"], "unknown device 'gpu'"),
     (["--device", "tpu:0"], "device"),
 ])
@@ -289,7 +289,7 @@ def test_generation_api_refuses_inf_and_nan_temperature():
     from bupo.generation import validate_sampling
 
     for t in (float("inf"), float("nan"), -1.0):
-        with pytest.raises(ValueError, match="temperature must be a finite number >= 0"):
+        with pytest.raises(ValueError, match="temperature must be >= 0 and finite"):
             validate_sampling(max_new_tokens=4, temperature=t, top_p=1.0, top_k=None)
     validate_sampling(max_new_tokens=4, temperature=0.0, top_p=1.0, top_k=None)
 

@@ -68,7 +68,7 @@ def validate_sampling(
         raise ValueError(f"max_new_tokens must be an integer >= 1, got {max_new_tokens!r}")
     if not (isinstance(temperature, int | float) and math.isfinite(temperature) and temperature >= 0):
         # inf would sample uniformly over the vocabulary, NaN would poison every probability
-        raise ValueError(f"temperature must be a finite number >= 0 (0 = greedy), got {temperature!r}")
+        raise ValueError(f"temperature must be >= 0 and finite (0 = greedy), got {temperature!r}")
     if not (isinstance(top_p, int | float) and 0 < top_p <= 1):
         raise ValueError(f"top_p must be in (0, 1], got {top_p!r}")
     if top_k is not None and (not isinstance(top_k, int) or top_k < 1):
