@@ -401,16 +401,18 @@ def test_fuzz_both_rewards_never_raise_and_stay_bounded() -> None:
     completions = _fuzz_strings(10_000, seed=14)
     gts = _fuzz_strings(10_000, seed=15)
     gts = [g if g.strip() else "5" for g in gts]
-    for name in ("boxed_exact", "math_verify"):
+    # boxed_exact takes all 10k pairs (~0.1 s); math_verify (~6 ms a call through sympy) the first 1000, a few
+    # seconds on 2 workers
+    for name, n in (("boxed_exact", 10_000), ("math_verify", 1000)):
         stats = RewardStats()
         t0 = time.monotonic()
-        out = R.score_batch(name, completions, gts, timeout=1.0, stats=stats)
+        out = R.score_batch(name, completions[:n], gts[:n], timeout=1.0, stats=stats)
         seconds = time.monotonic() - t0
-        assert len(out) == 10_000 and set(out) <= {0.0, 1.0}, name
+        assert len(out) == n and set(out) <= {0.0, 1.0}, name
         d = stats.as_dict()
-        assert d["calls"] == 10_000, (name, d)
+        assert d["calls"] == n, (name, d)
         # a hang or a pile-up of slow calls would blow this bound (each call has its own 1 s limit)
-        assert seconds < 120, (name, seconds, d)
-    # and the same completions scored against their own box are found right by the paper's scorer
+        assert seconds < 60, (name, seconds, d)
+    # and boxed answers are found right by the paper's scorer
     boxed = [f"so \\boxed{{{i}}}" for i in range(1000)]
     assert R.score_batch("boxed_exact", boxed, [str(i) for i in range(1000)]) == [1.0] * 1000
