@@ -41,6 +41,18 @@ def test_overridden_method_signatures():
     assert list(inspect.signature(GRPOTrainer._compute_loss).parameters) == ["self", "model", "inputs"]
     assert list(inspect.signature(GRPOTrainer._save_checkpoint).parameters) == ["self", "model", "trial"]
     assert list(inspect.signature(GRPOTrainer._load_optimizer_and_scheduler).parameters) == ["self", "checkpoint"]
+    # staged checkpoint saves and the whole-run train_loss (bupo.training.trainer)
+    assert list(inspect.signature(GRPOTrainer._get_output_dir).parameters) == ["self", "trial"]
+    assert list(inspect.signature(GRPOTrainer._finalize_training).parameters) == [
+        "self", "trial", "num_train_samples", "start_time"]
+    src = inspect.getsource(GRPOTrainer._finalize_training)
+    assert "self._total_loss_scalar += self._tr_loss.item()" in src and "self._total_loss_scalar /" in src
+    from transformers import Trainer
+
+    assert "run_dir = self._get_output_dir(trial=trial)" in inspect.getsource(Trainer._save_checkpoint)
+    # bupo train loads a finished run's last checkpoint itself (transformers would train past max_steps)
+    assert list(inspect.signature(Trainer._load_from_checkpoint).parameters) == ["self", "resume_from_checkpoint",
+                                                                                  "model"]
 
 
 def test_log_probs_go_through_the_overridden_method_with_the_fused_head():

@@ -31,6 +31,7 @@ from __future__ import annotations
 
 import contextlib
 import hashlib
+import math
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from typing import Any
@@ -65,14 +66,15 @@ def sample_seed(seed: int, prompt_key: int | str, sample_index: int) -> int:
 def validate_sampling(
     *, n: int = 1, max_new_tokens: int, temperature: float, top_p: float, top_k: int | None
 ) -> None:
-    """ValueError for settings outside: n >= 1, max_new_tokens >= 1, temperature >= 0, 0 < top_p <= 1,
+    """ValueError for settings outside: n >= 1, max_new_tokens >= 1, finite temperature >= 0, 0 < top_p <= 1,
     top_k None or >= 1."""
     if not isinstance(n, int) or n < 1:
         raise ValueError(f"n (samples per prompt) must be an integer >= 1, got {n!r}")
     if not isinstance(max_new_tokens, int) or max_new_tokens < 1:
         raise ValueError(f"max_new_tokens must be an integer >= 1, got {max_new_tokens!r}")
-    if not (isinstance(temperature, int | float) and temperature >= 0):
-        raise ValueError(f"temperature must be >= 0 (0 = greedy), got {temperature!r}")
+    if not (isinstance(temperature, int | float) and math.isfinite(temperature) and temperature >= 0):
+        # inf would sample uniformly over the vocabulary, NaN would poison every probability
+        raise ValueError(f"temperature must be >= 0 and finite (0 = greedy), got {temperature!r}")
     if not (isinstance(top_p, int | float) and 0 < top_p <= 1):
         raise ValueError(f"top_p must be in (0, 1], got {top_p!r}")
     if top_k is not None and (not isinstance(top_k, int) or top_k < 1):

@@ -11,6 +11,21 @@ from pathlib import Path
 from typing import Any
 
 
+def check_output_folder(path: str | os.PathLike, flag: str = "--out") -> None:
+    """ValueError (one line, naming ``flag``) when ``path`` is a file, lies under a file, or its nearest existing
+    folder is not writable; creates nothing."""
+    p = Path(path)
+    if p.exists() and not p.is_dir():
+        raise ValueError(f"{flag} {path}: is a file, not a folder; give a folder for the outputs")
+    parent = p
+    while not parent.exists() and parent != parent.parent:
+        parent = parent.parent
+    if not parent.is_dir():
+        raise ValueError(f"{flag} {path}: {parent} is a file, so no folder can be made under it")
+    if not os.access(parent, os.W_OK | os.X_OK):
+        raise ValueError(f"{flag} {path}: {parent} is not writable")
+
+
 def atomic_write_text(path: str | os.PathLike, text: str) -> Path:
     """Write ``text`` to ``path`` via a temporary file in the same folder, fsync, then ``os.replace``."""
     path = Path(path)

@@ -132,6 +132,9 @@ def validate_rows(rows: list[dict], source: str = "rows") -> list[dict]:
             raise ValueError(
                 f"{source}: row {i}: the prompt has no 'user' message (roles {[m['role'] for m in prompt]})"
             )
+        if not any(m["role"] == "user" and m["content"].strip() for m in prompt):
+            # a blank question still renders and trains on a prompt made of the template alone
+            raise ValueError(f"{source}: row {i}: the 'user' message is empty; every row needs a question")
         rm = row["reward_model"]
         if not isinstance(rm, dict) or "ground_truth" not in rm:
             raise ValueError(
@@ -142,6 +145,9 @@ def validate_rows(rows: list[dict], source: str = "rows") -> list[dict]:
             raise ValueError(f"{source}: row {i}: ground_truth must be a string, got {type(gt).__name__}")
         if not isinstance(gt, str):
             row["reward_model"] = {**rm, "ground_truth": str(gt)}
+        elif not gt.strip():
+            # an empty answer would make "\\boxed{}" score 1.0
+            raise ValueError(f"{source}: row {i}: ground_truth is empty; every row needs the reference answer")
     return rows
 
 
@@ -156,18 +162,32 @@ def _read_parquet(path: Path) -> list[dict]:
     return [_to_python(r) for r in table.to_pylist()]
 
 
+def _not_utf8(path: Path, data: bytes, exc: UnicodeDecodeError) -> ValueError:
+    line = data.count(b"\n", 0, exc.start) + 1
+    return ValueError(f"{path}:{line}: not UTF-8 text (byte {data[exc.start]:#04x} at offset {exc.start}); "
+                      "save the file as UTF-8")
+
+
+def _read_text(path: Path) -> str:
+    data = path.read_bytes()
+    try:
+        return data.decode("utf-8")
+    except UnicodeDecodeError as exc:
+        raise _not_utf8(path, data, exc) from None
+
+
 def _read_jsonl(path: Path) -> list[dict]:
     rows = []
-    with open(path, encoding="utf-8") as f:
-        for lineno, line in enumerate(f, 1):
-            if not line.strip():
-                continue
-            try:
-                rows.append(json.loads(line))
-            except json.JSONDecodeError as exc:
-                raise ValueError(
-                    f"{path}:{lineno}: not valid JSON ({exc.msg}); expected one JSON object per line"
-                ) from exc
+    # split on \n only: str.splitlines would also split inside strings holding U+2028 and the like
+    for lineno, line in enumerate(_read_text(path).split("\n"), 1):
+        if not line.strip():
+            continue
+        try:
+            rows.append(json.loads(line))
+        except json.JSONDecodeError as exc:
+            raise ValueError(
+                f"{path}:{lineno}: not valid JSON ({exc.msg}); expected one JSON object per line"
+            ) from exc
     return rows
 
 
@@ -180,6 +200,8 @@ def load_rows(path: str | Path) -> list[dict]:
     p = Path(path)
     if not p.exists():
         raise FileNotFoundError(f"data file not found: {p}")
+    if p.is_dir():
+        raise ValueError(f"{p}: is a folder; give a data file (.parquet, .jsonl or .json)")
     suffix = p.suffix.lower()
     if suffix == ".parquet":
         rows = _read_parquet(p)
@@ -187,7 +209,7 @@ def load_rows(path: str | Path) -> list[dict]:
         rows = _read_jsonl(p)
     elif suffix == ".json":
         try:
-            data = json.loads(p.read_text(encoding="utf-8"))
+            data = json.loads(_read_text(p))
         except json.JSONDecodeError as exc:
             raise ValueError(f"{p}: not valid JSON ({exc.msg})") from exc
         if not isinstance(data, list):

@@ -144,11 +144,49 @@ def _datasets(args: argparse.Namespace) -> dict[str, list[dict]]:
     return load_benchmarks(args.data or [BUNDLED], args.problems)
 
 
+def _check_args(args: argparse.Namespace) -> None:
+    """One line for numbers that would otherwise be replaced by a default or fail deep inside generation."""
+    for flag, value in (("--batch-size", args.batch_size), ("--n", args.n), ("--max-new-tokens", args.max_new_tokens)):
+        if value is not None and value < 1:
+            raise ValueError(f"{flag} must be >= 1, got {value}")
+    if args.k is not None and any(k < 1 for k in args.k):
+        raise ValueError(f"--k values must be >= 1, got {args.k}")
+
+
+# families whose *LMHeadModel is a bidirectional encoder unless the config says is_decoder
+_ENCODER_FAMILIES = {"bert", "roberta", "xlm-roberta", "xlm-roberta-xl", "camembert", "electra", "ernie",
+                     "data2vec-text", "megatron-bert", "rembert", "roberta-prelayernorm", "xmod", "roc_bert",
+                     "big_bird", "bert-generation", "modernbert"}
+
+
+def _check_causal_lm(folder: Path) -> None:
+    """ValueError for an encoder-only (BERT-like) or encoder-decoder model: AutoModelForCausalLM would still load
+    BERT (as BertLMHeadModel, bidirectional attention) and sample nonsense without a word."""
+    from transformers import AutoConfig
+    from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING_NAMES
+
+    try:
+        config = AutoConfig.from_pretrained(str(folder))
+    except (OSError, ValueError, KeyError) as exc:
+        raise ValueError(f"--model {folder}: cannot read config.json ({exc})") from None
+    causal = set(MODEL_FOR_CAUSAL_LM_MAPPING_NAMES.values())
+    archs = list(getattr(config, "architectures", None) or [])
+    encoder_only = config.model_type in _ENCODER_FAMILIES and not getattr(config, "is_decoder", False)
+    if (getattr(config, "is_encoder_decoder", False) or encoder_only or (archs and not any(a in causal for a in archs))
+            or config.model_type not in MODEL_FOR_CAUSAL_LM_MAPPING_NAMES):
+        what = ", ".join(archs) or config.model_type
+        raise ValueError(f"--model {folder}: {what} is not a decoder-only causal LM; bupo eval samples from "
+                         "causal LMs (AutoModelForCausalLM: Qwen, Llama, Gemma, ...)")
+
+
 def _eval_handler(args: argparse.Namespace) -> int:
     from bupo.evaluation.backends import VLLMBackend, path_fingerprint, require_vllm
     from bupo.evaluation.core import evaluate, plan_benchmarks
+    from bupo.io import check_output_folder
 
+    _check_args(args)
     folder = _model_folder(args.model)
+    _check_causal_lm(folder)
     label = args.label or ("bundled" if args.model is None else folder.resolve().name)
     datasets = _datasets(args)
     plan_benchmarks(datasets, args.n, args.k)  # bad data, n or K: fail before loading any model
@@ -157,6 +195,7 @@ def _eval_handler(args: argparse.Namespace) -> int:
 
         hf_logging.disable_progress_bar()
     out = Path(args.out) if args.out else Path("runs") / "eval" / label
+    check_output_folder(out)
     max_new = args.max_new_tokens if args.max_new_tokens is not None else _default_max_new_tokens(folder)
     common = dict(
         n=args.n,

@@ -20,6 +20,7 @@ another use of the same model (e.g. asynchronous rollout generation) nor under `
 from __future__ import annotations
 
 import contextlib
+import math
 from collections.abc import Iterator
 
 import torch
@@ -84,13 +85,27 @@ def internal_policy(model: nn.Module, layer: int, projection: str = "raw") -> It
             c.num_hidden_layers = n
 
 
-def _check_inputs(input_ids: torch.Tensor, attention_mask: torch.Tensor | None) -> None:
+def _check_ids(name: str, ids: torch.Tensor, vocab: int) -> None:
+    """Integer ids in [0, vocab): an out-of-range id would index past the embedding (a device-side assert on CUDA,
+    a cryptic IndexError on CPU). One min/max reduction and one host sync."""
+    if ids.dtype.is_floating_point or ids.dtype.is_complex or ids.dtype == torch.bool:
+        raise ValueError(f"{name} must hold integer token ids (a LongTensor), got dtype {ids.dtype}")
+    lo, hi = (int(v) for v in torch.stack(torch.aminmax(ids)).tolist())
+    if lo < 0 or hi >= vocab:
+        bad = lo if lo < 0 else hi
+        raise ValueError(f"{name} holds the token id {bad}; ids must be in 0..{vocab - 1} (this model's vocabulary)")
+
+
+def _check_inputs(model: nn.Module, input_ids: torch.Tensor, attention_mask: torch.Tensor | None) -> None:
     if not isinstance(input_ids, torch.Tensor) or input_ids.dim() != 2:
         raise ValueError("input_ids must be a 2-D LongTensor [batch, seq]")
+    if input_ids.numel() == 0:
+        raise ValueError(f"input_ids is empty (shape {tuple(input_ids.shape)}); give at least one token per sequence")
     if attention_mask is not None and attention_mask.shape != input_ids.shape:
         raise ValueError(
             f"attention_mask shape {tuple(attention_mask.shape)} does not match input_ids shape {tuple(input_ids.shape)}"
         )
+    _check_ids("input_ids", input_ids, parts(model).embed.num_embeddings)
 
 
 def layer_logits(
@@ -107,7 +122,7 @@ def layer_logits(
     ``"final_norm"``: lm_head(final_norm(H^l)) (logit lens). The model's softcap is applied in both.
     Sequences longer than the model's ``max_position_embeddings`` are rejected (ValueError).
     """
-    _check_inputs(input_ids, attention_mask)
+    _check_inputs(model, input_ids, attention_mask)
     from bupo.generation import context_length
 
     ctx = context_length(model)
@@ -134,12 +149,19 @@ def layer_logprobs(
     By default the targets are the next tokens: the result is [batch, seq - 1] with element t = log pi^k(x_{t+1} |
     x_{<=t}). With explicit ``targets`` of shape [batch, seq] the result is [batch, seq]. Differentiable.
     """
-    if temperature <= 0:
-        raise ValueError(f"temperature must be > 0, got {temperature}")
+    if not (isinstance(temperature, int | float) and math.isfinite(temperature) and temperature > 0):
+        raise ValueError(f"temperature must be a finite number > 0, got {temperature!r}")
+    if (targets is None and isinstance(input_ids, torch.Tensor) and input_ids.dim() == 2 and input_ids.numel()
+            and input_ids.size(1) < 2):
+        raise ValueError("input_ids needs at least 2 tokens per sequence for next-token log-probs (or give targets)")
+    if targets is not None and (not isinstance(targets, torch.Tensor)
+                                or targets.shape != getattr(input_ids, "shape", None)):
+        raise ValueError(f"targets shape {tuple(getattr(targets, 'shape', ()))} must equal input_ids shape "
+                         f"{tuple(getattr(input_ids, 'shape', ()))}")
     logits = layer_logits(model, input_ids, attention_mask, layer=layer, projection=projection)
     if targets is None:
         logits, targets = logits[:, :-1], input_ids[:, 1:]
-    elif targets.shape != input_ids.shape:
-        raise ValueError(f"targets shape {tuple(targets.shape)} must equal input_ids shape {tuple(input_ids.shape)}")
+    else:
+        _check_ids("targets", targets, logits.size(-1))
     logp = torch.log_softmax(logits.float() / temperature, dim=-1)
     return logp.gather(-1, targets.unsqueeze(-1)).squeeze(-1)

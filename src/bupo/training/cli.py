@@ -52,7 +52,10 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--reward", help="boxed_exact (default, the paper's) and/or math_verify, comma-separated")
     p.add_argument("--analysis", help="analysis (summary.json or folder) for --internal-layer auto")
     p.add_argument("--resume", nargs="?", const="latest", metavar="CHECKPOINT",
-                   help="resume from a checkpoint folder, or the newest one in --out when no folder is given")
+                   help="resume from a checkpoint folder, or the newest complete one in --out when no folder is given")
+    p.add_argument("--force-resume", action="store_true", default=None,
+                   help="resume even when the layer, internal steps, projection, optimizer steps per rollout, model "
+                   "or data differ from the checkpoint's run (refused otherwise)")
     p.set_defaults(func=_handler, trl_args=[])
 
 

@@ -6,8 +6,11 @@ is counted (``errors`` / ``timeouts``, in completions); the training loop never 
 :func:`bupo.rewards.make_reward_func` already limit and count each completion themselves (``func.stats``); their
 counters are folded in, so one place reports both.
 
-Only user-supplied callables get the whole-call ``timeout`` (a thread per call). A timed-out call keeps running in a
-daemon thread (Python cannot kill a thread), which cannot block interpreter exit. bupo's own rewards (recognised by
+Only user-supplied callables get the whole-call ``timeout``: they run in one persistent daemon thread per reward.
+A timed-out call keeps running there (Python cannot kill a thread); until it returns, further calls score 0.0 as
+timeouts at once instead of starting another thread, so a stuck reward leaves at most one thread behind, not one per
+call. ``SystemExit`` raised by a reward is an error like any other (only ``KeyboardInterrupt`` goes through); a
+result must be a sequence of numbers or None, one per completion (a string such as ``"11"`` is not). bupo's own rewards (recognised by
 their :class:`bupo.rewards.RewardStats` ``.stats``) are wrapped with ``timeout=None``: they limit each completion
 themselves, and a whole-batch limit would wrongly zero a large batch of slow-but-legal completions while the
 abandoned call kept using the reward workers.
@@ -17,8 +20,9 @@ from __future__ import annotations
 
 import logging
 import math
+import queue
 import threading
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from typing import Any
 
 logger = logging.getLogger(__name__)
@@ -38,34 +42,48 @@ class GuardedReward:
         self.timeouts = 0
         self.correct = 0  # completions scored >= 1.0
         self._inner_seen = (0, 0)
+        self._thread: threading.Thread | None = None  # runs user callables when a timeout is set
+        self._requests: queue.SimpleQueue = queue.SimpleQueue()
+        self._busy = threading.Event()
 
     def _call(self, kwargs: dict[str, Any]) -> tuple[str, Any]:
         if self.timeout is None:
             try:
                 return "ok", self.func(**kwargs)
-            except Exception as exc:  # a reward bug must not stop training
+            except (Exception, SystemExit) as exc:  # a reward bug must not stop training
                 return "error", exc
+        if self._busy.is_set():  # the previous call has not returned yet: do not pile up threads behind it
+            return "timeout", None
+        if self._thread is None or not self._thread.is_alive():
+            self._thread = threading.Thread(target=self._serve, name=f"reward-{self.__name__}", daemon=True)
+            self._thread.start()
         box: dict[str, Any] = {}
-
-        def run() -> None:
-            try:
-                box["ok"] = self.func(**kwargs)
-            except BaseException as exc:  # noqa: BLE001 - reported below
-                box["error"] = exc
-
-        t = threading.Thread(target=run, name=f"reward-{self.__name__}", daemon=True)
-        t.start()
-        t.join(self.timeout)
-        if t.is_alive():
+        done = threading.Event()
+        self._busy.set()
+        self._requests.put((kwargs, box, done))
+        if not done.wait(self.timeout):
             return "timeout", None
         return ("ok", box["ok"]) if "ok" in box else ("error", box.get("error"))
+
+    def _serve(self) -> None:
+        while True:
+            kwargs, box, done = self._requests.get()
+            try:
+                box["ok"] = self.func(**kwargs)
+            except BaseException as exc:  # noqa: BLE001 - reported by the caller; SystemExit must not end the thread
+                box["error"] = exc
+            finally:
+                self._busy.clear()
+                done.set()
 
     def __call__(self, completions: list, **kwargs: Any) -> list[float | None]:
         n = len(completions)
         status, out = self._call({"completions": completions, **kwargs})
         if status == "ok":
             try:
-                out = [None if r is None else float(r) for r in out]
+                if isinstance(out, str | bytes | Mapping) or not hasattr(out, "__len__"):
+                    raise TypeError(f"returned {type(out).__name__} {out!r:.50}, not a list of {n} scores")
+                out = [None if r is None else _score(r) for r in out]
                 if len(out) != n:
                     raise ValueError(f"returned {len(out)} scores for {n} completions")
                 if any(r is not None and not math.isfinite(r) for r in out):
@@ -97,6 +115,12 @@ class GuardedReward:
     def counters(self) -> tuple[int, int, int, int]:
         """(completions, correct, errors, timeouts) since construction, this process."""
         return self.completions, self.correct, self.errors, self.timeouts
+
+
+def _score(r: Any) -> float:
+    if isinstance(r, str | bytes | bool):
+        raise TypeError(f"returned the score {r!r:.50}, not a number")
+    return float(r)
 
 
 def guard_reward_funcs(reward_funcs: Any, timeout: float | None) -> list:

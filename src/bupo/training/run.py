@@ -58,6 +58,8 @@ class BuPOScriptArguments:
         "tokenizer's chat template honours enable_thinking, else chat, else octothinker)"})
     reward: str = field(default="boxed_exact", metadata={"help": "comma-separated: boxed_exact (paper), math_verify"})
     reward_timeout: float = field(default=5.0, metadata={"help": "seconds per completion for each reward call"})
+    reward_workers: int | None = field(default=None, metadata={
+        "help": "worker processes scoring math_verify (default: $BUPO_REWARD_WORKERS, else the CPU cores per process)"})
     train_rows: int | None = field(default=None, metadata={
         "help": "use at most this many training rows (bundled task: how many to generate, default 2048)"})
     max_prompt_length: int | None = field(default=1024, metadata={
@@ -74,7 +76,10 @@ class BuPOScriptArguments:
         "<out>/analysis, else a short analysis is run into <out>/analysis"})
     auto_layer_samples: int = field(default=64, metadata={"help": "responses analysed when auto runs an analysis"})
     resume: str | None = field(default=None, metadata={
-        "help": "checkpoint folder to resume from, or 'latest' (the newest checkpoint-* in the output folder)"})
+        "help": "checkpoint folder to resume from, or 'latest' (the newest complete checkpoint-* in the output folder)"})
+    force_resume: bool = field(default=False, metadata={
+        "help": "resume even when internal_layer / internal_steps / projection / optimizer steps per rollout / model "
+        "/ data differ from the checkpoint's run (refused otherwise)"})
 
 
 # A run that finishes in a few minutes on 2 CPU cores with the bundled model and task.
@@ -113,7 +118,13 @@ FLAG_KEYS = {
     "model": "model_name_or_path", "data": "data", "eval_data": "eval_data", "algo": "algo",
     "internal_layer": "internal_layer", "internal_steps": "internal_steps", "out": "output_dir",
     "template": "template", "reward": "reward", "analysis": "analysis", "resume": "resume",
+    "force_resume": "force_resume",
 }
+# environment variables that make a process load other code: a config file must not set them
+CODE_LOADING_ENV = ("LD_PRELOAD", "LD_LIBRARY_PATH", "LD_AUDIT", "DYLD_INSERT_LIBRARIES", "DYLD_LIBRARY_PATH",
+                    "PYTHONPATH", "PYTHONHOME", "PYTHONSTARTUP", "PYTHONUSERBASE", "PYTHONEXECUTABLE",
+                    "PYTHONINSPECT", "PYTHONBREAKPOINT", "PYTHONPLATLIBDIR", "PYTHONSAFEPATH", "PATH",
+                    "BASH_ENV", "ENV", "PERL5OPT", "NODE_OPTIONS")
 
 
 def _read_yaml(path: str) -> dict[str, Any]:
@@ -133,6 +144,10 @@ def _read_yaml(path: str) -> dict[str, Any]:
     env = cfg.pop("env", None) or {}
     if not isinstance(env, dict):
         raise ValueError(f"{p}: 'env' must be a mapping of environment variables")
+    refused = sorted(str(k) for k in env if str(k).upper() in CODE_LOADING_ENV or str(k).upper().startswith("LD_"))
+    if refused:
+        raise ValueError(f"{p}: 'env' may not set {', '.join(refused)}: they make Python or the loader run other "
+                         "code; set them in the shell if you really mean it")
     for k, v in env.items():
         os.environ[str(k)] = str(v)
     return cfg
@@ -160,8 +175,13 @@ def parse_train_args(
         merged.update(SMALL_RUN_DEFAULTS)
     if not cuda:
         merged.update(CPU_DEFAULTS)
+    explicit = {k for k, v in (overrides or {}).items() if v is not None}
+    explicit |= {a[2:].split("=")[0].replace("-", "_") for a in (trl_args or []) if a.startswith("--")}
     if config is not None:
-        merged.update(_read_yaml(config))
+        cfg = _read_yaml(config)
+        _check_config_types(parser, cfg, config)
+        merged.update(cfg)
+        explicit |= set(cfg)
     merged.update({k: v for k, v in (overrides or {}).items() if v is not None})
     unknown = parser.set_defaults_with_config(**merged)
     if unknown:
@@ -173,6 +193,18 @@ def parse_train_args(
             args=list(trl_args or []), return_remaining_strings=True)
     except SystemExit as exc:  # argparse already printed why
         raise ValueError(f"could not parse the TRL arguments {trl_args!r}") from exc
+    except ZeroDivisionError:  # GRPOConfig divides by these counts before checking them
+        given = dict(merged)
+        args_list = list(trl_args or [])
+        for i, a in enumerate(args_list):
+            if a.startswith("--") and "=" in a:
+                given[a[2:].split("=")[0]] = a.split("=", 1)[1]
+            elif a.startswith("--") and i + 1 < len(args_list):
+                given[a[2:]] = args_list[i + 1]
+        zero = sorted(k.replace("-", "_") for k, v in given.items()
+                      if k.replace("-", "_") in _COUNT_KEYS and str(v).strip() in ("0", "0.0"))
+        raise ValueError(f"{', '.join(zero) or 'a batch count'} must be >= 1 (got 0); "
+                         f"{', '.join(_COUNT_KEYS)} count sequences or steps") from None
     if rest:
         raise ValueError(f"unrecognised arguments {rest}; TRL arguments use underscores (--learning_rate 1e-5)")
     if script_args.algo not in ALGOS:
@@ -183,7 +215,105 @@ def parse_train_args(
     script_args.model_name_or_path = model_args.model_name_or_path
     script_args.model_args = model_args
     model_init_kwargs(train_args, model_args)  # a key given twice is an error already here
+    validate_run_args(train_args, script_args, explicit)
     return train_args, script_args
+
+
+_COUNT_KEYS = ("per_device_train_batch_size", "num_generations", "steps_per_generation", "generation_batch_size",
+               "gradient_accumulation_steps", "num_iterations")
+_TRUE_FALSE = {"true", "false", "yes", "no", "1", "0", "y", "n", "t", "f", "on", "off"}
+
+
+def _check_config_types(parser: Any, cfg: dict[str, Any], path: str) -> None:
+    """ValueError naming the first key of the YAML whose value has the wrong type for its field (argparse would
+    otherwise print the whole usage and blame the command line, or take a list for a number)."""
+    actions = {a.dest: a for a in parser._actions}
+    for key, value in cfg.items():
+        a = actions.get(key)
+        if a is None or value is None:
+            continue
+        values = value if (a.nargs in ("+", "*") and isinstance(value, list)) else [value]
+        for v in values:
+            kind = _type_problem(a, v)
+            if kind:
+                raise ValueError(f"{path}: key {key!r}: {v!r} is not {kind}")
+
+
+def _type_problem(action: Any, v: Any) -> str | None:
+    t = action.type
+    name = getattr(t, "__name__", "")
+    if t is int:
+        ok = (isinstance(v, int) and not isinstance(v, bool)) or (isinstance(v, str) and v.strip().lstrip("+-").isdigit())
+        return None if ok else "an integer"
+    if t is float:
+        if isinstance(v, bool | list | dict):
+            return "a number"
+        try:
+            float(v)
+        except (TypeError, ValueError):
+            return "a number"
+        return None
+    if name == "string_to_bool":
+        return None if isinstance(v, bool) or str(v).strip().lower() in _TRUE_FALSE else "true or false"
+    if action.choices:
+        accepted = [str(getattr(c, "value", c)) for c in action.choices]
+        return None if str(getattr(v, "value", v)) in accepted else f"one of {', '.join(accepted)}"
+    return None
+
+
+def _finite(x: Any) -> bool:
+    import math
+
+    return isinstance(x, int | float) and not isinstance(x, bool) and math.isfinite(x)
+
+
+def validate_run_args(train_args: Any, script: BuPOScriptArguments, explicit: set[str] | frozenset = frozenset()) -> None:
+    """ValueError (one line) for settings that would otherwise run and silently do something else; ``explicit``:
+    the keys the user gave (flags, YAML, TRL arguments), to tell a default from a choice."""
+    import math
+
+    if not _finite(train_args.temperature) or train_args.temperature <= 0:
+        raise ValueError(f"temperature must be a finite number > 0 (rollouts sample), got {train_args.temperature!r}")
+    if not (_finite(train_args.top_p) and 0 < train_args.top_p <= 1):
+        raise ValueError(f"top_p must be in (0, 1], got {train_args.top_p!r}")
+    for name in ("per_device_train_batch_size", "num_generations"):
+        if getattr(train_args, name) < 1:
+            raise ValueError(f"{name} must be >= 1, got {getattr(train_args, name)}")
+    if train_args.max_steps == 0 or train_args.max_steps < -1:
+        raise ValueError(f"max_steps must be >= 1 optimizer steps (or -1: num_train_epochs), got {train_args.max_steps}")
+    if train_args.max_steps == -1 and not (_finite(train_args.num_train_epochs) and train_args.num_train_epochs > 0):
+        raise ValueError(f"num_train_epochs must be > 0, got {train_args.num_train_epochs!r}")
+    for name in ("eval_every", "eval_samples", "eval_batch_size", "auto_layer_samples"):
+        v = getattr(script, name)
+        low = 0 if name == "eval_every" else 1
+        if v < low:
+            raise ValueError(f"{name} must be >= {low}, got {v}")
+    for name in ("train_rows", "eval_rows", "eval_max_new_tokens", "max_prompt_length"):
+        v = getattr(script, name)
+        if v is not None and v < 1:
+            raise ValueError(f"{name} must be >= 1 (or unset), got {v}")
+    if script.reward_workers is not None and script.reward_workers < 1:
+        raise ValueError(f"reward_workers must be >= 1 (or unset: one per CPU core), got {script.reward_workers}")
+    if not (_finite(script.reward_timeout) and script.reward_timeout > 0):
+        raise ValueError(f"reward_timeout must be a finite number of seconds > 0, got {script.reward_timeout!r}")
+    if not _finite(train_args.learning_rate) or train_args.learning_rate < 0:
+        raise ValueError(f"learning_rate must be a finite number >= 0, got {train_args.learning_rate!r}")
+    if script.algo == "grpo" and "internal_steps" in explicit and train_args.internal_steps > 0:
+        raise ValueError(f"--algo grpo trains the full policy only; it cannot take --internal-steps "
+                         f"{train_args.internal_steps} (use --algo bupo, or drop --internal-steps)")
+    if script.algo == "bupo" and train_args.max_steps > 0 and train_args.internal_steps > 0:
+        rollouts = math.ceil(train_args.max_steps / train_args.optimizer_steps_per_rollout)
+        if train_args.internal_steps >= rollouts:
+            print(f"bupo train: warning: internal_steps={train_args.internal_steps} covers the whole run "
+                  f"({rollouts} rollout steps of {train_args.optimizer_steps_per_rollout} optimizer steps): "
+                  "no full-policy (GRPO) phase will run", flush=True)
+
+
+def check_environment(train_args: Any) -> None:
+    """What the settings need from this machine (checked by :func:`train` before anything is loaded or written)."""
+    from bupo.io import check_output_folder
+
+    check_output_folder(train_args.output_dir)
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -440,18 +570,92 @@ def make_eval_callback(trainer: Any, sets: dict[str, list[dict]], script: BuPOSc
 
 
 def _resolve_resume(resume: str | None, output_dir: str) -> str | None:
+    """The checkpoint to resume from: ``"latest"`` = the newest *complete* checkpoint-* in ``output_dir`` (torn ones,
+    from a kill during a save, are skipped and named in one line); an explicit folder must be complete."""
     if resume is None:
         return None
-    if resume == "latest":
-        from transformers.trainer_utils import get_last_checkpoint
+    from bupo.training.trainer import checkpoint_problem
 
-        last = get_last_checkpoint(output_dir) if Path(output_dir).is_dir() else None
-        if last is None:
-            raise ValueError(f"--resume: no checkpoint-* folder in {output_dir}")
-        return last
+    if resume == "latest":
+        from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR
+
+        out = Path(output_dir)
+        found = []
+        if out.is_dir():
+            for d in out.iterdir():
+                tail = d.name[len(PREFIX_CHECKPOINT_DIR) + 1:]
+                if d.is_dir() and d.name.startswith(PREFIX_CHECKPOINT_DIR + "-") and tail.isdigit():
+                    found.append((int(tail), d))
+        skipped = []
+        for _, d in sorted(found, reverse=True):
+            problem = checkpoint_problem(d)
+            if problem is None:
+                if skipped:
+                    print(f"bupo train: --resume: skipped incomplete {'; '.join(skipped)}; resuming from {d.name}",
+                          flush=True)
+                return str(d)
+            skipped.append(f"{d.name} ({problem})")
+        if skipped:
+            raise ValueError(f"--resume: no complete checkpoint in {output_dir}: {'; '.join(skipped)}")
+        raise ValueError(f"--resume: no checkpoint-* folder in {output_dir}")
     if not Path(resume).is_dir():
         raise ValueError(f"--resume: {resume} is not a checkpoint folder")
+    problem = checkpoint_problem(resume)
+    if problem is not None:
+        raise ValueError(f"--resume: {resume} is an incomplete checkpoint ({problem}); resume from a complete one "
+                         "or give --resume alone for the newest complete one")
     return resume
+
+
+def check_resume_matches(checkpoint: str, current: dict[str, Any], force: bool) -> None:
+    """ValueError naming every setting of ``current`` that differs from the checkpoint's run, unless ``force``."""
+    from bupo.training.trainer import read_checkpoint_marker
+
+    marker = read_checkpoint_marker(checkpoint)
+    saved = (marker or {}).get("run")
+    if not isinstance(saved, dict):
+        logger.warning("--resume: %s records no run settings (saved by an older bupo or plain TRL); not checked",
+                       checkpoint)
+        return
+    diffs = [f"{k} {saved[k]!r} -> {v!r}" for k, v in current.items() if k in saved and saved[k] != v]
+    if not diffs:
+        return
+    if force:
+        print(f"bupo train: warning: --force-resume: resuming {checkpoint} with changed {'; '.join(diffs)}",
+              flush=True)
+        return
+    raise ValueError(f"--resume: the run differs from {checkpoint}'s: {'; '.join(diffs)}; give the same settings, "
+                     "or --force-resume to resume anyway")
+
+
+def _checkpoint_step(folder: str) -> int:
+    import json
+
+    return int(json.loads((Path(folder) / "trainer_state.json").read_text(encoding="utf-8"))["global_step"])
+
+
+def _finished_run(trainer: Any, checkpoint: str, step: int) -> Any:
+    """The TrainOutput of a run whose checkpoint already holds every optimizer step: its weights and state, loaded."""
+    from transformers.trainer_callback import TrainerState
+    from transformers.trainer_utils import TrainOutput
+
+    from bupo.training.trainer import read_checkpoint_marker
+
+    print(f"bupo train: {checkpoint} is at optimizer step {step} >= max_steps {trainer.args.max_steps}: "
+          "nothing left to train; saving its weights", flush=True)
+    trainer._load_from_checkpoint(checkpoint)
+    trainer.state = TrainerState.load_from_json(str(Path(checkpoint) / "trainer_state.json"))
+    loss_sum = float((read_checkpoint_marker(checkpoint) or {}).get("train_loss_sum", float("nan")))
+    return TrainOutput(step, loss_sum / max(step, 1), {"train_loss": loss_sum / max(step, 1)})
+
+
+def _data_fingerprint(dataset: Any) -> str:
+    import hashlib
+
+    h = hashlib.sha256()
+    for prompt, gt in zip(dataset["prompt"], dataset["ground_truth"], strict=True):
+        h.update(prompt.encode("utf-8", "surrogatepass") + b"\0" + gt.encode("utf-8", "surrogatepass") + b"\0")
+    return h.hexdigest()[:16]
 
 
 def train(train_args: Any, script: BuPOScriptArguments) -> dict[str, Any]:
@@ -466,9 +670,10 @@ def train(train_args: Any, script: BuPOScriptArguments) -> dict[str, Any]:
     from bupo.training.data import BUNDLED, build_prompt_dataset, load_training_rows
     from bupo.training.trainer import BuPOTrainer
 
-    # what this machine cannot honour (vLLM, peft, attention kernels) fails here, before anything is loaded;
-    # parse_train_args stays machine-independent so presets parse anywhere
+    # what this machine cannot honour (vLLM, peft, attention kernels, an unwritable --out) fails here, before
+    # anything is loaded; parse_train_args stays machine-independent so presets parse anywhere
     check_model_flags(train_args, script.model_args or _default_model_args())
+    check_environment(train_args)
     out_dir = Path(train_args.output_dir)
     resume = _resolve_resume(script.resume, str(out_dir))
     from bupo.models import resolve_model
@@ -505,6 +710,12 @@ def train(train_args: Any, script: BuPOScriptArguments) -> dict[str, Any]:
     data_spec = (script.dataset_name if script.dataset_name is not None else (script.data or BUNDLED))
     eval_sets = _eval_sets(script.eval_data, data_spec, script.eval_rows)
     _check_eval_context(eval_sets, tokenizer, template, script, train_args, context_length(model))
+    prompts_per_rollout = train_args.generation_batch_size // train_args.num_generations
+    if len(dataset) < prompts_per_rollout:
+        raise ValueError(f"the training data has {len(dataset)} usable prompts, fewer than one generation batch "
+                         f"needs ({train_args.generation_batch_size} completions / num_generations "
+                         f"{train_args.num_generations} = {prompts_per_rollout} prompts); give more rows or a "
+                         "smaller per_device_train_batch_size x steps_per_generation")
 
     layer_value = train_args.internal_layer
     if script.algo == "grpo" and layer_value == "auto":
@@ -516,7 +727,7 @@ def train(train_args: Any, script: BuPOScriptArguments) -> dict[str, Any]:
         is_main=int(os.environ.get("RANK", "0")) == 0, device=train_args.device)
     train_args.internal_layer = k
 
-    reward_funcs = [make_reward_func(name.strip(), timeout=script.reward_timeout)
+    reward_funcs = [make_reward_func(name.strip(), timeout=script.reward_timeout, workers=script.reward_workers)
                     for name in script.reward.split(",") if name.strip()]
     if not reward_funcs:
         raise ValueError("--reward needs at least one reward name (boxed_exact, math_verify)")
@@ -524,6 +735,13 @@ def train(train_args: Any, script: BuPOScriptArguments) -> dict[str, Any]:
     trainer = BuPOTrainer(model=model, reward_funcs=reward_funcs, args=train_args, train_dataset=dataset,
                           processing_class=tokenizer, peft_config=peft_config(script.model_args))
     _check_launcher(trainer)
+    trainer.bupo_run_extra = {
+        "model": str(Path(model_path).resolve()) if Path(model_path).exists() else model_path,
+        "data": str(Path(data_spec).resolve()) if data_spec != BUNDLED and Path(data_spec).exists() else data_spec,
+        "data_fingerprint": _data_fingerprint(dataset),
+    }
+    if resume is not None:
+        check_resume_matches(resume, {**trainer.bupo_run_identity(), **trainer.bupo_run_extra}, script.force_resume)
     records: list[dict] = []
     if eval_sets:
         trainer.add_callback(make_eval_callback(trainer, eval_sets, script, template, out_dir, records))
@@ -554,7 +772,13 @@ def train(train_args: Any, script: BuPOScriptArguments) -> dict[str, Any]:
                        "generation batch = optimizer_steps_per_rollout optimizer steps); entropies in nats",
     }
     t0 = time.time()
-    result = trainer.train(resume_from_checkpoint=resume)
+    done = _checkpoint_step(resume) if resume is not None else 0
+    if resume is not None and train_args.max_steps > 0 and done >= train_args.max_steps:
+        # training had finished (a kill hit the final save): transformers would train past max_steps; keep the
+        # checkpoint's weights and train nothing
+        result = _finished_run(trainer, resume, done)
+    else:
+        result = trainer.train(resume_from_checkpoint=resume)
     trainer.save_model(str(out_dir))  # the tokenizer too (Trainer._save saves processing_class)
     summary["global_step"] = trainer.state.global_step
     if trainer.accelerator.is_main_process:

@@ -23,8 +23,11 @@ from __future__ import annotations
 
 import contextlib
 import logging
+import math
 import os
+import shutil
 from collections.abc import Iterator
+from pathlib import Path
 from typing import Any
 
 import torch
@@ -38,6 +41,47 @@ from bupo.training.rewards import GuardedReward, guard_reward_funcs
 logger = logging.getLogger(__name__)
 
 PROBE_FILE = "bupo_probe.pt"
+CHECKPOINT_MARKER = "bupo_checkpoint.json"  # written last: a checkpoint folder without it is incomplete
+STAGING_DIR = ".checkpoint-staging"  # not matched by checkpoint-*, so never taken for a checkpoint
+
+
+def read_checkpoint_marker(folder: str | os.PathLike) -> dict[str, Any] | None:
+    """The completion marker of a checkpoint folder, or None when absent or unreadable."""
+    import json
+
+    try:
+        data = json.loads((Path(folder) / CHECKPOINT_MARKER).read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return None
+    return data if isinstance(data, dict) else None
+
+
+def checkpoint_problem(folder: str | os.PathLike) -> str | None:
+    """Why ``folder`` is not a complete checkpoint (None when it is): the marker's files must all be there with
+    their recorded sizes; a folder without a marker (saved by plain TRL) needs a readable trainer_state.json and
+    no empty file."""
+    import json
+
+    folder = Path(folder)
+    marker = read_checkpoint_marker(folder)
+    if marker is not None:
+        for f, size in (marker.get("files") or {}).items():
+            p = folder / f
+            if not p.exists():
+                return f"{f} missing"
+            if p.stat().st_size != size:
+                return f"{f} is {p.stat().st_size} bytes, {size} when saved"
+        return None
+    try:
+        json.loads((folder / "trainer_state.json").read_text(encoding="utf-8"))
+    except OSError:
+        return "no trainer_state.json"
+    except ValueError:
+        return "trainer_state.json unreadable"
+    empty = sorted(p.name for p in folder.iterdir() if p.is_file() and p.stat().st_size == 0)
+    if empty:
+        return f"empty {', '.join(empty)}"
+    return None
 
 
 def _hf_model(model: torch.nn.Module, accelerator: Any) -> torch.nn.Module:
@@ -87,6 +131,8 @@ class BuPOTrainer(GRPOTrainer):
         if args.internal_steps > 0 and args.loss_type == "vespo":
             raise ValueError("loss_type='vespo' weighs by the sampler's log-probs, which BuPO's internal phase "
                              "cannot compare with pi^k; use dapo/bnpo/grpo/dr_grpo")
+        if not (isinstance(args.temperature, int | float) and math.isfinite(args.temperature) and args.temperature > 0):
+            raise ValueError(f"temperature must be a finite number > 0 (rollouts sample), got {args.temperature!r}")
         self._bupo_internal = False  # phase of the rollout batch being trained on (decided in generation)
         super().__init__(model, guard_reward_funcs(reward_funcs, reward_timeout), args, *a, **kw)
         self._bupo_layer: int | None = None
@@ -101,6 +147,8 @@ class BuPOTrainer(GRPOTrainer):
                                  "truncation; BuPO supports the families in bupo.internal.supported_model_types()")
         self._bupo_probe: dict[str, torch.Tensor] | None = None
         self._bupo_probe_failed = False
+        self._bupo_resumed_loss = 0.0  # the loss summed over the optimizer steps before the resumed checkpoint
+        self.bupo_run_extra: dict[str, Any] = {}  # recorded in every checkpoint marker (bupo train: model, data)
 
     # ------------------------------------------------------------------------------------------------------------
     # BuPO: the difference to GRPO
@@ -262,24 +310,76 @@ class BuPOTrainer(GRPOTrainer):
         m["bupo/layer_entropy/final"].append(t[-1])
 
     # ------------------------------------------------------------------------------------------------------------
-    # checkpoints: the phase is recomputed from global_step; the probe batch is saved so curves stay continuous
+    # checkpoints: written into a staging folder and renamed into place once complete (a kill mid-save leaves no
+    # torn checkpoint-N); the phase is recomputed from global_step; the probe batch is saved so curves stay continuous
     # ------------------------------------------------------------------------------------------------------------
 
-    def _save_checkpoint(self, model: Any, trial: Any) -> None:
-        super()._save_checkpoint(model, trial)
-        if self._bupo_probe is not None and self.args.should_save:
-            from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR
+    def _get_output_dir(self, trial: Any) -> str:
+        run_dir = super()._get_output_dir(trial)
+        return os.path.join(run_dir, STAGING_DIR) if getattr(self, "_bupo_staging", False) else run_dir
 
-            folder = os.path.join(self._get_output_dir(trial=trial), f"{PREFIX_CHECKPOINT_DIR}-{self.state.global_step}")
-            tmp = os.path.join(folder, PROBE_FILE + ".tmp")
-            torch.save(self._bupo_probe, tmp)
-            os.replace(tmp, os.path.join(folder, PROBE_FILE))
+    def _save_checkpoint(self, model: Any, trial: Any) -> None:
+        from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR, rotate_checkpoints
+
+        from bupo.io import atomic_write_json
+
+        run_dir = super()._get_output_dir(trial)
+        staging = os.path.join(run_dir, STAGING_DIR)
+        name = f"{PREFIX_CHECKPOINT_DIR}-{self.state.global_step}"
+        if self.args.should_save:
+            shutil.rmtree(staging, ignore_errors=True)  # what a kill left behind
+            os.makedirs(staging, exist_ok=True)
+        self.accelerator.wait_for_everyone()
+        self._bupo_staging = True  # TRL and transformers write every file (all ranks) under the staging folder
+        try:
+            super()._save_checkpoint(model, trial)
+        finally:
+            self._bupo_staging = False
+        folder = os.path.join(staging, name)
+        self.accelerator.wait_for_everyone()
+        if self.args.should_save:
+            if self._bupo_probe is not None:
+                torch.save(self._bupo_probe, os.path.join(folder, PROBE_FILE))
+            pending = getattr(self, "_tr_loss", None)  # the loss since the last log (transformers' accumulator)
+            loss_sum = (self._bupo_resumed_loss + getattr(self, "_total_loss_scalar", 0.0)
+                        + (float(pending.item()) if pending is not None else 0.0))
+            files = {f: os.path.getsize(os.path.join(folder, f)) for f in sorted(os.listdir(folder))
+                     if os.path.isfile(os.path.join(folder, f))}
+            for f in files:  # durable before the rename makes the checkpoint visible
+                with open(os.path.join(folder, f), "rb") as fh:
+                    os.fsync(fh.fileno())
+            marker = {"global_step": self.state.global_step, "train_loss_sum": loss_sum, "files": files,
+                      "run": {**self.bupo_run_identity(), **self.bupo_run_extra}}
+            atomic_write_json(os.path.join(folder, CHECKPOINT_MARKER), marker)  # written last
+            final = os.path.join(run_dir, name)
+            if os.path.exists(final):  # saving the same step again (a resumed run): replace it
+                os.replace(final, os.path.join(staging, name + ".old"))
+            os.replace(folder, final)
+            shutil.rmtree(staging, ignore_errors=True)
+            rotate_checkpoints(output_dir=run_dir, save_total_limit=self.args.save_total_limit,
+                               best_model_checkpoint=self.state.best_model_checkpoint, use_mtime=True)
+        self.accelerator.wait_for_everyone()
 
     def _load_optimizer_and_scheduler(self, checkpoint: str | None) -> None:
         with _cpu_map_location(self.args.device):
             super()._load_optimizer_and_scheduler(checkpoint)
         if checkpoint is not None and os.path.exists(os.path.join(checkpoint, PROBE_FILE)):
             self._bupo_probe = torch.load(os.path.join(checkpoint, PROBE_FILE), weights_only=True)
+        if checkpoint is not None:
+            marker = read_checkpoint_marker(checkpoint)
+            self._bupo_resumed_loss = float(marker.get("train_loss_sum", 0.0)) if marker else 0.0
+
+    def _finalize_training(self, trial: Any, num_train_samples: int, start_time: float) -> Any:
+        # transformers divides the loss summed over THIS segment by global_step; add the resumed part so that
+        # train_loss covers the whole run
+        self._total_loss_scalar += self._bupo_resumed_loss
+        return super()._finalize_training(trial, num_train_samples, start_time)
+
+    def bupo_run_identity(self) -> dict[str, Any]:
+        """The settings a resumed run must share with its checkpoint (bupo train adds model and data)."""
+        return {"internal_layer": self._bupo_layer, "internal_steps": self.args.internal_steps,
+                "internal_projection": self.args.internal_projection,
+                "optimizer_steps_per_rollout": self.args.optimizer_steps_per_rollout}
 
     @property
     def bupo_internal(self) -> bool:

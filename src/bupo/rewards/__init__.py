@@ -1,0 +1,46 @@
+"""Rewards for math reasoning: the paper's boxed exact-match scorer and a math-verify scorer.
+
+Two plain callables, ``boxed_exact(completion, ground_truth)`` and ``math_verify_reward(completion, ground_truth)``,
+each returning 1.0 or 0.0, plus TRL-style batch wrappers built by :func:`make_reward_func`. No call ever raises or
+hangs: an exception scores 0.0 and counts as an ``error``, a call over its time limit (default 5 s) as a ``timeout``
+(:class:`RewardStats`: one per reward name in :data:`STATS`, one per wrapper as ``func.stats``).
+
+The package:
+
+- :mod:`bupo.rewards.scorer` — the paper's scorer (verl's ``compute_score``: last ``\\boxed{}``, Hendrycks
+  ``strip_string`` normalisation, exact match), in-process;
+- :mod:`bupo.rewards.mathverify` — the math-verify glue (how the ground truth and the completion are parsed);
+- :mod:`bupo.rewards.sandbox` — the worker processes (pebble) that run math-verify under an alarm and kill a stuck
+  call: one rollout of n completions costs at most about ``(limit + 2 s) * n / workers``, workers = CPU cores;
+- :mod:`bupo.rewards.api` — ``score`` / ``score_batch`` by name, the callables, the TRL wrappers, the counters.
+"""
+
+from __future__ import annotations
+
+from bupo.rewards.api import (
+    DEFAULT_TIMEOUT,
+    REWARDS,
+    STATS,
+    RewardStats,
+    boxed_exact,
+    make_reward_func,
+    math_verify_reward,
+    score,
+    score_batch,
+)
+from bupo.rewards.scorer import extract_boxed, is_equiv, normalize_answer
+
+__all__ = [
+    "DEFAULT_TIMEOUT",
+    "REWARDS",
+    "STATS",
+    "RewardStats",
+    "boxed_exact",
+    "extract_boxed",
+    "is_equiv",
+    "make_reward_func",
+    "math_verify_reward",
+    "normalize_answer",
+    "score",
+    "score_batch",
+]
