@@ -100,9 +100,9 @@ FLAG_KEYS = {
 def _read_yaml(path: str) -> dict[str, Any]:
     import yaml
 
-    p = Path(path)
-    if not p.is_file():
-        raise FileNotFoundError(f"config file not found: {p}")
+    from bupo.recipes import resolve_config
+
+    p = resolve_config(path)  # a file, or the name of a shipped preset (bupo recipes)
     try:
         cfg = yaml.safe_load(p.read_text(encoding="utf-8"))
     except yaml.YAMLError as exc:
