@@ -379,6 +379,7 @@ def train(train_args: Any, script: BuPOScriptArguments) -> dict[str, Any]:
         "conventions": "internal_layer is 0-based k (paper layer k+1); internal_steps counts rollout steps (one "
                        "generation batch = optimizer_steps_per_rollout optimizer steps); entropies in nats",
     }
+    trainer.bupo_run = summary  # the model card (bupo.training.card) reads template, data and k's source here
     t0 = time.time()
     result = trainer.train(resume_from_checkpoint=resume)
     trainer.save_model(str(out_dir))  # the tokenizer too (Trainer._save saves processing_class)
@@ -393,6 +394,7 @@ def train(train_args: Any, script: BuPOScriptArguments) -> dict[str, Any]:
         })
         atomic_write_json(out_dir / RUN_FILE, summary, default=str)
         atomic_write_json(out_dir / "log_history.json", trainer.state.log_history, default=str)
+        trainer.create_model_card(model_name=out_dir.name)  # README.md with the final evaluation
     return summary
 
 
