@@ -63,11 +63,12 @@ def test_grpo_card_is_the_same_without_the_bupo_part(workspace, tmp_path):
 
 
 def test_hub_id_base_model_goes_into_the_metadata(workspace, tmp_path):
+    from datasets import Dataset
+
+    from bupo.rewards import make_reward_func
     from bupo.training.card import build_model_card
     from bupo.training.config import BuPOConfig
     from bupo.training.trainer import BuPOTrainer
-    from bupo.rewards import make_reward_func
-    from datasets import Dataset
 
     model = make_model()
     model.config._name_or_path = "Qwen/Qwen3-4B"

@@ -28,7 +28,10 @@ _EXPORTS = {
     "evaluate": "bupo.evaluation.core",
 }
 
-__all__ = ["__version__", *sorted(_EXPORTS)]
+__all__ = [
+    "BuPOConfig", "BuPOTrainer", "__version__", "analyze", "evaluate", "internal_policy", "layer_logits",
+    "layer_logprobs", "stream_stats",
+]
 
 if TYPE_CHECKING:  # for type checkers and IDEs only
     from bupo.analysis.run import analyze
