@@ -46,9 +46,13 @@ def test_bupo_card_has_base_model_settings_evals_versions_and_citation(workspace
     assert "paper layer 2 (0-based k = 1)" in body and "| s_inter (internal phase) | 1 rollout steps" in body
     assert "`raw`" in body and "| prompt template | chat |" in body and "| reward | boxed_exact |" in body
     # the evaluation table: before training (step 0) and at the end, in %
-    table = [line for line in body.splitlines() if line.startswith("| ") and "rows/avg@2" in line or
-             line.startswith("| 0 | 0 |")]
-    assert len(table) == 2, body
+    lines = body.splitlines()
+    head = next(i for i, line in enumerate(lines) if line.startswith("| rollout step | optimizer step |"))
+    assert "rows/avg@2" in lines[head] and "rows/pass@1" in lines[head]
+    rows = [line.strip("|").split("|") for line in lines[head + 2:] if line.startswith("|")]
+    # 1 rollout step = 2 optimizer steps here (8 completions per optimizer step, 16 per rollout)
+    assert [(r[0].strip(), r[1].strip()) for r in rows] == [("0", "0"), ("1", "2")], body
+    assert all(0.0 <= float(c) <= 100.0 for r in rows for c in r[2:])
     assert "- trl: 1.16" in body and "- transformers: " in body and "- torch: " in body
     assert "arXiv:2512.19673" in body and "@software{vonwerra2020trl" in body
     # the checkpoint's card (written by TRL's _save_checkpoint) says BuPO too
