@@ -20,7 +20,7 @@ examples:
   bupo train --config qwen3-4b --model /models/Qwen3-4B --data data/deepmath-5k.parquet
   accelerate launch --config_file "$(bupo recipes path zero3)" -m bupo.cli train --config qwen3-8b
   bupo train --out runs/x --resume                   # continue from the newest checkpoint (right phase)
-see docs/training.md"""
+presets: bupo recipes; the full guide: docs/training.md in the bupo source tree"""
 
 
 class _PassThroughParser(argparse.ArgumentParser):
