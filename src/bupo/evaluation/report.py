@@ -158,7 +158,7 @@ def pass_at_k_figure(runs: Sequence[tuple[str, dict[str, Any]]], path: str | Pat
     plt = _plt()
     ncol = min(len(cols), 4)
     nrow = -(-len(cols) // ncol)
-    fig, axes = plt.subplots(nrow, ncol, figsize=(4.4 * ncol, 3.6 * nrow), squeeze=False)
+    fig, axes = plt.subplots(nrow, ncol, figsize=(max(6.0, 4.4 * ncol), 3.8 * nrow), squeeze=False)
     for ax, c in zip(axes.flat, cols, strict=False):
         ns, all_ks = set(), set()
         for label, r in runs:
@@ -180,7 +180,7 @@ def pass_at_k_figure(runs: Sequence[tuple[str, dict[str, Any]]], path: str | Pat
         ax.legend(fontsize=8)
     for ax in list(axes.flat)[len(cols):]:
         ax.set_visible(False)
-    fig.suptitle("Pass@K, unbiased estimator over n samples per problem (the paper's Fig. 6)", fontsize=10)
+    fig.suptitle("Pass@K (unbiased estimator; as the paper's Fig. 6)", fontsize=10)
     return _save(fig, Path(path))
 
 
