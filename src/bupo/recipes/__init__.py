@@ -75,7 +75,10 @@ def resolve_config(value: str) -> Path:
     p = Path(value).expanduser()
     if p.is_file():
         return p
-    if p.suffix in (".yaml", ".yml") and len(p.parts) > 1 and p.parts[0] != "recipes":
-        # a path the user meant to exist (a folder in it): say the file is missing rather than "no recipe"
-        raise FileNotFoundError(f"config file not found: {p}")
-    return recipe_path(value)
+    try:
+        return recipe_path(value)
+    except ValueError as exc:
+        if p.suffix in (".yaml", ".yml") or len(p.parts) > 1:  # meant as a path: say the file is missing
+            known = ", ".join(r.name for r in list_recipes() if r.kind == "train")
+            raise FileNotFoundError(f"config file not found: {p} (nor is it a shipped preset: {known})") from None
+        raise exc
