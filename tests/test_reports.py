@@ -105,9 +105,10 @@ def test_demo_report_curves_links_and_pass_at_k(tmp_path, captured):
     passk, curves = captured[0], captured[1]
     assert [line[2] for line in passk[0][4]] == ["base", "GRPO", "BuPO"]  # base = the step-0 evaluation
     # reward == accuracy (a 0/1 reward): one panel, not two; x in rollout steps; every panel has a y label
-    assert [a[0] for a in curves] == ["mean reward of the rollouts", "entropy of the full policy π_θ",
-                                      "entropy of the internal policy π^k"]
-    assert all(a[1] == "rollout step" and a[2] for a in curves)
+    assert [a[0] for a in curves] == ["mean reward of the rollouts (= accuracy: a 0/1 reward)",
+                                      "entropy of the full policy π_θ", "entropy of the internal policy π^k", ""]
+    assert curves[3][4] == []  # the spare slot holds only the legend
+    assert all(a[1] == "rollout step" and a[2] for a in curves[:3])
     xs, ys, _ = next(line for line in curves[0][4] if line[2] == "BuPO")
     assert xs == [0.5, 1.0, 1.5, 2.0] and ys == [0.1, 0.3, 0.3, 0.5]
     assert curves[0][5] == [1.0]  # the internal phase shaded up to s_inter = 1 rollout step (BuPO only)

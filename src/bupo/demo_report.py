@@ -103,15 +103,26 @@ def training_curves(logs: Mapping[str, list[dict]], path: Path, runs: Mapping[st
             if xs:
                 per = _rollout_x(meta, label)
                 ax.plot([x / per for x in xs], ys, marker=".", label=label)
+        if key == "reward" and not any(k == "bupo/accuracy" for k, _, _ in panels):
+            title += " (= accuracy: a 0/1 reward)"
+        ks = {m.get("internal_layer") for m in meta.values()}
+        if key == "bupo/entropy_internal" and len(ks) == 1 and isinstance(k_ := next(iter(ks)), int):
+            title += f" (k = {k_}, paper layer {k_ + 1})"
         ax.set_title(title, fontsize=11)
         ax.set_xlabel("rollout step" if meta else "optimizer step")
         ax.set_ylabel(ylabel)
         ax.set_xlim(left=0)
         ax.grid(alpha=0.3)
-        if i == 0:
-            ax.legend(fontsize=8)
-    for ax in list(axes.flat)[len(panels):]:
+    handles, labels = axes.flat[0].get_legend_handles_labels()
+    spare = list(axes.flat)[len(panels):]
+    for ax in spare:
         ax.set_visible(False)
+    if spare:  # the legend in the empty slot, where it hides no curve
+        spare[0].set_visible(True)
+        spare[0].axis("off")
+        spare[0].legend(handles, labels, loc="center", fontsize=11, frameon=False)
+    else:
+        axes.flat[0].legend(fontsize=8)
     return _save(fig, path)
 
 
