@@ -456,7 +456,7 @@ def section_train(small: bool, out_dir: Path) -> dict:
 
 
 def section_launchers(small: bool, out_dir: Path) -> dict:
-    """``accelerate launch --config_file recipes/accelerate/{zero3,fsdp2}.yaml --num_processes 1`` running ``bupo
+    """``accelerate launch --config_file src/bupo/recipes/accelerate/{zero3,fsdp2}.yaml --num_processes 1`` running ``bupo
     train`` (tests/launch_probe.py records each rank's shards) on a random-init Qwen3-0.6B shape: 1 internal + 1 full
     rollout step at k = 13 (paper layer 14). Checks: the phase switch, layers above k and the final norm unchanged
     after the internal step (FSDP2 bitwise; ZeRO-3 up to weight decay: its unused parameters get zero, not None,
@@ -491,7 +491,7 @@ def section_launchers(small: bool, out_dir: Path) -> dict:
         run_dir, probe_dir = out_dir / f"launch_{name}", out_dir / f"launch_{name}_probe"
         nproc = ["--num_processes", "1"] if cuda else []
         cmd = [sys.executable, "-m", "accelerate.commands.launch", "--config_file",
-               str(root / "recipes" / "accelerate" / config), *nproc, str(root / "tests" / "launch_probe.py"),
+               str(root / "src" / "bupo" / "recipes" / "accelerate" / config), *nproc, str(root / "tests" / "launch_probe.py"),
                str(probe_dir), "train", "--model", str(model_dir), "--algo", "bupo", "--internal-layer", str(k),
                "--internal-steps", "1", "--out", str(run_dir), "--eval-data", "none", "--max_steps", "2",
                "--steps_per_generation", "1", "--per_device_train_batch_size", "8", "--num_generations", "8",

@@ -120,7 +120,7 @@ def test_unknown_yaml_key_is_rejected(tmp_path):
 def test_presets_parse_into_bupo_config_with_the_papers_settings(preset):
     from bupo.training.config import BuPOConfig
 
-    args, script = parse_train_args([], config=f"recipes/{preset}.yaml", cuda=False)
+    args, script = parse_train_args([], config=preset, cuda=False)
     k, s, length = PAPER[preset]
     assert isinstance(args, BuPOConfig)
     assert (args.internal_layer, args.internal_steps, args.max_completion_length) == (k, s, length)
@@ -144,11 +144,11 @@ def test_optimizer_batch_size_adapts_to_the_world_size(monkeypatch):
     from bupo.training.config import BuPOConfig
 
     monkeypatch.setattr(BuPOConfig, "world_size", property(lambda self: 8))
-    args, _ = parse_train_args([], config="recipes/qwen3-4b.yaml", cuda=False)
+    args, _ = parse_train_args([], config="qwen3-4b", cuda=False)
     assert args.gradient_accumulation_steps == 4 and args.steps_per_generation == 16
     assert args.optimizer_steps_per_rollout == 4 and args.ddp_find_unused_parameters is True
     with pytest.raises(ValueError, match="optimizer_batch_size"):
-        parse_train_args(["--per_device_train_batch_size", "64"], config="recipes/qwen3-4b.yaml", cuda=False)
+        parse_train_args(["--per_device_train_batch_size", "64"], config="qwen3-4b", cuda=False)
 
 
 def test_layering_flags_override_yaml_and_trl_flags_override_all(tmp_path):

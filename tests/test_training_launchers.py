@@ -1,10 +1,10 @@
 """Real launchers on the CPU (issue 13, item 6): ``accelerate launch`` with the shipped configs, 2 processes on gloo,
 running ``bupo train`` end to end through both phases (tests/launch_probe.py adds one recording callback).
 
-- recipes/accelerate/cpu.yaml (DDP): ranks agree on the logged metrics, every rank's layers above k and final norm
+- src/bupo/recipes/accelerate/cpu.yaml (DDP): ranks agree on the logged metrics, every rank's layers above k and final norm
   are bitwise unchanged after the internal phase and move after the switch; resuming from the checkpoint at the
   phase boundary continues in the full phase.
-- recipes/accelerate/fsdp2.yaml: accelerate 1.15 enables FSDP only on GPU-like devices, so on the CPU the run
+- src/bupo/recipes/accelerate/fsdp2.yaml: accelerate 1.15 enables FSDP only on GPU-like devices, so on the CPU the run
   would silently be DDP; bupo train refuses it in one line instead. FSDP2 itself is checked by
   benchmarks/gpu_check.py on a GPU.
 """
@@ -43,7 +43,7 @@ def _train_args(out: Path) -> list[str]:
 
 
 def _launch(config: str, probe_dir: Path, args: list[str], *extra: str) -> subprocess.CompletedProcess:
-    cmd = [*ACCELERATE, "--config_file", str(ROOT / "recipes" / "accelerate" / config), *extra,
+    cmd = [*ACCELERATE, "--config_file", str(ROOT / "src" / "bupo" / "recipes" / "accelerate" / config), *extra,
            str(ROOT / "tests" / "launch_probe.py"), str(probe_dir), *args]
     return subprocess.run(cmd, env=_env(), capture_output=True, text=True, timeout=300, cwd=ROOT)
 

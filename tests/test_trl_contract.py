@@ -25,9 +25,12 @@ def _src(name: str) -> str:
 
 
 def test_trl_version_is_pinned():
-    assert trl.__version__ == "1.16.0", (
-        f"trl {trl.__version__}: BuPOTrainer overrides private GRPOTrainer methods verified on 1.16.0 only; "
-        "re-verify tests/test_trl_contract.py and tests/test_training.py before changing the pin"
+    # pyproject admits the 1.16 series: a patch release runs this file, which checks the private methods BuPO uses
+    from packaging.version import Version
+
+    assert Version(trl.__version__).release[:2] == (1, 16), (
+        f"trl {trl.__version__}: BuPOTrainer overrides private GRPOTrainer methods verified on 1.16 only; "
+        "re-verify tests/test_trl_contract.py and tests/test_training.py before widening the pin in pyproject.toml"
     )
 
 

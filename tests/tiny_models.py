@@ -36,7 +36,12 @@ def tiny_model(model_type: str = "qwen3", *, tie: bool = False, layers: int = 4,
     config = AutoConfig.for_model(model_type, **kw)
     config._attn_implementation = "sdpa"
     torch.manual_seed(seed)
-    model = AutoModelForCausalLM.from_config(config, dtype=dtype)
+    try:
+        model = AutoModelForCausalLM.from_config(config, dtype=dtype)
+    except ValueError:  # newer transformers run Gemma-2's soft-capped attention in eager only
+        config._attn_implementation = "eager"
+        torch.manual_seed(seed)
+        model = AutoModelForCausalLM.from_config(config, dtype=dtype)
     # random init is tiny-scaled; widen the norms' weights so internal policies are not all uniform
     with torch.no_grad():
         for name, p in model.named_parameters():

@@ -1,6 +1,6 @@
 """Prompt templates: turn a row's chat messages into the exact prompt string the model sees.
 
-Templates (paper App. A.2, ``paper.md`` §4.1):
+Templates (paper App. A.2):
 
 - ``qwen3_no_thinking``: the tokenizer's chat template with ``enable_thinking=False`` and
   ``add_generation_prompt=True``. For Qwen3 this ends the prompt with an empty think block

@@ -237,8 +237,12 @@ def _eval_handler(args: argparse.Namespace) -> int:
         results = evaluate(
             model, tokenizer, datasets, backend="hf", batch_size=args.batch_size or 32, **common
         )
+    from bupo.evaluation.report import add_pass_at_k_curve
+
+    fig = add_pass_at_k_curve(out, results.to_dict(), results.label)  # the paper's Fig. 6, linked from table.md
     print(results.table())
-    print(f"wrote {out / 'results.json'}, {out / 'table.md'}, {out / 'samples.jsonl'}", file=sys.stderr)
+    print(f"wrote {out / 'results.json'}, {out / 'table.md'}, {out / 'samples.jsonl'}"
+          + (f", {fig}" if fig else ""), file=sys.stderr)
     return 0
 
 
@@ -255,10 +259,16 @@ def _compare_handler(args: argparse.Namespace) -> int:
     )
     if len(set(labels)) < len(labels):  # same label twice: tell the rows apart by folder
         labels = [f"{lab} ({Path(d).name})" for lab, d in zip(labels, args.dirs, strict=True)]
-    table = compare_table(list(zip(labels, runs, strict=True)))
+    pairs = list(zip(labels, runs, strict=True))
+    table = compare_table(pairs)
     print(table)
     if args.out:
+        from bupo.evaluation.report import pass_at_k_figure
         from bupo.io import atomic_write_text
 
-        atomic_write_text(Path(args.out), table)
+        md = Path(args.out)
+        md.parent.mkdir(parents=True, exist_ok=True)
+        # the Pass@K curves next to the markdown, linked by a relative path
+        fig = pass_at_k_figure(pairs, md.with_name(md.stem + "_pass_at_k.png"))
+        atomic_write_text(md, compare_table(pairs, figure=fig.name if fig else None))
     return 0

@@ -13,7 +13,10 @@ from typing import Any
 
 from bupo.data.datasets import BENCHMARKS, DISPLAY_NAMES
 
-__all__ = ["column_order", "compare_table", "load_results", "pass_table", "results_table", "settings_line"]
+__all__ = ["PASS_AT_K_FIGURE", "add_pass_at_k_curve", "column_order", "compare_table", "load_results",
+           "pass_at_k_figure", "pass_table", "results_table", "settings_line"]
+
+PASS_AT_K_FIGURE = "pass_at_k.png"
 
 
 def column_order(names: Sequence[str]) -> list[str]:
@@ -56,8 +59,9 @@ def _k_note(runs: Sequence[dict[str, Any]], cols: Sequence[str]) -> str:
     return ", ".join(parts)
 
 
-def results_table(results: dict[str, Any], label: str | None = None) -> str:
-    """Markdown for one run: the Table 1 row (Avg@K, %) and a Pass@K table."""
+def results_table(results: dict[str, Any], label: str | None = None, figure: str | None = None) -> str:
+    """Markdown for one run: the Table 1 row (Avg@K, %), a Pass@K table and, given ``figure`` (a path relative
+    to the markdown file), a link to the Pass@K curve."""
     cols = column_order(list(results["benchmarks"]))
     name = label or results.get("label") or "model"
     lines = [
@@ -74,6 +78,8 @@ def results_table(results: dict[str, Any], label: str | None = None) -> str:
         "",
         pass_table(results),
     ]
+    if figure:
+        lines += ["", f"![Pass@K curve]({figure})"]
     return "\n".join(lines) + "\n"
 
 
@@ -113,8 +119,9 @@ def load_results(path: str | Path) -> dict[str, Any]:
     return data
 
 
-def compare_table(runs: Sequence[tuple[str, dict[str, Any]]]) -> str:
-    """One Table-1-style table across runs (one row per run), then each run's settings and Pass@K."""
+def compare_table(runs: Sequence[tuple[str, dict[str, Any]]], figure: str | None = None) -> str:
+    """One Table-1-style table across runs (one row per run), then each run's settings and Pass@K; ``figure``
+    (a path relative to the markdown file) links the Pass@K curves."""
     if not runs:
         raise ValueError("nothing to compare: give one or more result folders")
     cols = column_order([c for _, r in runs for c in r["benchmarks"]])
@@ -132,6 +139,58 @@ def compare_table(runs: Sequence[tuple[str, dict[str, Any]]]) -> str:
                 vals = [b["pass_at_k"][str(k)] for b in r["benchmarks"].values() if str(k) in b["pass_at_k"]]
                 cells.append(_pct(sum(vals) / len(vals)) if vals else "–")
             lines.append("| " + " | ".join([label, *cells]) + " |")
+    if figure:
+        lines += ["", f"![Pass@K curves]({figure})"]
     lines += ["", "Settings:"]
     lines += [f"- {label}: {settings_line(r)}" for label, r in runs]
     return "\n".join(lines) + "\n"
+
+
+def pass_at_k_figure(runs: Sequence[tuple[str, dict[str, Any]]], path: str | Path) -> Path | None:
+    """Pass@K against K (log scale) per benchmark, one line per run, as the paper's Fig. 6; None if no run has
+    Pass@K values. ``runs``: ``(label, results.json dict)`` pairs."""
+    from bupo.analysis.figures import _plt, _save
+
+    cols = [c for c in column_order([c for _, r in runs for c in r["benchmarks"]])
+            if any(r["benchmarks"].get(c, {}).get("pass_at_k") for _, r in runs)]
+    if not cols:
+        return None
+    plt = _plt()
+    ncol = min(len(cols), 4)
+    nrow = -(-len(cols) // ncol)
+    fig, axes = plt.subplots(nrow, ncol, figsize=(max(6.0, 4.4 * ncol), 3.8 * nrow), squeeze=False)
+    for ax, c in zip(axes.flat, cols, strict=False):
+        ns, all_ks = set(), set()
+        for label, r in runs:
+            b = r["benchmarks"].get(c)
+            if not b or not b.get("pass_at_k"):
+                continue
+            ks = sorted(int(k) for k in b["pass_at_k"])
+            vals = {int(k): v for k, v in b["pass_at_k"].items()}
+            ax.plot(ks, [100 * vals[k] for k in ks], marker="o", label=label)
+            ns.add(b["n"])
+            all_ks.update(ks)
+        ax.set_xscale("log", base=2)
+        ax.set_xticks(sorted(all_ks), [str(k) for k in sorted(all_ks)])
+        ax.minorticks_off()
+        ax.set_xlabel("K (samples per problem)")
+        ax.set_ylabel("Pass@K (%)")
+        ax.set_title(f"{DISPLAY_NAMES.get(c, c)} (n = {'/'.join(str(n) for n in sorted(ns))})", fontsize=10)
+        ax.grid(alpha=0.3)
+        ax.legend(fontsize=8)
+    for ax in list(axes.flat)[len(cols):]:
+        ax.set_visible(False)
+    fig.suptitle("Pass@K (unbiased estimator; as the paper's Fig. 6)", fontsize=10)
+    return _save(fig, Path(path))
+
+
+def add_pass_at_k_curve(out_dir: str | Path, results: dict[str, Any], label: str | None = None) -> Path | None:
+    """``bupo eval``'s folder: write ``pass_at_k.png`` and rewrite ``table.md`` with a link to it."""
+    from bupo.io import atomic_write_text
+
+    out = Path(out_dir)
+    name = label or results.get("label") or "model"
+    fig = pass_at_k_figure([(name, results)], out / PASS_AT_K_FIGURE)
+    if fig is not None:
+        atomic_write_text(out / "table.md", results_table(results, label, figure=PASS_AT_K_FIGURE))
+    return fig

@@ -10,17 +10,17 @@ layer-k internal policy (0-based k, paper layer k+1), then GRPO on the full poli
 tiny model on the bundled task, a few minutes on 2 CPU cores, with evaluation before and after.
 
 Any TRL/GRPOConfig argument can be added as is (underscores), e.g. --learning_rate 1e-5 --max_steps 20
---num_generations 8 --use_vllm true; they override --config. Presets for the paper's runs: recipes/*.yaml."""
+--num_generations 8 --use_vllm true; they override --config. Presets for the paper's runs: `bupo recipes` (--config NAME or a path)."""
 
 EPILOG = """\
 examples:
   bupo train                                         # bundled model + task, BuPO with k from the analysis
   bupo train --algo grpo --out runs/grpo             # the GRPO baseline, same settings
   bupo train --internal-layer 3 --internal-steps 10 --max_steps 60
-  bupo train --config recipes/qwen3-4b.yaml --model /models/Qwen3-4B --data data/deepmath-5k.parquet
-  accelerate launch --config_file recipes/accelerate/zero3.yaml -m bupo.cli train --config recipes/qwen3-8b.yaml
+  bupo train --config qwen3-4b --model /models/Qwen3-4B --data data/deepmath-5k.parquet
+  accelerate launch --config_file "$(bupo recipes path zero3)" -m bupo.cli train --config qwen3-8b
   bupo train --out runs/x --resume                   # continue from the newest checkpoint (right phase)
-see docs/training.md"""
+presets: bupo recipes; the full guide: docs/training.md in the bupo source tree"""
 
 
 class _PassThroughParser(argparse.ArgumentParser):
@@ -47,7 +47,8 @@ def register(subparsers: argparse._SubParsersAction) -> None:
                    help="0-based layer k (paper layer k+1) or 'auto' = the analysis' boundary layer (default auto)")
     p.add_argument("--internal-steps", type=int, metavar="S", help="s_inter: rollout steps on the internal policy")
     p.add_argument("--out", help="output folder (checkpoints, final model, bupo_run.json)")
-    p.add_argument("--config", help="TRL-style YAML of BuPOConfig/GRPOConfig fields and bupo train keys")
+    p.add_argument("--config", help="a shipped preset's name (bupo recipes) or a TRL-style YAML of "
+                                         "BuPOConfig/GRPOConfig fields and bupo train keys")
     p.add_argument("--template", help="auto, qwen3_no_thinking, chat or octothinker")
     p.add_argument("--reward", help="boxed_exact (default, the paper's) and/or math_verify, comma-separated")
     p.add_argument("--analysis", help="analysis (summary.json or folder) for --internal-layer auto")

@@ -130,9 +130,9 @@ CODE_LOADING_ENV = ("LD_PRELOAD", "LD_LIBRARY_PATH", "LD_AUDIT", "DYLD_INSERT_LI
 def _read_yaml(path: str) -> dict[str, Any]:
     import yaml
 
-    p = Path(path)
-    if not p.is_file():
-        raise FileNotFoundError(f"config file not found: {p}")
+    from bupo.recipes import resolve_config
+
+    p = resolve_config(path)  # a file, or the name of a shipped preset (bupo recipes)
     try:
         cfg = yaml.safe_load(p.read_text(encoding="utf-8"))
     except yaml.YAMLError as exc:
@@ -771,6 +771,7 @@ def train(train_args: Any, script: BuPOScriptArguments) -> dict[str, Any]:
         "conventions": "internal_layer is 0-based k (paper layer k+1); internal_steps counts rollout steps (one "
                        "generation batch = optimizer_steps_per_rollout optimizer steps); entropies in nats",
     }
+    trainer.bupo_run = summary  # the model card (bupo.training.card) reads template, data and k's source here
     t0 = time.time()
     done = _checkpoint_step(resume) if resume is not None else 0
     if resume is not None and train_args.max_steps > 0 and done >= train_args.max_steps:
@@ -792,6 +793,7 @@ def train(train_args: Any, script: BuPOScriptArguments) -> dict[str, Any]:
         })
         atomic_write_json(out_dir / RUN_FILE, summary, default=str)
         atomic_write_json(out_dir / "log_history.json", trainer.state.log_history, default=str)
+        trainer.create_model_card(model_name=out_dir.name)  # README.md with the final evaluation
     return summary
 
 
@@ -803,7 +805,7 @@ def _check_launcher(trainer: Any) -> None:
         if os.environ.get(env, "false").lower() == "true" and not enabled:
             raise ValueError(f"the accelerate config asks for {name}, but accelerate did not enable it on this "
                              f"machine ({trainer.accelerator.distributed_type}; {name} needs GPUs); use "
-                             "recipes/accelerate/cpu.yaml for CPU processes")
+                             "the cpu accelerate config (bupo recipes path cpu) for CPU processes")
 
 
 def _default_model_args() -> Any:

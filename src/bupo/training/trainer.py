@@ -381,6 +381,13 @@ class BuPOTrainer(GRPOTrainer):
                 "internal_projection": self.args.internal_projection,
                 "optimizer_steps_per_rollout": self.args.optimizer_steps_per_rollout}
 
+    def create_model_card(self, model_name: str | None = None, dataset_name: str | None = None,
+                          tags: str | list[str] | None = None) -> None:
+        """README.md that says BuPO (k, s_inter, projection, evals, citation); see :mod:`bupo.training.card`."""
+        from bupo.training.card import write_model_card
+
+        write_model_card(self, model_name=model_name, dataset_name=dataset_name, tags=tags)
+
     @property
     def bupo_internal(self) -> bool:
         """Whether the rollout batch currently trained on uses the internal policy."""
