@@ -39,7 +39,9 @@ def test_octothinker_presets_render_like_the_released_code():
     tok = AutoTokenizer.from_pretrained(bundled_model_path())
     msgs = [{"role": "system", "content": "Please reason step by step."}, {"role": "user", "content": "1+1?"}]
     for preset in ("octothinker-3b", "octothinker-8b"):
-        with open(f"recipes/{preset}.yaml") as f:
+        from bupo.recipes import recipe_path
+
+        with open(recipe_path(preset)) as f:
             template = yaml.safe_load(f)["template"]
         got = render_prompt(tok, msgs, template)
         assert got == tok.apply_chat_template(msgs, tokenize=False, add_generation_prompt=True)
