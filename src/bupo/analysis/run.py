@@ -936,17 +936,26 @@ def load_summary(path: str | os.PathLike) -> dict:
     return summary
 
 
-def suggested_layer(path: str | os.PathLike) -> int:
+def suggested_layer(path: str | os.PathLike, *, projection: str | None = None) -> int:
     """The 0-based internal layer ``k`` suggested by an analysis (``summary.json`` or its directory).
 
-    This is ``boundary_layer - 1`` (paper layer -> code index). Raises ValueError when the analysis found no
-    boundary layer (no FFN layer expands entropy).
+    This is ``boundary_layer - 1`` (paper layer -> code index). Raises ValueError, with the analysis' reason and
+    the options, when it has no usable boundary layer, or when ``projection`` is given and the analysis was made
+    with another one (its boundary describes another policy).
     """
     s = load_summary(path)
+    made_with = s.get("projection")
+    if projection is not None and made_with is not None and made_with != projection:
+        raise ValueError(f"the analysis at {str(path)!r} was made with projection {made_with!r}, but the internal "
+                         f"policy uses {projection!r}: its boundary is another policy's. Analyse with "
+                         f"`bupo analyze --projection {projection}` (pass it with --analysis), or give --internal-layer K")
     k = s.get("suggested_internal_layer")
     if k is None:
-        note = (s.get("boundary") or {}).get("note", "no boundary layer")
-        raise ValueError(f"the analysis at {str(path)!r} suggests no internal layer: {note}")
+        bd = s.get("boundary") or {}
+        note = bd.get("reason") or bd.get("note", "no boundary layer")
+        opts = bd.get("options")
+        raise ValueError(f"the analysis at {str(path)!r} suggests no internal layer: {note}"
+                         + (f". Options: {'; '.join(opts)}" if opts else ""))
     if not isinstance(k, int) or not 0 <= k < int(s["num_layers"]):
         raise ValueError(f"suggested_internal_layer {k!r} in {str(path)!r} is not a layer of a {s['num_layers']}-layer model")
     return k

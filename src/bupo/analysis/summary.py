@@ -317,6 +317,7 @@ def projection_health(stats: Mapping[str, object], *, projection: str,
         "final_entropy": hf,
         "layer_entropy": H.tolist(),
         "layer_top1_agreement": agree.tolist(),
+        "layer_logprob": logp.tolist(),
         "layer_cross_entropy_gap": (-logp - H).tolist(),  # E[-log pi^k(x)] - H(pi^k): >> 0 = overconfident
         "resid_rms": None if rms is None else list(rms),
         "final_norm_gain_rms": gain,
@@ -335,14 +336,16 @@ def projection_health(stats: Mapping[str, object], *, projection: str,
                     f"lm_head(h) is the normed policy at ~{r[ks].min() / gain:.3g}-{r[ks].max() / gain:.3g}x inverse "
                     "temperature")
         out["message"] = msg
-        if projection == "raw":
-            out["advice"] = ("use projection final_norm (lm_head(final_norm(h)), the paper's 'with LN' ablation, "
-                             "Table 5): `bupo analyze --projection final_norm`, "
-                             "`bupo train --internal-projection final_norm`")
-        else:
-            out["advice"] = ("no bupo projection reads this model's layers as a usable policy; give "
-                             "`--internal-layer K` explicitly only with evidence (e.g. `bupo lens`)")
+        out["advice"] = projection_advice(projection)
     return out
+
+
+def projection_advice(projection: str) -> str:
+    if projection == "raw":
+        return ("use projection final_norm (lm_head(final_norm(h)), the paper's 'with LN' ablation, "
+                "Table 5): `bupo analyze --projection final_norm`, `bupo train --internal-projection final_norm`")
+    return ("no bupo projection reads this model's layers as a usable policy; give `--internal-layer K` explicitly "
+            "only with evidence (e.g. `bupo lens`)")
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -354,6 +357,22 @@ BOUNDARY_RULE = (
     "is not degenerate (projection_health) and 1 <= b <= L-1 (b = L would train the full policy); otherwise "
     "there is no boundary and boundary.reason says why (docs/analysis.md)"
 )
+
+
+def boundary_options(num_layers: int, *, degenerate: bool, projection: str,
+                     no_convergence: bool = False) -> list[str]:
+    """What a user can do when there is no usable boundary (shown by bupo analyze and bupo train)."""
+    L = num_layers
+    options = []
+    if degenerate and projection == "raw":
+        options.append("re-analyse with --projection final_norm and train with --internal-projection final_norm")
+    if no_convergence and L >= 2:
+        options.append(f"--internal-layer {L - 2} (the penultimate layer: the paper's choice for Llama, whose FFN "
+                       "ΔH is positive up to its last layer)")
+    options.append(f"--internal-layer K with K in 0..{max(L - 2, 0)} chosen from the report's per-layer table or "
+                   "`bupo lens`")
+    options.append("--algo grpo (no internal layer)")
+    return options
 
 
 def boundary_record(bd: Boundary, health: Mapping[str, object], *, delta: str, projection: str,
@@ -371,17 +390,8 @@ def boundary_record(bd: Boundary, health: Mapping[str, object], *, delta: str, p
         reason = (f"no usable boundary: mean ΔH_FFN stays positive to the last layer under projection {projection} "
                   f"and ΔH convention {delta} (no convergence stage), so the rule answers paper layer {L} = k {L - 1},"
                   " the model's own policy: BuPO's internal phase would be GRPO")
-    options = None
-    if reason is not None:
-        options = []
-        if health.get("degenerate") and projection == "raw":
-            options.append("re-analyse with --projection final_norm and train with --internal-projection final_norm")
-        if bd.layer == L and L >= 2:
-            options.append(f"--internal-layer {L - 2} (the penultimate layer: the paper's choice for Llama, whose FFN "
-                           "ΔH is positive up to its last layer)")
-        options.append(f"--internal-layer K with K in 0..{max(L - 2, 0)} chosen from the report's per-layer table "
-                       "or `bupo lens`")
-        options.append("--algo grpo (no internal layer)")
+    options = None if reason is None else boundary_options(
+        L, degenerate=bool(health.get("degenerate")), projection=projection, no_convergence=bd.layer == L)
     layer = None if reason else bd.layer
     return {
         "boundary_layer": layer,
