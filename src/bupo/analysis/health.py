@@ -14,7 +14,7 @@ from typing import Any
 
 from bupo.analysis.summary import layer_collapsed, projection_advice, projection_health
 
-DEFAULT_POSITIONS = 64  # per prompt: the last ones (the chat template's head is the same in every prompt)
+DEFAULT_POSITIONS = 32  # per prompt: the last ones (the chat template's head is the same in every prompt)
 
 
 def quick_health(model: Any, tokenizer: Any, prompts: Sequence[str], *, projection: str = "raw",

@@ -268,7 +268,7 @@ def boundary_layer(ffn_delta_means: Sequence[float], *, tol: float = DEFAULT_BOU
 # projection health: is the internal policy readable at all?
 
 #: a layer's policy is *collapsed* when its mean entropy is below this fraction of the model's own output entropy ...
-COLLAPSE_ENTROPY_FRACTION = 0.25
+COLLAPSE_ENTROPY_FRACTION = 0.5
 #: ... while its arg-max agrees with the model's own arg-max on fewer than this fraction of tokens
 COLLAPSE_MAX_AGREEMENT = 0.1
 #: the projection is *degenerate* when at least this fraction of the layers below the last are collapsed

@@ -221,7 +221,7 @@ def resolve_internal_layer(
     return suggested_layer(out, projection=projection), f"analysis {out} (run by bupo train, {samples} responses)"
 
 
-def _check_prompts(tokenizer: Any, rows: list[dict], template: str, n: int = 8) -> list[str]:
+def _check_prompts(tokenizer: Any, rows: list[dict], template: str, n: int = 4) -> list[str]:
     from bupo.data.templates import render_prompt
 
     return [render_prompt(tokenizer, list(r["prompt"]), template) for r in rows[:n] if "prompt" in r]
