@@ -283,3 +283,33 @@ def test_analysis_records_health_rms_and_the_lens_table_in_the_report(tmp_path):
     page = (tmp_path / "a" / "report.html").read_text()
     assert "Degenerate projection" in page and "Logit lens" in page and "top tokens final_norm" in page
     assert res.summary["final_norm_weight"]["rms"] > 0
+
+
+def test_cli_lens_and_sample_with_either_projection(tmp_path, capsys):
+    from bupo.analysis.lens import lens_table
+    from bupo.analysis.sample import prompt_ids, sample_layer
+    from bupo.cli import main
+
+    tok = char_tokenizer()
+    model = degenerate_model()
+    model.save_pretrained(tmp_path / "m")
+    tok.save_pretrained(tmp_path / "m")
+    capsys.readouterr()
+    assert main(["lens", "--model", str(tmp_path / "m"), "--prompt", "Compute 1+1.", "--top", "2",
+                 "--position=-1,-2", "--json"]) == 0
+    got = json.loads(capsys.readouterr().out)
+    want = lens_table(model, tok, prompt_ids(tok, "Compute 1+1.", "chat"), positions=[-1, -2], top=2)
+    assert got["positions"] == want["positions"] and got["projections"] == ["raw", "final_norm"]
+    assert main(["lens", "--model", str(tmp_path / "m"), "--prompt", "Hi", "--projection", "raw"]) == 0
+    text = capsys.readouterr().out
+    assert "raw: H" in text and "final_norm: H" not in text
+    assert main(["lens", "--model", str(tmp_path / "m"), "--prompt", "Hi", "--position", "x"]) == 2
+    assert "--position must be" in capsys.readouterr().err
+    # bupo sample --projection: greedy text from each projection is what sample_layer gives for it
+    for proj in ("raw", "final_norm"):
+        assert main(["sample", "--model", str(tmp_path / "m"), "--layer", "1", "--prompt", "Hi", "--projection",
+                     proj, "--temperature", "0", "--max-new-tokens", "4", "--json"]) == 0
+        out = json.loads(capsys.readouterr().out)
+        assert out[0]["projection"] == proj
+        assert out[0]["samples"] == sample_layer(model, tok, "Hi", layer=1, projection=proj, temperature=0,
+                                                 max_new_tokens=4)

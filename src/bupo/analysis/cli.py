@@ -123,7 +123,7 @@ def register(subparsers) -> None:
     lens.add_argument("--response", default="",
                       help="text appended after the templated prompt, to read positions inside a response")
     lens.add_argument("--position", default="-1",
-                      help="comma-separated token positions (negative from the end; default -1: the next token)")
+                      help="comma-separated token positions, negative from the end (default -1: the next token; write --position=-1,-2 for a list starting with a negative one)")
     lens.add_argument("--top", type=_positive_int, default=5, help="top tokens per layer and projection (default 5)")
     lens.add_argument("--json", action="store_true", help="print JSON instead of text")
     lens.set_defaults(func=_lens)
