@@ -313,3 +313,24 @@ def test_cli_lens_and_sample_with_either_projection(tmp_path, capsys):
         assert out[0]["projection"] == proj
         assert out[0]["samples"] == sample_layer(model, tok, "Hi", layer=1, projection=proj, temperature=0,
                                                  max_new_tokens=4)
+
+
+def test_analysis_config_and_keyword_settings_give_the_same_analysis():
+    import dataclasses
+
+    from bupo.analysis import AnalysisConfig, analyze, run_analysis
+
+    tok = char_tokenizer()
+    model = make_model(layers=2)
+    cfg = AnalysisConfig(projection="final_norm", delta="residual", figures=False, chunk_size=5)
+    assert all(f.metadata.get("help") for f in dataclasses.fields(AnalysisConfig))
+    a = run_analysis(model, tok, traces=TRACES, config=cfg).summary
+    b = analyze(model, tok, traces=TRACES, projection="final_norm", delta="residual", figures=False, chunk_size=5).summary
+    c = analyze(model, tok, traces=TRACES, config=dataclasses.replace(cfg, projection="raw"), projection="final_norm")
+    for key in ("layer_entropy", "ffn_entropy_change", "resid_rms", "boundary"):
+        assert a[key] == b[key] == c.summary[key], key
+    assert a["projection"] == "final_norm" and a["delta_convention"] == "residual"
+    with pytest.raises(TypeError, match="unexpected keyword"):
+        analyze(model, tok, traces=TRACES, figures=False, projecton="raw")
+    with pytest.raises(ValueError, match="lens_top"):
+        analyze(model, tok, traces=TRACES, figures=False, lens_top=0)

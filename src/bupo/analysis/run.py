@@ -808,8 +808,7 @@ def _trace_lens(model, tokenizer, trace: Trace, top: int) -> dict[str, Any] | No
     offsets = sorted({0, R // 4, R - 1})
     P = len(trace.prompt_ids)
     ids = trace.prompt_ids + trace.response_ids
-    return lens_table(model, tokenizer, ids[: P + R - 1], positions=[P - 1 + o for o in offsets], top=top,
-                      sample=trace.index)
+    return lens_table(model, tokenizer, ids, positions=[P - 1 + o for o in offsets], top=top, sample=trace.index)
 
 
 # ---------------------------------------------------------------------------------------------------------------
