@@ -3,6 +3,7 @@
 Usage::
 
     python benchmarks/bench_analysis.py [--quick] [--threads 2] [--repeat 2] [--json results.json]
+    python benchmarks/bench_analysis.py --smollm2 [--quick] [--threads 1] [--repeat 2]   # vs the GEMM floor only
 
 Each measurement runs in its own subprocess (peak memory is per process; ``/proc/self/clear_refs`` resets the
 high-water mark after the model and inputs are built, so "peak extra" is what the method itself allocates).
