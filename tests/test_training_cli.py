@@ -213,10 +213,14 @@ def test_auto_layer_analysis_leaves_the_model_training(tmp_path):
     model = make_model()
     model.train()
     model.model.layers[0].eval()  # a submodule deliberately in eval mode stays so
-    k, source = resolve_internal_layer("auto", model=model, tokenizer=char_tokenizer(), model_path=None,
-                                       output_dir=str(tmp_path), analysis=None, rows=_rows(2), template="chat",
-                                       samples=2, max_new_tokens=4, device=torch.device("cpu"))
-    assert 0 <= k < 4 and "run by bupo train" in source and (tmp_path / "analysis" / "summary.json").is_file()
+    try:
+        k, source = resolve_internal_layer("auto", model=model, tokenizer=char_tokenizer(), model_path=None,
+                                           output_dir=str(tmp_path), analysis=None, rows=_rows(2), template="chat",
+                                           samples=2, max_new_tokens=4, device=torch.device("cpu"))
+        assert 0 <= k < 3 and "run by bupo train" in source  # k = L-1 (the full policy) is never a boundary
+    except ValueError as exc:  # random weights may have no usable boundary: said so, after the analysis ran
+        assert "no usable boundary" in str(exc)
+    assert (tmp_path / "analysis" / "summary.json").is_file()
     assert model.training and model.model.layers[1].training and not model.model.layers[0].training
 
 

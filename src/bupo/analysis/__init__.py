@@ -1,4 +1,4 @@
-"""Internal-policy entropy analysis: ``bupo analyze`` / ``bupo analyze compare`` / ``bupo sample``.
+"""Internal-policy entropy analysis: ``bupo analyze`` / ``bupo analyze compare`` / ``bupo sample`` / ``bupo lens``.
 
 Conventions: 0-based layer ``k`` = paper layer ``k + 1``; entropies in nats; projection ``raw`` (paper) or
 ``final_norm`` (logit lens); ΔH convention ``bupo`` (paper / official script) or ``residual``.
@@ -13,6 +13,12 @@ from typing import Any
 
 _EXPORTS = {
     "analyze": "bupo.analysis.run",
+    "AnalysisConfig": "bupo.analysis.run",
+    "run_analysis": "bupo.analysis.run",
+    "lens_table": "bupo.analysis.lens",
+    "format_lens": "bupo.analysis.lens",
+    "projection_health": "bupo.analysis.summary",
+    "quick_health": "bupo.analysis.health",
     "AnalysisResult": "bupo.analysis.run",
     "load_summary": "bupo.analysis.run",
     "suggested_layer": "bupo.analysis.run",

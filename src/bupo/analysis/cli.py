@@ -25,13 +25,15 @@ def _default_model() -> str:
     return resolve_model(None)  # FileNotFoundError (one clear line) if it was not built
 
 
-def _add_model_args(p: argparse.ArgumentParser) -> None:
+def _add_model_args(p: argparse.ArgumentParser, *, projection: bool = True) -> None:
     p.add_argument("--model", help="a bupo name (`bupo model list`), a local folder or a Hub id (default: tiny, the bundled model)")
     p.add_argument("--dtype", default="float32", choices=("float32", "bfloat16", "float16"),
                    help="weights dtype (default float32, as the official script; statistics are fp32 either way)")
     p.add_argument("--device", default="auto", help="auto | cpu | cuda[:i] (default auto)")
-    p.add_argument("--projection", default="raw", choices=PROJECTIONS,
-                   help="raw = lm_head(h) as in the paper (default); final_norm = lm_head(final_norm(h)) (logit lens)")
+    if projection:
+        p.add_argument("--projection", default="raw", choices=PROJECTIONS,
+                       help="raw = lm_head(h) as in the paper (default); final_norm = lm_head(final_norm(h)) "
+                            "(logit lens; the paper's 'with LN' ablation)")
     p.add_argument("--template", default="chat",
                    help="prompt template for message prompts: chat (tokenizer's chat template), qwen3_no_thinking, "
                         "octothinker (default chat)")
@@ -89,7 +91,8 @@ def register(subparsers) -> None:
 
     s = subparsers.add_parser(
         "sample", help="sample text from an internal layer policy",
-        description="Generate from the layer-K internal policy π^{K+1}_Layer (0-based K; raw = lm_head(H), no norm).",
+        description="Generate from the layer-K internal policy π^{K+1}_Layer (0-based K) under --projection: raw = "
+                    "lm_head(H^K), no norm (the paper), or final_norm = lm_head(final_norm(H^K)) (logit lens).",
     )
     _add_model_args(s)
     s.set_defaults(template="chat")
@@ -103,6 +106,25 @@ def register(subparsers) -> None:
     s.add_argument("--seed", type=int, default=0)
     s.add_argument("--json", action="store_true", help="print JSON instead of text")
     s.set_defaults(func=_sample)
+
+    lens = subparsers.add_parser(
+        "lens", help="top tokens of every layer's policy, raw and final_norm side by side (logit lens)",
+        description="For a prompt, the entropy and top tokens of every internal layer policy at the chosen "
+                    "positions, under raw = lm_head(H^k) (the paper) and final_norm = lm_head(final_norm(H^k)) "
+                    "(logit lens) side by side. Layers 0-based k (paper l = k + 1); entropies in nats.",
+    )
+    _add_model_args(lens, projection=False)
+    lens.set_defaults(template="chat")
+    lens.add_argument("--projection", default="both", choices=(*PROJECTIONS, "both"),
+                      help="which projections to show (default both, side by side)")
+    lens.add_argument("--prompt", required=True, help="user message (wrapped by --template; 'none' = verbatim)")
+    lens.add_argument("--response", default="",
+                      help="text appended after the templated prompt, to read positions inside a response")
+    lens.add_argument("--position", default="-1",
+                      help="comma-separated token positions, negative from the end (default -1: the next token; write --position=-1,-2 for a list starting with a negative one)")
+    lens.add_argument("--top", type=_positive_int, default=5, help="top tokens per layer and projection (default 5)")
+    lens.add_argument("--json", action="store_true", help="print JSON instead of text")
+    lens.set_defaults(func=_lens)
 
 
 def _analyze(args) -> int:
@@ -131,8 +153,14 @@ def _analyze(args) -> int:
     skipped = {k: v for k, v in s["skipped"].items() if v}
     print(f"analysed {s['num_samples']} samples, {s['num_tokens']} response tokens, {s['num_layers']} layers"
           + (f"; skipped {skipped}" if skipped else ""))
+    health = s.get("projection_health") or {}
+    if health.get("degenerate"):
+        print(f"warning: {health['message']}; {health['advice']}")
     if s["boundary_layer"] is None:
-        print(f"boundary layer: none ({s['boundary']['note']})")
+        bd = s["boundary"]
+        print(f"boundary layer: none ({bd['note']})")
+        for opt in bd.get("options") or []:
+            print(f"  option: {opt}")
     else:
         print(f"boundary layer l = {s['boundary_layer']} -> suggested internal layer k = {s['suggested_internal_layer']}")
     print(f"final policy entropy {s['final_entropy']:.4f} nats; report: {args.out}/report.html")
@@ -170,4 +198,27 @@ def _sample(args) -> int:
                            "samples": t} for k, t in results], ensure_ascii=False, indent=1))
     else:
         print(format_samples(results, args.projection))
+    return 0
+
+
+def _lens(args) -> int:
+    import json
+
+    from bupo.analysis.lens import format_lens, lens_table
+    from bupo.analysis.run import load_model
+    from bupo.analysis.sample import prompt_ids
+
+    try:
+        positions = [int(x) for x in args.position.split(",") if x.strip()]
+    except ValueError:
+        raise ValueError(f"--position must be comma-separated ints (negative from the end), got {args.position!r}") from None
+    if not positions:
+        raise ValueError("--position needs at least one position")
+    model, tokenizer = load_model(args.model or _default_model(), dtype=args.dtype, device=args.device)
+    ids = prompt_ids(tokenizer, args.prompt, args.template)
+    if args.response:
+        ids = ids + list(tokenizer(args.response, add_special_tokens=False)["input_ids"])
+    projections = PROJECTIONS if args.projection == "both" else (args.projection,)
+    table = lens_table(model, tokenizer, ids, positions=positions, top=args.top, projections=projections)
+    print(json.dumps(table, ensure_ascii=False, indent=1) if args.json else format_lens(table), end="" if not args.json else "\n")
     return 0

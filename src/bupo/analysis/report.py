@@ -49,7 +49,7 @@ def _layer_table(s: Mapping) -> str:
     stages = (s.get("boundary") or {}).get("stages") or [""] * L
     head = ("<tr><th>l (paper)</th><th>k (code)</th><th>H layer</th><th>ΔH layer ± SE</th><th>H attn</th>"
             "<th>ΔH attn ± SE</th><th>H FFN</th><th>ΔH FFN ± SE</th><th>FFN stage</th><th>log p(next)</th>"
-            "<th>top-1 = final</th></tr>")
+            "<th>top-1 = final</th>" + ("<th>resid RMS</th>" if s.get("resid_rms") else "") + "</tr>")
     rows = []
     for i in range(L):
         mark = ' style="background:#eef6ee"' if s.get("boundary_layer") == i + 1 else ""
@@ -61,9 +61,30 @@ def _layer_table(s: Mapping) -> str:
             f"<td>{_fmt(s['ffn_entropy'][i])}</td>"
             f"<td>{_signed(s['ffn_entropy_change'][i], s['ffn_entropy_change_se'][i])}</td>"
             f"<td>{html.escape(stages[i] if i < len(stages) else '')}</td>"
-            f"<td>{_fmt(s['layer_logprob'][i], 3)}</td><td>{_fmt(s['layer_top1_agreement'][i], 3)}</td></tr>"
+            f"<td>{_fmt(s['layer_logprob'][i], 3)}</td><td>{_fmt(s['layer_top1_agreement'][i], 3)}</td>"
+            + (f"<td>{_fmt(s['resid_rms'][i], 2)}</td>" if s.get("resid_rms") else "") + "</tr>"
         )
     return f"<table>{head}{''.join(rows)}</table>"
+
+
+def lens_html(lens: Mapping) -> str:
+    """The logit-lens table (:func:`bupo.analysis.lens.lens_table`) as HTML: per position, one row per layer."""
+    projs = lens["projections"]
+    out = []
+    for block in lens["positions"]:
+        nxt = "" if block["next_token"] is None else f"; actual next token <code>{html.escape(repr(block['next_token']))}</code>"
+        out.append(f"<p>Position {block['position']} (context <code>…{html.escape(repr(block['context']))}</code>{nxt})</p>")
+        head = "<tr><th>l (paper)</th><th>k (code)</th>" + "".join(
+            f"<th>H {html.escape(p)}</th><th class=\"l\">top tokens {html.escape(p)}</th>" for p in projs) + "</tr>"
+        rows = []
+        for row in block["layers"]:
+            cells = "".join(
+                f"<td>{_fmt(row[p]['entropy'], 2)}</td><td class=\"l\">"
+                + " ".join(f"<code>{html.escape(repr(t))}</code> {q:.2f}" for t, q in row[p]["top"]) + "</td>"
+                for p in projs)
+            rows.append(f"<tr><td>{row['paper_layer']}</td><td>{row['layer']}</td>{cells}</tr>")
+        out.append(f"<table>{head}{''.join(rows)}</table>")
+    return "".join(out)
 
 
 def _kv_table(items: Mapping) -> str:
@@ -83,7 +104,19 @@ def render_report(summary: Mapping, figures: Mapping[str, Path]) -> str:
         kbox = (f'<div class="k">Boundary layer <b>l = {b}</b> of {s["num_layers"]} &rarr; suggested internal layer '
                 f"<b>k = {k}</b> (0-based; <code>bupo train --internal-layer {k}</code>)</div>")
     else:
-        kbox = f'<div class="k">No boundary layer: {html.escape(str((s.get("boundary") or {}).get("note", "")))}</div>'
+        bd0 = s.get("boundary") or {}
+        opts = "".join(f"<li>{html.escape(str(o))}</li>" for o in bd0.get("options") or [])
+        kbox = (f'<div class="k">No boundary layer: {html.escape(str(bd0.get("note", "")))}'
+                + (f"<br>Options:<ul>{opts}</ul>" if opts else "") + "</div>")
+    health = s.get("projection_health") or {}
+    if health.get("degenerate"):
+        kbox += (f'<div class="k" style="background:#fdecea;border-color:#e99">Degenerate projection: '
+                 f'{html.escape(str(health["message"]))}.<br>{html.escape(str(health["advice"]))}</div>')
+    lens = s.get("lens")
+    lens_part = "" if not lens else (
+        f"<h2>Logit lens: sample {lens.get('sample')}</h2><p>Top {lens.get('top')} tokens of every layer's policy "
+        "under each projection (raw = lm_head(H^k), the paper; final_norm = lm_head(final_norm(H^k)), the logit "
+        "lens; at k = L−1 final_norm is the model's own policy). H in nats.</p>" + lens_html(lens))
     bd = s.get("boundary") or {}
     rule = html.escape(bd.get("rule", ""))
     meta_keys = ["model", "model_type", "dtype", "device", "projection", "delta_convention", "template", "data",
@@ -107,6 +140,7 @@ def render_report(summary: Mapping, figures: Mapping[str, Path]) -> str:
 <h2>Per-layer summary</h2>
 <p>Means over response tokens; ± is the token-level standard error of the per-token difference.</p>
 {_layer_table(s)}
+{lens_part}
 <h2>Reproduce</h2>
 {_kv_table(meta)}
 </body></html>

@@ -25,6 +25,7 @@ run, which the next call with the same settings resumes from its staged per-batc
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import hashlib
 import json
 import os
@@ -43,8 +44,10 @@ from bupo.analysis.summary import (
     DEFAULT_BOUNDARY_TOL,
     Aggregator,
     boundary_details,
+    boundary_record,
     check_convention,
     entropy_col,
+    projection_health,
 )
 from bupo.generation import encode_prompt
 from bupo.io import atomic_path, atomic_write_json, atomic_write_text
@@ -309,6 +312,7 @@ def measure_batch(model, batch: Sequence[Trace], *, convention: str, projector, 
     samples in batch order, each sample's rows contiguous."""
     import torch
 
+    from bupo.internal import parts, tap
     from bupo.internal.streams import stream_stats
 
     device = next(model.parameters()).device
@@ -324,10 +328,19 @@ def measure_batch(model, batch: Sequence[Trace], *, convention: str, projector, 
         P, R = len(tr.prompt_ids), len(tr.response_ids)
         pos[b, P - 1 : P + R - 1] = True
     targets = torch.roll(ids, -1, dims=1)  # targets[t] = ids[t+1]; the wrapped last column is never selected
-    st = stream_stats(model, ids.to(device), mask.to(device), streams=streams_for(convention),
-                      positions=pos.to(device), targets=targets.to(device), projection=projector.projection,
-                      chunk_size=chunk_size, projector=projector)
-    L = st.num_layers
+    pos = pos.to(device)
+    index = pos.reshape(-1).nonzero().squeeze(1)
+    rms: dict[int, torch.Tensor] = {}
+
+    def residual_rms(stream, layer, t):
+        # the scale lm_head(h) sees: what makes a raw layer policy near one-hot (projection_health)
+        rms[layer] = t.reshape(-1, t.shape[-1]).index_select(0, index).float().pow(2).mean(-1).sqrt()
+
+    L = parts(model).num_layers
+    with tap(model, [("resid_post", k) for k in range(L)], residual_rms):
+        st = stream_stats(model, ids.to(device), mask.to(device), streams=streams_for(convention),
+                          positions=pos, targets=targets.to(device), projection=projector.projection,
+                          chunk_size=chunk_size, projector=projector)
     cols: dict[str, np.ndarray] = {entropy_col("resid_pre", 0): st.stats[("resid_pre", 0)].entropy.numpy()}
     for s in CONVENTION_STREAMS[convention]:
         for k in range(L):
@@ -336,6 +349,8 @@ def measure_batch(model, batch: Sequence[Trace], *, convention: str, projector, 
         ts = st.stats[("resid_post", k)]
         cols[f"logp.resid_post.{k}"] = ts.logprob.numpy()
         cols[f"top1.resid_post.{k}"] = ts.top1_id.numpy().astype(np.int32)
+    for k in range(L):
+        cols[f"rms.resid_post.{k}"] = rms[k].cpu().numpy()
     cols["H.final"] = st.final.entropy.numpy()
     cols["logp.final"] = st.final.logprob.numpy()
     cols["top1.final"] = st.final.top1_id.numpy().astype(np.int32)
@@ -503,7 +518,387 @@ def _weights_checksum(model) -> float:
 
 
 # ---------------------------------------------------------------------------------------------------------------
+# the settings
+
+
+@dataclass
+class AnalysisConfig:
+    """Every setting of one analysis (the model and its inputs are arguments of :func:`run_analysis`).
+
+    Field order and ``metadata["help"]`` follow TRL's config dataclasses, so the settings read (and can be
+    turned into command-line flags) the same way. Conventions: 0-based layers ``k`` (paper layer ``k + 1``),
+    entropies in nats, projection ``raw`` (paper) | ``final_norm`` (logit lens).
+    """
+
+    max_samples: int | None = field(default=None, metadata={"help": "analyse at most N rows / traces (None: all)"})
+    max_new_tokens: int = field(default=512, metadata={"help": "tokens generated per response (data rows only)"})
+    temperature: float = field(default=1.0, metadata={"help": "sampling temperature of the generation (paper: 1.0)"})
+    top_p: float = field(default=1.0, metadata={"help": "nucleus sampling of the generation"})
+    seed: int = field(default=0, metadata={"help": "generation seed (row i is seeded by its index)"})
+    projection: str = field(default="raw", metadata={
+        "help": "raw = lm_head(h) (the paper) or final_norm = lm_head(final_norm(h)) (logit lens)"})
+    delta: str = field(default="bupo", metadata={"help": "ΔH convention: bupo (the paper) or residual"})
+    template: str = field(default="chat", metadata={
+        "help": "prompt template for message prompts: chat, qwen3_no_thinking, octothinker"})
+    dtype: str = field(default="float32", metadata={"help": "weights dtype when the model is a path"})
+    device: str = field(default="auto", metadata={"help": "auto | cpu | cuda[:i] when the model is a path"})
+    chunk_size: int | None = field(default=None, metadata={
+        "help": "rows per logits chunk (extra memory ~ chunk x vocab x 4 bytes); None: 1024 on CPU, up to 8192 on CUDA"})
+    epilogue: str = field(default="auto", metadata={
+        "help": "entropy epilogue: eager, compiled, triton (CUDA) or auto; same numbers to ~1e-5 nats"})
+    batch_tokens: int = field(default=4096, metadata={"help": "padded tokens per analysis forward"})
+    gen_batch_size: int = field(default=32, metadata={"help": "prompts per generation batch"})
+    token_dtype: str = field(default="float16", metadata={
+        "help": "storage dtype of per-token entropies / log-probs in tokens.parquet (summaries are fp32)"})
+    boundary_tol: float = field(default=DEFAULT_BOUNDARY_TOL, metadata={
+        "help": "boundary rule tolerance, relative to the largest mean FFN ΔH (docs/analysis.md)"})
+    heatmap_sample: int | None = field(default=None, metadata={
+        "help": "sample index of the layer x token heatmap and the logit-lens table (None: the first analysed)"})
+    lens_top: int = field(default=5, metadata={"help": "top tokens per layer and projection in the lens table"})
+    figures: bool = field(default=True, metadata={"help": "write figures and report.html (needs an out_dir)"})
+    keep_tokens: bool | None = field(default=None, metadata={
+        "help": "hold the per-token table in the result (None: only when there is no out_dir)"})
+    resume: bool = field(default=True, metadata={"help": "resume from staged shards of an unfinished run"})
+    overwrite: bool = field(default=False, metadata={"help": "replace a finished analysis in out_dir"})
+    progress: bool = field(default=False, metadata={"help": "progress bars"})
+
+    def validate(self, *, out_dir: Path | None) -> None:
+        """Raise ValueError (one line saying what is accepted) for any bad setting."""
+        from bupo.generation import validate_sampling
+        from bupo.internal.adapters import check_projection
+        from bupo.internal.stats import EPILOGUES
+
+        check_projection(self.projection)
+        check_convention(self.delta)
+        if self.epilogue not in EPILOGUES:
+            raise ValueError(f"unknown epilogue {self.epilogue!r}; accepted: {', '.join(EPILOGUES)}")
+        if self.token_dtype not in TOKEN_DTYPES:
+            raise ValueError(f"unknown token_dtype {self.token_dtype!r}; accepted: {', '.join(TOKEN_DTYPES)}")
+        if self.max_samples is not None and (not isinstance(self.max_samples, int) or self.max_samples < 1):
+            raise ValueError(f"max_samples must be a positive int, got {self.max_samples!r}")
+        for name, v in (("chunk_size", 1 if self.chunk_size is None else self.chunk_size),
+                        ("batch_tokens", self.batch_tokens), ("lens_top", self.lens_top)):
+            if not isinstance(v, int) or isinstance(v, bool) or v < 1:
+                raise ValueError(f"{name} must be a positive int, got {v!r}")
+        validate_sampling(max_new_tokens=self.max_new_tokens, temperature=self.temperature, top_p=self.top_p,
+                          top_k=None)
+        if self.figures and out_dir is None:
+            raise ValueError("figures need an out_dir (or pass figures=False)")
+        hs = self.heatmap_sample
+        if hs is not None and (not isinstance(hs, int) or isinstance(hs, bool)):
+            raise ValueError(f"heatmap_sample must be a sample index (int) or None, got {hs!r}")
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# the stages: inputs -> traces -> measure -> aggregate -> write
+
+
+@dataclass
+class _Inputs:
+    rows: list | None  # data rows to generate for, or
+    trace_rows: list | None  # precomputed prompt/response pairs
+    data_desc: str | None
+    traces_desc: str | None
+
+
+def _read_inputs(data: Any, traces: Any, max_samples: int | None) -> _Inputs:
+    if (data is None) == (traces is None):
+        raise ValueError("give exactly one of data (rows to generate responses for) or traces (prompt/response pairs)")
+    if traces is not None:
+        if isinstance(traces, str | os.PathLike):
+            trace_rows, desc = read_traces(traces), str(traces)
+        else:
+            trace_rows = list(traces)
+            desc = f"<{len(trace_rows)} traces given in Python>"
+        if not trace_rows:
+            raise ValueError("no traces given")
+        return _Inputs(None, trace_rows[:max_samples], None, desc)
+    if isinstance(data, str | os.PathLike):
+        from bupo.data.datasets import load_rows
+
+        rows, desc = load_rows(data), str(data)
+    else:
+        rows = list(data)
+        desc = f"<{len(rows)} rows given in Python>"
+    if not rows:
+        raise ValueError(f"no data rows in {desc}")
+    return _Inputs(rows[:max_samples], None, desc, None)
+
+
+def _metadata(model, model_path: str | None, inputs: _Inputs, cfg: AnalysisConfig) -> dict[str, Any]:
+    from bupo.internal.adapters import parts
+
+    p = parts(model)
+    return {
+        "model": model_path or getattr(model.config, "_name_or_path", None) or type(model).__name__,
+        "model_type": model.config.model_type,
+        "dtype": str(next(model.parameters()).dtype).removeprefix("torch."),
+        "device": str(next(model.parameters()).device),
+        "projection": cfg.projection,
+        "delta_convention": cfg.delta,
+        "template": cfg.template,
+        "data": inputs.data_desc,
+        "traces": inputs.traces_desc,
+        "generation": None if inputs.rows is None else {
+            "max_new_tokens": cfg.max_new_tokens, "temperature": cfg.temperature, "top_p": cfg.top_p,
+            "seed": cfg.seed, "n": 1, "generator": "bupo.generation.generate (HF generate)"},
+        "max_samples": cfg.max_samples,
+        "position_convention": POSITION_CONVENTION,
+        "layer_indexing": "lists: element i = paper layer i+1 = 0-based layer k=i; boundary_layer is 1-based",
+        "units": "nats",
+        "num_layers": p.num_layers,
+        "vocab_size": int(p.lm_head.weight.shape[0]),
+        "tied_embeddings": bool(p.tied),
+        "softcap": p.softcap,
+        "final_norm_weight": _norm_weight_stats(p.final_norm),
+    }
+
+
+def _norm_weight_stats(norm) -> dict[str, float] | None:
+    """Scale of the final norm's gain: the factor raw logits miss (raw = lm_head(h), lens = lm_head(g * h / rms(h)))."""
+    w = getattr(norm, "weight", None)
+    if w is None:
+        return None
+    w = w.detach().float()
+    if type(norm).__name__.startswith("Gemma"):  # Gemma RMSNorm multiplies by (1 + weight)
+        w = 1.0 + w
+    return {"rms": float(w.pow(2).mean().sqrt()), "mean": float(w.mean()), "max_abs": float(w.abs().max())}
+
+
+def collect_traces(model, tokenizer, inputs: _Inputs, cfg: AnalysisConfig, staging: _Staging,
+                   context: int | None) -> tuple[list[Trace], list[dict]]:
+    """Stage 1: the token ids of every input (generated once and staged, or tokenised) and their trace records."""
+    if inputs.rows is not None:
+        gen = staging.get("generated.json")
+        if gen is None:
+            gen = generate_traces(model, tokenizer, inputs.rows, template=cfg.template,
+                                  max_new_tokens=cfg.max_new_tokens, temperature=cfg.temperature, top_p=cfg.top_p,
+                                  seed=cfg.seed, batch_size=cfg.gen_batch_size, progress=cfg.progress,
+                                  context=context)
+            staging.put_json("generated.json", gen)
+        return traces_from_generated(tokenizer, gen), gen
+    all_traces = tokenize_traces(tokenizer, inputs.trace_rows, cfg.template)
+    records = [{**r, "response_ids": tr.response_ids} for r, tr in zip(inputs.trace_rows, all_traces, strict=True)]
+    return all_traces, records
+
+
+def select_traces(all_traces: Sequence[Trace], context: int | None,
+                  records: Sequence[Mapping] | None = None) -> tuple[list[Trace], dict[int, str]]:
+    """The analysable traces and the skip reason of every other one (see ``SKIP_REASONS``); ``records``: the
+    generated trace records, whose ``finish_reason="prompt_too_long"`` marks prompts left ungenerated."""
+    todo: list[Trace] = []
+    skip_reason: dict[int, str] = {}
+    for tr in all_traces:
+        if context is not None and len(tr.prompt_ids) >= context:
+            skip_reason[tr.index] = "too_long"  # the prompt alone fills the context
+        elif records is not None and records[tr.index].get("finish_reason") == "prompt_too_long":
+            skip_reason[tr.index] = "too_long"  # no room for max_new_tokens: not generated
+        elif not tr.response_ids:
+            skip_reason[tr.index] = "empty_response"
+        elif not tr.prompt_ids:
+            skip_reason[tr.index] = "empty_prompt"  # nothing predicts the first response token
+        elif context is not None and len(tr.prompt_ids) + len(tr.response_ids) > context:
+            skip_reason[tr.index] = "too_long"
+        else:
+            todo.append(tr)
+    if not todo:
+        raise ValueError(f"no analysable samples among {len(all_traces)}: skipped {dict(Counter(skip_reason.values()))} "
+                         f"(context length {context})")
+    return todo, skip_reason
+
+
+def measure(model, tokenizer, todo: Sequence[Trace], cfg: AnalysisConfig, staging: _Staging) -> dict[str, Any] | None:
+    """Stage 2: one hooked forward per batch of the traces not staged yet; each batch's token columns are staged.
+
+    Returns how the logits were made (``gemm``, ``epilogue``, ``chunk_size``) plus ``seconds``, or None when
+    every trace was already staged by a previous (resumed) run.
+    """
+    import torch
+    from tqdm.auto import tqdm
+
+    from bupo.generation import eval_mode
+    from bupo.internal.stats import Projector
+
+    done = staging.done()
+    pending = [tr for tr in todo if tr.index not in done]
+    if not pending:
+        return None
+    pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
+    t0 = time.perf_counter()
+    projector = Projector(model, cfg.projection, epilogue=cfg.epilogue)  # one fp32 cast shared by every stream
+    bar = tqdm(total=len(todo), initial=len(todo) - len(pending), desc="analyze", unit="sample",
+               disable=not cfg.progress)
+    with eval_mode(model), torch.inference_mode():
+        for batch in _batches(pending, cfg.batch_tokens):
+            staging.put(measure_batch(model, batch, convention=cfg.delta, projector=projector,
+                                      chunk_size=cfg.chunk_size, pad_id=pad_id))
+            bar.update(len(batch))
+    bar.close()
+    return {"gemm": projector.gemm, "epilogue": projector.epilogue,
+            "chunk_size": cfg.chunk_size or projector.default_chunk, "seconds": time.perf_counter() - t0}
+
+
+@dataclass
+class _Aggregate:
+    stats: dict[str, Any]
+    num_samples: int
+    num_tokens: int
+    heat: np.ndarray | None
+    frames: list[dict[str, np.ndarray]]
+
+
+def aggregate(staging: _Staging, num_layers: int, cfg: AnalysisConfig, heatmap_index: int,
+              tokens_path: Path | None, keep: bool) -> _Aggregate:
+    """Stage 3: one pass over the staged blocks: per-layer statistics, the heatmap row, tokens.parquet (one row
+    group per batch: memory per batch, not per run) and/or the in-memory table."""
+    agg = Aggregator(num_layers, cfg.delta)
+    heat = None
+    frames = []
+    with _parquet_rows(tokens_path) as write_tokens:
+        for block in staging.blocks():
+            for s in _per_sample(block):
+                agg.add_sample(s)
+                if int(s["sample"][0]) == heatmap_index:
+                    heat = _layer_matrix(s, num_layers)
+            stored = _stored(block, cfg.token_dtype)
+            write_tokens(stored)
+            if keep:
+                frames.append(stored)
+    return _Aggregate(agg.result(), agg.num_samples, agg.num_tokens, heat, frames)
+
+
+def build_summary(meta: Mapping[str, Any], agg: _Aggregate, *, num_inputs: int, skip_reason: Mapping[int, str],
+                  cfg: AnalysisConfig, engine: Mapping[str, Any] | None, heatmap_index: int,
+                  lens: Mapping[str, Any] | None) -> dict[str, Any]:
+    """Stage 3 (cont.): summary.json's content: metadata, per-layer statistics, projection health, boundary."""
+    skipped = Counter(skip_reason.values())
+    stats = agg.stats
+    health = projection_health(stats, projection=cfg.projection, final_norm_weight=meta.get("final_norm_weight"))
+    bd = boundary_details(stats["ffn_entropy_change"], tol=cfg.boundary_tol)
+    return {
+        **meta,
+        "num_samples": agg.num_samples,
+        "num_tokens": agg.num_tokens,
+        "num_inputs": num_inputs,
+        "skipped": {r: int(skipped.get(r, 0)) for r in SKIP_REASONS},
+        **stats,
+        "projection_health": health,
+        **boundary_record(bd, health, delta=cfg.delta, projection=cfg.projection,
+                           ffn_delta_means=stats["ffn_entropy_change"]),
+        "heatmap_sample": heatmap_index,
+        "lens": lens,
+        "chunk_size": engine["chunk_size"] if engine else cfg.chunk_size,
+        # how the logits were made and reduced in this call (None: every sample came from a resumed run)
+        "gemm": engine["gemm"] if engine else None,
+        "epilogue": engine["epilogue"] if engine else None,
+        "token_dtype": cfg.token_dtype,
+        "measure_seconds": round(engine["seconds"], 3) if engine else 0.0,
+        **_versions(),
+        "created": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
+    }
+
+
+def write_outputs(result: AnalysisResult, *, all_traces: Sequence[Trace], trace_records: Sequence[Mapping],
+                  skip_reason: Mapping[int, str], heat: np.ndarray | None, figures: bool) -> None:
+    """Stage 4: traces.jsonl, figures, report.html and, last, summary.json (its presence marks a finished run)."""
+    out = result.out_dir
+    summary = result.summary
+    atomic_write_text(out / TRACES_FILE, "".join(
+        json.dumps({"index": i, **rec, "prompt_tokens": len(all_traces[i].prompt_ids),
+                    "response_tokens": len(all_traces[i].response_ids), "skipped": skip_reason.get(i)},
+                   ensure_ascii=False, default=str) + "\n"
+        for i, rec in enumerate(trace_records)))
+    if figures:
+        from bupo.analysis.figures import make_figures
+        from bupo.analysis.report import write_report
+
+        result.figures = make_figures(summary, out, heatmap=heat, heatmap_sample=summary["heatmap_sample"])
+        write_report(summary, result.figures, out / REPORT_FILE)
+    atomic_write_json(out / SUMMARY_FILE, summary, indent=1, ensure_ascii=False, allow_nan=False)
+
+
+def _trace_lens(model, tokenizer, trace: Trace, top: int) -> dict[str, Any] | None:
+    """The logit-lens table (raw and final_norm side by side) at a few response positions of one trace."""
+    from bupo.analysis.lens import lens_table
+
+    R = len(trace.response_ids)
+    # the position predicting the first response token, one a quarter of the way in, and the last one
+    offsets = sorted({0, R // 4, R - 1})
+    P = len(trace.prompt_ids)
+    ids = trace.prompt_ids + trace.response_ids
+    return lens_table(model, tokenizer, ids, positions=[P - 1 + o for o in offsets], top=top, sample=trace.index)
+
+
+# ---------------------------------------------------------------------------------------------------------------
 # the API
+
+
+def run_analysis(
+    model: Any,
+    tokenizer: Any = None,
+    *,
+    data: str | os.PathLike | Sequence[Mapping] | None = None,
+    traces: str | os.PathLike | Sequence[Mapping] | None = None,
+    out_dir: str | os.PathLike | None = None,
+    config: AnalysisConfig | None = None,
+) -> AnalysisResult:
+    """:func:`analyze` with its settings in one :class:`AnalysisConfig` (the stages, in order)."""
+    from bupo.internal.adapters import parts
+
+    cfg = config or AnalysisConfig()
+    out = None if out_dir is None else Path(out_dir)
+    cfg.validate(out_dir=out)
+    if out is not None:
+        _check_out_dir(out, cfg.overwrite)
+    model_path = None
+    if isinstance(model, str | os.PathLike):
+        model_path = str(model)
+        model, tokenizer = load_model(model, dtype=cfg.dtype, device=cfg.device)
+    elif tokenizer is None:
+        raise ValueError("a loaded model needs its tokenizer (analyze(model, tokenizer, ...))")
+    p = parts(model)
+    L = p.num_layers
+    inputs = _read_inputs(data, traces, cfg.max_samples)
+    meta = _metadata(model, model_path, inputs, cfg)
+
+    fingerprint = None
+    if out is not None:  # only staging on disk can be resumed, so only it needs to recognise its own shards
+        fp_meta = {k: meta[k] for k in ("model", "model_type", "dtype", "projection", "delta_convention", "template",
+                                        "generation", "max_samples", "num_layers")}
+        # the inputs' content (not their path): a resumed run must never mix shards of different traces
+        fp_meta["inputs"] = _fingerprint({"rows": inputs.rows, "traces": inputs.trace_rows})
+        fp_meta["weights"] = _weights_checksum(model)
+        fingerprint = _fingerprint(fp_meta)
+    staging = _Staging(out, fingerprint, cfg.resume)
+    ctx = getattr(p.text_config, "max_position_embeddings", None)
+
+    all_traces, trace_records = collect_traces(model, tokenizer, inputs, cfg, staging, ctx)
+    todo, skip_reason = select_traces(all_traces, ctx, trace_records if inputs.rows is not None else None)
+    hs = cfg.heatmap_sample
+    if hs is not None and hs not in {tr.index for tr in todo}:
+        why = skip_reason.get(hs, f"out of range: inputs are 0..{len(all_traces) - 1}")
+        raise ValueError(f"heatmap_sample {hs} is not analysed ({why}); pick an analysed sample")
+    hm_index = hs if hs is not None else todo[0].index
+
+    engine = measure(model, tokenizer, todo, cfg, staging)
+    lens = None
+    if out is not None:  # the report's logit-lens table: one short forward of one trace
+        lens = _trace_lens(model, tokenizer, next(tr for tr in todo if tr.index == hm_index), cfg.lens_top)
+    keep = bool(cfg.keep_tokens or (cfg.keep_tokens is None and out is None))
+    agg = aggregate(staging, L, cfg, hm_index, None if out is None else out / TOKENS_FILE, keep)
+    summary = build_summary(meta, agg, num_inputs=len(all_traces), skip_reason=skip_reason, cfg=cfg, engine=engine,
+                            heatmap_index=hm_index, lens=lens)
+    result = AnalysisResult(summary=summary, out_dir=out)
+    if keep:
+        import pandas as pd
+
+        result._tokens = pd.concat([pd.DataFrame(f) for f in agg.frames], ignore_index=True)
+    if out is None:
+        return result
+    write_outputs(result, all_traces=all_traces, trace_records=trace_records, skip_reason=skip_reason,
+                  heat=agg.heat, figures=cfg.figures)
+    staging.cleanup()
+    return result
 
 
 def analyze(
@@ -513,28 +908,8 @@ def analyze(
     data: str | os.PathLike | Sequence[Mapping] | None = None,
     traces: str | os.PathLike | Sequence[Mapping] | None = None,
     out_dir: str | os.PathLike | None = None,
-    max_samples: int | None = None,
-    max_new_tokens: int = 512,
-    temperature: float = 1.0,
-    top_p: float = 1.0,
-    seed: int = 0,
-    projection: str = "raw",
-    delta: str = "bupo",
-    template: str = "chat",
-    dtype: str = "float32",
-    device: str = "auto",
-    chunk_size: int | None = None,
-    epilogue: str = "auto",
-    batch_tokens: int = 4096,
-    gen_batch_size: int = 32,
-    token_dtype: str = "float16",
-    boundary_tol: float = DEFAULT_BOUNDARY_TOL,
-    heatmap_sample: int | None = None,
-    figures: bool = True,
-    keep_tokens: bool | None = None,
-    resume: bool = True,
-    overwrite: bool = False,
-    progress: bool = False,
+    config: AnalysisConfig | None = None,
+    **settings: Any,
 ) -> AnalysisResult:
     """Analyse the internal-policy entropy of ``model`` over response tokens (see the module docstring).
 
@@ -546,243 +921,20 @@ def analyze(
             are taken verbatim; message lists get ``template``.
         out_dir: where to write summary.json, tokens.parquet, traces.jsonl, figures and report.html; None keeps
             everything in memory (no files).
-        projection: ``raw`` (paper) or ``final_norm`` (logit lens). delta: ``bupo`` or ``residual``.
-        dtype / device: only used when ``model`` is a path.
-        chunk_size: rows per logits chunk (extra memory ~ chunk_size x vocab x 4 bytes, x 8 with the eager
-            epilogue); None: 1024 on CPU, up to 8192 on CUDA (a quarter of the free GPU memory at most).
-        epilogue: how each fp32 logits chunk is reduced: ``eager``, ``compiled`` (torch.compile), ``triton`` (CUDA) or
-            ``auto`` (triton on CUDA, compiled for vocabularies of 16k+, else eager). Same numbers to ~1e-5 nats.
-        batch_tokens: padded tokens per forward (several short traces share one forward).
-        token_dtype: storage dtype of the entropy / log-prob columns in tokens.parquet (summaries use fp32).
-        keep_tokens: hold the per-token table in the result (default: only when out_dir is None).
+        config: an :class:`AnalysisConfig`; or its fields as keyword arguments (``projection="final_norm"``,
+            ``max_new_tokens=256``, ...), which override the config's. See :class:`AnalysisConfig` for each one.
 
     The model runs in eval mode; a loaded model's training flags are restored when analyze returns or raises.
 
     Returns an :class:`AnalysisResult`. Raises ValueError for bad input; samples that cannot be analysed
     (empty prompt or response, longer than the context) are skipped and counted in ``summary["skipped"]``.
     """
-    import torch
-
-    from bupo.generation import eval_mode, validate_sampling
-    from bupo.internal.adapters import check_projection, parts
-    from bupo.internal.stats import EPILOGUES, Projector
-
-    check_projection(projection)
-    check_convention(delta)
-    if epilogue not in EPILOGUES:
-        raise ValueError(f"unknown epilogue {epilogue!r}; accepted: {', '.join(EPILOGUES)}")
-    if token_dtype not in TOKEN_DTYPES:
-        raise ValueError(f"unknown token_dtype {token_dtype!r}; accepted: {', '.join(TOKEN_DTYPES)}")
-    if (data is None) == (traces is None):
-        raise ValueError("give exactly one of data (rows to generate responses for) or traces (prompt/response pairs)")
-    if max_samples is not None and (not isinstance(max_samples, int) or max_samples < 1):
-        raise ValueError(f"max_samples must be a positive int, got {max_samples!r}")
-    for name, v in (("chunk_size", 1 if chunk_size is None else chunk_size), ("batch_tokens", batch_tokens)):
-        if not isinstance(v, int) or v < 1:
-            raise ValueError(f"{name} must be a positive int, got {v!r}")
-    validate_sampling(max_new_tokens=max_new_tokens, temperature=temperature, top_p=top_p, top_k=None)
-    if figures and out_dir is None:
-        raise ValueError("figures need an out_dir (or pass figures=False)")
-    if heatmap_sample is not None and (not isinstance(heatmap_sample, int) or isinstance(heatmap_sample, bool)):
-        raise ValueError(f"heatmap_sample must be a sample index (int) or None, got {heatmap_sample!r}")
-    out = None if out_dir is None else Path(out_dir)
-    if out is not None:
-        _check_out_dir(out, overwrite)
-
-    model_path = None
-    if isinstance(model, str | os.PathLike):
-        model_path = str(model)
-        model, tokenizer = load_model(model, dtype=dtype, device=device)
-    elif tokenizer is None:
-        raise ValueError("a loaded model needs its tokenizer (analyze(model, tokenizer, ...))")
-    p = parts(model)
-    L = p.num_layers
-
-    # ---- input rows -> traces
-    data_desc = traces_desc = None
-    if traces is not None:
-        if isinstance(traces, str | os.PathLike):
-            traces_desc = str(traces)
-            trace_rows = read_traces(traces)
-        else:
-            trace_rows = list(traces)
-            traces_desc = f"<{len(trace_rows)} traces given in Python>"
-        if not trace_rows:
-            raise ValueError("no traces given")
-        trace_rows = trace_rows[:max_samples]
-        rows = None
-    else:
-        if isinstance(data, str | os.PathLike):
-            from bupo.data.datasets import load_rows
-
-            data_desc = str(data)
-            rows = load_rows(data)
-        else:
-            rows = list(data)
-            data_desc = f"<{len(rows)} rows given in Python>"
-        if not rows:
-            raise ValueError(f"no data rows in {data_desc}")
-        rows = rows[:max_samples]
-        trace_rows = None
-
-    meta: dict[str, Any] = {
-        "model": model_path or getattr(model.config, "_name_or_path", None) or type(model).__name__,
-        "model_type": model.config.model_type,
-        "dtype": str(next(model.parameters()).dtype).removeprefix("torch."),
-        "device": str(next(model.parameters()).device),
-        "projection": projection,
-        "delta_convention": delta,
-        "template": template,
-        "data": data_desc,
-        "traces": traces_desc,
-        "generation": None if rows is None else {
-            "max_new_tokens": max_new_tokens, "temperature": temperature, "top_p": top_p, "seed": seed, "n": 1,
-            "generator": "bupo.generation.generate (HF generate)"},
-        "max_samples": max_samples,
-        "position_convention": POSITION_CONVENTION,
-        "layer_indexing": "lists: element i = paper layer i+1 = 0-based layer k=i; boundary_layer is 1-based",
-        "units": "nats",
-        "num_layers": L,
-        "vocab_size": int(p.lm_head.weight.shape[0]),
-        "tied_embeddings": bool(p.tied),
-        "softcap": p.softcap,
-    }
-    fingerprint = None
-    if out is not None:  # only staging on disk can be resumed, so only it needs to recognise its own shards
-        fp_meta = {k: meta[k] for k in ("model", "model_type", "dtype", "projection", "delta_convention", "template",
-                                        "generation", "max_samples", "num_layers")}
-        # the inputs' content (not their path): a resumed run must never mix shards of different traces
-        fp_meta["inputs"] = _fingerprint({"rows": rows, "traces": trace_rows})
-        fp_meta["weights"] = _weights_checksum(model)
-        fingerprint = _fingerprint(fp_meta)
-    staging = _Staging(out, fingerprint, resume)
-    ctx = getattr(p.text_config, "max_position_embeddings", None)
-
-    if rows is not None:
-        gen = staging.get("generated.json")
-        if gen is None:
-            gen = generate_traces(model, tokenizer, rows, template=template, max_new_tokens=max_new_tokens,
-                                  temperature=temperature, top_p=top_p, seed=seed, batch_size=gen_batch_size,
-                                  progress=progress, context=ctx)
-            staging.put_json("generated.json", gen)
-        all_traces = traces_from_generated(tokenizer, gen)
-        trace_records = gen
-    else:
-        all_traces = tokenize_traces(tokenizer, trace_rows, template)
-        trace_records = [{**r, "response_ids": tr.response_ids} for r, tr in zip(trace_rows, all_traces, strict=True)]
-
-    # ---- skips
-    todo: list[Trace] = []
-    skip_reason: dict[int, str] = {}
-    for tr in all_traces:
-        if ctx is not None and len(tr.prompt_ids) >= ctx:
-            skip_reason[tr.index] = "too_long"  # the prompt alone fills the context
-        elif rows is not None and trace_records[tr.index].get("finish_reason") == "prompt_too_long":
-            skip_reason[tr.index] = "too_long"  # no room for max_new_tokens: not generated
-        elif not tr.response_ids:
-            skip_reason[tr.index] = "empty_response"
-        elif not tr.prompt_ids:
-            skip_reason[tr.index] = "empty_prompt"  # nothing predicts the first response token
-        elif ctx is not None and len(tr.prompt_ids) + len(tr.response_ids) > ctx:
-            skip_reason[tr.index] = "too_long"
-        else:
-            todo.append(tr)
-    skipped = Counter(skip_reason.values())
-    if not todo:
-        raise ValueError(f"no analysable samples among {len(all_traces)}: skipped {dict(skipped)} "
-                         f"(context length {ctx})")
-    if heatmap_sample is not None and heatmap_sample not in {tr.index for tr in todo}:
-        why = skip_reason.get(heatmap_sample, f"out of range: inputs are 0..{len(all_traces) - 1}")
-        raise ValueError(f"heatmap_sample {heatmap_sample} is not analysed ({why}); pick an analysed sample")
-
-    # ---- measure (resumable)
-    done = staging.done()
-    pending = [tr for tr in todo if tr.index not in done]
-    pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
-    t0 = time.perf_counter()
-    engine: dict | None = None
-    if pending:
-        from tqdm.auto import tqdm
-
-        projector = Projector(model, projection, epilogue=epilogue)  # one fp32 cast shared by every stream
-        bar = tqdm(total=len(todo), initial=len(todo) - len(pending), desc="analyze", unit="sample",
-                   disable=not progress)
-        with eval_mode(model), torch.inference_mode():
-            for batch in _batches(pending, batch_tokens):
-                staging.put(measure_batch(model, batch, convention=delta, projector=projector,
-                                          chunk_size=chunk_size, pad_id=pad_id))
-                bar.update(len(batch))
-        bar.close()
-        engine = {"gemm": projector.gemm, "epilogue": projector.epilogue,
-                  "chunk_size": chunk_size or projector.default_chunk}
-        del projector
-    seconds = time.perf_counter() - t0
-
-    # ---- one pass over the staged blocks: aggregate, heatmap row, tokens.parquet and/or the in-memory table
-    agg = Aggregator(L, delta)
-    hm_index = heatmap_sample if heatmap_sample is not None else todo[0].index
-    heat = None
-    keep = keep_tokens or (keep_tokens is None and out is None)
-    frames = []
-    with _parquet_rows(None if out is None else out / TOKENS_FILE) as write_tokens:
-        for block in staging.blocks():
-            for s in _per_sample(block):
-                agg.add_sample(s)
-                if int(s["sample"][0]) == hm_index:
-                    heat = _layer_matrix(s, L)
-            stored = _stored(block, token_dtype)
-            write_tokens(stored)  # one row group per batch: memory per batch, not per run
-            if keep:
-                frames.append(stored)
-    stats = agg.result()
-    bd = boundary_details(stats["ffn_entropy_change"], tol=boundary_tol)
-    summary: dict[str, Any] = {
-        **meta,
-        "num_samples": agg.num_samples,
-        "num_tokens": agg.num_tokens,
-        "num_inputs": len(all_traces),
-        "skipped": {r: int(skipped.get(r, 0)) for r in SKIP_REASONS},
-        **stats,
-        "boundary_layer": bd.layer,
-        "suggested_internal_layer": None if bd.layer is None else bd.layer - 1,
-        "boundary": {
-            "rule": ("smallest b maximising C(b) = sum_{l<=b} (mean ΔH_FFN^l - tau), tau = tol * max(0, max_l mean "
-                     "ΔH_FFN^l): the end of the leading run of entropy-expanding FFN layers (docs/analysis.md)"),
-            "tol": bd.tol, "tau": bd.tau, "scores": bd.scores, "stages": bd.stages, "note": bd.note,
-        },
-        "heatmap_sample": hm_index,
-        "chunk_size": engine["chunk_size"] if engine else chunk_size,
-        # how the logits were made and reduced in this call (None: every sample came from a resumed run)
-        "gemm": engine["gemm"] if engine else None,
-        "epilogue": engine["epilogue"] if engine else None,
-        "token_dtype": token_dtype,
-        "measure_seconds": round(seconds, 3),
-        **_versions(),
-        "created": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
-    }
-    result = AnalysisResult(summary=summary, out_dir=out)
-    if keep:
-        import pandas as pd
-
-        result._tokens = pd.concat([pd.DataFrame(f) for f in frames], ignore_index=True)
-    if out is None:
-        return result
-
-    # ---- outputs; summary.json last: its presence marks a finished analysis
-    atomic_write_text(out / TRACES_FILE, "".join(
-        json.dumps({"index": i, **rec, "prompt_tokens": len(all_traces[i].prompt_ids),
-                    "response_tokens": len(all_traces[i].response_ids), "skipped": skip_reason.get(i)},
-                   ensure_ascii=False, default=str) + "\n"
-        for i, rec in enumerate(trace_records)))
-    if figures:
-        from bupo.analysis.figures import make_figures
-        from bupo.analysis.report import write_report
-
-        result.figures = make_figures(summary, out, heatmap=heat, heatmap_sample=hm_index)
-        write_report(summary, result.figures, out / REPORT_FILE)
-    atomic_write_json(out / SUMMARY_FILE, summary, indent=1, ensure_ascii=False, allow_nan=False)
-    staging.cleanup()
-    return result
+    names = {f.name for f in dataclasses.fields(AnalysisConfig)}
+    unknown = sorted(set(settings) - names)
+    if unknown:
+        raise TypeError(f"analyze() got unexpected keyword arguments {unknown}; settings: {', '.join(sorted(names))}")
+    cfg = dataclasses.replace(config or AnalysisConfig(), **settings)
+    return run_analysis(model, tokenizer, data=data, traces=traces, out_dir=out_dir, config=cfg)
 
 
 def load_summary(path: str | os.PathLike) -> dict:
@@ -801,17 +953,26 @@ def load_summary(path: str | os.PathLike) -> dict:
     return summary
 
 
-def suggested_layer(path: str | os.PathLike) -> int:
+def suggested_layer(path: str | os.PathLike, *, projection: str | None = None) -> int:
     """The 0-based internal layer ``k`` suggested by an analysis (``summary.json`` or its directory).
 
-    This is ``boundary_layer - 1`` (paper layer -> code index). Raises ValueError when the analysis found no
-    boundary layer (no FFN layer expands entropy).
+    This is ``boundary_layer - 1`` (paper layer -> code index). Raises ValueError, with the analysis' reason and
+    the options, when it has no usable boundary layer, or when ``projection`` is given and the analysis was made
+    with another one (its boundary describes another policy).
     """
     s = load_summary(path)
+    made_with = s.get("projection")
+    if projection is not None and made_with is not None and made_with != projection:
+        raise ValueError(f"the analysis at {str(path)!r} was made with projection {made_with!r}, but the internal "
+                         f"policy uses {projection!r}: its boundary is another policy's. Analyse with "
+                         f"`bupo analyze --projection {projection}` (pass it with --analysis), or give --internal-layer K")
     k = s.get("suggested_internal_layer")
     if k is None:
-        note = (s.get("boundary") or {}).get("note", "no boundary layer")
-        raise ValueError(f"the analysis at {str(path)!r} suggests no internal layer: {note}")
+        bd = s.get("boundary") or {}
+        note = bd.get("reason") or bd.get("note", "no boundary layer")
+        opts = bd.get("options")
+        raise ValueError(f"the analysis at {str(path)!r} suggests no internal layer: {note}"
+                         + (f". Options: {'; '.join(opts)}" if opts else ""))
     if not isinstance(k, int) or not 0 <= k < int(s["num_layers"]):
         raise ValueError(f"suggested_internal_layer {k!r} in {str(path)!r} is not a layer of a {s['num_layers']}-layer model")
     return k

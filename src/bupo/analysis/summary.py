@@ -99,6 +99,8 @@ def derive(cols: Mapping[str, np.ndarray], num_layers: int, convention: str) -> 
         "final_entropy": np.asarray(cols["H.final"], dtype=np.float64),
         "final_logprob": np.asarray(cols["logp.final"], dtype=np.float64),
     }
+    if f"rms.resid_post.{L - 1}" in cols:  # optional: the residual stream's RMS (bupo analyze measures it)
+        out["resid_rms"] = stack("resid_post", "rms")
     if convention == "bupo":
         attn_in, ffn_in = stack("attn_in"), stack("mlp_in")
         out.update(attn_input_entropy=attn_in, ffn_input_entropy=ffn_in,
@@ -260,3 +262,149 @@ def boundary_layer(ffn_delta_means: Sequence[float], *, tol: float = DEFAULT_BOU
     if res.layer is None:
         raise ValueError(res.note)
     return res.layer
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# projection health: is the internal policy readable at all?
+
+#: a layer's policy is *collapsed* when its mean entropy is below this fraction of the model's own output entropy ...
+COLLAPSE_ENTROPY_FRACTION = 0.5
+#: ... while its arg-max agrees with the model's own arg-max on fewer than this fraction of tokens
+COLLAPSE_MAX_AGREEMENT = 0.1
+#: the projection is *degenerate* when at least this fraction of the layers below the last are collapsed
+DEGENERATE_LAYER_FRACTION = 0.5
+
+HEALTH_RULE = (
+    f"layer k is collapsed when mean H(pi^k) < {COLLAPSE_ENTROPY_FRACTION} x mean H(pi_theta) (near one-hot) and "
+    f"top-1(pi^k) = top-1(pi_theta) on < {COLLAPSE_MAX_AGREEMENT:.0%} of tokens (confident and wrong); the "
+    f"projection is degenerate when >= {DEGENERATE_LAYER_FRACTION:.0%} of layers 0..L-2 are collapsed"
+)
+
+
+def layer_collapsed(entropy: float, agreement: float, final_entropy: float) -> bool:
+    """One layer's policy is near one-hot *and* disagrees with the model's own policy (see :data:`HEALTH_RULE`)."""
+    return bool(entropy < COLLAPSE_ENTROPY_FRACTION * final_entropy and agreement < COLLAPSE_MAX_AGREEMENT)
+
+
+def projection_health(stats: Mapping[str, object], *, projection: str,
+                      final_norm_weight: Mapping[str, float] | None = None) -> dict[str, object]:
+    """Whether the layer policies of one projection are usable, with the numbers that decide it.
+
+    ``stats`` holds the per-layer means ``layer_entropy``, ``layer_top1_agreement``, ``layer_logprob``, the scalar
+    ``final_entropy`` and, when measured, ``resid_rms`` (RMS of the residual stream H^k). Returns a JSON-ready
+    dict: ``degenerate``, ``collapsed_layers`` (0-based k), the inputs per layer, ``rule``, ``message`` (the
+    numbers in one sentence) and ``advice`` (what to use instead). The residual RMS against the final norm's gain
+    explains a degenerate ``raw`` projection: lm_head(h) is lm_head(final_norm(h)) at temperature
+    ~ gain / rms(h), so a residual stream that grows to hundreds makes every raw layer policy near one-hot.
+    """
+    H = np.asarray(stats["layer_entropy"], dtype=np.float64)
+    agree = np.asarray(stats["layer_top1_agreement"], dtype=np.float64)
+    logp = np.asarray(stats["layer_logprob"], dtype=np.float64)
+    hf = float(stats["final_entropy"])
+    L = H.size
+    collapsed = [k for k in range(L) if layer_collapsed(H[k], agree[k], hf)]
+    below = [k for k in collapsed if k < L - 1]
+    denom = max(L - 1, 1)
+    degenerate = len(below) >= DEGENERATE_LAYER_FRACTION * denom and len(below) > 0
+    rms = stats.get("resid_rms")
+    gain = None if not final_norm_weight else final_norm_weight.get("rms")
+    out: dict[str, object] = {
+        "projection": projection,
+        "degenerate": bool(degenerate),
+        "collapsed_layers": collapsed,
+        "collapsed_fraction": round(len(below) / denom, 4),
+        "rule": HEALTH_RULE,
+        "final_entropy": hf,
+        "layer_entropy": H.tolist(),
+        "layer_top1_agreement": agree.tolist(),
+        "layer_logprob": logp.tolist(),
+        "layer_cross_entropy_gap": (-logp - H).tolist(),  # E[-log pi^k(x)] - H(pi^k): >> 0 = overconfident
+        "resid_rms": None if rms is None else list(rms),
+        "final_norm_gain_rms": gain,
+        "message": None,
+        "advice": None,
+    }
+    if degenerate:
+        ks = np.asarray(below)
+        msg = (f"the {projection} layer policies are degenerate: {len(below)} of {denom} layers below the last are "
+               f"near one-hot and disagree with the model's own policy (mean entropy {H[ks].min():.3g}..{H[ks].max():.3g}"
+               f" nats vs {hf:.3g} for the model's output; top-1 agreement {agree[ks].max():.2f} at most; "
+               f"realised-token log-prob down to {logp[ks].min():.4g})")
+        if rms is not None and gain:
+            r = np.asarray(rms, dtype=np.float64)
+            msg += (f"; residual RMS grows {r[0]:.3g} -> {r.max():.3g} against a final-norm gain of {gain:.3g}, so "
+                    f"lm_head(h) is the normed policy at ~{r[ks].min() / gain:.3g}-{r[ks].max() / gain:.3g}x inverse "
+                    "temperature")
+        out["message"] = msg
+        out["advice"] = projection_advice(projection)
+    return out
+
+
+def projection_advice(projection: str) -> str:
+    if projection == "raw":
+        return ("use projection final_norm (lm_head(final_norm(h)), the paper's 'with LN' ablation, "
+                "Table 5): `bupo analyze --projection final_norm`, `bupo train --internal-projection final_norm`")
+    return ("no bupo projection reads this model's layers as a usable policy; give `--internal-layer K` explicitly "
+            "only with evidence (e.g. `bupo lens`)")
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# the answer: a usable internal layer, or why there is none
+
+BOUNDARY_RULE = (
+    "boundary = smallest b maximising C(b) = sum_{l<=b} (mean ΔH_FFN^l - tau), tau = tol * max(0, max_l mean "
+    "ΔH_FFN^l) (the end of the leading run of entropy-expanding FFN layers); it is used only when the projection "
+    "is not degenerate (projection_health) and 1 <= b <= L-1 (b = L would train the full policy); otherwise "
+    "there is no boundary and boundary.reason says why (docs/analysis.md)"
+)
+
+
+def boundary_options(num_layers: int, *, degenerate: bool, projection: str,
+                     no_convergence: bool = False) -> list[str]:
+    """What a user can do when there is no usable boundary (shown by bupo analyze and bupo train)."""
+    L = num_layers
+    options = []
+    if degenerate and projection == "raw":
+        options.append("re-analyse with --projection final_norm and train with --internal-projection final_norm")
+    if no_convergence and L >= 2:
+        options.append(f"--internal-layer {L - 2} (the penultimate layer: the paper's choice for Llama, whose FFN "
+                       "ΔH is positive up to its last layer)")
+    options.append(f"--internal-layer K with K in 0..{max(L - 2, 0)} chosen from the report's per-layer table or "
+                   "`bupo lens`")
+    options.append("--algo grpo (no internal layer)")
+    return options
+
+
+def boundary_record(bd: Boundary, health: Mapping[str, object], *, delta: str, projection: str,
+                    ffn_delta_means: Sequence[float]) -> dict[str, object]:
+    """summary.json's ``boundary_layer`` (1-based or None), ``suggested_internal_layer`` (0-based or None) and
+    ``boundary`` (the rule, its inputs, its answer and, when there is none, ``reason`` and ``options``)."""
+    L = len(bd.scores)
+    reason = None
+    if health.get("degenerate"):
+        reason = f"no usable boundary: {health['message']}"
+    elif bd.layer is None:
+        reason = (f"no usable boundary: no layer has mean ΔH_FFN > 0 under projection {projection} and ΔH "
+                  f"convention {delta} (no exploration stage)")
+    elif bd.layer == L:
+        reason = (f"no usable boundary: mean ΔH_FFN stays positive to the last layer under projection {projection} "
+                  f"and ΔH convention {delta} (no convergence stage), so the rule answers paper layer {L} = k {L - 1},"
+                  " the model's own policy: BuPO's internal phase would be GRPO")
+    options = None if reason is None else boundary_options(
+        L, degenerate=bool(health.get("degenerate")), projection=projection, no_convergence=bd.layer == L)
+    layer = None if reason else bd.layer
+    return {
+        "boundary_layer": layer,
+        "suggested_internal_layer": None if layer is None else layer - 1,
+        "boundary": {
+            "rule": BOUNDARY_RULE,
+            "inputs": {"ffn_entropy_change": [float(x) for x in ffn_delta_means], "delta_convention": delta,
+                       "projection": projection, "projection_degenerate": bool(health.get("degenerate"))},
+            "tol": bd.tol, "tau": bd.tau, "scores": bd.scores, "stages": bd.stages,
+            "ffn_rule_layer": bd.layer,
+            "answer": None if layer is None else {"boundary_layer": layer, "internal_layer": layer - 1},
+            "note": reason or bd.note,
+            "reason": reason,
+            "options": options,
+        },
+    }

@@ -466,10 +466,14 @@ def resolve_internal_layer(
     max_new_tokens: int,
     is_main: bool = True,
     device: Any = None,
+    projection: str = "raw",
 ) -> tuple[int | None, str]:
     """``(k, source)``: an int is used as given; ``"auto"`` reads the analysis' suggested (boundary) layer,
     running a short analysis into ``<output_dir>/analysis`` when none exists.
 
+    A given or cached analysis is read first, so one without a usable boundary fails at once (ValueError with its
+    reason and the options) and never triggers a new analysis. Before running one, a one-forward check of the
+    ``projection`` (:func:`bupo.analysis.health.quick_health`) refuses a degenerate projection with its numbers.
     ``device``: where that short analysis runs (``bupo train`` passes the training device, so a model loaded on the
     CPU is moved to the accelerator first instead of generating on the CPU); None leaves the model where it is.
     """
@@ -477,24 +481,63 @@ def resolve_internal_layer(
         return value, "given"
     from bupo.analysis.run import suggested_layer
 
-    if analysis:
-        return suggested_layer(analysis), f"analysis {analysis}"
-    found = find_analysis(model_path, output_dir)
-    if found is not None:
-        return suggested_layer(found), f"analysis {found}"
+    given = analysis or find_analysis(model_path, output_dir)
+    if given is not None:
+        return suggested_layer(given, projection=projection), f"analysis {given}"
     # no analysis yet: run a short one (the paper: 0.44% of the training cost) and keep it next to the run
     from bupo.analysis.run import analyze
 
     out = Path(output_dir) / "analysis"
     if is_main:
-        logger.info("--internal-layer auto: no analysis found, analysing %d responses into %s", samples, out)
         if device is not None:
             model.to(device)  # the trainer would move it there anyway
+        _refuse_degenerate(model, tokenizer, rows, template, projection)
+        logger.info("--internal-layer auto: no analysis found, analysing %d responses into %s", samples, out)
         # analyze runs in eval mode and restores every module's training flag itself
         analyze(model, tokenizer, data=rows[:samples], out_dir=out, max_samples=samples,
-                max_new_tokens=max_new_tokens, template=template, figures=False)
+                max_new_tokens=max_new_tokens, template=template, figures=False, projection=projection)
     _barrier()
-    return suggested_layer(out), f"analysis {out} (run by bupo train, {samples} responses)"
+    return suggested_layer(out, projection=projection), f"analysis {out} (run by bupo train, {samples} responses)"
+
+
+def _check_prompts(tokenizer: Any, rows: list[dict], template: str, n: int = 4) -> list[str]:
+    from bupo.data.templates import render_prompt
+
+    return [render_prompt(tokenizer, list(r["prompt"]), template) for r in rows[:n] if "prompt" in r]
+
+
+def _refuse_degenerate(model: Any, tokenizer: Any, rows: list[dict], template: str, projection: str) -> None:
+    """--internal-layer auto: a degenerate projection has no boundary; say so before a long analysis."""
+    from bupo.analysis.health import quick_health
+    from bupo.analysis.summary import boundary_options
+
+    prompts = [] if tokenizer is None else _check_prompts(tokenizer, rows, template)
+    if not prompts:
+        return
+    health = quick_health(model, tokenizer, prompts, projection=projection)
+    if health["degenerate"]:
+        opts = "; ".join(boundary_options(len(health["layer_entropy"]), degenerate=True, projection=projection))
+        raise ValueError(f"--internal-layer auto: no usable boundary: {health['message']} (measured on "
+                         f"{health['measured_on']}). Options: {opts}")
+
+
+def check_internal_policy(model: Any, tokenizer: Any, rows: list[dict], template: str, layer: int,
+                          projection: str) -> dict[str, Any] | None:
+    """Before any training step: is pi^layer readable? Logs a warning with the numbers when it is not."""
+    from bupo.analysis.health import check_layer, quick_health
+
+    prompts = [] if tokenizer is None else _check_prompts(tokenizer, rows, template)
+    if not prompts:
+        return None
+    health = quick_health(model, tokenizer, prompts, projection=projection)
+    warning = check_layer(health, layer)
+    if warning:
+        logger.warning("degenerate internal policy: %s", warning)
+    L = len(health["layer_entropy"])
+    return {"layer": layer, "projection": projection, "degenerate": bool(warning), "warning": warning,
+            "entropy": health["layer_entropy"][layer], "final_entropy": health["final_entropy"],
+            "top1_agreement": health["layer_top1_agreement"][layer], "resid_rms": (health["resid_rms"] or [None] * L)[layer],
+            "measured_on": health["measured_on"]}
 
 
 def _barrier() -> None:
@@ -724,8 +767,12 @@ def train(train_args: Any, script: BuPOScriptArguments) -> dict[str, Any]:
         layer_value, model=model, tokenizer=tokenizer, model_path=model_path, output_dir=str(out_dir),
         analysis=script.analysis, rows=rows, template=template, samples=script.auto_layer_samples,
         max_new_tokens=train_args.max_completion_length,
-        is_main=int(os.environ.get("RANK", "0")) == 0, device=train_args.device)
+        is_main=int(os.environ.get("RANK", "0")) == 0, device=train_args.device,
+        projection=train_args.internal_projection)
     train_args.internal_layer = k
+    policy_check = None
+    if script.algo == "bupo" and k is not None:  # named with its numbers before the first rollout, not after
+        policy_check = check_internal_policy(model, tokenizer, rows, template, k, train_args.internal_projection)
 
     reward_funcs = [make_reward_func(name.strip(), timeout=script.reward_timeout, workers=script.reward_workers)
                     for name in script.reward.split(",") if name.strip()]
@@ -764,6 +811,7 @@ def train(train_args: Any, script: BuPOScriptArguments) -> dict[str, Any]:
         "internal_layer_source": layer_source,
         "internal_steps": train_args.internal_steps,
         "internal_projection": train_args.internal_projection,
+        "internal_policy_check": policy_check,
         "optimizer_steps_per_rollout": n_per,
         "full_phase_starts_at_optimizer_step": train_args.internal_steps * n_per + 1,
         "max_steps": train_args.max_steps,
