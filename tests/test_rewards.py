@@ -394,5 +394,5 @@ def test_make_reward_func_bad_inputs() -> None:
 
 
 def test_registry() -> None:
-    assert set(REWARDS) == {"boxed_exact", "math_verify"}
+    assert set(REWARDS) == {"boxed_exact", "math_verify", "final_number"}
     assert REWARDS["boxed_exact"]("\\boxed{1}", "1") == 1.0

@@ -737,3 +737,53 @@ def make_reward_func(
     reward_func.__doc__ = f"TRL reward function {name!r} (bupo.rewards.make_reward_func)."
     reward_func.stats = stats  # type: ignore[attr-defined]
     return reward_func
+
+
+# --------------------------------------------------------------------------------------------
+# final_number: a reward that gives signal on small models (issue 12)
+# --------------------------------------------------------------------------------------------
+
+# an optionally signed integer or decimal; thousands separators ("1,234") are allowed inside
+_NUMBER = re.compile(r"(?<![\w.])-?\d{1,3}(?:,\d{3})+(?:\.\d+)?(?![\d,]*\d)|(?<![\w.])-?\d+(?:\.\d+)?")
+
+
+def _as_number(text: str) -> Any:
+    from fractions import Fraction
+
+    try:
+        return Fraction(text.replace(",", "").strip())
+    except (ValueError, ZeroDivisionError):
+        return None
+
+
+def _final_number_raw(completion: str, ground_truth: str) -> float:
+    _check_strings(completion, ground_truth)
+    gold = _as_number(ground_truth)
+    if gold is None:
+        raise ValueError(f"final_number needs a numeric ground truth, got {ground_truth!r:.80}")
+    found = _last_boxed(completion)
+    # a boxed answer is the model's stated answer; otherwise the last number written is taken as it
+    text = found[1] if found is not None else completion
+    numbers = _NUMBER.findall(text)
+    if not numbers:
+        return 0.0
+    return 1.0 if _as_number(numbers[-1]) == gold else 0.0
+
+
+def final_number(completion: str, ground_truth: str, *, timeout: float = DEFAULT_TIMEOUT) -> float:
+    """1.0 if the completion's final number equals the numeric ``ground_truth``, else 0.0. Never raises.
+
+    The final number is the last number inside the last ``\\boxed{...}`` when there is one, else the last number
+    anywhere in the completion (integers or decimals, optional sign, ``1,234`` separators). Compared exactly as
+    fractions (``12`` == ``12.0``). Made for small models that answer arithmetic in prose and seldom write
+    ``\\boxed{}`` (SmolLM2-135M writes it 0 times in 40 MATH500 samples), where ``boxed_exact`` is always 0 and
+    GRPO gets no signal. A non-numeric ground truth scores 0.0 and counts as an error.
+    """
+    return score("final_number", completion, ground_truth, timeout=timeout)
+
+
+_RAW["final_number"] = _final_number_raw
+_DEFAULT_ISOLATE["final_number"] = False  # regex and integer arithmetic only: linear time, in-process
+STATS["final_number"] = RewardStats()
+REWARDS["final_number"] = final_number
+__all__.append("final_number")

@@ -37,7 +37,7 @@ class BuPOScriptArguments:
     template: str = field(default="auto", metadata={
         "help": "prompt template: auto, qwen3_no_thinking, chat, octothinker (auto: qwen3_no_thinking when the "
         "tokenizer's chat template honours enable_thinking, else chat, else octothinker)"})
-    reward: str = field(default="boxed_exact", metadata={"help": "comma-separated: boxed_exact (paper), math_verify"})
+    reward: str = field(default="boxed_exact", metadata={"help": "comma-separated: boxed_exact (paper), math_verify, final_number (last number; small models)"})
     reward_timeout: float = field(default=5.0, metadata={"help": "seconds per completion for each reward call"})
     train_rows: int | None = field(default=None, metadata={
         "help": "use at most this many training rows (bundled task: how many to generate, default 2048)"})
@@ -353,7 +353,7 @@ def train(train_args: Any, script: BuPOScriptArguments) -> dict[str, Any]:
     reward_funcs = [make_reward_func(name.strip(), timeout=script.reward_timeout)
                     for name in script.reward.split(",") if name.strip()]
     if not reward_funcs:
-        raise ValueError("--reward needs at least one reward name (boxed_exact, math_verify)")
+        raise ValueError("--reward needs at least one reward name (boxed_exact, math_verify, final_number)")
     trainer = BuPOTrainer(model=model, reward_funcs=reward_funcs, args=train_args, train_dataset=dataset,
                           processing_class=tokenizer)
     records: list[dict] = []
