@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import re
 import statistics
+from pathlib import Path
 
 import pytest
 import torch
@@ -130,7 +131,7 @@ def test_demo_and_reproduce_share_one_home_for_their_steps():
     for mod in (bupo.demo, bupo.reproduce):
         assert mod.run_training is bupo.experiment.run_training
         assert mod.eval_results is bupo.experiment.eval_results
-    src = {m: open(m.__file__, encoding="utf-8").read() for m in (bupo.demo, bupo.reproduce)}
+    src = {m: Path(m.__file__).read_text(encoding="utf-8") for m in (bupo.demo, bupo.reproduce)}
     assert "bupo.reproduce" not in src[bupo.demo] and "from bupo.demo " not in src[bupo.reproduce]
 
 
