@@ -211,7 +211,7 @@ def test_boxed_exact_post_hoc_time_limit_counts_timeouts() -> None:
 
 
 def test_bad_timeout_and_unknown_name_raise_value_error() -> None:
-    with pytest.raises(ValueError, match="boxed_exact, math_verify"):
+    with pytest.raises(ValueError, match="boxed_exact, final_number, math_verify"):
         R.score("exact", "a", "b")
     with pytest.raises(ValueError, match="positive"):
         R.score("boxed_exact", "a", "b", timeout=0)
@@ -380,7 +380,7 @@ def test_make_reward_func_strings_and_conversations() -> None:
 
 
 def test_make_reward_func_bad_inputs() -> None:
-    with pytest.raises(ValueError, match="accepted: boxed_exact, math_verify"):
+    with pytest.raises(ValueError, match="accepted: boxed_exact, final_number, math_verify"):
         make_reward_func("nope")
     f = make_reward_func("boxed_exact")
     with pytest.raises(ValueError, match="ground_truth"):
