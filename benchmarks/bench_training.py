@@ -1,6 +1,6 @@
 """Optimizer-step time of BuPO's internal phase vs the full phase (not a test).
 
-For k in {1, L/2, L-2} (0-based), one fixed rollout batch (generated once by the full model) is trained on with
+For k in {L/6, L/2, L-2} (0-based; at least 1), one fixed rollout batch (generated once by the full model) is trained on with
 BuPOTrainer's own loss (``compute_loss``), backward, gradient clipping and AdamW step, alternating internal and full
 steps so both see the same machine load; the median of ``--reps`` steps each is reported. Generation is excluded:
 it is identical in both phases (rollouts always come from the full model).
@@ -10,6 +10,11 @@ Goal (issue): time(internal k) / time(full) <= (k + 1) / L + 0.10.
     python benchmarks/bench_training.py                      # the bundled model
     python benchmarks/bench_training.py --random-init        # the bundled architecture, random weights
     python benchmarks/bench_training.py --model DIR --completion-length 256 --batch 16 --out bench.json
+    # SmolLM2-135M-Instruct (L = 30: k = 5, 15, 28), both internal projections in one run (issue 12)
+    python benchmarks/bench_training.py --model DIR --projection raw final_norm --batch 4 --completion-length 32
+
+``--projection`` takes one or more of raw (the paper's lm_head(h)) and final_norm (lm_head(final_norm(h))); each k
+is timed for each projection against the same full steps, interleaved.
 """
 
 from __future__ import annotations
@@ -53,7 +58,9 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--reps", type=int, default=12, help="timed steps per (k, phase)")
     ap.add_argument("--warmup", type=int, default=2)
     ap.add_argument("--threads", type=int, default=2)
-    ap.add_argument("--layers", type=int, nargs="*", help="k values (default: 1, L/2, L-2)")
+    ap.add_argument("--layers", type=int, nargs="*", help="k values (default: L/6, L/2, L-2, each at least 1)")
+    ap.add_argument("--projection", nargs="+", default=["raw"], choices=["raw", "final_norm"],
+                    help="internal projection(s) timed (default raw)")
     ap.add_argument("--out", help="write the results as JSON here")
     args = ap.parse_args(argv)
 
@@ -69,7 +76,7 @@ def main(argv: list[str] | None = None) -> int:
 
     model, tok, source = _model_and_tokenizer(args)
     L = model.config.num_hidden_layers
-    ks = args.layers or sorted({1, L // 2, L - 2})
+    ks = args.layers or sorted({max(1, L // 6), L // 2, L - 2})
     template = resolve_template(tok, "auto")
     ds = build_prompt_dataset(make_examples("train", 64, 0), tok, template)
     n_gen = 8
@@ -89,8 +96,9 @@ def main(argv: list[str] | None = None) -> int:
     opt = tr.create_optimizer()
     params = [p for p in tr.model.parameters() if p.requires_grad]
 
-    def step(internal: bool, k: int) -> tuple[float, float]:
+    def step(internal: bool, k: int, projection: str = "raw") -> tuple[float, float]:
         tr._bupo_internal, tr._bupo_layer = internal, k
+        tr.args.internal_projection = projection
         c0, t0 = time.process_time(), time.perf_counter()
         loss = tr.compute_loss(tr.model, inputs)
         loss.backward()
@@ -103,17 +111,22 @@ def main(argv: list[str] | None = None) -> int:
     rows = []
     for k in ks:
         for _ in range(args.warmup):
-            step(True, k), step(False, k)
-        t_int, t_full = [], []
-        for _ in range(args.reps):  # alternate so both phases share the same background load
-            t_int.append(step(True, k))
+            step(False, k)
+            for proj in args.projection:
+                step(True, k, proj)
+        t_int: dict[str, list] = {p: [] for p in args.projection}
+        t_full = []
+        for _ in range(args.reps):  # interleave so every phase shares the same background load
             t_full.append(step(False, k))
-        mi, mf = (statistics.median(t[0] for t in ts) for ts in (t_int, t_full))
-        ci, cf = (statistics.median(t[1] for t in ts) for ts in (t_int, t_full))
+            for proj in args.projection:
+                t_int[proj].append(step(True, k, proj))
+        mf, cf = (statistics.median(t[i] for t in t_full) for i in (0, 1))
         goal = (k + 1) / L + 0.10
-        rows.append({"k": k, "paper_layer": k + 1, "internal_s": mi, "full_s": mf, "ratio": mi / mf,
-                     "internal_cpu_s": ci, "full_cpu_s": cf, "cpu_ratio": ci / cf,
-                     "ideal": (k + 1) / L, "goal": goal, "meets_goal": mi / mf <= goal})
+        for proj in args.projection:
+            mi, ci = (statistics.median(t[i] for t in t_int[proj]) for i in (0, 1))
+            rows.append({"k": k, "paper_layer": k + 1, "projection": proj, "internal_s": mi, "full_s": mf,
+                         "ratio": mi / mf, "internal_cpu_s": ci, "full_cpu_s": cf, "cpu_ratio": ci / cf,
+                         "ideal": (k + 1) / L, "goal": goal, "meets_goal": mi / mf <= goal})
     result = {
         "model": source, "num_layers": L, "params": sum(p.numel() for p in params), "batch": args.batch,
         "prompt_tokens": int(inputs["prompt_mask"].shape[1]), "completion_tokens_per_seq": args.completion_length,
@@ -123,10 +136,10 @@ def main(argv: list[str] | None = None) -> int:
     print(f"model: {source}; L={L}, {result['params'] / 1e6:.2f}M params; batch {args.batch} x "
           f"({result['prompt_tokens']} prompt + {args.completion_length} completion) tokens; "
           f"{args.threads} threads; median of {args.reps}")
-    print(f"{'k':>3} {'l':>3} {'internal s':>11} {'full s':>9} {'ratio':>6} {'cpu ratio':>9} {'(k+1)/L':>8} "
+    print(f"{'k':>3} {'l':>3} {'proj':>10} {'internal s':>11} {'full s':>9} {'ratio':>6} {'cpu ratio':>9} {'(k+1)/L':>8} "
           f"{'goal':>6}  ok")
     for r in rows:
-        print(f"{r['k']:>3} {r['paper_layer']:>3} {r['internal_s']:>11.4f} {r['full_s']:>9.4f} {r['ratio']:>6.3f} "
+        print(f"{r['k']:>3} {r['paper_layer']:>3} {r['projection']:>10} {r['internal_s']:>11.4f} {r['full_s']:>9.4f} {r['ratio']:>6.3f} "
               f"{r['cpu_ratio']:>9.3f} {r['ideal']:>8.3f} {r['goal']:>6.3f}  {'yes' if r['meets_goal'] else 'NO'}")
     if args.out:
         from bupo.io import atomic_write_json

@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import re
 import statistics
+from pathlib import Path
 
 import pytest
 import torch
@@ -119,3 +120,58 @@ def test_demo_rejects_bad_budgets(capsys):
     assert main(["demo", "--internal-steps", "5", "--rollout-steps", "2"]) == 2
     assert "--internal-steps must be in 0..--rollout-steps" in capsys.readouterr().err
     assert main(["demo", "--eval-samples", "0"]) == 2
+
+
+def test_demo_and_reproduce_share_one_home_for_their_steps():
+    import bupo.demo
+    import bupo.experiment
+    import bupo.reproduce
+
+    # no import circle: both take the shared steps from bupo.experiment, neither reaches into the other
+    for mod in (bupo.demo, bupo.reproduce):
+        assert mod.run_training is bupo.experiment.run_training
+        assert mod.eval_results is bupo.experiment.eval_results
+    src = {m: Path(m.__file__).read_text(encoding="utf-8") for m in (bupo.demo, bupo.reproduce)}
+    assert "bupo.reproduce" not in src[bupo.demo] and "from bupo.demo " not in src[bupo.reproduce]
+
+
+def test_reproduce_real_model_rejects_bad_input(tmp_path, capsys):
+    from bupo.cli import main
+
+    assert main(["reproduce", "--model", str(tmp_path / "missing"), "--out", str(tmp_path / "o")]) == 2
+    assert "--model must be a local checkpoint folder" in capsys.readouterr().err
+    assert main(["reproduce", "--model", str(tmp_path), "--out", str(tmp_path / "o"), "--projection", "lens"]) == 2
+    assert "--projection takes a comma-separated list of raw, final_norm" in capsys.readouterr().err
+    assert main(["reproduce", "--model", str(tmp_path), "--out", str(tmp_path / "o"), "--completions", "20"]) == 2
+    assert "--completions must be a multiple of 16" in capsys.readouterr().err
+
+
+@pytest.mark.slow
+@pytest.mark.xdist_group("training")
+def test_reproduce_real_model_end_to_end_on_a_checkpoint_folder(tmp_path, capsys):
+    """The real-model experiment's plumbing on the bundled checkpoint folder (any folder works the same way)."""
+    from bupo.cli import main
+    from bupo.zoo import bundled_model_path
+
+    out = tmp_path / "real"
+    argv = ["reproduce", "--model", str(bundled_model_path()), "--out", str(out), "--rollout-steps", "2",
+            "--internal-steps", "1", "--internal-layer", "1", "--projection", "raw,final_norm", "--completions", "16",
+            "--eval-problems", "3", "--eval-samples", "2", "--max-completion-length", "8"]
+    assert main(argv) == 0
+    res = json.loads((out / "results.json").read_text())
+    assert set(res["runs"]) == {"grpo-seed0", "bupo-raw-seed0", "bupo-final_norm-seed0"}
+    assert res["settings"]["internal_layer"] == 1 and res["settings"]["s_inter_fraction"] == 0.5
+    for name, proj in (("bupo-raw-seed0", "raw"), ("bupo-final_norm-seed0", "final_norm")):
+        run = json.loads((out / "runs" / name / "bupo_run.json").read_text())
+        assert run["internal_layer"] == 1 and run["internal_steps"] == 1
+        assert run["reward"] == "final_number"
+        assert set(res["runs"][name]["phases"]) == {"internal", "full"}  # one rollout step in each phase
+        assert res["runs"][name]["projection"] == proj
+    assert "internal" not in res["runs"]["grpo-seed0"]["phases"]
+    assert (out / "figures" / "rewards.png").stat().st_size > 0
+    table = (out / "table.md").read_text()
+    assert "| base |" in table and "| GRPO |" in table and "| BuPO (final_norm) |" in table
+    # resumable: a rerun reuses every finished run
+    mtime = (out / "runs" / "grpo-seed0" / "bupo_run.json").stat().st_mtime
+    assert main(argv) == 0
+    assert (out / "runs" / "grpo-seed0" / "bupo_run.json").stat().st_mtime == mtime

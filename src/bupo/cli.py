@@ -19,6 +19,7 @@ _SUBCOMMANDS: list[str] = [
     "bupo.training.cli",
     "bupo.evaluation.cli",
     "bupo.demo",
+    "bupo.reproduce",
     "bupo.recipes.cli",
 ]
 

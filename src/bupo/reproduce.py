@@ -9,20 +9,99 @@
   BuPO runs and a fixed probe batch of held-out responses of the base model: mean cosine similarity between
   H^k and every higher layer's H^j; ΔH_Layer of layer k, H(pi^k) − H(pi^{k−1}); KL(pi^k || pi^j) for j > k.
 
+With ``--model DIR`` (a real pretrained checkpoint, e.g. SmolLM2-135M-Instruct): :func:`run_real_model`, the
+smallest honest GRPO vs BuPO experiment on that model (see its docstring; docs/real-models.md has the measured table).
+
 Everything is resumable: a run whose ``bupo_run.json`` exists is not redone, metrics are cached per checkpoint.
-Conventions: k is 0-based (paper layer k+1); entropies and KL in nats; projection ``raw``.
+Conventions: k is 0-based (paper layer k+1); entropies and KL in nats; projection ``raw`` on the bundled model.
 """
 
 from __future__ import annotations
 
+import argparse
 import json
 import math
 import statistics
 import time
 from pathlib import Path
+from typing import Any
 
-from bupo.demo import _eval_results, run_analysis, run_training
+from bupo.experiment import (
+    THREADS_HELP,
+    bundled_max_new_tokens,
+    check_positive,
+    eval_results,
+    metrics,
+    run_analysis,
+    run_training,
+    set_threads,
+)
 from bupo.io import atomic_write_json
+
+
+def register(subparsers: Any) -> None:
+    r = subparsers.add_parser(
+        "reproduce", help="seeds x {GRPO, BuPO}, s_inter and k ablations, feature refinement; resumable",
+        description="The paper's claims in miniature on the bundled model, or with --model DIR a small GRPO vs "
+                    "BuPO run on a real checkpoint (see bupo.reproduce).",
+    )
+    r.add_argument("--out", default="reproduce", help="output folder (default: reproduce)")
+    r.add_argument("--model", default=None,
+                   help="a real checkpoint folder: run the real-model experiment (arithmetic in words, "
+                        "final_number reward) instead of the bundled-model study")
+    r.add_argument("--seeds", type=int, default=None, help="seeds per algorithm (default 5; 1 with --model)")
+    r.add_argument("--rollout-steps", type=int, default=None, help="default 16 (8 with --model)")
+    r.add_argument("--internal-steps", type=int, default=None,
+                   help="s_inter in rollout steps: the 'moderate' one (default 4; with --model a quarter of "
+                        "--rollout-steps)")
+    r.add_argument("--eval-problems", type=int, default=None, help="default 100 (32 with --model)")
+    r.add_argument("--eval-samples", type=int, default=None, help="default 8 (4 with --model)")
+    r.add_argument("--no-ablations", action="store_true", help="only the seed study")
+    r.add_argument("--internal-layer", type=int, default=None,
+                   help="--model: 0-based k (paper layer k+1); default: the analysis' suggestion, an error when "
+                        "it has none")
+    r.add_argument("--projection", default="final_norm",
+                   help="--model: BuPO internal projection(s), comma-separated raw,final_norm (default final_norm)")
+    r.add_argument("--analysis", default=None,
+                   help="--model: a finished analysis (summary.json or its folder) to take k from; default: a short "
+                        "analysis into <out>/analysis")
+    r.add_argument("--difficulty", type=int, default=REAL_DEFAULTS["difficulty"],
+                   help=f"--model: operations per arithmetic problem (default {REAL_DEFAULTS['difficulty']})")
+    r.add_argument("--learning-rate", type=float, default=REAL_DEFAULTS["learning_rate"],
+                   help=f"--model: learning rate (default {REAL_DEFAULTS['learning_rate']})")
+    r.add_argument("--max-completion-length", type=int, default=REAL_DEFAULTS["max_completion_length"],
+                   help=f"--model: tokens per completion (default {REAL_DEFAULTS['max_completion_length']})")
+    r.add_argument("--completions", type=int, default=32,
+                   help="--model: completions per rollout step, 8 per prompt, a multiple of 16 (default 32)")
+    r.add_argument("--threads", type=int, default=1, help=THREADS_HELP)
+    r.set_defaults(func=_reproduce)
+
+
+def _reproduce(args: argparse.Namespace) -> int:
+    real = args.model is not None
+    for name, bundled, small in (("seeds", 5, 1), ("rollout_steps", 16, 8), ("eval_problems", 100, 32),
+                                 ("eval_samples", 8, 4)):
+        if getattr(args, name) is None:
+            setattr(args, name, small if real else bundled)
+    if args.internal_steps is None:
+        args.internal_steps = max(1, args.rollout_steps // 4) if real else 4
+    check_positive(args, "seeds", "rollout_steps", "eval_problems", "eval_samples")
+    set_threads(args.threads)
+    if real:
+        projections = [p.strip() for p in args.projection.split(",") if p.strip()]
+        run_real_model(Path(args.out), model=args.model, seeds=args.seeds, rollout_steps=args.rollout_steps,
+                       internal_steps=args.internal_steps, internal_layer=args.internal_layer,
+                       projections=projections, analysis=args.analysis, difficulty=args.difficulty,
+                       eval_problems=args.eval_problems, eval_samples=args.eval_samples,
+                       learning_rate=args.learning_rate, max_completion_length=args.max_completion_length,
+                       completions_per_rollout=args.completions)
+        return 0
+    run_reproduce(Path(args.out), seeds=args.seeds, rollout_steps=args.rollout_steps,
+                  internal_steps=args.internal_steps, eval_problems=args.eval_problems,
+                  eval_samples=args.eval_samples, ablations=not args.no_ablations)
+    return 0
+
+
 
 # two-sided 95% Student t quantiles, df = 1..30 (beyond: normal)
 _T975 = [12.706, 4.303, 3.182, 2.776, 2.571, 2.447, 2.365, 2.306, 2.262, 2.228, 2.201, 2.179, 2.160, 2.145, 2.131,
@@ -40,16 +119,6 @@ def paired_ci(diffs: list[float]) -> tuple[float, float, float]:
     return mean, mean - half, mean + half
 
 
-def _metrics(results: dict) -> dict[str, float]:
-    """Avg@K and each Pass@K of one evaluation, averaged over its benchmarks (fractions)."""
-    benches = list(results["benchmarks"].values())
-    out = {"avg": statistics.fmean(b["avg"] for b in benches)}
-    for k in sorted({int(k) for b in benches for k in b["pass_at_k"]}):
-        vals = [b["pass_at_k"][str(k)] for b in benches if str(k) in b["pass_at_k"]]
-        out[f"pass@{k}"] = statistics.fmean(vals)
-    return out
-
-
 def _sd(xs: list[float]) -> float:
     return statistics.stdev(xs) if len(xs) > 1 else 0.0
 
@@ -64,12 +133,11 @@ def probe_batch(n: int = 16, seed: int = 1234):
 
     from bupo.analysis.run import generate_traces, traces_from_generated
     from bupo.data.task import make_examples
-    from bupo.demo import _max_new_tokens
     from bupo.zoo import load_bundled
 
     model, tok = load_bundled()
     rows = make_examples("test", n, seed=seed)
-    gen = generate_traces(model, tok, rows, template="chat", max_new_tokens=_max_new_tokens(), temperature=1.0,
+    gen = generate_traces(model, tok, rows, template="chat", max_new_tokens=bundled_max_new_tokens(), temperature=1.0,
                           top_p=1.0, seed=seed)
     traces = traces_from_generated(tok, gen)
     seqs = [t.prompt_ids + t.response_ids for t in traces]
@@ -187,7 +255,7 @@ def run_reproduce(out: Path, *, seeds: int = 5, rollout_steps: int = 16, interna
         print(f"== {name}")
         run_training(out / "runs" / name, algo=algo, seed=seed, internal_steps=s_inter, internal_layer=layer,
                      eval_before=eval_before, save_every=save_every, **common)
-        return _metrics(_eval_results(out / "runs" / name, first=False))
+        return metrics(eval_results(out / "runs" / name, first=False))
 
     # base model: one evaluation (step 0 of the first GRPO run); seed-0 runs keep checkpoints for the refinement
     per_seed = {"grpo": [], "bupo": []}
@@ -196,7 +264,7 @@ def run_reproduce(out: Path, *, seeds: int = 5, rollout_steps: int = 16, interna
             per_seed[algo].append(train(f"{algo}-seed{seed}", algo, seed,
                                         save_every=max(1, rollout_steps // 4) if seed == 0 else 0,
                                         eval_before=(seed == 0 and algo == "grpo")))
-    base = _metrics(_eval_results(out / "runs" / "grpo-seed0", first=True))
+    base = metrics(eval_results(out / "runs" / "grpo-seed0", first=True))
 
     keys = list(base)
     rows = ["| metric | base | GRPO mean ± std | BuPO mean ± std | BuPO − GRPO (paired) | 95% CI |",
@@ -266,4 +334,197 @@ def run_reproduce(out: Path, *, seeds: int = 5, rollout_steps: int = 16, interna
     if abl_rows:
         print("\n" + "\n".join(abl_rows))
     print(f"\nreport: {report}   ({settings['wall_seconds']:.0f} s)")
+    return results
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# a real pretrained model (issue 12): GRPO vs BuPO on the bundled arithmetic task with the final_number reward
+
+REAL_DEFAULTS: dict[str, Any] = {
+    # 1-operation problems: the level at which SmolLM2-135M-Instruct gets some but not all right (pass@8 measured
+    # in docs/real-models.md), so GRPO groups have reward variance
+    "difficulty": 1,
+    "learning_rate": 1e-5,  # full fine-tuning of a 135M model; the bundled toy's 2e-4 would wreck it
+    "max_completion_length": 128,
+    "train_rows": 512,
+    "analysis_samples": 8,
+}
+
+
+def _write_rows(path: Path, rows: list[dict]) -> str:
+    from bupo.io import atomic_write_text
+
+    atomic_write_text(path, "".join(json.dumps(r) + "\n" for r in rows))
+    return str(path)
+
+
+def _resolve_real_k(out: Path, model: str, internal_layer: int | None, analysis: str | None, rows: list[dict],
+                    projection: str, max_new_tokens: int) -> tuple[int, str]:
+    """(k, where it came from): the given k, else the analysis' suggestion; ValueError with the reason if none."""
+    if internal_layer is not None:
+        if internal_layer < 0:
+            raise ValueError(f"--internal-layer must be a 0-based layer >= 0, got {internal_layer}")
+        return internal_layer, "--internal-layer"
+    if analysis is not None:
+        from bupo.analysis import load_summary
+
+        a = Path(analysis)
+        summary = load_summary(a.parent if a.name == "summary.json" else a)
+        source = f"analysis {analysis}"
+    else:
+        summary = run_analysis(out / "analysis", samples=REAL_DEFAULTS["analysis_samples"], seed=0, model=model,
+                               rows=rows, max_new_tokens=max_new_tokens, projection=projection)
+        source = f"analysis {out / 'analysis'}"
+    k = summary.get("suggested_internal_layer")
+    if k is None:
+        reason = (summary.get("boundary") or {}).get("reason") or (summary.get("boundary") or {}).get("note")
+        raise ValueError(f"the {source} suggests no internal layer ({reason or 'no boundary layer'}); pass "
+                         "--internal-layer K (0-based) explicitly, e.g. from the final_norm analysis "
+                         "(docs/real-models.md)")
+    return int(k), source
+
+
+def _phase_stats(log: list[dict], per: int) -> dict[str, dict[str, float]]:
+    """Mean seconds per rollout step, mean grad norm and mean reward per phase, from a run's log_history.
+
+    TRL's ``step_time`` is the mean seconds per optimizer step over the logging window (generation included in the
+    first step of each rollout); one rollout step is ``per`` optimizer steps.
+    """
+    out: dict[str, dict[str, float]] = {}
+    for phase, flag in (("internal", 1.0), ("full", 0.0)):
+        rows = [r for r in log if r.get("bupo/phase") == flag and "step_time" in r]
+        if rows:
+            out[phase] = {
+                "rollout_steps_logged": len(rows),
+                "seconds_per_rollout_step": statistics.fmean(r["step_time"] for r in rows) * per,
+                "grad_norm": statistics.fmean(r["grad_norm"] for r in rows if "grad_norm" in r)
+                if any("grad_norm" in r for r in rows) else float("nan"),
+                "reward": statistics.fmean(r["reward"] for r in rows if "reward" in r)
+                if any("reward" in r for r in rows) else float("nan"),
+            }
+    return out
+
+
+def _reward_curve(log: list[dict]) -> list[tuple[int, float]]:
+    return [(int(r["step"]), float(r["reward"])) for r in log if "reward" in r and "step" in r]
+
+
+def reward_figure(curves: dict[str, list[tuple[int, float]]], path: Path, title: str) -> Path:
+    from bupo.analysis.figures import _plt, _save
+
+    fig, ax = _plt().subplots(figsize=(6, 3.2))
+    for label, pts in curves.items():
+        if pts:
+            ax.plot([p[0] for p in pts], [p[1] for p in pts], marker="o", label=label)
+    ax.set_xlabel("optimizer step")
+    ax.set_ylabel("mean train reward")
+    ax.set_title(title, fontsize=9)
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=8)
+    return _save(fig, path)  # atomic
+
+
+def run_real_model(out: Path, *, model: str | Path, seeds: int = 1, rollout_steps: int = 8, internal_steps: int = 2,
+                   internal_layer: int | None = None, projections: list[str] | tuple[str, ...] = ("final_norm",),
+                   analysis: str | None = None, difficulty: int = REAL_DEFAULTS["difficulty"],
+                   eval_problems: int = 32, eval_samples: int = 4,
+                   learning_rate: float = REAL_DEFAULTS["learning_rate"],
+                   max_completion_length: int = REAL_DEFAULTS["max_completion_length"],
+                   completions_per_rollout: int = 32) -> dict:
+    """GRPO vs BuPO on a real checkpoint, small enough for a 2-core CPU; resumable, reported as measured.
+
+    Task: the bundled arithmetic task at ``difficulty`` operations (train split for training, ``eval_problems``
+    disjoint test problems held out), prompts through the model's chat template, reward ``final_number`` (the last
+    number of the completion; small models seldom write ``\\boxed{}``). Per seed: one GRPO run and one BuPO run per
+    projection in ``projections`` (``raw`` = the paper's lm_head(h), ``final_norm`` = the logit lens), each
+    ``rollout_steps`` rollout steps of ``completions_per_rollout`` completions (8 per prompt), BuPO's first ``internal_steps`` on layer k.
+    k: ``internal_layer``, else the analysis' suggestion (``analysis``, or a short one run here); ValueError when
+    neither gives one. Writes ``results.json``, ``table.md`` and ``figures/rewards.png``; returns the results.
+    """
+    from bupo.data.task import make_examples
+    from bupo.internal.adapters import PROJECTIONS
+
+    if not Path(model).is_dir():
+        raise ValueError(f"--model must be a local checkpoint folder, got {model!r}")
+    bad = [p for p in projections if p not in PROJECTIONS]
+    if not projections or bad:
+        raise ValueError(f"--projection takes a comma-separated list of {', '.join(PROJECTIONS)}, got "
+                         f"{','.join(projections)!r}")
+    if completions_per_rollout < 16 or completions_per_rollout % 16:
+        raise ValueError(f"--completions must be a multiple of 16 (8 per prompt, 2 optimizer steps per rollout "
+                         f"step), got {completions_per_rollout}")
+    if not 0 < internal_steps <= rollout_steps:
+        raise ValueError(f"--internal-steps must be in 1..--rollout-steps ({rollout_steps}), got {internal_steps}")
+    t0 = time.time()
+    out.mkdir(parents=True, exist_ok=True)
+    train_rows = make_examples("train", REAL_DEFAULTS["train_rows"], seed=0, difficulty=difficulty)
+    test_rows = make_examples("test", eval_problems, seed=0, difficulty=difficulty)
+    train_file = _write_rows(out / "data" / "arith_train.jsonl", train_rows)
+    test_file = _write_rows(out / "data" / f"arith_d{difficulty}_test.jsonl", test_rows)
+    k, k_source = _resolve_real_k(out, str(model), internal_layer, analysis, test_rows, projections[0],
+                                  max_completion_length)
+    print(f"== k = {k} (0-based, paper layer {k + 1}) from {k_source}; s_inter = {internal_steps} of "
+          f"{rollout_steps} rollout steps ({internal_steps / rollout_steps:.0%})")
+    overrides = {
+        "model_name_or_path": str(model), "data": train_file, "eval_data": [test_file], "reward": "final_number",
+        "template": "chat", "max_completion_length": max_completion_length, "learning_rate": learning_rate,
+        "eval_batch_size": 32, "logging_steps": 2, "probe_every": 0,
+        "num_generations": 8, "per_device_train_batch_size": completions_per_rollout // 2,
+    }
+    per = 2  # optimizer steps per rollout step (bupo.experiment.STEPS_PER_ROLLOUT)
+    runs: dict[str, dict[str, Any]] = {}
+    for seed in range(seeds):
+        plan = [("GRPO", "grpo", "raw")] + [(f"BuPO ({p})", "bupo", p) for p in projections]
+        for label, algo, proj in plan:
+            name = f"{algo}-seed{seed}" if algo == "grpo" else f"bupo-{proj}-seed{seed}"
+            print(f"== {name}")
+            run_dir = out / "runs" / name
+            run_training(run_dir, algo=algo, seed=seed, rollout_steps=rollout_steps, internal_steps=internal_steps,
+                         internal_layer=k, eval_problems=eval_problems, eval_samples=eval_samples,
+                         eval_before=(algo == "grpo"), overrides={**overrides, "internal_projection": proj})
+            log = json.loads((run_dir / "log_history.json").read_text())
+            runs[name] = {"label": label, "seed": seed, "algo": algo, "projection": proj,
+                          "after": metrics(eval_results(run_dir, first=False)),
+                          "phases": _phase_stats(log, per), "reward_curve": _reward_curve(log)}
+            if algo == "grpo":
+                runs[name]["before"] = metrics(eval_results(run_dir, first=True))
+    base = [r["before"] for r in runs.values() if "before" in r]
+    keys = list(base[0])
+    lines = [f"Avg@{eval_samples} / Pass@K (%) on {eval_problems} held-out {difficulty}-operation problems, "
+             f"{seeds} seed(s); k = {k}; s_inter = {internal_steps}/{rollout_steps} rollout steps.", "",
+             "| run | " + " | ".join(keys) + " | s / rollout step (internal) | s / rollout step (full) | "
+             "grad norm (internal) | grad norm (full) |",
+             "|---|" + "---|" * (len(keys) + 4)]
+    mean_base = {key: statistics.fmean(b[key] for b in base) for key in keys}
+    lines.append("| base | " + " | ".join(f"{100 * mean_base[key]:.1f}" for key in keys) + " | | | | |")
+    for label in dict.fromkeys(r["label"] for r in runs.values()):
+        rs = [r for r in runs.values() if r["label"] == label]
+
+        def cell(phase: str, what: str, fmt: str, rs: list[dict] = rs) -> str:
+            vals = [r["phases"][phase][what] for r in rs if phase in r["phases"]]
+            return format(statistics.fmean(vals), fmt) if vals else "—"
+
+        lines.append(f"| {label} | " + " | ".join(
+            f"{100 * statistics.fmean(r['after'][key] for r in rs):.1f}"
+            + (f" ± {100 * _sd([r['after'][key] for r in rs]):.1f}" if len(rs) > 1 else "") for key in keys)
+            + f" | {cell('internal', 'seconds_per_rollout_step', '.0f')} | "
+              f"{cell('full', 'seconds_per_rollout_step', '.0f')} | {cell('internal', 'grad_norm', '.2f')} | "
+              f"{cell('full', 'grad_norm', '.2f')} |")
+    table = "\n".join(lines)
+    fig = reward_figure({n: r["reward_curve"] for n, r in runs.items()}, out / "figures" / "rewards.png",
+                        f"{Path(model).name}: train reward (final_number)")
+    settings = {"model": str(model), "seeds": seeds, "rollout_steps": rollout_steps, "internal_steps": internal_steps,
+                "s_inter_fraction": internal_steps / rollout_steps, "internal_layer": k,
+                "internal_layer_paper": k + 1, "k_source": k_source, "projections": list(projections),
+                "difficulty": difficulty, "eval_problems": eval_problems, "eval_samples": eval_samples,
+                "learning_rate": learning_rate, "max_completion_length": max_completion_length,
+                "reward": "final_number", "completions_per_rollout_step": completions_per_rollout,
+                "wall_seconds": round(time.time() - t0, 1)}
+    results = {"settings": settings, "runs": runs, "table": table, "figure": str(fig)}
+    atomic_write_json(out / "results.json", results)
+    from bupo.io import atomic_write_text
+
+    atomic_write_text(out / "table.md", table + "\n")
+    print(table)
+    print(f"\n{out / 'results.json'}   ({settings['wall_seconds']:.0f} s)")
     return results

@@ -1,6 +1,7 @@
 """Rewards for math reasoning: the paper's boxed exact-match scorer and a math-verify scorer.
 
-Two plain callables, ``boxed_exact(completion, ground_truth)`` and ``math_verify_reward(completion, ground_truth)``,
+Plain callables ``boxed_exact(completion, ground_truth)``, ``math_verify_reward(completion, ground_truth)`` and
+``final_number(completion, ground_truth)`` (last number; for small models),
 each returning 1.0 or 0.0, plus TRL-style batch wrappers built by :func:`make_reward_func`. No call ever raises or
 hangs: an exception scores 0.0 and counts as an ``error``, a call over its time limit (default 5 s) as a ``timeout``
 (:class:`RewardStats`: one per reward name in :data:`STATS`, one per wrapper as ``func.stats``).
@@ -23,6 +24,7 @@ from bupo.rewards.api import (
     STATS,
     RewardStats,
     boxed_exact,
+    final_number,
     make_reward_func,
     math_verify_reward,
     score,
@@ -37,6 +39,7 @@ __all__ = [
     "RewardStats",
     "boxed_exact",
     "extract_boxed",
+    "final_number",
     "is_equiv",
     "make_reward_func",
     "math_verify_reward",

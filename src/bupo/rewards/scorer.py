@@ -17,6 +17,7 @@ Only linear-time string operations: a 1e6-character input takes milliseconds, so
 from __future__ import annotations
 
 import re
+from fractions import Fraction
 
 __all__ = ["boxed_exact_raw", "check_strings", "extract_boxed", "is_equiv", "normalize_answer"]
 
@@ -213,3 +214,34 @@ def boxed_exact_raw(completion: str, ground_truth: str) -> float:
     if found is None or found[0] == "fbox":  # \fbox: the paper's scorer rejects it (module docstring)
         return 0.0
     return 1.0 if is_equiv(found[1], ground_truth) else 0.0
+
+
+# --------------------------------------------------------------------------------------------
+# final_number: a scorer that gives signal on small models (issue 12)
+# --------------------------------------------------------------------------------------------
+
+# an optionally signed integer or decimal; thousands separators ("1,234") are allowed inside
+_NUMBER = re.compile(r"(?<![\w.])-?\d{1,3}(?:,\d{3})+(?:\.\d+)?(?![\d,]*\d)|(?<![\w.])-?\d+(?:\.\d+)?")
+
+
+def _as_number(text: str) -> Fraction | None:
+    try:
+        return Fraction(text.replace(",", "").strip())
+    except (ValueError, ZeroDivisionError):
+        return None
+
+
+def final_number_raw(completion: str, ground_truth: str) -> float:
+    """The final_number scorer, unguarded (use :func:`bupo.rewards.final_number`): the last number inside the last
+    ``\\boxed{}`` when there is one, else the last number of the completion, compared exactly as fractions."""
+    check_strings(completion, ground_truth)
+    gold = _as_number(ground_truth)
+    if gold is None:
+        raise ValueError(f"final_number needs a numeric ground truth, got {ground_truth!r:.80}")
+    found = _last_boxed(completion)
+    # a boxed answer is the model's stated answer; otherwise the last number written is taken as it
+    text = found[1] if found is not None else completion
+    numbers = _NUMBER.findall(text)
+    if not numbers:
+        return 0.0
+    return 1.0 if _as_number(numbers[-1]) == gold else 0.0

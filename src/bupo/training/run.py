@@ -56,7 +56,7 @@ class BuPOScriptArguments:
     template: str = field(default="auto", metadata={
         "help": "prompt template: auto, qwen3_no_thinking, chat, octothinker (auto: qwen3_no_thinking when the "
         "tokenizer's chat template honours enable_thinking, else chat, else octothinker)"})
-    reward: str = field(default="boxed_exact", metadata={"help": "comma-separated: boxed_exact (paper), math_verify"})
+    reward: str = field(default="boxed_exact", metadata={"help": "comma-separated: boxed_exact (paper), math_verify, final_number (last number; small models)"})
     reward_timeout: float = field(default=5.0, metadata={"help": "seconds per completion for each reward call"})
     reward_workers: int | None = field(default=None, metadata={
         "help": "worker processes scoring math_verify (default: $BUPO_REWARD_WORKERS, else the CPU cores per process)"})
@@ -777,7 +777,7 @@ def train(train_args: Any, script: BuPOScriptArguments) -> dict[str, Any]:
     reward_funcs = [make_reward_func(name.strip(), timeout=script.reward_timeout, workers=script.reward_workers)
                     for name in script.reward.split(",") if name.strip()]
     if not reward_funcs:
-        raise ValueError("--reward needs at least one reward name (boxed_exact, math_verify)")
+        raise ValueError("--reward needs at least one reward name (boxed_exact, math_verify, final_number)")
     train_args.model_init_kwargs = None  # consumed by load_model (TRL would warn that it ignores them)
     trainer = BuPOTrainer(model=model, reward_funcs=reward_funcs, args=train_args, train_dataset=dataset,
                           processing_class=tokenizer, peft_config=peft_config(script.model_args))
