@@ -393,6 +393,8 @@ def train(train_args: Any, script: BuPOScriptArguments) -> dict[str, Any]:
             "switch": trainer.bupo_switch,  # issue 16: switch.step (first full-policy rollout step), switch.reason
             "versions": _versions(),
         })
+        if summary["switch"].get("step"):  # issue 16: with auto / a schedule the full phase starts where it switched
+            summary["full_phase_starts_at_optimizer_step"] = (summary["switch"]["step"] - 1) * n_per + 1
         atomic_write_json(out_dir / RUN_FILE, summary, default=str)
         atomic_write_json(out_dir / "log_history.json", trainer.state.log_history, default=str)
     return summary
