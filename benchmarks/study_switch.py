@@ -96,6 +96,9 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--arms", nargs="*", default=list(ARMS))
     ap.add_argument("--schedule", action="store_true", help="also the progressive-schedule arm 'sched'")
     ap.add_argument("--trace", action="store_true", help="only: one fixed s_inter=12 run (seed 0) with the signals")
+    ap.add_argument("--table-only", action="store_true", help="only tabulate the finished runs (train nothing)")
+    ap.add_argument("--ref", default="auto12", help="the arm the paired differences are taken against")
+    ap.add_argument("--queue", action="store_true", help="work through unclaimed runs (parallel workers)")
     ap.add_argument("--layer", type=int, help="k (default: the analysis' boundary layer)")
     ap.add_argument("--json", help="write the table and per-seed values here")
     args = ap.parse_args(argv)
@@ -104,7 +107,6 @@ def main(argv: list[str] | None = None) -> int:
 
     torch.set_num_threads(1)
     from bupo.io import atomic_write_json
-    from bupo.reproduce import paired_ci
 
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
@@ -117,44 +119,77 @@ def main(argv: list[str] | None = None) -> int:
             print(json.dumps(row))
         return 0
     arms = list(args.arms) + (["sched"] if args.schedule else [])
-    t0 = time.time()
-    results: dict[str, list[dict]] = {a: [] for a in arms}
+    if args.queue:  # a worker: take the next unclaimed run (several workers can share one --out)
+        claims = out / ".claims"
+        claims.mkdir(exist_ok=True)
+        for seed in args.seed_list or range(args.seeds):
+            for arm in arms:
+                name = f"{arm}-seed{seed}"
+                if (out / name / "bupo_run.json").is_file():
+                    continue
+                try:
+                    (claims / name).mkdir()
+                except FileExistsError:
+                    continue
+                t = time.time()
+                s = run_arm(out / name, arm, seed, k)
+                print(f"{name}: Avg@8 {100 * s['evals'][-1]['eval/avg']:.2f}  switch step "
+                      f"{s.get('switch', {}).get('step')}  ({time.time() - t:.0f} s)", flush=True)
+        return 0
     seeds = args.seed_list if args.seed_list else list(range(args.seeds))
+    runs: dict[str, dict[int, dict]] = {a: {} for a in arms}
     for seed in seeds:
         for arm in arms:
+            name = out / f"{arm}-seed{seed}"
+            if args.table_only and not (name / "bupo_run.json").is_file():
+                continue
             t = time.time()
-            s = run_arm(out / f"{arm}-seed{seed}", arm, seed, k)
-            last = s["evals"][-1]
-            results[arm].append({"seed": seed, "avg": last["eval/avg"], "switch": s.get("switch", {}).get("step"),
-                                 "reason": s.get("switch", {}).get("reason")})
-            print(f"{arm} seed {seed}: Avg@8 {100 * last['eval/avg']:.2f}  switch step "
-                  f"{results[arm][-1]['switch']}  ({time.time() - t:.0f} s)", flush=True)
-    if args.seed_list:
+            s = run_arm(name, arm, seed, k)
+            sw = s.get("switch") or {}
+            runs[arm][seed] = {"avg": s["evals"][-1]["eval/avg"], "switch_step": sw.get("step"),
+                               "reason": sw.get("reason")}
+            if not args.table_only:
+                print(f"{arm} seed {seed}: Avg@8 {100 * runs[arm][seed]['avg']:.2f}  switch step "
+                      f"{sw.get('step')}  ({time.time() - t:.0f} s)", flush=True)
+    if args.seed_list and not args.table_only:
         return 0  # a partial run: the table comes from a final call over all seeds (finished runs are reused)
-    ref = "auto12" if "auto12" in arms else arms[0]
-    lines = [f"| arm | Avg@8 mean ± std (%) | per seed | − {ref} (paired) | 95% CI |", "|---|---|---|---|---|"]
-    table = {}
-    for arm in arms:
-        v = [r["avg"] for r in results[arm]]
-        d = [a - b for a, b in zip(v, [r["avg"] for r in results[ref]], strict=True)]
-        mean, lo, hi = paired_ci(d)
-        table[arm] = {"avg": v, "mean": statistics.fmean(v), "diff_vs_" + ref: mean, "ci": [lo, hi],
-                      "switch_steps": [r["switch"] for r in results[arm]]}
-        ci = "—" if arm == ref else f"[{100 * lo:+.2f}, {100 * hi:+.2f}]"
-        lines.append(f"| {arm} | {100 * statistics.fmean(v):.2f} ± {100 * statistics.stdev(v) if len(v) > 1 else 0:.2f}"
-                     f" | {' / '.join(f'{100 * x:.1f}' for x in v)} | "
-                     f"{'—' if arm == ref else f'{100 * mean:+.2f}'} | {ci} |")
-    md = "\n".join(lines)
+    md, table = study_table(runs, ref=args.ref if args.ref in arms else arms[0])
     print(md)
     if args.json:
         atomic_write_json(args.json, {
-            "settings": {"model": "bundled", "seeds": args.seeds, "rollout_steps": ROLLOUT_STEPS,
-                         "completions_per_rollout": COMPLETIONS, "internal_layer": k, "eval": "Avg@8, 100 held-out "
-                         "bundled problems, after training", "ci": "paired Student t over seeds, 95%",
-                         "wall_seconds": round(time.time() - t0, 1)},
-            "arms": table, "runs": results, "table_md": md})
+            "settings": {"model": "bundled", "seeds": seeds, "rollout_steps": ROLLOUT_STEPS,
+                         "completions_per_rollout": COMPLETIONS, "optimizer_steps_per_rollout": PER_ROLLOUT,
+                         "internal_layer": k, "eval": "Avg@8 over 100 held-out bundled problems, after training",
+                         "ci": "paired Student t over the seeds both arms have, 95%"},
+            "arms": table, "runs": {a: {str(sd): r for sd, r in v.items()} for a, v in runs.items()},
+            "table_md": md})
     return 0
 
+
+def study_table(runs: dict[str, dict[int, dict]], ref: str) -> tuple[str, dict]:
+    """Markdown table: per arm mean ± std, per-seed values and the paired difference to ``ref`` with its 95% CI."""
+    from bupo.reproduce import paired_ci
+
+    lines = [f"| arm | seeds | Avg@8 mean ± std (%) | per seed (%) | switch step(s) | − {ref}, paired (pp) | 95% CI |",
+             "|---|---|---|---|---|---|---|"]
+    table = {}
+    for arm, by_seed in runs.items():
+        if not by_seed:
+            continue
+        seeds = sorted(by_seed)
+        v = [by_seed[s]["avg"] for s in seeds]
+        shared = [s for s in seeds if s in runs[ref]]
+        mean, lo, hi = paired_ci([by_seed[s]["avg"] - runs[ref][s]["avg"] for s in shared]) if shared else (
+            float("nan"), float("nan"), float("nan"))
+        sd = statistics.stdev(v) if len(v) > 1 else 0.0
+        table[arm] = {"seeds": seeds, "avg": v, "mean": statistics.fmean(v), "std": sd, f"diff_vs_{ref}": mean,
+                      "ci": [lo, hi], "paired_seeds": shared, "switch_steps": [by_seed[s]["switch_step"] for s in seeds]}
+        steps = " / ".join(str(by_seed[s]["switch_step"]) for s in seeds) if arm.startswith(("auto", "fixed")) else "—"
+        diff = "—" if arm == ref else f"{100 * mean:+.2f}"
+        ci = "—" if arm == ref else f"[{100 * lo:+.2f}, {100 * hi:+.2f}]"
+        lines.append(f"| {arm} | {len(v)} | {100 * statistics.fmean(v):.2f} ± {100 * sd:.2f} | "
+                     f"{' / '.join(f'{100 * x:.1f}' for x in v)} | {steps} | {diff} | {ci} |")
+    return "\n".join(lines), table
 
 if __name__ == "__main__":
     sys.exit(main())

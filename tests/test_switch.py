@@ -10,11 +10,12 @@ import pytest
 from bupo.training.switch import SwitchRule, SwitchSignals, parse_schedule, schedule_layer
 
 
-def feed(rule: SwitchRule, logps: list[float]) -> list[bool]:
-    """Decisions (internal?) for rollout steps 1..len(logps) given the full policy's probe log-prob trace."""
+def feed(rule: SwitchRule, logps: list[float], kls: list[float] | None = None) -> list[bool]:
+    """Decisions (internal?) for rollout steps 1..len(logps) given the full policy's probe log-prob (and KL) trace."""
     out = []
     for s, lp in enumerate(logps, start=1):
-        out.append(rule.update(SwitchSignals(step=s, full_logp=lp, kl_internal_full=0.3, entropy_internal=0.02)).internal)
+        kl = 0.3 if kls is None else kls[s - 1]
+        out.append(rule.update(SwitchSignals(step=s, full_logp=lp, kl_internal_full=kl, entropy_internal=0.02)).internal)
     return out
 
 
@@ -32,6 +33,17 @@ def test_no_switch_while_the_logprob_holds_or_rises():
     rule = SwitchRule(cap=12, logp_drop=0.05)
     assert all(feed(rule, [-0.10, -0.09, -0.12, -0.08, -0.149]))  # worst drop 0.049
     assert rule.switch_step is None and rule.internal_steps is None and rule.reason == ""
+
+
+def test_switches_when_kl_to_the_full_policy_rises_from_its_low():
+    # the study's seed 1: KL(pi^k || pi) falls, then climbs back; log-prob nearly flat
+    rule = SwitchRule(cap=12, logp_drop=0.05, kl_rise=0.01)
+    kls = [0.241, 0.195, 0.199, 0.2086, 0.218]
+    assert feed(rule, [-0.088, -0.093, -0.095, -0.099, -0.102], kls) == [True, True, True, False, False]
+    assert rule.switch_step == 4 and "KL(pi^k || pi) on the probe rose 0.014 nats" in rule.reason
+    # a KL that only falls (pi^k catching up with pi) never switches by itself
+    falling = SwitchRule(cap=12)
+    assert all(feed(falling, [-0.1] * 6, [0.39, 0.33, 0.15, 0.08, 0.05, 0.049]))
 
 
 def test_cap_reached():
@@ -71,6 +83,8 @@ def test_state_round_trip_through_strict_json_continues_identically():
 def test_bad_cap(cap):
     with pytest.raises(ValueError, match="internal_steps_max"):
         SwitchRule(cap=cap)
+    with pytest.raises(ValueError, match="kl_rise must be a number > 0"):
+        SwitchRule(cap=3, kl_rise=0)
 
 
 def test_schedule_parsing_and_layer_per_step():

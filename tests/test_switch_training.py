@@ -27,7 +27,7 @@ TESTS = Path(__file__).parent
 
 
 class Scripted(BuPOTrainer):
-    """Real signals, but full_logp replaced by ``script[step]``; records (optimizer step, internal, layer) per loss."""
+    """Real signals, but full_logp replaced by ``script[step]`` and a flat KL; records (optimizer step, internal, layer) per loss."""
 
     script: dict[int, float] = {}
 
@@ -37,7 +37,7 @@ class Scripted(BuPOTrainer):
 
     def _bupo_signals(self, step, reward=None):
         sig = super()._bupo_signals(step, reward)
-        return dataclasses.replace(sig, full_logp=self.script.get(step, -1.0))
+        return dataclasses.replace(sig, full_logp=self.script.get(step, -1.0), kl_internal_full=0.3)
 
     def _compute_loss(self, model, inputs):
         self.loss_log.append((self.state.global_step + 1, self.bupo_internal, self._bupo_layer))

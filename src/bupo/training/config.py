@@ -86,6 +86,11 @@ class BuPOConfig(GRPOConfig):
         metadata={"help": "BuPO, internal_steps='auto': switch once the full policy's mean log-prob of the probe "
                   "tokens fell this many nats/token below its rollout-step-1 value (bupo.training.switch)."},
     )
+    internal_switch_kl_rise: float = field(
+        default=0.01,
+        metadata={"help": "BuPO, internal_steps='auto': or switch once KL(pi^k || pi) on the probe rose this many nats "
+                  "above its lowest value so far (bupo.training.switch)."},
+    )
     internal_schedule: str | None = field(
         default=None,
         metadata={

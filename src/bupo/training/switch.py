@@ -11,14 +11,15 @@ ranks (so every rank takes the same decision), before rollout step ``s`` is gene
 
 - rollout step 1 is always internal; its signals are the baseline;
 - switch (rollout step ``s`` is the first on the full policy) as soon as the full policy's mean log-probability of
-  the fixed probe tokens has fallen ``logp_drop`` nats/token or more below its baseline. This is the paper's Fig. 5
-  mechanism: while the internal phase goes on, pi^k drifts away from the layers above (KL(pi^k || pi) grows) and the
-  full policy's perplexity on its own earlier samples rises; once that has started, further internal steps only
-  damage the policy that is sampled and finally used;
+  the fixed probe tokens has fallen ``logp_drop`` nats/token or more below its baseline, or KL(pi^k || pi) on the
+  probe has risen ``kl_rise`` nats or more above its lowest value so far. This is the paper's Fig. 5 mechanism:
+  while the internal phase goes on, pi^k drifts away from the layers above (KL(pi^k || pi) grows) and the full
+  policy's perplexity on its own earlier samples rises; once that has started, further internal steps only damage
+  the policy that is sampled and finally used;
 - otherwise switch when the cap is reached: at most ``cap`` internal rollout steps.
 
-KL(pi^k || pi), pi^k's entropy on the probe and the rollout reward are logged alongside (``bupo/switch/...``) but
-do not decide: see docs/training.md for the traces this rule was chosen from.
+pi^k's entropy on the probe and the rollout reward are logged alongside (``bupo/switch/...``) but do not decide: see
+docs/training.md for the traces this rule was chosen from.
 """
 
 from __future__ import annotations
@@ -60,12 +61,14 @@ class SwitchRule:
     """The adaptive end of the internal phase (see the module docstring for the rule and why).
 
     ``cap``: at most this many internal rollout steps (``internal_steps_max``); ``logp_drop``: nats/token the
-    full policy's probe log-probability may fall below its baseline before the switch.
+    full policy's probe log-probability may fall below its baseline before the switch; ``kl_rise``: nats
+    KL(pi^k || pi) may rise above its running minimum.
     Feed :meth:`update` the signals of rollout steps 1, 2, ... in order; once it switched it stays switched.
     """
 
     cap: int
     logp_drop: float = 0.05
+    kl_rise: float = 0.01
     trace: list[SwitchSignals] = field(default_factory=list)
     switch_step: int | None = None  # the first rollout step on the full policy (1-based)
     reason: str = ""
@@ -73,8 +76,10 @@ class SwitchRule:
     def __post_init__(self) -> None:
         if isinstance(self.cap, bool) or not isinstance(self.cap, int) or self.cap < 1:
             raise ValueError(f"the switch cap (internal_steps_max) must be an int >= 1, got {self.cap!r}")
-        if not (isinstance(self.logp_drop, (int, float)) and self.logp_drop > 0):
-            raise ValueError(f"logp_drop must be a number > 0 (nats/token), got {self.logp_drop!r}")
+        for name in ("logp_drop", "kl_rise"):
+            v = getattr(self, name)
+            if isinstance(v, bool) or not isinstance(v, (int, float)) or not v > 0:
+                raise ValueError(f"{name} must be a number > 0 (nats/token), got {v!r}")
 
     @property
     def internal_steps(self) -> int | None:
@@ -104,17 +109,25 @@ class SwitchRule:
             return SwitchDecision(1, True)  # the baseline: at least one internal step
         base = self.trace[0].full_logp
         drop = base - signals.full_logp
+        after = f"after {signals.step - 1} internal rollout steps"
         if math.isfinite(drop) and drop >= self.logp_drop:
-            self.switch_step = signals.step
             self.reason = (f"full-policy probe log-prob fell {drop:.3f} nats/token below its rollout-step-1 value "
-                           f"({base:.3f} -> {signals.full_logp:.3f}; threshold {self.logp_drop}) after "
-                           f"{signals.step - 1} internal rollout steps")
+                           f"({base:.3f} -> {signals.full_logp:.3f}; threshold {self.logp_drop}) {after}")
+        else:
+            low = min(s.kl_internal_full for s in self.trace[:-1])
+            rise = signals.kl_internal_full - low
+            if math.isfinite(rise) and rise >= self.kl_rise:
+                self.reason = (f"KL(pi^k || pi) on the probe rose {rise:.3f} nats above its lowest value so far "
+                               f"({low:.3f} -> {signals.kl_internal_full:.3f}; threshold {self.kl_rise}) {after}")
+        if self.reason:
+            self.switch_step = signals.step
             return SwitchDecision(signals.step, False, self.reason)
         return SwitchDecision(signals.step, True)
 
     def describe(self) -> str:
         return (f"switch when the full policy's probe log-prob falls >= {self.logp_drop} nats/token below its "
-                f"rollout-step-1 value, at the latest after {self.cap} internal rollout steps")
+                f"rollout-step-1 value or KL(pi^k || pi) on the probe rises >= {self.kl_rise} nats above its lowest "
+                f"value so far; at the latest after {self.cap} internal rollout steps")
 
     # --- checkpointing: the trace is the state; replaying it reproduces the decisions ---------------------------
 
@@ -122,7 +135,7 @@ class SwitchRule:
         # NaN (no reward yet) is stored as null: the state goes into strict JSON files
         trace = [{k: (None if isinstance(v, float) and math.isnan(v) else v) for k, v in asdict(s).items()}
                  for s in self.trace]
-        return {"cap": self.cap, "logp_drop": self.logp_drop, "trace": trace, "switch_step": self.switch_step,
+        return {"cap": self.cap, "logp_drop": self.logp_drop, "kl_rise": self.kl_rise, "trace": trace, "switch_step": self.switch_step,
                 "reason": self.reason}
 
     def load_state_dict(self, state: dict[str, Any]) -> None:

@@ -118,7 +118,8 @@ class BuPOTrainer(GRPOTrainer):
         if args.internal_steps <= 0:
             return
         if args.internal_switch == "auto":
-            self._bupo_switch = SwitchRule(cap=args.internal_steps, logp_drop=args.internal_switch_tolerance)
+            self._bupo_switch = SwitchRule(cap=args.internal_steps, logp_drop=args.internal_switch_tolerance,
+                                           kl_rise=args.internal_switch_kl_rise)
         elif args.internal_schedule is not None:
             self._bupo_schedule = parse_schedule(args.internal_schedule)
             n = parts(_hf_model(self.model, self.accelerator)).num_layers
