@@ -23,6 +23,15 @@ examples:
 presets: bupo recipes; the full guide: docs/training.md in the bupo source tree"""
 
 
+def _steps(text: str) -> int | str:
+    if text.strip().lower() == "auto":
+        return "auto"
+    try:
+        return int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected an int >= 0 or 'auto', got {text!r}") from None
+
+
 class _PassThroughParser(argparse.ArgumentParser):
     """Keeps unknown arguments (TRL's own flags) in ``args.trl_args`` instead of failing on them."""
 
@@ -45,7 +54,13 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--algo", choices=("bupo", "grpo"), help="bupo (default) or grpo (internal_steps = 0)")
     p.add_argument("--internal-layer", metavar="K|auto",
                    help="0-based layer k (paper layer k+1) or 'auto' = the analysis' boundary layer (default auto)")
-    p.add_argument("--internal-steps", type=int, metavar="S", help="s_inter: rollout steps on the internal policy")
+    p.add_argument("--internal-steps", type=_steps, metavar="S|auto",
+                   help="s_inter: rollout steps on the internal policy, or 'auto' (adaptive switch, needs "
+                   "--internal-steps-max)")
+    p.add_argument("--internal-steps-max", type=int, metavar="N",
+                   help="with --internal-steps auto: at most N internal rollout steps")
+    p.add_argument("--internal-schedule", metavar="K1:S1,K2:S2",
+                   help="progressive: layer K1 (0-based) for S1 rollout steps, then K2 for S2, then the full policy")
     p.add_argument("--out", help="output folder (checkpoints, final model, bupo_run.json)")
     p.add_argument("--config", help="a shipped preset's name (bupo recipes) or a TRL-style YAML of "
                                          "BuPOConfig/GRPOConfig fields and bupo train keys")

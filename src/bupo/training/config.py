@@ -63,13 +63,42 @@ class BuPOConfig(GRPOConfig):
             "or 'auto' (bupo train: the boundary layer suggested by the analysis). Required when internal_steps > 0."
         },
     )
-    internal_steps: int = field(
+    internal_steps: int | str | None = field(
         default=0,
         metadata={
             "help": "BuPO: s_inter, the number of rollout steps (generation batches, counted from 1) trained on the "
-            "layer-k internal policy before switching to the full policy. 0 = plain GRPO."
+            "layer-k internal policy before switching to the full policy. 0 = plain GRPO. 'auto': the adaptive "
+            "switch of bupo.training.switch decides, at most internal_steps_max steps (after construction "
+            "internal_steps holds that cap and internal_switch='auto')."
         },
     )
+    # --- issue 16: the adaptive switch and the progressive schedule (bupo.training.switch) ---
+    internal_steps_max: int | None = field(
+        default=None,
+        metadata={"help": "BuPO, internal_steps='auto': at most this many internal rollout steps (the cap)."},
+    )
+    internal_switch: str = field(
+        default="fixed",
+        metadata={"help": "BuPO: 'fixed' (internal_steps rollout steps) or 'auto' (set by internal_steps='auto')."},
+    )
+    internal_switch_tolerance: float = field(
+        default=0.05,
+        metadata={"help": "BuPO, internal_steps='auto': switch once the full policy's mean log-prob of the probe "
+                  "tokens fell this many nats/token below its rollout-step-1 value (bupo.training.switch)."},
+    )
+    internal_switch_kl_rise: float = field(
+        default=0.01,
+        metadata={"help": "BuPO, internal_steps='auto': or switch once KL(pi^k || pi) on the probe rose this many nats "
+                  "above its lowest value so far (bupo.training.switch)."},
+    )
+    internal_schedule: str | None = field(
+        default=None,
+        metadata={
+            "help": "BuPO, progressive: 'k1:s1,k2:s2' trains layer k1 (0-based) for s1 rollout steps, then k2 for "
+            "s2, then the full policy. Sets internal_layer=k1 and internal_steps=s1+s2+..."
+        },
+    )
+    # --- end issue 16 ---
     internal_projection: str = field(
         default="raw",
         metadata={
@@ -107,6 +136,7 @@ class BuPOConfig(GRPOConfig):
 
     def __post_init__(self) -> None:
         self.internal_layer = _parse_layer(self.internal_layer)
+        self._resolve_switch()
         if isinstance(self.internal_steps, bool) or not isinstance(self.internal_steps, int) or self.internal_steps < 0:
             raise ValueError(f"internal_steps must be an int >= 0 (rollout steps; 0 = GRPO), got {self.internal_steps!r}")
         if self.internal_projection not in PROJECTIONS:
@@ -164,6 +194,40 @@ class BuPOConfig(GRPOConfig):
                     f"save_steps ({self.save_steps}) must be a multiple of the optimizer steps per rollout step "
                     f"({n}) so that checkpoints (and --resume) fall on rollout-step boundaries"
                 )
+
+    def _resolve_switch(self) -> None:
+        """issue 16: internal_steps 'auto' -> internal_switch='auto' + the cap; a schedule -> its layer and steps."""
+        from bupo.training.switch import parse_schedule
+
+        steps = self.internal_steps
+        if isinstance(steps, str):
+            text = steps.strip().lower()
+            if text == "auto":
+                steps = "auto"
+            else:
+                try:
+                    steps = int(text)
+                except ValueError:
+                    raise ValueError(f"internal_steps must be an int >= 0 (rollout steps; 0 = GRPO) or 'auto', "
+                                     f"got {self.internal_steps!r}") from None
+        cap = self.internal_steps_max
+        if cap is not None and (isinstance(cap, bool) or not isinstance(cap, int) or cap < 1):
+            raise ValueError(f"internal_steps_max must be an int >= 1 (rollout steps), got {cap!r}")
+        if self.internal_switch not in ("fixed", "auto"):
+            raise ValueError(f"internal_switch must be 'fixed' or 'auto', got {self.internal_switch!r}")
+        if steps == "auto":
+            if cap is None:
+                raise ValueError("internal_steps='auto' needs internal_steps_max (the most internal rollout steps, "
+                                 "e.g. --internal-steps-max 12)")
+            self.internal_switch, steps = "auto", cap
+        elif self.internal_switch == "auto" and isinstance(steps, int) and steps > 0 and cap is None:
+            self.internal_steps_max = steps  # a config saved after construction: internal_steps is the cap
+        if self.internal_schedule is not None:
+            if self.internal_switch == "auto":
+                raise ValueError("internal_schedule and internal_steps='auto' exclude each other; give one")
+            schedule = parse_schedule(self.internal_schedule)
+            self.internal_layer, steps = schedule[0][0], sum(s for _, s in schedule)
+        self.internal_steps = steps
 
     @property
     def optimizer_steps_per_rollout(self) -> int:

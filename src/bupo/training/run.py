@@ -119,6 +119,7 @@ FLAG_KEYS = {
     "internal_layer": "internal_layer", "internal_steps": "internal_steps", "out": "output_dir",
     "template": "template", "reward": "reward", "analysis": "analysis", "resume": "resume",
     "force_resume": "force_resume",
+    "internal_steps_max": "internal_steps_max", "internal_schedule": "internal_schedule",  # issue 16
 }
 # environment variables that make a process load other code: a config file must not set them
 CODE_LOADING_ENV = ("LD_PRELOAD", "LD_LIBRARY_PATH", "LD_AUDIT", "DYLD_INSERT_LIBRARIES", "DYLD_LIBRARY_PATH",
@@ -837,8 +838,11 @@ def train(train_args: Any, script: BuPOScriptArguments) -> dict[str, Any]:
             "global_step": trainer.state.global_step,
             "train_metrics": result.metrics,
             "evals": records,
+            "switch": trainer.bupo_switch,  # issue 16: switch.step (first full-policy rollout step), switch.reason
             "versions": _versions(),
         })
+        if summary["switch"].get("step"):  # issue 16: with auto / a schedule the full phase starts where it switched
+            summary["full_phase_starts_at_optimizer_step"] = (summary["switch"]["step"] - 1) * n_per + 1
         atomic_write_json(out_dir / RUN_FILE, summary, default=str)
         atomic_write_json(out_dir / "log_history.json", trainer.state.log_history, default=str)
         trainer.create_model_card(model_name=out_dir.name)  # README.md with the final evaluation
@@ -938,7 +942,12 @@ def run_cli(args: Any) -> int:
         first, last = summary["evals"][0], summary["evals"][-1]
         print(f"eval/avg: {first['eval/avg']:.4f} (step {first['step']}) -> {last['eval/avg']:.4f} "
               f"(step {last['step']})")
+    switch = summary.get("switch") or {}
+    if switch.get("mode") in ("auto", "schedule"):
+        print(f"switch ({switch['mode']}): full policy from rollout step {switch.get('step')}: {switch.get('reason')}")
+        internal = f"{switch.get('step') - 1 if switch.get('step') else 'all'} internal rollout steps"
+    else:
+        internal = f"internal rollout steps 1..{summary['internal_steps']}"
     print(f"{summary['algo']}: k={summary['internal_layer']} ({summary['internal_layer_source']}), "
-          f"internal rollout steps 1..{summary['internal_steps']}, {summary.get('global_step')} optimizer steps; "
-          f"outputs in {train_args.output_dir}")
+          f"{internal}, {summary.get('global_step')} optimizer steps; outputs in {train_args.output_dir}")
     return 0

@@ -82,6 +82,7 @@ def checkpoint_problem(folder: str | os.PathLike) -> str | None:
     if empty:
         return f"empty {', '.join(empty)}"
     return None
+SWITCH_FILE = "bupo_switch.json"  # the adaptive switch's state (issue 16), next to the probe in each checkpoint
 
 
 def _hf_model(model: torch.nn.Module, accelerator: Any) -> torch.nn.Module:
@@ -149,6 +150,7 @@ class BuPOTrainer(GRPOTrainer):
         self._bupo_probe_failed = False
         self._bupo_resumed_loss = 0.0  # the loss summed over the optimizer steps before the resumed checkpoint
         self.bupo_run_extra: dict[str, Any] = {}  # recorded in every checkpoint marker (bupo train: model, data)
+        self._bupo_init_switch()
 
     # ------------------------------------------------------------------------------------------------------------
     # BuPO: the difference to GRPO
@@ -160,7 +162,7 @@ class BuPOTrainer(GRPOTrainer):
         if training:
             # rollout step s_cur = global_step // optimizer_steps_per_rollout + 1 (1-based, like verl's global_steps);
             # internal iff s_cur <= s_inter. global_step is restored on resume, so the phase is too.
-            self._bupo_internal = self.args.is_internal(self.state.global_step)
+            self._bupo_internal = self._bupo_decide_phase()
         self._set_phase_flags(training and self._bupo_internal)
         try:
             # rollouts come from the full model (generate runs outside the internal-policy context); the old
@@ -169,8 +171,138 @@ class BuPOTrainer(GRPOTrainer):
         finally:
             self._set_phase_flags(self._bupo_internal)  # an eval call must not leak its flags into training
         if training:
+            self._bupo_after_rollout(output)
             self._monitor_rollout(output)
         return output
+
+    # ------------------------------------------------------------------------------------------------------------
+    # issue 16: which policy a rollout step trains - fixed s_inter, the adaptive switch or the progressive schedule
+    # ------------------------------------------------------------------------------------------------------------
+
+    def _bupo_init_switch(self) -> None:
+        from bupo.training.switch import SwitchRule, parse_schedule
+
+        args = self.args
+        self._bupo_switch: SwitchRule | None = None
+        self._bupo_schedule: list[tuple[int, int]] | None = None
+        self._bupo_last_reward = float("nan")
+        if args.internal_steps <= 0:
+            return
+        if args.internal_switch == "auto":
+            self._bupo_switch = SwitchRule(cap=args.internal_steps, logp_drop=args.internal_switch_tolerance,
+                                           kl_rise=args.internal_switch_kl_rise)
+        elif args.internal_schedule is not None:
+            self._bupo_schedule = parse_schedule(args.internal_schedule)
+            n = parts(_hf_model(self.model, self.accelerator)).num_layers
+            for k, _ in self._bupo_schedule:
+                check_layer(k, n)
+
+    def _bupo_decide_phase(self) -> bool:
+        """Whether the rollout batch about to be generated trains pi^k; sets the layer for a schedule.
+
+        Rollout step s = global_step // optimizer_steps_per_rollout + 1. Fixed and scheduled phases follow from s
+        alone (global_step is restored on resume); the adaptive switch decides from all-reduced probe signals, so
+        every rank decides alike, and its state is restored from the checkpoint's bupo_switch.json.
+        """
+        from bupo.training.switch import SwitchDecision, schedule_layer
+
+        args = self.args
+        step = self.state.global_step // args.optimizer_steps_per_rollout + 1
+        if self._bupo_schedule is not None:
+            layer = schedule_layer(self._bupo_schedule, step)
+            if layer is not None:
+                self._bupo_layer = layer
+            return layer is not None
+        rule = self._bupo_switch
+        if rule is None:
+            return args.is_internal(self.state.global_step)
+        if self._bupo_probe is None or self._bupo_probe_failed:
+            # step 1: the probe is made from this very batch (its signals come in _bupo_after_rollout); without a
+            # probe the cap alone decides
+            decision = rule.decide(step) or SwitchDecision(step, True)
+        else:
+            decision = rule.update(self._bupo_signals(step))
+        if not decision.internal and decision.reason:
+            self._metrics["train"]["bupo/switch/switch_step"].append(float(step))
+            logger.warning("bupo: rollout step %d switches to the full policy: %s", step, decision.reason)
+        return decision.internal
+
+    def _bupo_after_rollout(self, output: dict[str, Any]) -> None:
+        rewards = self._metrics["train"].get("reward")
+        if rewards:
+            self._bupo_last_reward = float(rewards[-1])  # TRL's mean over the gathered rewards: the same on all ranks
+        if self._bupo_switch is not None and not self._bupo_switch.trace and self._bupo_layer is not None:
+            if self._bupo_probe is None:
+                self._bupo_probe = self._make_probe(output)
+            step = self.state.global_step // self.args.optimizer_steps_per_rollout + 1
+            signals = self._bupo_signals(step, reward=float("nan"))
+            if signals is not None:
+                self._bupo_switch.update(signals)  # the baseline (rollout step 1 is always internal)
+
+    @torch.no_grad()
+    def _bupo_signals(self, step: int, reward: float | None = None):
+        """Signals of :class:`bupo.training.switch.SwitchSignals` on the fixed probe batch, all-reduced (mean).
+
+        One no-grad forward of the full model over the probe with layer k's residual stream captured.
+        """
+        from trl.models import unwrap_model_for_generation
+
+        from bupo.internal import Projector, capture_streams
+        from bupo.training.switch import SwitchSignals
+
+        dev = self.accelerator.device
+        probe = {k: v.to(dev) for k, v in self._bupo_probe.items()}
+        pos = probe["positions"]
+        k = self._bupo_layer
+        try:
+            with unwrap_model_for_generation(self.model_wrapped, self.accelerator,
+                                             gather_deepspeed3_params=True) as unwrapped:
+                model = unwrapped.get_base_model() if hasattr(unwrapped, "get_base_model") else unwrapped
+                was_training = model.training
+                model.eval()  # no dropout: the signals compare weights, not noise
+                try:
+                    with capture_streams(model, streams=("resid_post",), layers=[k], positions=pos) as st:
+                        logits = model(input_ids=probe["input_ids"], attention_mask=probe["attention_mask"],
+                                       use_cache=False).logits
+                    lf = torch.log_softmax(logits[pos].float(), -1)
+                    lk = torch.log_softmax(
+                        Projector(model, self.args.internal_projection).logits(st[("resid_post", k)]).float(), -1)
+                finally:
+                    model.train(was_training)
+        except Exception as exc:  # a diagnostic must never stop training: the cap then decides alone
+            self._bupo_probe_failed = True
+            logger.warning("adaptive-switch probe disabled, the cap decides: %r", exc)
+            return None
+        targets = probe["input_ids"].roll(-1, dims=1)[pos]
+        pk = lk.exp()
+        local = torch.stack([lf.gather(-1, targets.unsqueeze(-1)).mean(), (pk * (lk - lf)).sum(-1).mean(),
+                             -(pk * lk).sum(-1).mean()])
+        full_logp, kl, ent = self.accelerator.reduce(local.float().to(dev), reduction="mean").cpu().tolist()
+        reward = self._bupo_last_reward if reward is None else reward
+        m = self._metrics["train"]
+        m["bupo/switch/full_logp"].append(full_logp)
+        m["bupo/switch/kl_internal_full"].append(kl)
+        m["bupo/switch/entropy_internal"].append(ent)
+        return SwitchSignals(step=step, full_logp=full_logp, kl_internal_full=kl, entropy_internal=ent,
+                             reward=reward)
+
+    @property
+    def bupo_switch(self) -> dict[str, Any]:
+        """How the internal phase ended: ``step`` = the first rollout step (1-based) on the full policy (None: training
+        ended before it), ``reason``, ``mode`` (none / fixed / auto / schedule); recorded in bupo_run.json."""
+        args = self.args
+        if args.internal_steps <= 0:
+            return {"mode": "none", "step": None, "reason": "GRPO: internal_steps = 0"}
+        if self._bupo_schedule is not None:
+            return {"mode": "schedule", "schedule": args.internal_schedule, "step": args.internal_steps + 1,
+                    "reason": f"internal_schedule {args.internal_schedule} (0-based layer:rollout steps) ended"}
+        rule = self._bupo_switch
+        if rule is None:
+            return {"mode": "fixed", "step": args.internal_steps + 1,
+                    "reason": f"fixed internal_steps = {args.internal_steps}"}
+        return {"mode": "auto", "step": rule.switch_step, "internal_rollout_steps": rule.internal_steps,
+                "cap": rule.cap, "rule": rule.describe(),
+                "reason": rule.reason or "training ended before the rule switched", "trace": rule.state_dict()["trace"]}
 
     def _set_phase_flags(self, internal: bool) -> None:
         # vLLM's importance-sampling correction and off-policy masking compare the trained policy's old log-probs with
@@ -340,6 +472,11 @@ class BuPOTrainer(GRPOTrainer):
         if self.args.should_save:
             if self._bupo_probe is not None:
                 torch.save(self._bupo_probe, os.path.join(folder, PROBE_FILE))
+            if self._bupo_switch is not None:  # issue 16: the switch must survive a resume
+                atomic_write_json(os.path.join(folder, SWITCH_FILE),
+                                  {**self._bupo_switch.state_dict(),
+                                   "last_reward": None if self._bupo_last_reward != self._bupo_last_reward
+                                   else self._bupo_last_reward})
             pending = getattr(self, "_tr_loss", None)  # the loss since the last log (transformers' accumulator)
             loss_sum = (self._bupo_resumed_loss + getattr(self, "_total_loss_scalar", 0.0)
                         + (float(pending.item()) if pending is not None else 0.0))
@@ -365,6 +502,18 @@ class BuPOTrainer(GRPOTrainer):
             super()._load_optimizer_and_scheduler(checkpoint)
         if checkpoint is not None and os.path.exists(os.path.join(checkpoint, PROBE_FILE)):
             self._bupo_probe = torch.load(os.path.join(checkpoint, PROBE_FILE), weights_only=True)
+        if checkpoint is not None and self._bupo_switch is not None:
+            import json
+
+            path = os.path.join(checkpoint, SWITCH_FILE)
+            if not os.path.exists(path):
+                raise ValueError(f"{checkpoint} has no {SWITCH_FILE}: it was not saved by an internal_steps='auto' "
+                                 "run, so the adaptive switch cannot resume from it")
+            with open(path, encoding="utf-8") as f:
+                state = json.load(f)
+            self._bupo_switch.load_state_dict(state)
+            last = state.get("last_reward")
+            self._bupo_last_reward = float("nan") if last is None else float(last)
         if checkpoint is not None:
             marker = read_checkpoint_marker(checkpoint)
             self._bupo_resumed_loss = float(marker.get("train_loss_sum", 0.0)) if marker else 0.0
