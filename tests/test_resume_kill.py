@@ -28,7 +28,7 @@ api._RAW["boxed_exact"] = lambda completion, ground_truth: float(completion.coun
 from bupo.cli import main
 sys.exit(main(sys.argv[1:]))
 """
-ARGS = ["--internal-layer", "1", "--internal-steps", "2", "--max_steps", "12", "--save_steps", "2",
+ARGS = ["--internal-layer", "1", "--internal-steps", "2", "--max_steps", "16", "--save_steps", "2",
         "--per_device_train_batch_size", "8", "--num_generations", "4", "--max_completion_length", "8",
         "--probe_every", "1", "--learning_rate", "1e-2", "--logging_steps", "1", "--save_total_limit", "2",
         "--eval-data", "none"]
@@ -41,7 +41,7 @@ def ws(tmp_path_factory):
     char_tokenizer().save_pretrained(d / "model")
     rows = [{"prompt": [{"role": "system", "content": "Put the answer in \\boxed{}."},
                         {"role": "user", "content": f"What is {i} + {i}?"}],
-             "reward_model": {"ground_truth": str(2 * i)}} for i in range(32)]  # 12 steps stay in epoch 0
+             "reward_model": {"ground_truth": str(2 * i)}} for i in range(64)]  # 16 steps (32 prompts) stay in epoch 0
     (d / "train.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
     (d / "driver.py").write_text(DRIVER)
     return d
@@ -86,13 +86,13 @@ def test_five_kills_then_resume_give_the_uninterrupted_weights(ws, tmp_path):
     ref = tmp_path / "ref"
     _finish(_start(ws, ref))
     ref_summary = json.loads((ref / "bupo_run.json").read_text())
-    assert ref_summary["global_step"] == 12 and ref_summary["train_metrics"]["train_loss"] != 0.0
+    assert ref_summary["global_step"] == 16 and ref_summary["train_metrics"]["train_loss"] != 0.0
 
     out = tmp_path / "killed"
     rng = random.Random(14)
-    # kill 1: the moment a save starts (mid-save); kills 2-5: a random moment up to 1.5 s after a save started
-    # (inside the save, a rollout, an update, or the final save)
-    delays = [0.0] + [rng.uniform(0.0, 1.5) for _ in range(4)]
+    # kill 1: the moment a save starts (mid-save); kills 2-5: a random moment up to 0.6 s after a save started
+    # (inside the save, a rollout, an update, or the final save). 8 saves: room for 5 kills on a fast machine too
+    delays = [0.0] + [rng.uniform(0.0, 0.6) for _ in range(4)]
     kills, outputs = 0, []
     for i, delay in enumerate(delays):
         since = time.time() - 0.01  # coarse filesystem timestamps
@@ -122,7 +122,7 @@ def test_five_kills_then_resume_give_the_uninterrupted_weights(ws, tmp_path):
     assert "--resume: skipped incomplete checkpoint-1000 (no trainer_state.json); resuming from checkpoint-" in outputs[3]
 
     summary = json.loads((out / "bupo_run.json").read_text())
-    assert summary["global_step"] == 12
+    assert summary["global_step"] == 16
     final, want = load_file(out / "model.safetensors"), load_file(ref / "model.safetensors")
     assert final.keys() == want.keys()
     for name in want:

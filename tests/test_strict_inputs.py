@@ -150,7 +150,7 @@ def test_silent_wrong_settings_are_refused(ws, tmp_path, capsys, argv, message):
 def test_use_vllm_without_vllm(ws, tmp_path, capsys, monkeypatch):
     real = importlib.util.find_spec
     monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: None if name == "vllm" else real(name, *a))
-    _one_line_error(capsys, _train(ws, tmp_path / "run", "--use_vllm", "true"), "use_vllm=true needs vLLM")
+    _one_line_error(capsys, _train(ws, tmp_path / "run", "--use_vllm", "true"), "--use_vllm true needs vLLM")
     assert not (tmp_path / "run").exists()
 
 
