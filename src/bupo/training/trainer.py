@@ -522,6 +522,8 @@ class BuPOTrainer(GRPOTrainer):
         # transformers divides the loss summed over THIS segment by global_step; add the resumed part so that
         # train_loss covers the whole run
         self._total_loss_scalar += self._bupo_resumed_loss
+        if hasattr(self, "_initial_global_step"):  # transformers >= 5.18 divides by the steps of THIS segment only
+            self._initial_global_step = 0
         return super()._finalize_training(trial, num_train_samples, start_time)
 
     def bupo_run_identity(self) -> dict[str, Any]:
