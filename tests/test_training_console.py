@@ -68,3 +68,18 @@ def test_grpo_and_the_adaptive_switch_lines(ws, tmp_path, capsys):
     out = capsys.readouterr().out
     switch = [ln for ln in out.splitlines() if "internal k=1 -> full" in ln]
     assert len(switch) == 1 and "cap reached: 1 internal rollout steps" in switch[0], out
+
+
+def test_the_auto_layer_analysis_shows_its_progress(tmp_path, capsys):
+    import torch
+
+    from bupo.training.run import resolve_internal_layer
+
+    try:
+        resolve_internal_layer("auto", model=make_model(), tokenizer=char_tokenizer(), model_path=None,
+                               output_dir=str(tmp_path), analysis=None, rows=_rows(2), template="chat", samples=2,
+                               max_new_tokens=4, device=torch.device("cpu"))
+    except ValueError as exc:  # random weights may have no usable boundary; the analysis ran before that
+        assert "no usable boundary" in str(exc)
+    err = capsys.readouterr().err
+    assert "analyze" in err and "2/2" in err, err  # tqdm's bar of the measured responses, final state
