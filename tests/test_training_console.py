@@ -37,6 +37,8 @@ def test_console_shows_a_bar_the_switch_and_the_end_without_raw_dicts(ws, tmp_pa
     assert bar and bar[-1].startswith("rollout 3/3 ")  # the bar's final state: rollout steps, not optimizer steps
     assert "full | reward " in bar[-1] and "H(pi^k) " in bar[-1] and " s/step" in bar[-1]
     assert any("internal k=1 |" in seg for seg in bar)
+    last = [h for h in json.loads((tmp_path / "run" / "log_history.json").read_text()) if "reward" in h][-1]
+    assert f"reward {last['reward']:.3f} " in bar[-1] and f"H(pi) {last['bupo/entropy_full']:.3f} " in bar[-1]
     switch = [ln for ln in out.splitlines() if "internal k=1 -> full" in ln]
     assert len(switch) == 1 and switch[0].startswith("bupo: rollout step 2:") and "fixed internal_steps = 1" in switch[0]
     done = [ln for ln in out.splitlines() if ln.startswith("bupo: done:")]

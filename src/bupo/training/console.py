@@ -102,7 +102,8 @@ class TrainingConsole(TrainerCallback):
         if self.bar is not None:
             self.bar.n = step
             self.bar.set_postfix_str(self._postfix(), refresh=False)
-            self.bar.refresh()
+            if not control.should_log:  # else on_log redraws with this step's reward and entropies
+                self.bar.refresh()
 
     def _switch_line(self, step: int, current: tuple[bool, int | None]) -> None:
         prev = self._phase_name(*self.phase) if self.phase is not None else "internal"
@@ -124,8 +125,8 @@ class TrainingConsole(TrainerCallback):
                 self.values[key] = float(x)
                 if key == "reward" and self.first_reward is None:
                     self.first_reward = float(x)
-        if self.bar is not None:
-            self.bar.set_postfix_str(self._postfix(), refresh=False)
+        if self.bar is not None and "reward" in logs:
+            self.bar.set_postfix_str(self._postfix())
 
     def on_train_end(self, args: Any, state: Any, control: Any, **kw: Any) -> None:
         if not self._main(state):
