@@ -72,6 +72,8 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--force-resume", action="store_true", default=None,
                    help="resume even when the layer, internal steps, projection, optimizer steps per rollout, model "
                    "or data differ from the checkpoint's run (refused otherwise)")
+    p.add_argument("--verbose", action="store_true", default=None,
+                   help="print TRL's raw log dicts instead of bupo's progress bar (switch and end lines stay)")
     p.set_defaults(func=_handler, trl_args=[])
 
 

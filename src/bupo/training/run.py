@@ -75,6 +75,8 @@ class BuPOScriptArguments:
         "help": "analysis (summary.json or its folder) for --internal-layer auto; default: <model>/analysis, "
         "<out>/analysis, else a short analysis is run into <out>/analysis"})
     auto_layer_samples: int = field(default=64, metadata={"help": "responses analysed when auto runs an analysis"})
+    verbose: bool = field(default=False, metadata={
+        "help": "print TRL's raw log dicts (and its own progress bar unless disable_tqdm) instead of bupo's console"})
     resume: str | None = field(default=None, metadata={
         "help": "checkpoint folder to resume from, or 'latest' (the newest complete checkpoint-* in the output folder)"})
     force_resume: bool = field(default=False, metadata={
@@ -118,7 +120,7 @@ FLAG_KEYS = {
     "model": "model_name_or_path", "data": "data", "eval_data": "eval_data", "algo": "algo",
     "internal_layer": "internal_layer", "internal_steps": "internal_steps", "out": "output_dir",
     "template": "template", "reward": "reward", "analysis": "analysis", "resume": "resume",
-    "force_resume": "force_resume",
+    "force_resume": "force_resume", "verbose": "verbose",
     "internal_steps_max": "internal_steps_max", "internal_schedule": "internal_schedule",  # issue 16
 }
 # environment variables that make a process load other code: a config file must not set them
@@ -496,7 +498,8 @@ def resolve_internal_layer(
         logger.info("--internal-layer auto: no analysis found, analysing %d responses into %s", samples, out)
         # analyze runs in eval mode and restores every module's training flag itself
         analyze(model, tokenizer, data=rows[:samples], out_dir=out, max_samples=samples,
-                max_new_tokens=max_new_tokens, template=template, figures=False, projection=projection)
+                max_new_tokens=max_new_tokens, template=template, figures=False, projection=projection,
+                progress=True)  # minutes on a real model: show it
     _barrier()
     return suggested_layer(out, projection=projection), f"analysis {out} (run by bupo train, {samples} responses)"
 
@@ -783,6 +786,9 @@ def train(train_args: Any, script: BuPOScriptArguments) -> dict[str, Any]:
     trainer = BuPOTrainer(model=model, reward_funcs=reward_funcs, args=train_args, train_dataset=dataset,
                           processing_class=tokenizer, peft_config=peft_config(script.model_args))
     _check_launcher(trainer)
+    from bupo.training.console import install_console
+
+    install_console(trainer, verbose=script.verbose)  # bar + switch/end lines; raw TRL dicts only with --verbose
     trainer.bupo_run_extra = {
         "model": str(Path(model_path).resolve()) if Path(model_path).exists() else model_path,
         "data": str(Path(data_spec).resolve()) if data_spec != BUNDLED and Path(data_spec).exists() else data_spec,
