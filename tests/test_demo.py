@@ -139,7 +139,7 @@ def test_reproduce_real_model_rejects_bad_input(tmp_path, capsys):
     from bupo.cli import main
 
     assert main(["reproduce", "--model", str(tmp_path / "missing"), "--out", str(tmp_path / "o")]) == 2
-    assert "--model must be a local checkpoint folder" in capsys.readouterr().err
+    assert "no such folder" in capsys.readouterr().err  # the one resolver every --model uses (bupo.models)
     assert main(["reproduce", "--model", str(tmp_path), "--out", str(tmp_path / "o"), "--projection", "lens"]) == 2
     assert "--projection takes a comma-separated list of raw, final_norm" in capsys.readouterr().err
     assert main(["reproduce", "--model", str(tmp_path), "--out", str(tmp_path / "o"), "--completions", "20"]) == 2

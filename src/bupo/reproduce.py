@@ -47,7 +47,7 @@ def register(subparsers: Any) -> None:
     )
     r.add_argument("--out", default="reproduce", help="output folder (default: reproduce)")
     r.add_argument("--model", default=None,
-                   help="a real checkpoint folder: run the real-model experiment (arithmetic in words, "
+                   help="a real checkpoint (bupo name such as smollm2-135m-instruct, folder or Hub id): run the real-model experiment (arithmetic in words, "
                         "final_number reward) instead of the bundled-model study")
     r.add_argument("--seeds", type=int, default=None, help="seeds per algorithm (default 5; 1 with --model)")
     r.add_argument("--rollout-steps", type=int, default=None, help="default 16 (8 with --model)")
@@ -444,8 +444,6 @@ def run_real_model(out: Path, *, model: str | Path, seeds: int = 1, rollout_step
     from bupo.data.task import make_examples
     from bupo.internal.adapters import PROJECTIONS
 
-    if not Path(model).is_dir():
-        raise ValueError(f"--model must be a local checkpoint folder, got {model!r}")
     bad = [p for p in projections if p not in PROJECTIONS]
     if not projections or bad:
         raise ValueError(f"--projection takes a comma-separated list of {', '.join(PROJECTIONS)}, got "
@@ -455,6 +453,9 @@ def run_real_model(out: Path, *, model: str | Path, seeds: int = 1, rollout_step
                          f"step), got {completions_per_rollout}")
     if not 0 < internal_steps <= rollout_steps:
         raise ValueError(f"--internal-steps must be in 1..--rollout-steps ({rollout_steps}), got {internal_steps}")
+    from bupo.models import resolve_model
+
+    model = resolve_model(str(model))  # a bupo name, folder or Hub id, with the same one-line errors as every --model
     t0 = time.time()
     out.mkdir(parents=True, exist_ok=True)
     train_rows = make_examples("train", REAL_DEFAULTS["train_rows"], seed=0, difficulty=difficulty)
