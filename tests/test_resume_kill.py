@@ -23,12 +23,15 @@ SRC = Path(__file__).resolve().parents[1] / "src"
 # a reward the random tiny model earns on some completions, so advantages (and updates) are not all zero
 DRIVER = """
 import sys
+import time
 import bupo.rewards.api as api
-api._RAW["boxed_exact"] = lambda completion, ground_truth: float(completion.count("a") % 2)
+# 50 ms per completion: every rollout takes a known minimum time, so a kill's random delay (<= 0.6 s) spans at most
+# about one more save, whatever the machine's speed (on a fast one the run could otherwise finish before 5 kills)
+api._RAW["boxed_exact"] = lambda completion, ground_truth: time.sleep(0.05) or float(completion.count("a") % 2)
 from bupo.cli import main
 sys.exit(main(sys.argv[1:]))
 """
-ARGS = ["--internal-layer", "1", "--internal-steps", "2", "--max_steps", "16", "--save_steps", "2",
+ARGS = ["--internal-layer", "1", "--internal-steps", "2", "--max_steps", "24", "--save_steps", "2",
         "--per_device_train_batch_size", "8", "--num_generations", "4", "--max_completion_length", "8",
         "--probe_every", "1", "--learning_rate", "1e-2", "--logging_steps", "1", "--save_total_limit", "2",
         "--eval-data", "none"]
@@ -41,7 +44,7 @@ def ws(tmp_path_factory):
     char_tokenizer().save_pretrained(d / "model")
     rows = [{"prompt": [{"role": "system", "content": "Put the answer in \\boxed{}."},
                         {"role": "user", "content": f"What is {i} + {i}?"}],
-             "reward_model": {"ground_truth": str(2 * i)}} for i in range(64)]  # 16 steps (32 prompts) stay in epoch 0
+             "reward_model": {"ground_truth": str(2 * i)}} for i in range(96)]  # 24 steps (48 prompts) stay in epoch 0
     (d / "train.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
     (d / "driver.py").write_text(DRIVER)
     return d
@@ -86,12 +89,12 @@ def test_five_kills_then_resume_give_the_uninterrupted_weights(ws, tmp_path):
     ref = tmp_path / "ref"
     _finish(_start(ws, ref))
     ref_summary = json.loads((ref / "bupo_run.json").read_text())
-    assert ref_summary["global_step"] == 16 and ref_summary["train_metrics"]["train_loss"] != 0.0
+    assert ref_summary["global_step"] == 24 and ref_summary["train_metrics"]["train_loss"] != 0.0
 
     out = tmp_path / "killed"
     rng = random.Random(14)
     # kill 1: the moment a save starts (mid-save); kills 2-5: a random moment up to 0.6 s after a save started
-    # (inside the save, a rollout, an update, or the final save). 8 saves: room for 5 kills on a fast machine too
+    # (inside the save, a rollout, an update, or the final save). 12 saves: room for 5 kills on any machine
     delays = [0.0] + [rng.uniform(0.0, 0.6) for _ in range(4)]
     kills, outputs = 0, []
     for i, delay in enumerate(delays):
@@ -122,7 +125,7 @@ def test_five_kills_then_resume_give_the_uninterrupted_weights(ws, tmp_path):
     assert "--resume: skipped incomplete checkpoint-1000 (no trainer_state.json); resuming from checkpoint-" in outputs[3]
 
     summary = json.loads((out / "bupo_run.json").read_text())
-    assert summary["global_step"] == 16
+    assert summary["global_step"] == 24
     final, want = load_file(out / "model.safetensors"), load_file(ref / "model.safetensors")
     assert final.keys() == want.keys()
     for name in want:
