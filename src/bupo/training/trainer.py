@@ -224,7 +224,8 @@ class BuPOTrainer(GRPOTrainer):
             decision = rule.update(self._bupo_signals(step))
         if not decision.internal and decision.reason:
             self._metrics["train"]["bupo/switch/switch_step"].append(float(step))
-            logger.warning("bupo: rollout step %d switches to the full policy: %s", step, decision.reason)
+            # info, not warning: the console (bupo.training.console) already prints the switch line on rank 0
+            logger.info("bupo: rollout step %d switches to the full policy: %s", step, decision.reason)
         return decision.internal
 
     def _bupo_after_rollout(self, output: dict[str, Any]) -> None:
