@@ -144,6 +144,10 @@ def test_reproduce_real_model_rejects_bad_input(tmp_path, capsys):
     assert "--projection takes a comma-separated list of raw, final_norm" in capsys.readouterr().err
     assert main(["reproduce", "--model", str(tmp_path), "--out", str(tmp_path / "o"), "--completions", "20"]) == 2
     assert "--completions must be a multiple of 16" in capsys.readouterr().err
+    assert main(["reproduce", "--model", str(tmp_path), "--out", str(tmp_path / "o"), "--auto-cap", "9"]) == 2
+    assert "--auto-cap must be in 1..--rollout-steps (8)" in capsys.readouterr().err
+    assert main(["reproduce", "--model", str(tmp_path), "--out", str(tmp_path / "o"), "--temperature", "0"]) == 2
+    assert "--temperature must be a finite number > 0" in capsys.readouterr().err
 
 
 @pytest.mark.slow
@@ -156,11 +160,19 @@ def test_reproduce_real_model_end_to_end_on_a_checkpoint_folder(tmp_path, capsys
     out = tmp_path / "real"
     argv = ["reproduce", "--model", str(bundled_model_path()), "--out", str(out), "--rollout-steps", "2",
             "--internal-steps", "1", "--internal-layer", "1", "--projection", "raw,final_norm", "--completions", "16",
-            "--eval-problems", "3", "--eval-samples", "2", "--max-completion-length", "8"]
+            "--eval-problems", "3", "--eval-samples", "2", "--max-completion-length", "8", "--temperature", "0.9",
+            "--auto-cap", "1"]
     assert main(argv) == 0
     res = json.loads((out / "results.json").read_text())
-    assert set(res["runs"]) == {"grpo-seed0", "bupo-raw-seed0", "bupo-final_norm-seed0"}
+    assert set(res["runs"]) == {"grpo-seed0", "bupo-raw-seed0", "bupo-final_norm-seed0", "bupo-raw-auto1-seed0",
+                                "bupo-final_norm-auto1-seed0"}
     assert res["settings"]["internal_layer"] == 1 and res["settings"]["s_inter_fraction"] == 0.5
+    assert res["settings"]["temperature"] == 0.9 and res["settings"]["auto_cap"] == 1
+    for name in ("bupo-raw-auto1-seed0", "bupo-final_norm-auto1-seed0"):
+        run = json.loads((out / "runs" / name / "bupo_run.json").read_text())
+        assert run["switch"]["step"] == 2 and "cap reached" in run["switch"]["reason"]  # cap 1: rollout step 2 is full
+        assert res["runs"][name]["switch"] == run["switch"]
+    assert json.loads((out / "runs" / "grpo-seed0" / "bupo_run.json").read_text())["temperature"] == 0.9
     for name, proj in (("bupo-raw-seed0", "raw"), ("bupo-final_norm-seed0", "final_norm")):
         run = json.loads((out / "runs" / name / "bupo_run.json").read_text())
         assert run["internal_layer"] == 1 and run["internal_steps"] == 1

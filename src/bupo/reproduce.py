@@ -73,6 +73,14 @@ def register(subparsers: Any) -> None:
                    help=f"--model: tokens per completion (default {REAL_DEFAULTS['max_completion_length']})")
     r.add_argument("--completions", type=int, default=32,
                    help="--model: completions per rollout step, 8 per prompt, a multiple of 16 (default 32)")
+    r.add_argument("--temperature", type=float, default=REAL_DEFAULTS["temperature"],
+                   help=f"--model: sampling temperature of rollouts and evaluations (default "
+                        f"{REAL_DEFAULTS['temperature']}: measured to give more reward signal than 1.0 on SmolLM2)")
+    r.add_argument("--auto-cap", type=int, default=None,
+                   help="--model: also a BuPO run per seed with --internal-steps auto capped at this many rollout "
+                        "steps (the adaptive switch), after the fixed runs (default: none)")
+    r.add_argument("--auto-seeds", type=int, default=None,
+                   help="--model: the --auto-cap runs for the first N seeds only (default: every seed)")
     r.add_argument("--threads", type=int, default=1, help=THREADS_HELP)
     r.set_defaults(func=_reproduce)
 
@@ -94,7 +102,8 @@ def _reproduce(args: argparse.Namespace) -> int:
                        projections=projections, analysis=args.analysis, difficulty=args.difficulty,
                        eval_problems=args.eval_problems, eval_samples=args.eval_samples,
                        learning_rate=args.learning_rate, max_completion_length=args.max_completion_length,
-                       completions_per_rollout=args.completions)
+                       completions_per_rollout=args.completions, temperature=args.temperature,
+                       auto_cap=args.auto_cap, auto_seeds=args.auto_seeds)
         return 0
     run_reproduce(Path(args.out), seeds=args.seeds, rollout_steps=args.rollout_steps,
                   internal_steps=args.internal_steps, eval_problems=args.eval_problems,
@@ -346,6 +355,9 @@ REAL_DEFAULTS: dict[str, Any] = {
     "difficulty": 1,
     "learning_rate": 1e-5,  # full fine-tuning of a 135M model; the bundled toy's 2e-4 would wreck it
     "max_completion_length": 128,
+    # SmolLM2-135M-Instruct, 32 1-operation problems x 8 samples, 64 tokens: Pass@8 25.0 % at T = 1.0, 43.8 % at
+    # T = 0.7 (docs/real-models.md): at T = 1 three groups in four have no correct answer and give no gradient
+    "temperature": 0.7,
     "train_rows": 512,
     "analysis_samples": 8,
 }
@@ -430,7 +442,8 @@ def run_real_model(out: Path, *, model: str | Path, seeds: int = 1, rollout_step
                    eval_problems: int = 32, eval_samples: int = 4,
                    learning_rate: float = REAL_DEFAULTS["learning_rate"],
                    max_completion_length: int = REAL_DEFAULTS["max_completion_length"],
-                   completions_per_rollout: int = 32) -> dict:
+                   completions_per_rollout: int = 32, temperature: float = REAL_DEFAULTS["temperature"],
+                   auto_cap: int | None = None, auto_seeds: int | None = None) -> dict:
     """GRPO vs BuPO on a real checkpoint, small enough for a 2-core CPU; resumable, reported as measured.
 
     Task: the bundled arithmetic task at ``difficulty`` operations (train split for training, ``eval_problems``
@@ -438,6 +451,9 @@ def run_real_model(out: Path, *, model: str | Path, seeds: int = 1, rollout_step
     number of the completion; small models seldom write ``\\boxed{}``). Per seed: one GRPO run and one BuPO run per
     projection in ``projections`` (``raw`` = the paper's lm_head(h), ``final_norm`` = the logit lens), each
     ``rollout_steps`` rollout steps of ``completions_per_rollout`` completions (8 per prompt), BuPO's first ``internal_steps`` on layer k.
+    ``temperature`` samples rollouts and evaluations alike. ``auto_cap``: also one BuPO run per seed and projection with
+    ``internal_steps='auto'`` capped at ``auto_cap`` rollout steps (the adaptive switch), after all fixed runs; for the
+    first ``auto_seeds`` seeds only when given.
     k: ``internal_layer``, else the analysis' suggestion (``analysis``, or a short one run here); ValueError when
     neither gives one. Writes ``results.json``, ``table.md`` and ``figures/rewards.png``; returns the results.
     """
@@ -451,6 +467,12 @@ def run_real_model(out: Path, *, model: str | Path, seeds: int = 1, rollout_step
     if completions_per_rollout < 16 or completions_per_rollout % 16:
         raise ValueError(f"--completions must be a multiple of 16 (8 per prompt, 2 optimizer steps per rollout "
                          f"step), got {completions_per_rollout}")
+    if not (math.isfinite(temperature) and temperature > 0):
+        raise ValueError(f"--temperature must be a finite number > 0 (rollouts sample), got {temperature}")
+    if auto_cap is not None and not 0 < auto_cap <= rollout_steps:
+        raise ValueError(f"--auto-cap must be in 1..--rollout-steps ({rollout_steps}), got {auto_cap}")
+    if auto_seeds is not None and auto_seeds < 1:
+        raise ValueError(f"--auto-seeds must be >= 1, got {auto_seeds}")
     if not 0 < internal_steps <= rollout_steps:
         raise ValueError(f"--internal-steps must be in 1..--rollout-steps ({rollout_steps}), got {internal_steps}")
     from bupo.models import resolve_model
@@ -471,24 +493,35 @@ def run_real_model(out: Path, *, model: str | Path, seeds: int = 1, rollout_step
         "template": "chat", "max_completion_length": max_completion_length, "learning_rate": learning_rate,
         "eval_batch_size": 32, "logging_steps": 2, "probe_every": 0,
         "num_generations": 8, "per_device_train_batch_size": completions_per_rollout // 2,
+        "temperature": temperature,
     }
     per = 2  # optimizer steps per rollout step (bupo.experiment.STEPS_PER_ROLLOUT)
     runs: dict[str, dict[str, Any]] = {}
-    for seed in range(seeds):
-        plan = [("GRPO", "grpo", "raw")] + [(f"BuPO ({p})", "bupo", p) for p in projections]
-        for label, algo, proj in plan:
-            name = f"{algo}-seed{seed}" if algo == "grpo" else f"bupo-{proj}-seed{seed}"
-            print(f"== {name}")
-            run_dir = out / "runs" / name
-            run_training(run_dir, algo=algo, seed=seed, rollout_steps=rollout_steps, internal_steps=internal_steps,
-                         internal_layer=k, eval_problems=eval_problems, eval_samples=eval_samples,
-                         eval_before=(algo == "grpo"), overrides={**overrides, "internal_projection": proj})
-            log = json.loads((run_dir / "log_history.json").read_text())
-            runs[name] = {"label": label, "seed": seed, "algo": algo, "projection": proj,
-                          "after": metrics(eval_results(run_dir, first=False)),
-                          "phases": _phase_stats(log, per), "reward_curve": _reward_curve(log)}
-            if algo == "grpo":
-                runs[name]["before"] = metrics(eval_results(run_dir, first=True))
+    plan = [(seed, lab, algo, proj, name) for seed in range(seeds)
+            for lab, algo, proj, name in [("GRPO", "grpo", "raw", f"grpo-seed{seed}")]
+            + [(f"BuPO ({p})", "bupo", p, f"bupo-{p}-seed{seed}") for p in projections]]
+    if auto_cap is not None:  # after every fixed run, so that a short budget still finishes the main comparison
+        plan += [(seed, f"BuPO auto ≤ {auto_cap} ({p})", "bupo", p, f"bupo-{p}-auto{auto_cap}-seed{seed}")
+                 for seed in range(seeds if auto_seeds is None else min(auto_seeds, seeds)) for p in projections]
+    for seed, label, algo, proj, name in plan:
+        print(f"== {name}")
+        run_dir = out / "runs" / name
+        auto = "auto" in name
+        run_training(run_dir, algo=algo, seed=seed, rollout_steps=rollout_steps,
+                     internal_steps="auto" if auto else internal_steps,  # type: ignore[arg-type]
+                     internal_layer=k, eval_problems=eval_problems, eval_samples=eval_samples,
+                     eval_before=(algo == "grpo"),
+                     overrides={**overrides, "internal_projection": proj,
+                                **({"internal_steps_max": auto_cap} if auto else {})})
+        log = json.loads((run_dir / "log_history.json").read_text())
+        runs[name] = {"label": label, "seed": seed, "algo": algo, "projection": proj,
+                      "after": metrics(eval_results(run_dir, first=False)),
+                      "phases": _phase_stats(log, per), "reward_curve": _reward_curve(log)}
+        if auto:
+            bupo_run = json.loads((run_dir / "bupo_run.json").read_text())
+            runs[name]["switch"] = bupo_run.get("switch", {})
+        if algo == "grpo":
+            runs[name]["before"] = metrics(eval_results(run_dir, first=True))
     base = [r["before"] for r in runs.values() if "before" in r]
     keys = list(base[0])
     lines = [f"Avg@{eval_samples} / Pass@K (%) on {eval_problems} held-out {difficulty}-operation problems, "
@@ -511,6 +544,19 @@ def run_real_model(out: Path, *, model: str | Path, seeds: int = 1, rollout_step
             + f" | {cell('internal', 'seconds_per_rollout_step', '.0f')} | "
               f"{cell('full', 'seconds_per_rollout_step', '.0f')} | {cell('internal', 'grad_norm', '.2f')} | "
               f"{cell('full', 'grad_norm', '.2f')} |")
+    # paired by seed (same seed = same rollout prompts and evaluation seeds): each BuPO arm minus GRPO, after training
+    grpo_by_seed = {r["seed"]: r["after"] for r in runs.values() if r["algo"] == "grpo"}
+    for label in dict.fromkeys(r["label"] for r in runs.values() if r["algo"] == "bupo"):
+        pairs = [(r["after"], grpo_by_seed[r["seed"]]) for r in runs.values()
+                 if r["label"] == label and r["seed"] in grpo_by_seed]
+        if len(pairs) > 1:
+            cis = [paired_ci([a[key] - b[key] for a, b in pairs]) for key in keys]
+            lines.append(f"| {label} − GRPO (paired, 95% CI) | " + " | ".join(
+                f"{100 * m:+.1f} [{100 * lo:+.1f}, {100 * hi:+.1f}]" for m, lo, hi in cis) + " | | | | |")
+    switches = [(r["seed"], r["switch"]) for r in runs.values() if r.get("switch")]
+    if switches:
+        lines += ["", "Adaptive switch (first full-policy rollout step, reason): " + "; ".join(
+            f"seed {seed}: step {sw.get('step')} ({sw.get('reason', '')})" for seed, sw in switches)]
     table = "\n".join(lines)
     fig = reward_figure({n: r["reward_curve"] for n, r in runs.items()}, out / "figures" / "rewards.png",
                         f"{Path(model).name}: train reward (final_number)")
@@ -520,6 +566,7 @@ def run_real_model(out: Path, *, model: str | Path, seeds: int = 1, rollout_step
                 "difficulty": difficulty, "eval_problems": eval_problems, "eval_samples": eval_samples,
                 "learning_rate": learning_rate, "max_completion_length": max_completion_length,
                 "reward": "final_number", "completions_per_rollout_step": completions_per_rollout,
+                "temperature": temperature, "auto_cap": auto_cap, "auto_seeds": auto_seeds,
                 "wall_seconds": round(time.time() - t0, 1)}
     results = {"settings": settings, "runs": runs, "table": table, "figure": str(fig)}
     atomic_write_json(out / "results.json", results)

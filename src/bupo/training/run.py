@@ -813,6 +813,8 @@ def train(train_args: Any, script: BuPOScriptArguments) -> dict[str, Any]:
         "prompt_length_limit_reason": limit_reason,
         "prompts_dropped": dropped,
         "reward": script.reward,
+        "temperature": train_args.temperature,  # rollouts and in-training evaluations sample at it
+        "max_completion_length": train_args.max_completion_length,
         "internal_layer": k,
         "internal_layer_paper": None if k is None else k + 1,
         "internal_layer_source": layer_source,
