@@ -472,7 +472,7 @@ def test_cli_end_to_end_and_compare(model_dir: Path, tmp_path: Path, capsys: pyt
         (["--data", "{bad}"], "missing column"),
         (["--data", "{csv}"], "unsupported data format '.csv'"),
         (["--model", "/nonexistent/model"], "--model '/nonexistent/model': no such folder"),
-        (["--problems", "0"], "--problems must be >= 1"),
+        (["--problems", "0"], "--limit must be >= 1"),  # --problems: the old spelling of --limit
     ],
 )
 def test_cli_errors(

@@ -11,6 +11,7 @@ import importlib
 import sys
 
 from bupo import __version__
+from bupo.cli_common import BupoArgumentParser, add_both_spellings
 
 # modules that define ``register(subparsers) -> None``
 _SUBCOMMANDS: list[str] = [
@@ -25,7 +26,7 @@ _SUBCOMMANDS: list[str] = [
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
+    parser = BupoArgumentParser(
         prog="bupo",
         description="Bottom-up Policy Optimization: read, analyse and train the internal policies of decoder LMs.",
     )
@@ -33,6 +34,7 @@ def build_parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
     for name in _SUBCOMMANDS:
         importlib.import_module(name).register(sub)
+    add_both_spellings(parser)  # --max-new-tokens and --max_new_tokens everywhere (docs/cli.md)
     return parser
 
 

@@ -32,13 +32,16 @@ def register(subparsers: Any) -> None:
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     p.add_argument("--out", default="demo", help="output folder (default: demo)")
-    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--seed", type=int, default=0, help="seed of the analysis, the training runs and the evaluation "
+                   "(default 0)")
     p.add_argument("--rollout-steps", type=int, default=16, help="rollout steps per training run (default 16)")
     p.add_argument("--internal-steps", type=int, default=2,
                    help="BuPO's s_inter: rollout steps on the internal policy (default 2)")
     p.add_argument("--internal-layer", default="auto", help="0-based k, or auto (the analysis' suggestion)")
-    p.add_argument("--analysis-samples", type=int, default=32, help="responses analysed (default 32)")
-    p.add_argument("--eval-problems", type=int, default=100, help="held-out problems evaluated (default 100)")
+    p.add_argument("--analysis-limit", "--analysis-samples", dest="analysis_samples", type=int, default=32,
+                   metavar="N", help="held-out problems analysed, one response each (default 32)")
+    p.add_argument("--eval-limit", "--eval-problems", dest="eval_problems", type=int, default=100, metavar="N",
+                   help="held-out problems evaluated (default 100)")
     p.add_argument("--eval-samples", type=int, default=8, help="samples per problem: Avg@K / Pass@K (default 8)")
     p.add_argument("--threads", type=int, default=1, help=THREADS_HELP)
     p.set_defaults(func=_demo)

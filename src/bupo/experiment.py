@@ -32,11 +32,16 @@ def set_threads(n: int) -> None:
     torch.set_num_threads(n)
 
 
+# settings whose flag is the shared row-limit vocabulary (docs/cli.md) rather than their old name
+RENAMED_FLAGS = {"eval_problems": "--eval-limit", "train_problems": "--train-limit", "analysis_samples": "--analysis-limit"}
+
+
 def check_positive(args: argparse.Namespace, *names: str) -> None:
     """ValueError naming the first ``--flag`` among ``names`` that is < 1."""
     for name in names:
         if getattr(args, name) < 1:
-            raise ValueError(f"--{name.replace('_', '-')} must be >= 1, got {getattr(args, name)}")
+            flag = RENAMED_FLAGS.get(name, "--" + name.replace("_", "-"))
+            raise ValueError(f"{flag} must be >= 1, got {getattr(args, name)}")
 
 
 def bundled_max_new_tokens() -> int:
@@ -49,9 +54,10 @@ def bundled_max_new_tokens() -> int:
 
 def run_analysis(out_dir: Path, *, samples: int, seed: int, model: str | Path | None = None,
                  rows: list[dict] | None = None, max_new_tokens: int | None = None, projection: str = "raw",
-                 template: str = "chat") -> dict:
+                 template: str = "auto") -> dict:
     """Analyse ``model`` (default: the bundled one) on ``rows`` (default: ``samples`` held-out bundled problems);
-    resumable. Returns summary.json as a dict. ``max_new_tokens`` defaults to the bundled model's own length."""
+    resumable. Returns summary.json as a dict. ``template="auto"`` picks the prompt template as ``bupo train`` does,
+    so the analysis reads the prompts the training runs see. ``max_new_tokens`` defaults to the bundled model's own length."""
     from bupo.analysis import analyze, load_summary
     from bupo.data.task import make_examples
     from bupo.zoo import DEFAULT_MODEL

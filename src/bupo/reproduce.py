@@ -54,7 +54,8 @@ def register(subparsers: Any) -> None:
     r.add_argument("--internal-steps", type=int, default=None,
                    help="s_inter in rollout steps: the 'moderate' one (default 4; with --model a quarter of "
                         "--rollout-steps)")
-    r.add_argument("--eval-problems", type=int, default=None, help="default 100 (32 with --model)")
+    r.add_argument("--eval-limit", "--eval-problems", dest="eval_problems", type=int, default=None, metavar="N",
+                   help="held-out problems evaluated (default 100; 32 with --model)")
     r.add_argument("--eval-samples", type=int, default=None, help="default 8 (4 with --model)")
     r.add_argument("--no-ablations", action="store_true", help="only the seed study")
     r.add_argument("--internal-layer", type=int, default=None,
@@ -385,7 +386,8 @@ def _resolve_real_k(out: Path, model: str, internal_layer: int | None, analysis:
         source = f"analysis {analysis}"
     else:
         summary = run_analysis(out / "analysis", samples=REAL_DEFAULTS["analysis_samples"], seed=0, model=model,
-                               rows=rows, max_new_tokens=max_new_tokens, projection=projection)
+                               rows=rows, max_new_tokens=max_new_tokens, projection=projection,
+                               template="chat")  # the template its training runs use (below)
         source = f"analysis {out / 'analysis'}"
     k = summary.get("suggested_internal_layer")
     if k is None:

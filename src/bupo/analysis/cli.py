@@ -4,9 +4,12 @@ from __future__ import annotations
 
 import argparse
 
+from bupo.cli_common import add_dtype, add_labels, add_quiet, add_template, split_labels
+
 PROJECTIONS = ("raw", "final_norm")
 CONVENTIONS = ("bupo", "residual")
 DEFAULT_BUNDLED_SAMPLES = 32
+DEFAULT_OUT = "runs/analysis"
 
 
 def _positive_int(v: str) -> int:
@@ -25,18 +28,15 @@ def _default_model() -> str:
     return resolve_model(None)  # FileNotFoundError (one clear line) if it was not built
 
 
-def _add_model_args(p: argparse.ArgumentParser, *, projection: bool = True) -> None:
+def _add_model_args(p: argparse.ArgumentParser, *, projection: bool = True, verbatim: bool = False) -> None:
     p.add_argument("--model", help="a bupo name (`bupo model list`), a local folder or a Hub id (default: tiny, the bundled model)")
-    p.add_argument("--dtype", default="float32", choices=("float32", "bfloat16", "float16"),
-                   help="weights dtype (default float32, as the official script; statistics are fp32 either way)")
+    add_dtype(p, "; entropies and ΔH are computed in fp32 either way")
     p.add_argument("--device", default="auto", help="auto | cpu | cuda[:i] (default auto)")
     if projection:
         p.add_argument("--projection", default="raw", choices=PROJECTIONS,
                        help="raw = lm_head(h) as in the paper (default); final_norm = lm_head(final_norm(h)) "
                             "(logit lens; the paper's 'with LN' ablation)")
-    p.add_argument("--template", default="chat",
-                   help="prompt template for message prompts: chat (tokenizer's chat template), qwen3_no_thinking, "
-                        "octothinker (default chat)")
+    add_template(p, none=verbatim)
 
 
 def register(subparsers) -> None:
@@ -48,12 +48,15 @@ def register(subparsers) -> None:
                     "Layers: paper l = 1..L in outputs, 0-based k = l - 1 for --internal-layer. Entropies in nats.",
     )
     _add_model_args(a)
+    a.set_defaults(limit=None)
     a.add_argument("--data", help="paper parquet or JSONL rows (prompt messages); responses are generated "
                                   "(default: the bundled task's held-out split)")
     a.add_argument("--traces", help="JSONL of precomputed {'prompt': str | messages, 'response': str}")
-    a.add_argument("--out", help="output directory (required)")
-    a.add_argument("--max-samples", type=_positive_int,
-                   help=f"analyse at most N rows (default: all; {DEFAULT_BUNDLED_SAMPLES} for the bundled task)")
+    a.add_argument("--out", help=f"output directory (default: {DEFAULT_OUT}/<model name>, bundled for the bundled "
+                                 "model)")
+    a.add_argument("--limit", "--max-samples", dest="limit", type=_positive_int, metavar="N",
+                   help=f"analyse at most N rows or traces (default: all; {DEFAULT_BUNDLED_SAMPLES} for the bundled "
+                        "task)")
     a.add_argument("--max-new-tokens", type=_positive_int, default=1024, help="generation length (default 1024)")
     a.add_argument("--temperature", type=float, default=1.0, help="sampling temperature (default 1.0, as the paper)")
     a.add_argument("--top-p", type=float, default=1.0, help="nucleus sampling (default 1.0)")
@@ -78,7 +81,7 @@ def register(subparsers) -> None:
     a.add_argument("--heatmap-sample", type=int, help="sample index for the layer x token heatmap (default: first)")
     a.add_argument("--overwrite", action="store_true", help="replace a finished analysis in --out")
     a.add_argument("--no-resume", action="store_true", help="discard staged partial results in --out")
-    a.add_argument("--quiet", action="store_true", help="no progress bars")
+    add_quiet(a)
     a.set_defaults(func=_analyze)
 
     sub = a.add_subparsers(dest="analyze_command", metavar="{compare}")
@@ -86,7 +89,7 @@ def register(subparsers) -> None:
                        description="Overlay analyses (directories with summary.json) on depth l/L.")
     c.add_argument("dirs", nargs="+", help="analysis directories")
     c.add_argument("--out", dest="compare_out", required=True, help="output directory")
-    c.add_argument("--labels", help="comma-separated labels, one per directory")
+    add_labels(c, "labels, one per directory (default: each model's name)")
     c.set_defaults(func=_compare)
 
     s = subparsers.add_parser(
@@ -94,8 +97,7 @@ def register(subparsers) -> None:
         description="Generate from the layer-K internal policy π^{K+1}_Layer (0-based K) under --projection: raw = "
                     "lm_head(H^K), no norm (the paper), or final_norm = lm_head(final_norm(H^K)) (logit lens).",
     )
-    _add_model_args(s)
-    s.set_defaults(template="chat")
+    _add_model_args(s, verbatim=True)
     s.add_argument("--layer", required=True,
                    help="0-based layer K (paper layer K+1), a comma list, 'final' (the full model) or 'all'")
     s.add_argument("--prompt", required=True, help="user message (wrapped by --template; 'none' = verbatim)")
@@ -113,8 +115,7 @@ def register(subparsers) -> None:
                     "positions, under raw = lm_head(H^k) (the paper) and final_norm = lm_head(final_norm(H^k)) "
                     "(logit lens) side by side. Layers 0-based k (paper l = k + 1); entropies in nats.",
     )
-    _add_model_args(lens, projection=False)
-    lens.set_defaults(template="chat")
+    _add_model_args(lens, projection=False, verbatim=True)
     lens.add_argument("--projection", default="both", choices=(*PROJECTIONS, "both"),
                       help="which projections to show (default both, side by side)")
     lens.add_argument("--prompt", required=True, help="user message (wrapped by --template; 'none' = verbatim)")
@@ -127,15 +128,22 @@ def register(subparsers) -> None:
     lens.set_defaults(func=_lens)
 
 
+def default_out(model: str | None) -> str:
+    """``runs/analysis/<model name>`` (``bundled`` for the bundled model): ``bupo analyze``'s default --out."""
+    from pathlib import Path
+
+    return str(Path(DEFAULT_OUT) / ("bundled" if model is None else (Path(str(model)).name or "model")))
+
+
 def _analyze(args) -> int:
     if not args.out:
-        raise ValueError("--out DIR is required")
+        args.out = default_out(args.model)
     if args.data and args.traces:
         raise ValueError("give --data (responses are generated) or --traces (precomputed), not both")
     from bupo.analysis.run import analyze
 
     data = args.data
-    max_samples = args.max_samples
+    max_samples = args.limit
     if data is None and args.traces is None:
         from bupo.data.task import make_examples
 
@@ -170,7 +178,7 @@ def _analyze(args) -> int:
 def _compare(args) -> int:
     from bupo.analysis.compare import compare
 
-    labels = args.labels.split(",") if args.labels else None
+    labels = split_labels(args.labels)
     res = compare(args.dirs, args.compare_out, labels=labels)
     for r in res["runs"]:
         print(f"{r['label']}: L={r['num_layers']} boundary={r['boundary_layer']} k={r['suggested_internal_layer']}")

@@ -136,16 +136,17 @@ def _layer_matrix(cols: Mapping[str, Any], num_layers: int) -> np.ndarray:
 # inputs
 
 
-def load_model(path: str | os.PathLike, *, dtype: str = "float32", device: str = "auto"):
+def load_model(path: str | os.PathLike, *, dtype: str = "auto", device: str = "auto"):
     """Load ``--model`` (a bupo name, local folder or Hub id, :func:`bupo.models.resolve_model`) and its
-    tokenizer; returns (model, tokenizer)."""
+    tokenizer; returns (model, tokenizer). ``dtype="auto"``: the checkpoint's own dtype (its config's ``dtype``,
+    transformers' ``dtype="auto"``; float32 when the config names none)."""
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     from bupo.models import resolve_model
 
     path = Path(resolve_model(path))
-    dtypes = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+    dtypes = {"auto": "auto", "float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
     if dtype not in dtypes:
         raise ValueError(f"unknown dtype {dtype!r}; accepted: {', '.join(dtypes)}")
     device = resolve_device(device)
@@ -538,9 +539,12 @@ class AnalysisConfig:
     projection: str = field(default="raw", metadata={
         "help": "raw = lm_head(h) (the paper) or final_norm = lm_head(final_norm(h)) (logit lens)"})
     delta: str = field(default="bupo", metadata={"help": "ΔH convention: bupo (the paper) or residual"})
-    template: str = field(default="chat", metadata={
-        "help": "prompt template for message prompts: chat, qwen3_no_thinking, octothinker"})
-    dtype: str = field(default="float32", metadata={"help": "weights dtype when the model is a path"})
+    template: str = field(default="auto", metadata={
+        "help": "prompt template for message prompts: auto (as bupo train and bupo eval pick it, "
+        "bupo.data.templates.resolve_template), qwen3_no_thinking, chat, octothinker"})
+    dtype: str = field(default="auto", metadata={
+        "help": "weights dtype when the model is a path: auto (the checkpoint's own), float32, bfloat16, float16; "
+        "entropies are computed in fp32 either way"})
     device: str = field(default="auto", metadata={"help": "auto | cpu | cuda[:i] when the model is a path"})
     chunk_size: int | None = field(default=None, metadata={
         "help": "rows per logits chunk (extra memory ~ chunk x vocab x 4 bytes); None: 1024 on CPU, up to 8192 on CUDA"})
@@ -856,6 +860,10 @@ def run_analysis(
         model, tokenizer = load_model(model, dtype=cfg.dtype, device=cfg.device)
     elif tokenizer is None:
         raise ValueError("a loaded model needs its tokenizer (analyze(model, tokenizer, ...))")
+    from bupo.data.templates import resolve_template
+
+    # auto -> the template bupo train / bupo eval use for this tokenizer; the summary records the resolved one
+    cfg = dataclasses.replace(cfg, template=resolve_template(tokenizer, cfg.template))
     p = parts(model)
     L = p.num_layers
     inputs = _read_inputs(data, traces, cfg.max_samples)

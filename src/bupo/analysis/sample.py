@@ -14,7 +14,8 @@ TEMPLATE_NONE = "none"
 
 
 def prompt_ids(tokenizer: Any, prompt: str, template: str) -> list[int]:
-    """``template="none"``: the prompt verbatim; otherwise the prompt as one user message through ``template``.
+    """``template="none"``: the prompt verbatim; otherwise the prompt as one user message through ``template``
+    (``auto``: :func:`bupo.data.templates.resolve_template`).
 
     Encoded as every bupo command encodes prompts (:func:`bupo.generation.encode_prompt`: special tokens such as
     BOS are added unless the text already starts with BOS)."""
@@ -23,8 +24,9 @@ def prompt_ids(tokenizer: Any, prompt: str, template: str) -> list[int]:
     if template == TEMPLATE_NONE:
         text = prompt
     else:
-        from bupo.data.templates import render_prompt
+        from bupo.data.templates import render_prompt, resolve_template
 
+        template = resolve_template(tokenizer, template)  # auto: as bupo train and bupo eval pick it
         text = render_prompt(tokenizer, [{"role": "user", "content": prompt}], template)
     ids = encode_prompt(tokenizer, text)
     if not ids:
@@ -39,7 +41,7 @@ def sample_layer(
     *,
     layer: int | None,
     projection: str = "raw",
-    template: str = "chat",
+    template: str = "auto",
     max_new_tokens: int = 64,
     temperature: float = 1.0,
     top_p: float = 1.0,

@@ -18,7 +18,7 @@ from collections.abc import Sequence
 from typing import Any
 
 __all__ = ["OCTOTHINKER_TEMPLATE", "RECORDED_TEMPLATE_KEY", "TEMPLATES", "record_template", "recorded_template",
-           "render_prompt", "user_problem"]
+           "render_prompt", "resolve_template", "user_problem"]
 
 OCTOTHINKER_TEMPLATE = (
     "A conversation between User and Assistant. The user asks a question, and the Assistant solves it. "
@@ -105,3 +105,25 @@ def render_prompt(tokenizer: Any, messages: Sequence[dict], template: str = "cha
             )
         return text
     raise ValueError(f"unknown template {template!r}; accepted: {', '.join(TEMPLATES)}")
+
+
+def resolve_template(tokenizer: Any, template: str) -> str:
+    """``auto`` -> the template the model was trained with when ``bupo train`` recorded one in its tokenizer
+    (:func:`bupo.data.templates.recorded_template`), else ``qwen3_no_thinking`` if the tokenizer's chat template
+    honours enable_thinking, else ``chat`` if it has a chat template, else ``octothinker``; other names are checked
+    and returned."""
+    if template != "auto":
+        if template not in TEMPLATES:
+            raise ValueError(f"unknown template {template!r}; accepted: auto, {', '.join(TEMPLATES)}")
+        return template
+    recorded = recorded_template(tokenizer)
+    if recorded is not None:
+        return recorded
+    if tokenizer is None or not getattr(tokenizer, "chat_template", None):
+        return "octothinker"
+    probe = [{"role": "user", "content": "1+1"}]
+    try:
+        render_prompt(tokenizer, probe, "qwen3_no_thinking")
+        return "qwen3_no_thinking"
+    except ValueError:
+        return "chat"

@@ -8,6 +8,8 @@ import sys
 from pathlib import Path
 from typing import Any
 
+from bupo.cli_common import add_dtype, add_labels, add_quiet, add_template, split_labels
+
 DEFAULT_MAX_NEW_TOKENS = 8192  # the paper's Qwen scripts' max response; used when the model folder sets none
 
 
@@ -15,7 +17,7 @@ def register(subparsers: Any) -> None:
     p = subparsers.add_parser(
         "eval",
         usage="bupo eval [--model PATH] [--data FILE ...] [--n N] [--k K ...] [options]\n"
-        "       bupo eval compare DIR [DIR ...] [--labels NAME ...] [--out FILE]",
+        "       bupo eval compare DIR [DIR ...] [--labels LABEL ...] [--out FILE]",
         help="Avg@K / Pass@K on AIME24/25, AMC23, MATH500 (or the bundled task) in the paper's table format",
         description=(
             "Sample n responses per problem, score them with the paper's boxed exact-match reward (or "
@@ -49,13 +51,7 @@ def register(subparsers: Any) -> None:
         type=int,
         help=f"response length limit (default: the model folder's generation_config, else {DEFAULT_MAX_NEW_TOKENS})",
     )
-    p.add_argument(
-        "--template",
-        default="auto",
-        choices=["auto", "qwen3_no_thinking", "chat", "octothinker"],
-        help="prompt template (auto: the one bupo train recorded in the tokenizer, else qwen3_no_thinking if the chat "
-        "template supports it, else chat, else octothinker)",
-    )
+    add_template(p)
     p.add_argument(
         "--reward",
         default="boxed_exact",
@@ -74,30 +70,29 @@ def register(subparsers: Any) -> None:
         help="sequences per generation batch (default: hf 32, vllm 1024)",
     )
     p.add_argument(
+        "--limit",
         "--problems",
+        dest="limit",
         type=int,
         default=None,
-        help="only the first N problems of each benchmark (quick checks)",
+        metavar="N",
+        help="only the first N problems of each benchmark (quick checks; default: all)",
     )
     p.add_argument("--label", help="row name in the tables (default: the model folder's name)")
     p.add_argument("--device", default="auto", help="hf backend: auto, cpu, cuda, cuda:1, ... (default auto)")
-    p.add_argument(
-        "--dtype",
-        default="auto",
-        choices=["auto", "float32", "bfloat16", "float16"],
-        help="model dtype (auto: bf16 on GPU, fp32 on CPU)",
-    )
-    p.add_argument("--no-progress", action="store_true", help="no progress bar")
+    add_dtype(p)
+    add_quiet(p, "--no-progress")
     p.set_defaults(func=_eval_handler)
 
     sub = p.add_subparsers(dest="eval_command", title="subcommands", metavar="compare")
     c = sub.add_parser(
         "compare",
+        prog="bupo eval compare",  # not derived from the parent's two-line usage
         help="one table across eval runs",
         description="Print one Table-1-style table across `bupo eval` output folders.",
     )
     c.add_argument("dirs", nargs="+", metavar="DIR", help="`bupo eval --out` folders (or results.json files)")
-    c.add_argument("--labels", nargs="+", help="row names, one per DIR (default: each run's label)")
+    add_labels(c, "row names, one per DIR (default: each run's label)")
     c.add_argument("--out", help="also write the table to this markdown file")
     c.set_defaults(func=_compare_handler)
 
@@ -127,10 +122,8 @@ def _load_hf(path: Path, device: str, dtype: str) -> tuple[Any, Any]:
     from bupo.analysis.run import resolve_device
 
     device = resolve_device(device)
-    if dtype == "auto":
-        torch_dtype = torch.bfloat16 if device.startswith("cuda") else torch.float32
-    else:
-        torch_dtype = getattr(torch, dtype)
+    # auto: the checkpoint's own dtype (config.json), as transformers' dtype="auto" and bupo analyze / sample
+    torch_dtype = "auto" if dtype == "auto" else getattr(torch, dtype)
     tokenizer = AutoTokenizer.from_pretrained(str(path))
     model = AutoModelForCausalLM.from_pretrained(str(path), dtype=torch_dtype).to(device)
     return model.eval(), tokenizer
@@ -139,9 +132,9 @@ def _load_hf(path: Path, device: str, dtype: str) -> tuple[Any, Any]:
 def _datasets(args: argparse.Namespace) -> dict[str, list[dict]]:
     from bupo.data.datasets import BUNDLED, load_benchmarks
 
-    if args.problems is not None and args.problems < 1:
-        raise ValueError(f"--problems must be >= 1, got {args.problems}")
-    return load_benchmarks(args.data or [BUNDLED], args.problems)
+    if args.limit is not None and args.limit < 1:
+        raise ValueError(f"--limit must be >= 1, got {args.limit}")
+    return load_benchmarks(args.data or [BUNDLED], args.limit)
 
 
 def _check_args(args: argparse.Namespace) -> None:
@@ -190,7 +183,7 @@ def _eval_handler(args: argparse.Namespace) -> int:
     label = args.label or ("bundled" if args.model is None else folder.resolve().name)
     datasets = _datasets(args)
     plan_benchmarks(datasets, args.n, args.k)  # bad data, n or K: fail before loading any model
-    if args.no_progress:
+    if args.quiet:
         from transformers.utils import logging as hf_logging
 
         hf_logging.disable_progress_bar()
@@ -209,7 +202,7 @@ def _eval_handler(args: argparse.Namespace) -> int:
         seed=args.seed,
         out_dir=out,
         label=label,
-        progress=not args.no_progress,
+        progress=not args.quiet,
     )
     if args.backend == "vllm":
         require_vllm()
@@ -221,7 +214,7 @@ def _eval_handler(args: argparse.Namespace) -> int:
             seed=args.seed,
             dtype="auto" if args.dtype == "auto" else args.dtype,
             batch_size=args.batch_size or 1024,
-            progress=not args.no_progress,
+            progress=not args.quiet,
         )
         results = evaluate(
             None,
@@ -250,6 +243,7 @@ def _compare_handler(args: argparse.Namespace) -> int:
     from bupo.evaluation.report import compare_table, load_results
 
     runs = [load_results(d) for d in args.dirs]
+    args.labels = split_labels(args.labels)
     if args.labels is not None and len(args.labels) != len(runs):
         raise ValueError(f"--labels needs one label per DIR: {len(runs)} dirs, {len(args.labels)} labels")
     labels = (

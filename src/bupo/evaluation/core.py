@@ -33,7 +33,7 @@ from typing import Any
 
 from bupo import __version__
 from bupo.data.datasets import DISPLAY_NAMES, default_samples, validate_rows
-from bupo.data.templates import TEMPLATES, recorded_template, render_prompt
+from bupo.data.templates import render_prompt, resolve_template
 from bupo.evaluation.backends import HFBackend, SamplingSettings, model_fingerprint
 from bupo.evaluation.metrics import avg_at_k, default_ks, mean_pass_at_k
 from bupo.evaluation.report import results_table
@@ -129,28 +129,6 @@ class EvalResults:
             out[f"{prefix}/{name}/truncated"] = b.truncated
         out[f"{prefix}/avg"] = self.average
         return out
-
-
-def resolve_template(tokenizer: Any, template: str) -> str:
-    """``auto`` -> the template the model was trained with when ``bupo train`` recorded one in its tokenizer
-    (:func:`bupo.data.templates.recorded_template`), else ``qwen3_no_thinking`` if the tokenizer's chat template
-    honours enable_thinking, else ``chat`` if it has a chat template, else ``octothinker``; other names are checked
-    and returned."""
-    if template != "auto":
-        if template not in TEMPLATES:
-            raise ValueError(f"unknown template {template!r}; accepted: auto, {', '.join(TEMPLATES)}")
-        return template
-    recorded = recorded_template(tokenizer)
-    if recorded is not None:
-        return recorded
-    if tokenizer is None or not getattr(tokenizer, "chat_template", None):
-        return "octothinker"
-    probe = [{"role": "user", "content": "1+1"}]
-    try:
-        render_prompt(tokenizer, probe, "qwen3_no_thinking")
-        return "qwen3_no_thinking"
-    except ValueError:
-        return "chat"
 
 
 def _sha(text: str) -> str:

@@ -3,14 +3,19 @@
 from __future__ import annotations
 
 import argparse
+import sys
+
+from bupo.cli_common import TEMPLATE_CHOICES, BupoArgumentParser
 
 DESCRIPTION = """\
 Bottom-up Policy Optimization (arXiv 2512.19673) on TRL's GRPOTrainer: the first S rollout steps optimise the
 layer-k internal policy (0-based k, paper layer k+1), then GRPO on the full policy. Without arguments: the bundled
 tiny model on the bundled task, a few minutes on 2 CPU cores, with evaluation before and after.
 
-Any TRL/GRPOConfig argument can be added as is (underscores), e.g. --learning_rate 1e-5 --max_steps 20
---num_generations 8 --use_vllm true; they override --config. Presets for the paper's runs: `bupo recipes` (--config NAME or a path)."""
+Any TRL/GRPOConfig argument can be added as is (underscores, as TRL writes them; dashes work too), e.g.
+--learning_rate 1e-5 --max_steps 20 --num_generations 8 --use_vllm true; they override --config. The BuPOConfig
+fields, bupo train keys and common TRL fields with their defaults are listed after the options below (every TRL field:
+--help-all). Presets for the paper's runs: `bupo recipes` (--config NAME or a path). Shared flags: docs/cli.md."""
 
 EPILOG = """\
 examples:
@@ -32,13 +37,32 @@ def _steps(text: str) -> int | str:
         raise argparse.ArgumentTypeError(f"expected an int >= 0 or 'auto', got {text!r}") from None
 
 
-class _PassThroughParser(argparse.ArgumentParser):
-    """Keeps unknown arguments (TRL's own flags) in ``args.trl_args`` instead of failing on them."""
+class _PassThroughParser(BupoArgumentParser):
+    """Keeps unknown arguments (TRL's own flags) in ``args.trl_args`` instead of failing on them; its help lists the
+    BuPOConfig fields and bupo train keys with their defaults (:mod:`bupo.training.help`, imported on --help only)."""
+
+    keep_spellings = True  # --internal_layer etc. are TRL fields: TRL's parser takes both spellings of them
+    help_all = False
 
     def parse_known_args(self, args=None, namespace=None):  # type: ignore[override]
         ns, rest = super().parse_known_args(args, namespace)
         ns.trl_args = list(getattr(ns, "trl_args", None) or []) + list(rest)
         return ns, []
+
+    def format_help(self) -> str:
+        from bupo.training.help import config_help
+
+        return super().format_help() + config_help(everything=self.help_all)
+
+
+class _HelpAll(argparse.Action):
+    def __init__(self, option_strings, dest, **kwargs):  # type: ignore[no-untyped-def]
+        super().__init__(option_strings, dest, nargs=0, default=argparse.SUPPRESS, **kwargs)
+
+    def __call__(self, parser, namespace, values, option_string=None):  # type: ignore[no-untyped-def]
+        parser.help_all = True
+        parser.print_help()
+        sys.exit(0)
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:
@@ -47,6 +71,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         formatter_class=argparse.RawDescriptionHelpFormatter, allow_abbrev=False,
     )
     p.__class__ = _PassThroughParser
+    p.add_argument("--help-all", action=_HelpAll, help="show this help with every GRPOConfig / ModelConfig field and exit")
     p.add_argument("--model", help="a bupo name (`bupo model list`), a local folder or a Hub id (default: tiny, the bundled model)")
     p.add_argument("--data", help="training rows: .parquet / .jsonl (paper shape) or 'bundled' (default)")
     p.add_argument("--eval-data", nargs="+", metavar="FILE",
@@ -64,7 +89,14 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--out", help="output folder (checkpoints, final model, bupo_run.json)")
     p.add_argument("--config", help="a shipped preset's name (bupo recipes) or a TRL-style YAML of "
                                          "BuPOConfig/GRPOConfig fields and bupo train keys")
-    p.add_argument("--template", help="auto, qwen3_no_thinking, chat or octothinker")
+    p.add_argument("--template", choices=TEMPLATE_CHOICES,
+                   help="prompt template: auto (default: the model's recorded one, else qwen3_no_thinking if the chat "
+                        "template honours enable_thinking, else chat, else octothinker), qwen3_no_thinking, chat or "
+                        "octothinker")
+    p.add_argument("--train-limit", "--train_rows", "--train-rows", dest="train_limit", type=int, metavar="N",
+                   help="use at most N training rows (default: all; the bundled task generates 2048)")
+    p.add_argument("--eval-limit", "--eval_rows", "--eval-rows", dest="eval_limit", type=int, metavar="N",
+                   help="at most N problems per --eval-data file (default: all; 100 without --config)")
     p.add_argument("--reward", help="boxed_exact (default, the paper's) and/or math_verify, comma-separated")
     p.add_argument("--analysis", help="analysis (summary.json or folder) for --internal-layer auto")
     p.add_argument("--resume", nargs="?", const="latest", metavar="CHECKPOINT",

@@ -122,6 +122,7 @@ FLAG_KEYS = {
     "template": "template", "reward": "reward", "analysis": "analysis", "resume": "resume",
     "force_resume": "force_resume", "verbose": "verbose",
     "internal_steps_max": "internal_steps_max", "internal_schedule": "internal_schedule",  # issue 16
+    "train_limit": "train_rows", "eval_limit": "eval_rows",  # the shared --train-limit / --eval-limit (docs/cli.md)
 }
 # environment variables that make a process load other code: a config file must not set them
 CODE_LOADING_ENV = ("LD_PRELOAD", "LD_LIBRARY_PATH", "LD_AUDIT", "DYLD_INSERT_LIBRARIES", "DYLD_LIBRARY_PATH",
@@ -209,7 +210,7 @@ def parse_train_args(
         raise ValueError(f"{', '.join(zero) or 'a batch count'} must be >= 1 (got 0); "
                          f"{', '.join(_COUNT_KEYS)} count sequences or steps") from None
     if rest:
-        raise ValueError(f"unrecognised arguments {rest}; TRL arguments use underscores (--learning_rate 1e-5)")
+        raise ValueError(unrecognised_message(rest, parser))
     if script_args.algo not in ALGOS:
         raise ValueError(f"--algo must be one of {', '.join(ALGOS)}, got {script_args.algo!r}")
     if script_args.data is not None and script_args.dataset_name is not None:
@@ -220,6 +221,21 @@ def parse_train_args(
     model_init_kwargs(train_args, model_args)  # a key given twice is an error already here
     validate_run_args(train_args, script_args, explicit)
     return train_args, script_args
+
+
+def unrecognised_message(rest: list[str], parser: Any) -> str:
+    """``unrecognised arguments [...]`` with the closest valid flag of each unknown one (TRL's fields, bupo train's
+    flags); the underscore hint only when the user typed dashes."""
+    from bupo.cli_common import unknown_flag_hints
+
+    candidates = ["--" + f.replace("_", "-") for f in FLAG_KEYS] + ["--config", "--help-all"]  # bupo's: dashes
+    candidates += [a.option_strings[0] for a in parser._actions if a.option_strings]  # TRL's: underscores
+    hints = unknown_flag_hints(rest, candidates)
+    msg = f"unrecognised arguments {rest}" + hints
+    typed_dashes = any(a.startswith("--") and "-" in a[2:].split("=")[0] for a in rest)
+    if typed_dashes and "_" in hints:  # pointed at a TRL field: say how TRL writes them
+        msg += "; TRL arguments are written with underscores (--learning_rate 1e-5)"
+    return msg
 
 
 _COUNT_KEYS = ("per_device_train_batch_size", "num_generations", "steps_per_generation", "generation_batch_size",

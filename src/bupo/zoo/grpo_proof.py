@@ -45,8 +45,13 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--write-card", action="store_true", help="store the result in the model folder + card")
     p.add_argument("--save-dir", default=None, help="save the GRPO-trained model here")
     for key in ("max_steps", "prompts_per_step", "num_generations", "max_completion_length", "seed",
-                "train_problems", "eval_problems", "eval_samples", "eval_seed", "threads"):  # fmt: skip
+                "eval_samples", "eval_seed", "threads"):  # fmt: skip
         p.add_argument("--" + key.replace("_", "-"), type=int, default=d[key])
+    # the shared row-limit vocabulary (docs/cli.md); the old names stay as aliases
+    p.add_argument("--train-limit", "--train-problems", dest="train_problems", type=int, default=d["train_problems"],
+                   metavar="N", help=f"bundled-task training problems (default {d['train_problems']})")
+    p.add_argument("--eval-limit", "--eval-problems", dest="eval_problems", type=int, default=d["eval_problems"],
+                   metavar="N", help=f"held-out problems evaluated (default {d['eval_problems']})")
     p.add_argument("--learning-rate", type=float, default=d["learning_rate"])
     p.add_argument("--loss-type", default=d["loss_type"])
     p.add_argument(
@@ -59,7 +64,8 @@ def _check(cfg: dict[str, Any]) -> None:
     for key in ("max_steps", "prompts_per_step", "num_generations", "max_completion_length", "train_problems",
                 "eval_problems", "eval_samples", "threads"):  # fmt: skip
         if int(cfg[key]) < 1:
-            raise ValueError(f"--{key.replace('_', '-')} must be >= 1, got {cfg[key]}")
+            flag = {"train_problems": "--train-limit", "eval_problems": "--eval-limit"}.get(key, "--" + key.replace("_", "-"))
+            raise ValueError(f"{flag} must be >= 1, got {cfg[key]}")
     if cfg["num_generations"] < 2:
         raise ValueError(f"--num-generations must be >= 2 (GRPO needs a group), got {cfg['num_generations']}")
     if not cfg["learning_rate"] > 0:

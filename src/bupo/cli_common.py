@@ -1,0 +1,169 @@
+"""The one CLI vocabulary of every ``bupo`` subcommand (docs/cli.md): shared flags, their defaults and values, old
+spellings kept as aliases, both spellings of every long option (``--max-new-tokens`` and ``--max_new_tokens``) and
+closest-flag hints for misspelt flags. Standard library only (``bupo --help`` stays fast).
+"""
+
+from __future__ import annotations
+
+import argparse
+import difflib
+from collections.abc import Iterable, Sequence
+from typing import Any
+
+# --dtype of the commands that load a model themselves (bupo train's --dtype is TRL's ModelConfig field instead)
+DTYPES = ("auto", "float32", "bfloat16", "float16")
+DTYPE_HELP = ("weights dtype: auto (the checkpoint's own, from its config: transformers' dtype='auto'), float32, "
+              "bfloat16 or float16 (default auto)")
+# --template: auto + bupo.data.templates.TEMPLATES (kept literal here: no import at CLI build time)
+TEMPLATE_CHOICES = ("auto", "qwen3_no_thinking", "chat", "octothinker")
+TEMPLATE_HELP = ("prompt template: auto (the one bupo train recorded in the tokenizer, else qwen3_no_thinking if the "
+                 "chat template honours enable_thinking, else chat, else octothinker), qwen3_no_thinking, chat or "
+                 "octothinker (default auto)")
+
+
+def add_dtype(p: argparse.ArgumentParser, extra: str = "") -> None:
+    p.add_argument("--dtype", default="auto", choices=DTYPES, help=DTYPE_HELP + extra)
+
+
+def add_template(p: argparse.ArgumentParser, *, none: bool = False) -> None:
+    choices = (*TEMPLATE_CHOICES, "none") if none else TEMPLATE_CHOICES
+    extra = "; none = the prompt verbatim" if none else ""
+    p.add_argument("--template", default="auto", choices=choices, help=TEMPLATE_HELP + extra)
+
+
+def add_quiet(p: argparse.ArgumentParser, *old: str) -> None:
+    """``--quiet`` (no progress bars); ``old``: former spellings kept as aliases (``--no-progress``)."""
+    p.add_argument("--quiet", *old, dest="quiet", action="store_true", help="no progress bars")
+
+
+def split_labels(values: Sequence[str] | str | None) -> list[str] | None:
+    """``--labels a b``, ``--labels a,b`` and ``--labels a,b c`` all give ``[a, b, (c)]``; None stays None."""
+    if values is None:
+        return None
+    if isinstance(values, str):
+        values = [values]
+    labels = [part.strip() for v in values for part in v.split(",")]
+    return [lab for lab in labels if lab] or None
+
+
+def add_labels(p: argparse.ArgumentParser, help: str) -> None:
+    p.add_argument("--labels", nargs="+", metavar="LABEL",
+                   help=help + "; space- or comma-separated (--labels a b or --labels a,b)")
+
+
+def other_spellings(option: str) -> list[str]:
+    """``--max-new-tokens`` -> ``["--max_new_tokens"]`` and back; short options and plain names: none."""
+    if not option.startswith("--") or len(option) <= 3:
+        return []
+    body = option[2:]
+    alts = {body.replace("-", "_"), body.replace("_", "-")} - {body}
+    return ["--" + a for a in sorted(alts)]
+
+
+def subparsers_of(parser: argparse.ArgumentParser) -> dict[str, argparse.ArgumentParser]:
+    """The direct subcommand parsers of ``parser`` by name."""
+    out: dict[str, argparse.ArgumentParser] = {}
+    for action in parser._actions:
+        if isinstance(action, argparse._SubParsersAction):
+            out.update(action.choices)
+    return out
+
+
+def walk_parsers(parser: argparse.ArgumentParser, prefix: str = "") -> Iterable[tuple[str, argparse.ArgumentParser]]:
+    """``(command path, parser)`` for ``parser`` and every subcommand below it: ("", bupo), ("eval compare", ...)."""
+    yield prefix, parser
+    for name, sub in subparsers_of(parser).items():
+        yield from walk_parsers(sub, f"{prefix} {name}".strip())
+
+
+def add_both_spellings(parser: argparse.ArgumentParser) -> None:
+    """Every long option of ``parser`` and its subcommands also answers to its other spelling (dashes <->
+    underscores). The alias is registered with the parser only (hidden from --help); it parses to the same action."""
+    for _, p in walk_parsers(parser):
+        if getattr(p, "keep_spellings", False):  # bupo train: the other spelling belongs to TRL's parser
+            continue
+        for action in list(p._actions):
+            for option in list(action.option_strings):
+                for alt in other_spellings(option):
+                    p._option_string_actions.setdefault(alt, action)
+
+
+def primary_options(parser: argparse.ArgumentParser) -> list[str]:
+    """The long options ``parser`` shows in --help (one per spelling, not the hidden aliases)."""
+    return [o for a in parser._actions for o in a.option_strings if o.startswith("--")]
+
+
+def _norm(flag: str) -> str:
+    return flag.split("=", 1)[0].lstrip("-").replace("-", "_").lower()
+
+
+def closest_flag(flag: str, candidates: Iterable[str]) -> str | None:
+    """The candidate closest to ``flag`` (difflib, ignoring dashes vs underscores), or None when nothing is close."""
+    by_norm: dict[str, str] = {}
+    for c in candidates:
+        by_norm.setdefault(_norm(c), c)
+    match = difflib.get_close_matches(_norm(flag), list(by_norm), n=1, cutoff=0.6)
+    return by_norm[match[0]] if match else None
+
+
+def unknown_flag_hints(extras: Sequence[str], candidates: Iterable[str]) -> str:
+    """``"; --limt: did you mean --limit?"`` for every unknown ``--flag`` in ``extras`` that has a close match."""
+    cands = list(candidates)
+    hints = []
+    for arg in extras:
+        if arg.startswith("--") and len(arg) > 2:
+            best = closest_flag(arg, cands)
+            if best:
+                hints.append(f"{arg.split('=', 1)[0]}: did you mean {best}?")
+    return ("; " + "; ".join(hints)) if hints else ""
+
+
+_ENTERED: list[argparse.ArgumentParser] = []  # parsers entered by the current parse, outermost first
+_ARGS: list[str] = []  # the command line of the current parse
+
+
+def _known(flag: str, parsers: Sequence[argparse.ArgumentParser]) -> bool:
+    name = flag.split("=", 1)[0]
+    for p in parsers:
+        if name in p._option_string_actions:
+            return True
+        if p.allow_abbrev and any(o.startswith(name) for o in p._option_string_actions if o.startswith("--")):
+            return True
+    return False
+
+
+class BupoArgumentParser(argparse.ArgumentParser):
+    """argparse with bupo's vocabulary rules: an abbreviation matching one option under both spellings is not
+    ambiguous, and an unknown flag is reported by the subcommand that got it, with the closest valid flag."""
+
+    def parse_known_args(self, args: Any = None, namespace: Any = None):  # type: ignore[override]
+        _ENTERED.append(self)
+        return super().parse_known_args(args, namespace)
+
+    def parse_args(self, args: Any = None, namespace: Any = None):  # type: ignore[override]
+        import sys
+
+        del _ENTERED[:]
+        _ARGS[:] = list(sys.argv[1:] if args is None else args)
+        ns, extras = self.parse_known_args(args, namespace)
+        if extras:
+            parser = _ENTERED[-1] if _ENTERED else self  # the innermost subcommand saw them last
+            parser.error(f"unrecognized arguments: {' '.join(extras)}")
+        return ns
+
+    def error(self, message: str):  # type: ignore[override]
+        """argparse's error, plus ``--flg: did you mean --flag?`` for every flag of the command line that no
+        parser of this command knows (an unknown flag can also surface as another error, e.g. its value taken
+        for a subcommand name)."""
+        chain = [p for p in _ENTERED if p is not self] + [self]
+        unknown = [a for a in _ARGS if a.startswith("--") and len(a) > 2 and not _known(a, chain)]
+        super().error(message + unknown_flag_hints(unknown, primary_options(self)))
+
+    def _get_option_tuples(self, option_string: str):  # type: ignore[override]
+        seen: set[int] = set()
+        out = []
+        for t in super()._get_option_tuples(option_string):
+            if id(t[0]) not in seen:  # --top matching --top-p and its alias --top_p: one option
+                seen.add(id(t[0]))
+                out.append(t)
+        return out
