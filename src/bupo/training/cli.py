@@ -5,7 +5,7 @@ from __future__ import annotations
 import argparse
 import sys
 
-from bupo.cli_common import TEMPLATE_CHOICES, BupoArgumentParser
+from bupo.cli_common import TEMPLATE_CHOICES, BupoArgumentParser, other_spellings
 
 DESCRIPTION = """\
 Bottom-up Policy Optimization (arXiv 2512.19673) on TRL's GRPOTrainer: the first S rollout steps optimise the
@@ -106,6 +106,12 @@ def register(subparsers: argparse._SubParsersAction) -> None:
                    "or data differ from the checkpoint's run (refused otherwise)")
     p.add_argument("--verbose", action="store_true", default=None,
                    help="print TRL's raw log dicts instead of bupo's progress bar (switch and end lines stay)")
+    # the other spelling of a flag above is a TRL field (TRL's parser takes both) except for these bupo-only ones
+    for action in p._actions:
+        if action.dest in ("help_all", "train_limit", "eval_limit"):
+            for option in list(action.option_strings):
+                for alt in other_spellings(option):
+                    p._option_string_actions.setdefault(alt, action)
     p.set_defaults(func=_handler, trl_args=[])
 
 
