@@ -380,7 +380,7 @@ def ckpt(tmp_path_factory, tok):
     return d
 
 
-def test_cli_analyze_generate_compare_and_sample(ckpt, tmp_path, capsys):
+def test_cli_analyze_generate_compare_and_sample(ckpt, tmp_path, capsys, monkeypatch):
     from bupo.cli import main
 
     rows = tmp_path / "rows.jsonl"
@@ -419,7 +419,11 @@ def test_cli_analyze_generate_compare_and_sample(ckpt, tmp_path, capsys):
                  str(tmp_path / "c")]) == 2
     err = capsys.readouterr().err
     assert "traces file not found" in err and "Traceback" not in err
-    assert main(["analyze", "--model", str(ckpt), "--data", str(rows)]) == 2
+    # no --out: runs/analysis/<model name>, shown in --help (docs/cli.md)
+    monkeypatch.chdir(tmp_path)
+    assert main(["analyze", "--model", str(ckpt), "--data", str(rows), "--limit", "1", "--max-new-tokens", "4",
+                 "--quiet"]) == 0
+    assert (tmp_path / "runs" / "analysis" / ckpt.name / "summary.json").is_file()
     with pytest.raises(SystemExit) as e:
         main(["analyze", "--model", str(ckpt), "--traces", "x", "--out", "y", "--projection", "tuned"])
     assert e.value.code == 2

@@ -194,7 +194,7 @@ def test_in_training_eval_sets_are_bupo_evals(workspace):
     from bupo.evaluation.cli import _datasets
     from bupo.training.run import _eval_sets
 
-    assert _eval_sets(None, None, 5) == _datasets(argparse.Namespace(data=None, problems=5))
+    assert _eval_sets(None, None, 5) == _datasets(argparse.Namespace(data=None, limit=5))
     assert list(_eval_sets(None, None, 5)) == ["bundled_test"]
     test = str(workspace / "test.jsonl")
     assert _eval_sets([test], str(workspace / "train.jsonl"), 3) == _datasets(argparse.Namespace(data=[test],

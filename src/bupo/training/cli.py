@@ -89,7 +89,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--out", help="output folder (checkpoints, final model, bupo_run.json)")
     p.add_argument("--config", help="a shipped preset's name (bupo recipes) or a TRL-style YAML of "
                                          "BuPOConfig/GRPOConfig fields and bupo train keys")
-    p.add_argument("--template", choices=TEMPLATE_CHOICES,
+    p.add_argument("--template", metavar="{" + ",".join(TEMPLATE_CHOICES) + "}",  # checked as the YAML key is
                    help="prompt template: auto (default: the model's recorded one, else qwen3_no_thinking if the chat "
                         "template honours enable_thinking, else chat, else octothinker), qwen3_no_thinking, chat or "
                         "octothinker")
