@@ -198,7 +198,7 @@ def test_in_training_eval_sets_are_bupo_evals(workspace):
     assert list(_eval_sets(None, None, 5)) == ["bundled_test"]
     test = str(workspace / "test.jsonl")
     assert _eval_sets([test], str(workspace / "train.jsonl"), 3) == _datasets(argparse.Namespace(data=[test],
-                                                                                                 problems=3))
+                                                                                                 limit=3))
     assert _eval_sets(None, str(workspace / "train.jsonl"), 3) == {}
     assert _eval_sets(["none"], None, 3) == {}
     with pytest.raises(ValueError, match="both map to the benchmark name"):
