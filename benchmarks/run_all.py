@@ -45,8 +45,8 @@ def main() -> int:
     demo_s = None
     if not args.skip_demo:
         t0 = time.time()
-        demo_args = ["--rollout-steps", "2", "--internal-steps", "1", "--eval-problems", "8", "--eval-samples", "2",
-                     "--analysis-samples", "4"] if args.quick else []
+        demo_args = ["--rollout-steps", "2", "--internal-steps", "1", "--eval-limit", "8", "--eval-samples", "2",
+                     "--analysis-limit", "4"] if args.quick else []
         _run([py, "-m", "bupo.cli", "demo", "--out", str(out / "demo"), *demo_args])
         demo_s = time.time() - t0
 
