@@ -48,7 +48,6 @@ def register(subparsers) -> None:
                     "Layers: paper l = 1..L in outputs, 0-based k = l - 1 for --internal-layer. Entropies in nats.",
     )
     _add_model_args(a)
-    a.set_defaults(limit=None)
     a.add_argument("--data", help="paper parquet or JSONL rows (prompt messages); responses are generated "
                                   "(default: the bundled task's held-out split)")
     a.add_argument("--traces", help="JSONL of precomputed {'prompt': str | messages, 'response': str}")
