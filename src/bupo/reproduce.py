@@ -423,14 +423,20 @@ def _reward_curve(log: list[dict]) -> list[tuple[int, float]]:
     return [(int(r["step"]), float(r["reward"])) for r in log if "reward" in r and "step" in r]
 
 
-def reward_figure(curves: dict[str, list[tuple[int, float]]], path: Path, title: str) -> Path:
+def reward_figure(curves: dict[str, list[tuple[int, float]]], path: Path, title: str, *, per: int = 1,
+                  internal_steps: int = 0) -> Path:
+    """Train reward per rollout step (``per`` optimizer steps each; s_inter counts rollout steps), the fixed
+    internal phase (rollout steps 1..``internal_steps``) shaded."""
     from bupo.analysis.figures import _plt, _save
 
-    fig, ax = _plt().subplots(figsize=(6, 3.2))
+    fig, ax = _plt().subplots(figsize=(7, 3.6))
+    if internal_steps:
+        ax.axvspan(0.5, internal_steps + 0.5, color="tab:orange", alpha=0.12,
+                   label=f"fixed internal phase (s_inter = {internal_steps})")
     for label, pts in curves.items():
         if pts:
-            ax.plot([p[0] for p in pts], [p[1] for p in pts], marker="o", label=label)
-    ax.set_xlabel("optimizer step")
+            ax.plot([p[0] / per for p in pts], [p[1] for p in pts], marker="o", label=label)
+    ax.set_xlabel("rollout step")
     ax.set_ylabel("mean train reward")
     ax.set_title(title, fontsize=9)
     ax.grid(alpha=0.3)
@@ -561,7 +567,8 @@ def run_real_model(out: Path, *, model: str | Path, seeds: int = 1, rollout_step
             f"seed {seed}: step {sw.get('step')} ({sw.get('reason', '')})" for seed, sw in switches)]
     table = "\n".join(lines)
     fig = reward_figure({n: r["reward_curve"] for n, r in runs.items()}, out / "figures" / "rewards.png",
-                        f"{Path(model).name}: train reward (final_number)")
+                        f"{Path(model).name}: train reward (final_number)", per=per,
+                        internal_steps=internal_steps if isinstance(internal_steps, int) else 0)
     settings = {"model": str(model), "seeds": seeds, "rollout_steps": rollout_steps, "internal_steps": internal_steps,
                 "s_inter_fraction": internal_steps / rollout_steps, "internal_layer": k,
                 "internal_layer_paper": k + 1, "k_source": k_source, "projections": list(projections),
