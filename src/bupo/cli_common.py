@@ -82,10 +82,15 @@ def add_both_spellings(parser: argparse.ArgumentParser) -> None:
     for _, p in walk_parsers(parser):
         if getattr(p, "keep_spellings", False):  # bupo train: the other spelling belongs to TRL's parser
             continue
-        for action in list(p._actions):
-            for option in list(action.option_strings):
-                for alt in other_spellings(option):
-                    p._option_string_actions.setdefault(alt, action)
+        alias_other_spellings(p, p._actions)
+
+
+def alias_other_spellings(p: argparse.ArgumentParser, actions: Iterable[argparse.Action]) -> None:
+    """Register the other spelling of each long option of ``actions`` with ``p`` (hidden from --help)."""
+    for action in list(actions):
+        for option in list(action.option_strings):
+            for alt in other_spellings(option):
+                p._option_string_actions.setdefault(alt, action)
 
 
 def primary_options(parser: argparse.ArgumentParser) -> list[str]:

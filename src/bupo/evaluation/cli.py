@@ -115,20 +115,6 @@ def _default_max_new_tokens(path: Path) -> int:
     return DEFAULT_MAX_NEW_TOKENS
 
 
-def _load_hf(path: Path, device: str, dtype: str) -> tuple[Any, Any]:
-    import torch
-    from transformers import AutoModelForCausalLM, AutoTokenizer
-
-    from bupo.analysis.run import resolve_device
-
-    device = resolve_device(device)
-    # auto: the checkpoint's own dtype (config.json), as transformers' dtype="auto" and bupo analyze / sample
-    torch_dtype = "auto" if dtype == "auto" else getattr(torch, dtype)
-    tokenizer = AutoTokenizer.from_pretrained(str(path))
-    model = AutoModelForCausalLM.from_pretrained(str(path), dtype=torch_dtype).to(device)
-    return model.eval(), tokenizer
-
-
 def _datasets(args: argparse.Namespace) -> dict[str, list[dict]]:
     from bupo.data.datasets import BUNDLED, load_benchmarks
 
@@ -212,7 +198,7 @@ def _eval_handler(args: argparse.Namespace) -> int:
         backend = VLLMBackend.from_path(
             folder,
             seed=args.seed,
-            dtype="auto" if args.dtype == "auto" else args.dtype,
+            dtype=args.dtype,
             batch_size=args.batch_size or 1024,
             progress=not args.quiet,
         )
@@ -226,7 +212,9 @@ def _eval_handler(args: argparse.Namespace) -> int:
             **common,
         )
     else:
-        model, tokenizer = _load_hf(folder, args.device, args.dtype)
+        from bupo.analysis.run import load_model
+
+        model, tokenizer = load_model(folder, dtype=args.dtype, device=args.device)
         results = evaluate(
             model, tokenizer, datasets, backend="hf", batch_size=args.batch_size or 32, **common
         )

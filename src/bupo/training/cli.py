@@ -5,7 +5,7 @@ from __future__ import annotations
 import argparse
 import sys
 
-from bupo.cli_common import TEMPLATE_CHOICES, BupoArgumentParser, other_spellings
+from bupo.cli_common import TEMPLATE_CHOICES, TEMPLATE_HELP, BupoArgumentParser, alias_other_spellings
 
 DESCRIPTION = """\
 Bottom-up Policy Optimization (arXiv 2512.19673) on TRL's GRPOTrainer: the first S rollout steps optimise the
@@ -90,9 +90,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--config", help="a shipped preset's name (bupo recipes) or a TRL-style YAML of "
                                          "BuPOConfig/GRPOConfig fields and bupo train keys")
     p.add_argument("--template", metavar="{" + ",".join(TEMPLATE_CHOICES) + "}",  # checked as the YAML key is
-                   help="prompt template: auto (default: the model's recorded one, else qwen3_no_thinking if the chat "
-                        "template honours enable_thinking, else chat, else octothinker), qwen3_no_thinking, chat or "
-                        "octothinker")
+                   help=TEMPLATE_HELP)
     p.add_argument("--train-limit", "--train_rows", "--train-rows", dest="train_limit", type=int, metavar="N",
                    help="use at most N training rows (default: all; the bundled task generates 2048)")
     p.add_argument("--eval-limit", "--eval_rows", "--eval-rows", dest="eval_limit", type=int, metavar="N",
@@ -107,11 +105,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--verbose", action="store_true", default=None,
                    help="print TRL's raw log dicts instead of bupo's progress bar (switch and end lines stay)")
     # the other spelling of a flag above is a TRL field (TRL's parser takes both) except for these bupo-only ones
-    for action in p._actions:
-        if action.dest in ("help_all", "train_limit", "eval_limit"):
-            for option in list(action.option_strings):
-                for alt in other_spellings(option):
-                    p._option_string_actions.setdefault(alt, action)
+    alias_other_spellings(p, [a for a in p._actions if a.dest in ("help_all", "train_limit", "eval_limit")])
     p.set_defaults(func=_handler, trl_args=[])
 
 
