@@ -22,6 +22,7 @@ from pathlib import Path
 from typing import Any
 
 from bupo.generation import Completion, generate_requests, validate_sampling
+from bupo.provenance import model_fingerprint  # re-exported: its home is bupo.provenance
 
 __all__ = [
     "BACKENDS",
@@ -155,26 +156,6 @@ class VLLMBackend:
             if bar is not None:
                 bar.close()
         return out
-
-
-def model_fingerprint(model: Any) -> str:
-    """A cheap identity of a model's current weights (config + strided samples of every parameter), so
-    resumed evaluations never mix samples of different checkpoints."""
-    import torch
-
-    h = hashlib.sha256()
-    config = getattr(model, "config", None)
-    if config is not None and hasattr(config, "to_json_string"):
-        h.update(config.to_json_string(use_diff=False).encode())
-    with torch.no_grad():
-        for name, p in model.named_parameters():
-            flat = p.detach().reshape(-1)
-            step = max(1, flat.numel() // 65536)
-            sample = flat[::step].double()
-            h.update(
-                f"{name}|{tuple(p.shape)}|{float(sample.sum()):.17g}|{float(sample.abs().sum()):.17g}".encode()
-            )
-    return h.hexdigest()[:16]
 
 
 def path_fingerprint(path: str | Path) -> str:
