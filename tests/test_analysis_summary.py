@@ -286,3 +286,11 @@ def test_a_failing_figure_leaves_no_file(tmp_path, monkeypatch):
     with pytest.raises(OSError, match="disk full"):
         figures.plot_flow(s, tmp_path / "flow.png")
     assert list(tmp_path.iterdir()) == []
+
+
+def test_cli_choices_are_the_library_values():
+    from bupo.analysis import cli
+    from bupo.analysis.summary import CONVENTION_STREAMS
+    from bupo.internal.adapters import PROJECTIONS
+
+    assert cli.PROJECTION_CHOICES == PROJECTIONS and tuple(CONVENTION_STREAMS) == cli.CONVENTIONS

@@ -10,12 +10,14 @@ import difflib
 from collections.abc import Iterable, Sequence
 from typing import Any
 
+from bupo.data.templates import TEMPLATES
+
 # --dtype of the commands that load a model themselves (bupo train's --dtype is TRL's ModelConfig field instead)
 DTYPES = ("auto", "float32", "bfloat16", "float16")
 DTYPE_HELP = ("weights dtype: auto (the checkpoint's own, from its config: transformers' dtype='auto'), float32, "
               "bfloat16 or float16 (default auto)")
-# --template: auto + bupo.data.templates.TEMPLATES (kept literal here: no import at CLI build time)
-TEMPLATE_CHOICES = ("auto", "qwen3_no_thinking", "chat", "octothinker")
+# --template: auto + the template names (bupo.data.templates is standard library only: cheap at CLI build time)
+TEMPLATE_CHOICES = ("auto", *TEMPLATES)
 TEMPLATE_HELP = ("prompt template: auto (the one bupo train recorded in the tokenizer, else qwen3_no_thinking if the "
                  "chat template honours enable_thinking, else chat, else octothinker), qwen3_no_thinking, chat or "
                  "octothinker (default auto)")

@@ -6,7 +6,9 @@ import argparse
 
 from bupo.cli_common import add_dtype, add_labels, add_quiet, add_template, split_labels
 
-PROJECTIONS = ("raw", "final_norm")
+# the values of --projection and --delta, as argparse choices: bupo.internal.adapters.PROJECTIONS and the keys of
+# bupo.analysis.summary.CONVENTION_STREAMS (importing them would load torch / numpy at `bupo --help`; a test checks)
+PROJECTION_CHOICES = ("raw", "final_norm")
 CONVENTIONS = ("bupo", "residual")
 DEFAULT_BUNDLED_SAMPLES = 32
 DEFAULT_OUT = "runs/analysis"
@@ -33,7 +35,7 @@ def _add_model_args(p: argparse.ArgumentParser, *, projection: bool = True, verb
     add_dtype(p, "; entropies and ΔH are computed in fp32 either way")
     p.add_argument("--device", default="auto", help="auto | cpu | cuda[:i] (default auto)")
     if projection:
-        p.add_argument("--projection", default="raw", choices=PROJECTIONS,
+        p.add_argument("--projection", default="raw", choices=PROJECTION_CHOICES,
                        help="raw = lm_head(h) as in the paper (default); final_norm = lm_head(final_norm(h)) "
                             "(logit lens; the paper's 'with LN' ablation)")
     add_template(p, none=verbatim)
@@ -115,7 +117,7 @@ def register(subparsers) -> None:
                     "(logit lens) side by side. Layers 0-based k (paper l = k + 1); entropies in nats.",
     )
     _add_model_args(lens, projection=False, verbatim=True)
-    lens.add_argument("--projection", default="both", choices=(*PROJECTIONS, "both"),
+    lens.add_argument("--projection", default="both", choices=(*PROJECTION_CHOICES, "both"),
                       help="which projections to show (default both, side by side)")
     lens.add_argument("--prompt", required=True, help="user message (wrapped by --template; 'none' = verbatim)")
     lens.add_argument("--response", default="",
@@ -214,6 +216,7 @@ def _lens(args) -> int:
     from bupo.analysis.lens import format_lens, lens_table
     from bupo.analysis.run import load_model
     from bupo.analysis.sample import prompt_ids
+    from bupo.internal.adapters import PROJECTIONS
 
     try:
         positions = [int(x) for x in args.position.split(",") if x.strip()]

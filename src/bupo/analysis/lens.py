@@ -12,7 +12,7 @@ from __future__ import annotations
 from collections.abc import Mapping, Sequence
 from typing import Any
 
-PROJECTIONS = ("raw", "final_norm")
+from bupo.internal.adapters import PROJECTIONS
 
 
 def _token_text(tokenizer: Any, token_id: int) -> str:
