@@ -11,7 +11,8 @@ import pytest
 import torch
 
 from bupo.analysis import analyze, suggested_layer
-from bupo.analysis import run as run_mod
+from bupo.analysis import measure as measure_mod
+from bupo.analysis import traces as traces_mod
 from tiny_models import tiny_model
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -151,7 +152,7 @@ def official_reference(model, tok, traces, convention="bupo"):
 
 def _tokenized(tok, traces, template="chat"):
     return [{"prompt_ids": t.prompt_ids, "response_ids": t.response_ids}
-            for t in run_mod.tokenize_traces(tok, traces, template)]
+            for t in traces_mod.tokenize_traces(tok, traces, template)]
 
 
 def _assert_matches(summary, ref, atol=1e-4):
@@ -200,7 +201,7 @@ def test_matches_reference_on_an_untied_llama_with_several_samples_per_batch(tok
 def test_positions_token_ids_and_final_norm_self_check(model, tok):
     res = analyze(model, tok, traces=TRACES, projection="final_norm", figures=False, token_dtype="float32")
     t = res.tokens
-    toks = run_mod.tokenize_traces(tok, TRACES)
+    toks = traces_mod.tokenize_traces(tok, TRACES)
     for i, tr in enumerate(toks):
         rows = t[t["sample"] == i]
         P, R = len(tr.prompt_ids), len(tr.response_ids)
@@ -257,6 +258,17 @@ def test_outputs_written_atomically_and_suggested_layer(model, tok, tmp_path):
     assert str(schema.field("H.attn_out.0").type) == "halffloat"
 
 
+def test_a_new_analysis_replaces_the_whole_output(model, tok, tmp_path):
+    out = tmp_path / "w"
+    analyze(model, tok, traces=TRACES, out_dir=out)
+    assert (out / "report.html").is_file() and (out / "heatmap.png").is_file()
+    res = analyze(model, tok, traces=TRACES[:2], out_dir=out, figures=False, overwrite=True)
+    # the figures and report of the first analysis describe other numbers: they go with it
+    assert sorted(p.name for p in out.iterdir()) == ["summary.json", "tokens.parquet", "traces.jsonl"]
+    assert json.loads((out / "summary.json").read_text())["num_inputs"] == 2 and res.figures == {}
+    assert len((out / "traces.jsonl").read_text().splitlines()) == 2
+
+
 class _Crash(Exception):
     pass
 
@@ -264,7 +276,7 @@ class _Crash(Exception):
 def test_interrupted_run_resumes_without_recomputing(model, tok, tmp_path, monkeypatch):
     out = tmp_path / "r"
     traces = TRACES * 3
-    real = run_mod.measure_batch
+    real = measure_mod.measure_batch
     calls = []
     crash = [True]
 
@@ -275,7 +287,7 @@ def test_interrupted_run_resumes_without_recomputing(model, tok, tmp_path, monke
             raise _Crash("simulated crash")
         return real(model_, batch, **kw)
 
-    monkeypatch.setattr(run_mod, "measure_batch", flaky)
+    monkeypatch.setattr(measure_mod, "measure_batch", flaky)
     with pytest.raises(_Crash):
         analyze(model, tok, traces=traces, out_dir=out, batch_tokens=1)
     assert not (out / "summary.json").exists() and not (out / "tokens.parquet").exists()
@@ -283,7 +295,7 @@ def test_interrupted_run_resumes_without_recomputing(model, tok, tmp_path, monke
     calls.clear()
     res = analyze(model, tok, traces=traces, out_dir=out, batch_tokens=1)
     assert not set(done) & {i for c in calls for i in c}  # finished samples were not measured again
-    monkeypatch.setattr(run_mod, "measure_batch", real)
+    monkeypatch.setattr(measure_mod, "measure_batch", real)
     clean = analyze(model, tok, traces=traces, out_dir=tmp_path / "clean", figures=False)
     assert np.allclose(res.summary["ffn_entropy_change"], clean.summary["ffn_entropy_change"], atol=1e-7)
     assert res.summary["num_samples"] == len(traces)
@@ -294,7 +306,7 @@ def test_interrupted_run_resumes_without_recomputing(model, tok, tmp_path, monke
     # an interrupted run followed by a run on *different* traces must not reuse the stale shards
     crash[0] = True
     calls.clear()
-    monkeypatch.setattr(run_mod, "measure_batch", flaky)
+    monkeypatch.setattr(measure_mod, "measure_batch", flaky)
     with pytest.raises(_Crash):
         analyze(model, tok, traces=traces, out_dir=tmp_path / "s", batch_tokens=1)
     other = [dict(t, response=t["response"][::-1]) for t in traces]
@@ -511,8 +523,8 @@ def test_bad_arguments_are_rejected_before_any_generation_or_measurement(model, 
     def boom(*a, **k):
         raise AssertionError("the model ran before the arguments were checked")
 
-    monkeypatch.setattr(run_mod, "measure_batch", boom)
-    monkeypatch.setattr(run_mod, "generate_traces", boom)
+    monkeypatch.setattr(measure_mod, "measure_batch", boom)
+    monkeypatch.setattr(traces_mod, "generate_traces", boom)
     rows = [{"prompt": [{"role": "user", "content": "1+1?"}]}]
     with pytest.raises(ValueError, match="figures need an out_dir"):
         analyze(model, tok, data=rows, max_new_tokens=2)
@@ -532,14 +544,14 @@ def test_a_model_in_train_mode_is_measured_in_eval_mode_and_restored(tok, monkey
     m.train()
     m.model.layers[0].eval()  # a mixed state (e.g. a frozen block) must come back exactly as it was
     before = {name: mod.training for name, mod in m.named_modules()}
-    real = run_mod.measure_batch
+    real = measure_mod.measure_batch
     seen = []
 
     def spy(model_, batch, **kw):
         seen.append(any(mod.training for mod in model_.modules()))
         return real(model_, batch, **kw)
 
-    monkeypatch.setattr(run_mod, "measure_batch", spy)
+    monkeypatch.setattr(measure_mod, "measure_batch", spy)
     analyze(m, tok, traces=TRACES, figures=False)
     assert seen and not any(seen)  # dropout off while measuring
     assert {name: mod.training for name, mod in m.named_modules()} == before
@@ -550,7 +562,7 @@ def test_a_model_in_train_mode_is_measured_in_eval_mode_and_restored(tok, monkey
     def crash(*a, **k):
         raise _Crash("boom")
 
-    monkeypatch.setattr(run_mod, "measure_batch", crash)
+    monkeypatch.setattr(measure_mod, "measure_batch", crash)
     with pytest.raises(_Crash):
         analyze(m, tok, traces=TRACES, figures=False)
     assert {name: mod.training for name, mod in m.named_modules()} == before

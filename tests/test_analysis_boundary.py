@@ -319,13 +319,13 @@ def test_cli_lens_and_sample_with_either_projection(tmp_path, capsys):
 def test_analysis_config_and_keyword_settings_give_the_same_analysis():
     import dataclasses
 
-    from bupo.analysis import AnalysisConfig, analyze, run_analysis
+    from bupo.analysis import AnalysisConfig, analyze
 
     tok = char_tokenizer()
     model = make_model(layers=2)
     cfg = AnalysisConfig(projection="final_norm", delta="residual", figures=False, chunk_size=5)
     assert all(f.metadata.get("help") for f in dataclasses.fields(AnalysisConfig))
-    a = run_analysis(model, tok, traces=TRACES, config=cfg).summary
+    a = analyze(model, tok, traces=TRACES, config=cfg).summary
     b = analyze(model, tok, traces=TRACES, projection="final_norm", delta="residual", figures=False, chunk_size=5).summary
     c = analyze(model, tok, traces=TRACES, config=dataclasses.replace(cfg, projection="raw"), projection="final_norm")
     for key in ("layer_entropy", "ffn_entropy_change", "resid_rms", "boundary"):

@@ -7,7 +7,7 @@ from pathlib import Path
 
 import pytest
 
-import bupo.analysis.figures as figures
+import bupo.plotting as plotting
 from bupo.cli import main
 from bupo.evaluation.report import add_pass_at_k_curve, pass_at_k_figure
 
@@ -25,7 +25,7 @@ def _results(label: str, passk: dict[int, float], name: str = "aime_2024") -> di
 def captured(monkeypatch):
     """The matplotlib figures the report functions save (inspected before they are closed)."""
     figs = []
-    real = figures._save
+    real = plotting.save_figure
 
     def keep(fig, path):
         figs.append([(ax.get_title(), ax.get_xlabel(), ax.get_ylabel(), ax.get_xscale(),
@@ -36,8 +36,8 @@ def captured(monkeypatch):
 
     import bupo.demo_report
 
-    monkeypatch.setattr(figures, "_save", keep)
-    monkeypatch.setattr(bupo.demo_report, "_save", keep)  # imported there by name
+    monkeypatch.setattr(plotting, "save_figure", keep)
+    monkeypatch.setattr(bupo.demo_report, "save_figure", keep)  # imported there by name
     return figs
 
 

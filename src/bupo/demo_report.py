@@ -14,10 +14,10 @@ import os
 from collections.abc import Mapping
 from pathlib import Path
 
-from bupo.analysis.figures import _plt, _save
 from bupo.analysis.report import img_tag
-from bupo.analysis.run import load_summary
+from bupo.analysis.result import load_summary
 from bupo.io import atomic_write_text
+from bupo.plotting import pyplot, save_figure
 
 CURVES = [
     ("reward", "mean reward of the rollouts", "reward"),
@@ -92,7 +92,7 @@ def training_curves(logs: Mapping[str, list[dict]], path: Path, runs: Mapping[st
     if not panels:
         return None
     meta = _run_meta(runs)
-    plt = _plt()
+    plt = pyplot()
     ncol = min(2, len(panels))
     nrow = -(-len(panels) // ncol)
     fig, axes = plt.subplots(nrow, ncol, figsize=(6.4 * ncol, 3.9 * nrow), squeeze=False)
@@ -123,7 +123,7 @@ def training_curves(logs: Mapping[str, list[dict]], path: Path, runs: Mapping[st
         spare[0].legend(handles, labels, loc="center", fontsize=11, frameon=False)
     else:
         axes.flat[0].legend(fontsize=8)
-    return _save(fig, path)
+    return save_figure(fig, path)
 
 
 def layer_probe_curves(logs: Mapping[str, list[dict]], path: Path, runs: Mapping[str, Path] | None = None) -> Path | None:
@@ -133,7 +133,7 @@ def layer_probe_curves(logs: Mapping[str, list[dict]], path: Path, runs: Mapping
     if not logs:
         return None
     meta = _run_meta(runs)
-    plt = _plt()
+    plt = pyplot()
     fig, axes = plt.subplots(1, len(logs), figsize=(6.4 * len(logs), 4.0), squeeze=False)
     for ax, (label, log) in zip(axes[0], logs.items(), strict=True):
         _shade_internal(ax, {label: log}, meta, label_it=True)
@@ -153,7 +153,7 @@ def layer_probe_curves(logs: Mapping[str, list[dict]], path: Path, runs: Mapping
         ax.set_xlim(left=0)
         ax.grid(alpha=0.3)
         ax.legend(fontsize=7, ncol=2)
-    return _save(fig, path)
+    return save_figure(fig, path)
 
 
 def eval_results_of_runs(runs: Mapping[str, Path]) -> list[tuple[str, dict]]:

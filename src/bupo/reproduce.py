@@ -141,7 +141,7 @@ def probe_batch(n: int = 16, seed: int = 1234):
     """Held-out prompts + base-model responses as one padded batch with the response positions marked."""
     import torch
 
-    from bupo.analysis.run import generate_traces, traces_from_generated
+    from bupo.analysis.traces import generate_traces, traces_from_generated
     from bupo.data.task import make_examples
     from bupo.zoo import load_bundled
 
@@ -229,9 +229,9 @@ def refinement_over_training(run_dir: Path, k: int, probe, base: dict | None = N
 
 
 def refinement_figure(curves: dict[str, list[dict]], k: int, path: Path) -> Path:
-    from bupo.analysis.figures import _plt, _save
+    from bupo.plotting import pyplot, save_figure
 
-    fig, axes = _plt().subplots(1, 3, figsize=(14, 3.5))
+    fig, axes = pyplot().subplots(1, 3, figsize=(14, 3.5))
     for label, rows in curves.items():
         steps = [r["step"] for r in rows]
         axes[0].plot(steps, [statistics.fmean(r["cos"].values()) for r in rows], marker="o", label=label)
@@ -244,7 +244,7 @@ def refinement_figure(curves: dict[str, list[dict]], k: int, path: Path) -> Path
         ax.set_xlabel("optimizer step")
         ax.grid(alpha=0.3)
         ax.legend(fontsize=8)
-    return _save(fig, path)  # atomic
+    return save_figure(fig, path)  # atomic
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -427,9 +427,9 @@ def reward_figure(curves: dict[str, list[tuple[int, float]]], path: Path, title:
                   internal_steps: int = 0) -> Path:
     """Train reward per rollout step (``per`` optimizer steps each; s_inter counts rollout steps), the fixed
     internal phase (rollout steps 1..``internal_steps``) shaded."""
-    from bupo.analysis.figures import _plt, _save
+    from bupo.plotting import pyplot, save_figure
 
-    fig, ax = _plt().subplots(figsize=(7, 3.6))
+    fig, ax = pyplot().subplots(figsize=(7, 3.6))
     if internal_steps:
         ax.axvspan(0.5, internal_steps + 0.5, color="tab:orange", alpha=0.12,
                    label=f"fixed internal phase (s_inter = {internal_steps})")
@@ -441,7 +441,7 @@ def reward_figure(curves: dict[str, list[tuple[int, float]]], path: Path, title:
     ax.set_title(title, fontsize=9)
     ax.grid(alpha=0.3)
     ax.legend(fontsize=8)
-    return _save(fig, path)  # atomic
+    return save_figure(fig, path)  # atomic
 
 
 def run_real_model(out: Path, *, model: str | Path, seeds: int = 1, rollout_steps: int = 8, internal_steps: int = 2,

@@ -16,10 +16,11 @@ from pathlib import Path
 
 import numpy as np
 
-from bupo.analysis.figures import _arr, _plt, _save
+from bupo.analysis.figures import _arr
 from bupo.analysis.report import _CSS, img_tag
-from bupo.analysis.run import load_summary
+from bupo.analysis.result import load_summary
 from bupo.io import atomic_write_json, atomic_write_text
+from bupo.plotting import pyplot, save_figure
 
 
 def _label(summary: dict, path: Path) -> str:
@@ -28,7 +29,7 @@ def _label(summary: dict, path: Path) -> str:
 
 
 def _plot(runs: list[tuple[str, dict]], path: Path, normalized: bool) -> Path:
-    plt = _plt()
+    plt = pyplot()
     fig, axes = plt.subplots(3, 1, figsize=(9, 10), sharex=True)
     for i, (label, s) in enumerate(runs):
         color = f"C{i % 10}"
@@ -63,7 +64,7 @@ def _plot(runs: list[tuple[str, dict]], path: Path, normalized: bool) -> Path:
     axes[0].legend(fontsize=8)
     axes[2].set_xlabel("normalised depth l / L (0 = embedding, 1 = last layer; dashed: boundary layers)")
     fig.suptitle("Internal policy entropy across models" + (" (normalised)" if normalized else ""), fontsize=11)
-    return _save(fig, path)
+    return save_figure(fig, path)
 
 
 def compare(dirs: Sequence[str | os.PathLike], out_dir: str | os.PathLike, labels: Sequence[str] | None = None) -> dict:

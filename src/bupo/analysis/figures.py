@@ -20,18 +20,11 @@ from pathlib import Path
 
 import numpy as np
 
+from bupo.plotting import pyplot, save_figure
+
 _COLORS = {"layer": "#e3a21a", "attn": "#d62728", "ffn": "#1f77b4", "final": "#2ca02c"}
 #: use the by-sample (cluster-robust) SE for CIs from this many samples on; token-level SE below it
 MIN_SAMPLES_FOR_CLUSTER_SE = 5
-
-
-def _plt():
-    import matplotlib
-
-    matplotlib.use("Agg", force=True)
-    import matplotlib.pyplot as plt
-
-    return plt
 
 
 def stride_rows(num_rows: int, max_rows: int) -> list[int]:
@@ -97,7 +90,7 @@ def _log_v(ax, summary: Mapping) -> None:
 
 def plot_flow(summary: Mapping, path: Path) -> Path:
     """The continuous entropy-flow strip (layer input, attention output, FFN output, layer output per layer)."""
-    plt = _plt()
+    plt = pyplot()
     L = int(summary["num_layers"])
     post = _arr(summary["layer_entropy"])
     pre = np.concatenate([[summary["embed_entropy"]], post[:-1]])
@@ -124,12 +117,12 @@ def plot_flow(summary: Mapping, path: Path) -> Path:
     ax.set_title(_title(summary, "Continuous entropy flow"), fontsize=10)
     ax.legend(fontsize=7, loc="best")
     ax.grid(alpha=0.3)
-    return _save(fig, path)
+    return save_figure(fig, path)
 
 
 def plot_delta_bars(summary: Mapping, path: Path) -> Path:
     """Mean ΔH per layer (attention, FFN, layer) with 95 % CIs, zero lines and the boundary layer."""
-    plt = _plt()
+    plt = pyplot()
     L = int(summary["num_layers"])
     x = np.arange(1, L + 1)
     panels = [("attn_entropy_change", "attention ΔH", _COLORS["attn"]),
@@ -153,12 +146,12 @@ def plot_delta_bars(summary: Mapping, path: Path) -> Path:
     _layer_ticks(axes[-1], L)
     axes[-1].set_xlabel("layer l (paper numbering)")
     fig.suptitle(_title(summary, "Entropy change per layer"), fontsize=10)
-    return _save(fig, path)
+    return save_figure(fig, path)
 
 
 def plot_layer_entropy(summary: Mapping, path: Path) -> Path:
     """Mean H(π^l_Layer) per layer with its CI band, the log|V| ceiling and the final policy's entropy."""
-    plt = _plt()
+    plt = pyplot()
     L = int(summary["num_layers"])
     x = np.arange(0, L + 1)
     y = np.concatenate([[summary["embed_entropy"]], _arr(summary["layer_entropy"])])
@@ -183,13 +176,13 @@ def plot_layer_entropy(summary: Mapping, path: Path) -> Path:
     ax.set_title(_title(summary, "Internal layer policy entropy"), fontsize=10)
     ax.legend(fontsize=7, loc="best")
     ax.grid(alpha=0.3)
-    return _save(fig, path)
+    return save_figure(fig, path)
 
 
 def plot_heatmap(matrix: np.ndarray, path: Path, *, summary: Mapping | None = None, sample: int = 0,
                  max_rows: int = 48, max_cols: int = 1024) -> Path:
     """Layer x token heatmap of one trace. ``matrix`` [L, n]: row k = H(π^k) of 0-based layer k per token."""
-    plt = _plt()
+    plt = pyplot()
     m = np.asarray(matrix, dtype=np.float64)
     if m.ndim != 2 or m.shape[0] < 1 or m.shape[1] < 1:
         raise ValueError(f"heatmap matrix must be [layers, tokens] with both >= 1, got shape {m.shape}")
@@ -209,26 +202,16 @@ def plot_heatmap(matrix: np.ndarray, path: Path, *, summary: Mapping | None = No
     fig.colorbar(im, ax=ax, label="entropy (nats)")
     what = f"Layer policy entropy per token, sample {sample}"
     ax.set_title(_title(summary, what) if summary else what, fontsize=10)
-    return _save(fig, path)
+    return save_figure(fig, path)
 
 
-def _save(fig, path: Path) -> Path:
-    """Save ``fig`` atomically (format from ``path``'s suffix; a half-written figure never appears under ``path``) and close it."""
-    from bupo.io import atomic_path
-
-    path = Path(path)
-    try:
-        fig.tight_layout()
-        with atomic_path(path) as tmp:
-            fig.savefig(tmp, dpi=110)  # the temp path keeps the suffix, so the format follows path
-    finally:
-        _plt().close(fig)
-    return path
+#: every figure make_figures can write, as ``<name>.png``
+FIGURES = ("entropy_flow", "entropy_change", "layer_entropy", "heatmap")
 
 
 def make_figures(summary: Mapping, out_dir: Path, *, heatmap: np.ndarray | None = None,
                  heatmap_sample: int = 0) -> dict[str, Path]:
-    """Write all figures into ``out_dir``; returns ``{name: path}``."""
+    """Write all figures (:data:`FIGURES`; the heatmap only when given) into ``out_dir``; returns ``{name: path}``."""
     out_dir = Path(out_dir)
     figs = {
         "entropy_flow": plot_flow(summary, out_dir / "entropy_flow.png"),

@@ -149,13 +149,13 @@ def compare_table(runs: Sequence[tuple[str, dict[str, Any]]], figure: str | None
 def pass_at_k_figure(runs: Sequence[tuple[str, dict[str, Any]]], path: str | Path) -> Path | None:
     """Pass@K against K (log scale) per benchmark, one line per run, as the paper's Fig. 6; None if no run has
     Pass@K values. ``runs``: ``(label, results.json dict)`` pairs."""
-    from bupo.analysis.figures import _plt, _save
+    from bupo.plotting import pyplot, save_figure
 
     cols = [c for c in column_order([c for _, r in runs for c in r["benchmarks"]])
             if any(r["benchmarks"].get(c, {}).get("pass_at_k") for _, r in runs)]
     if not cols:
         return None
-    plt = _plt()
+    plt = pyplot()
     ncol = min(len(cols), 4)
     nrow = -(-len(cols) // ncol)
     fig, axes = plt.subplots(nrow, ncol, figsize=(max(6.0, 4.4 * ncol), 3.8 * nrow), squeeze=False)
@@ -181,7 +181,7 @@ def pass_at_k_figure(runs: Sequence[tuple[str, dict[str, Any]]], path: str | Pat
     for ax in list(axes.flat)[len(cols):]:
         ax.set_visible(False)
     fig.suptitle("Pass@K (unbiased estimator; as the paper's Fig. 6)", fontsize=10)
-    return _save(fig, Path(path))
+    return save_figure(fig, Path(path))
 
 
 def add_pass_at_k_curve(out_dir: str | Path, results: dict[str, Any], label: str | None = None) -> Path | None:
