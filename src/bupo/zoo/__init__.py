@@ -11,23 +11,14 @@ This module imports only the standard library at top level.
 
 from __future__ import annotations
 
-from pathlib import Path
 from typing import Any
+
+from bupo.models.registry import BUNDLED_DIR, bundled_model_path
 
 __all__ = ["DEFAULT_MODEL", "bundled_model_path", "bundled_task", "load_bundled", "model_card"]
 
-_BUNDLED_DIR = Path(__file__).resolve().parent / "tiny_reasoner"
-# a plain str so it can serve directly as an argparse default
-DEFAULT_MODEL: str = str(_BUNDLED_DIR)
-
-
-def bundled_model_path() -> Path:
-    """The folder of the shipped model (config.json, model.safetensors, tokenizer files, README.md)."""
-    if not (_BUNDLED_DIR / "config.json").is_file():
-        raise FileNotFoundError(
-            f"the bundled model is missing from {_BUNDLED_DIR}; rebuild it with `bupo model build --out {_BUNDLED_DIR}`"
-        )
-    return _BUNDLED_DIR
+# a plain str so it can serve directly as an argparse default; the folder's place is the model registry's
+DEFAULT_MODEL: str = str(BUNDLED_DIR)
 
 
 def load_bundled(dtype: Any = None) -> tuple[Any, Any]:
@@ -35,14 +26,9 @@ def load_bundled(dtype: Any = None) -> tuple[Any, Any]:
 
     ``dtype`` defaults to ``torch.float32``.
     """
-    import torch
-    from transformers import AutoModelForCausalLM, AutoTokenizer
+    from bupo.models import load_model
 
-    path = bundled_model_path()
-    model = AutoModelForCausalLM.from_pretrained(path, dtype=dtype or torch.float32, local_files_only=True)
-    tokenizer = AutoTokenizer.from_pretrained(path, local_files_only=True)
-    model.eval()
-    return model, tokenizer
+    return load_model("tiny", dtype=dtype or "float32", device="cpu", local_files_only=True)
 
 
 def bundled_task(
