@@ -11,14 +11,27 @@ This module imports only the standard library at top level.
 
 from __future__ import annotations
 
-from typing import Any
-
-from bupo.models.registry import BUNDLED_DIR, bundled_model_path
+from typing import TYPE_CHECKING, Any
 
 __all__ = ["DEFAULT_MODEL", "bundled_model_path", "bundled_task", "load_bundled", "model_card"]
 
-# a plain str so it can serve directly as an argparse default; the folder's place is the model registry's
-DEFAULT_MODEL: str = str(BUNDLED_DIR)
+if TYPE_CHECKING:
+    from bupo.models.registry import bundled_model_path
+
+    DEFAULT_MODEL: str
+
+
+def __getattr__(name: str) -> Any:
+    """``DEFAULT_MODEL`` (the bundled folder as a plain str, usable as an argparse default) and
+    ``bundled_model_path`` come from the model registry, which knows the folder's place; they are looked up on
+    first use so that ``bupo --help``, which imports this package, does not load the model layer."""
+    if name not in ("DEFAULT_MODEL", "bundled_model_path"):
+        raise AttributeError(f"module 'bupo.zoo' has no attribute {name!r}")
+    from bupo.models import registry
+
+    value = str(registry.BUNDLED_DIR) if name == "DEFAULT_MODEL" else registry.bundled_model_path
+    globals()[name] = value  # later lookups skip __getattr__
+    return value
 
 
 def load_bundled(dtype: Any = None) -> tuple[Any, Any]:
@@ -42,4 +55,6 @@ def bundled_task(
 
 def model_card() -> str:
     """The bundled model's card (its README.md)."""
+    from bupo.models import bundled_model_path
+
     return (bundled_model_path() / "README.md").read_text(encoding="utf-8")
