@@ -26,7 +26,7 @@ import time
 from pathlib import Path
 from typing import Any
 
-from bupo.experiment import (
+from bupo.experiments.steps import (
     THREADS_HELP,
     bundled_max_new_tokens,
     check_positive,
@@ -43,7 +43,7 @@ def register(subparsers: Any) -> None:
     r = subparsers.add_parser(
         "reproduce", help="seeds x {GRPO, BuPO}, s_inter and k ablations, feature refinement; resumable",
         description="The paper's claims in miniature on the bundled model, or with --model DIR a small GRPO vs "
-                    "BuPO run on a real checkpoint (see bupo.reproduce).",
+                    "BuPO run on a real checkpoint (see bupo.experiments.reproduce).",
     )
     r.add_argument("--out", default="reproduce", help="output folder (default: reproduce)")
     r.add_argument("--model", default=None,
@@ -203,9 +203,9 @@ def refinement_metrics(model, ids, mask, positions, k: int) -> dict:
 
 def refinement_point(model_dir: str | Path, k: int, probe) -> dict:
     """:func:`refinement_metrics` of the model saved in ``model_dir`` on the probe batch."""
-    from transformers import AutoModelForCausalLM
+    from bupo.models import load_model
 
-    model = AutoModelForCausalLM.from_pretrained(model_dir).eval()
+    model, _ = load_model(model_dir, dtype="float32", device="cpu", tokenizer=False)  # on the probe's device
     return refinement_metrics(model, *probe, k=k)
 
 
@@ -252,7 +252,7 @@ def refinement_figure(curves: dict[str, list[dict]], k: int, path: Path) -> Path
 
 def run_reproduce(out: Path, *, seeds: int = 5, rollout_steps: int = 16, internal_steps: int = 4,
                   eval_problems: int = 100, eval_samples: int = 8, ablations: bool = True) -> dict:
-    from bupo.demo_report import markdown_table_to_html, write_report
+    from bupo.experiments.report import markdown_table_to_html, write_report
 
     t0 = time.time()
     out.mkdir(parents=True, exist_ok=True)
@@ -348,7 +348,7 @@ def run_reproduce(out: Path, *, seeds: int = 5, rollout_steps: int = 16, interna
 
 
 # ---------------------------------------------------------------------------------------------------------------
-# a real pretrained model (issue 12): GRPO vs BuPO on the bundled arithmetic task with the final_number reward
+# a real pretrained model: GRPO vs BuPO on the bundled arithmetic task with the final_number reward
 
 REAL_DEFAULTS: dict[str, Any] = {
     # 1-operation problems: the level at which SmolLM2-135M-Instruct gets some but not all right (pass@8 measured
@@ -503,7 +503,7 @@ def run_real_model(out: Path, *, model: str | Path, seeds: int = 1, rollout_step
         "num_generations": 8, "per_device_train_batch_size": completions_per_rollout // 2,
         "temperature": temperature,
     }
-    per = 2  # optimizer steps per rollout step (bupo.experiment.STEPS_PER_ROLLOUT)
+    per = 2  # optimizer steps per rollout step (bupo.experiments.steps.STEPS_PER_ROLLOUT)
     runs: dict[str, dict[str, Any]] = {}
     plan = [(seed, lab, algo, proj, name) for seed in range(seeds)
             for lab, algo, proj, name in [("GRPO", "grpo", "raw", f"grpo-seed{seed}")]
