@@ -11,7 +11,8 @@ import pytest
 import torch
 
 from bupo.experiments.report import markdown_table_to_html
-from bupo.experiments.reproduce import paired_ci, refinement_metrics, refinement_over_training
+from bupo.experiments.reproduce import refinement_metrics, refinement_over_training
+from bupo.experiments.steps import paired_ci
 from tiny_models import random_batch, tiny_model
 
 
