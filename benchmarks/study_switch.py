@@ -9,7 +9,7 @@ end); arms differ only in how the internal phase ends:
     sched     --internal-schedule "k-2:2,k:2" (progressive; only with --schedule)
 
 Paired over seeds (same seed = same data order and sampling seeds): mean ± std, and the paired difference of each
-arm to auto with a 95% Student-t CI (bupo.reproduce.paired_ci). Resumable: a finished run (bupo_run.json) is reused.
+arm to auto with a 95% Student-t CI (bupo.experiments.steps.paired_ci). Resumable: a finished run (bupo_run.json) is reused.
 
     nice -n 5 python benchmarks/study_switch.py --out /tmp/study --seeds 5 \
         --json benchmarks/measured/study_switch.json
@@ -168,7 +168,7 @@ def main(argv: list[str] | None = None) -> int:
 
 def study_table(runs: dict[str, dict[int, dict]], ref: str) -> tuple[str, dict]:
     """Markdown table: per arm mean ± std, per-seed values and the paired difference to ``ref`` with its 95% CI."""
-    from bupo.reproduce import paired_ci
+    from bupo.experiments.steps import paired_ci
 
     lines = [f"| arm | seeds | Avg@8 mean ± std (%) | per seed (%) | switch step(s) | − {ref}, paired (pp) | 95% CI |",
              "|---|---|---|---|---|---|---|"]

@@ -10,8 +10,9 @@ from pathlib import Path
 import pytest
 import torch
 
-from bupo.demo_report import markdown_table_to_html
-from bupo.reproduce import paired_ci, refinement_metrics, refinement_over_training
+from bupo.experiments.report import markdown_table_to_html
+from bupo.experiments.reproduce import refinement_metrics, refinement_over_training
+from bupo.experiments.steps import paired_ci
 from tiny_models import random_batch, tiny_model
 
 
@@ -123,16 +124,16 @@ def test_demo_rejects_bad_budgets(capsys):
 
 
 def test_demo_and_reproduce_share_one_home_for_their_steps():
-    import bupo.demo
-    import bupo.experiment
-    import bupo.reproduce
+    import bupo.experiments.demo as demo
+    import bupo.experiments.reproduce as reproduce
+    import bupo.experiments.steps as steps
 
-    # no import circle: both take the shared steps from bupo.experiment, neither reaches into the other
-    for mod in (bupo.demo, bupo.reproduce):
-        assert mod.run_training is bupo.experiment.run_training
-        assert mod.eval_results is bupo.experiment.eval_results
-    src = {m: Path(m.__file__).read_text(encoding="utf-8") for m in (bupo.demo, bupo.reproduce)}
-    assert "bupo.reproduce" not in src[bupo.demo] and "from bupo.demo " not in src[bupo.reproduce]
+    # no import circle: both take the shared steps from bupo.experiments.steps, neither reaches into the other
+    for mod in (demo, reproduce):
+        assert mod.run_training is steps.run_training
+        assert mod.eval_results is steps.eval_results
+    src = {m: Path(m.__file__).read_text(encoding="utf-8") for m in (demo, reproduce)}
+    assert "bupo.experiments.reproduce" not in src[demo] and "from bupo.experiments.demo " not in src[reproduce]
 
 
 def test_reproduce_real_model_rejects_bad_input(tmp_path, capsys):

@@ -498,7 +498,7 @@ def test_cli_device_and_missing_bundled_model_are_one_line_errors(
 ) -> None:
     import torch
 
-    import bupo.zoo
+    import bupo.models.registry
 
     good = _write_jsonl(tmp_path / "amc23.jsonl", load_rows(DATA / "amc2023.parquet")[:1])
     base = ["eval", "--no-progress", "--out", str(tmp_path / "o"), "--data", str(good)]
@@ -506,7 +506,7 @@ def test_cli_device_and_missing_bundled_model_are_one_line_errors(
     assert cli_main([*base, "--model", str(model_dir), "--device", "cuda"]) == 2
     err = capsys.readouterr().err
     assert "CUDA is not available" in err and err.count("\n") == 1
-    monkeypatch.setattr(bupo.zoo, "_BUNDLED_DIR", tmp_path / "no_model")
+    monkeypatch.setattr(bupo.models.registry, "BUNDLED_DIR", tmp_path / "no_model")
     assert cli_main(base) == 2
     err = capsys.readouterr().err
     assert "bundled model is missing" in err and err.count("\n") == 1

@@ -18,6 +18,8 @@ import pytest
 import torch
 
 from bupo import models as bm
+from bupo.models import gguf as bm_gguf
+from bupo.models import registry as bm_registry
 
 pytestmark = pytest.mark.xdist_group("real_models")  # one worker converts and holds the weights
 
@@ -40,7 +42,7 @@ def cache(tmp_path_factory) -> Path:
 
 def _prepare(cache: Path, name: str) -> Path:
     entry = bm.MODELS[name]
-    missing = bm._missing_packages(entry)
+    missing = bm_registry._missing_packages(entry)
     if name == SMOL and missing:  # installed by scripts/setup.sh dev: its absence is a set-up failure
         pytest.fail(f"{name} needs its package for these tests; run: {entry.install}")
     if missing:
@@ -357,7 +359,7 @@ def test_torn_cache_entry_is_rebuilt(smol_dir, cache, tmp_path, monkeypatch):
         (out / bm.MARKER).write_text(json.dumps(marker))
         return marker
 
-    monkeypatch.setattr(bm, "import_gguf", fake_import)
+    monkeypatch.setattr(bm_gguf, "import_gguf", fake_import)
     assert bm.prepare_model(SMOL, log=lambda s: None) == entry
     assert len(calls) == 1 and bm.is_ready(SMOL) and (entry / "tokenizer.json").is_file()
     assert not [p for p in tmp_path.iterdir() if p.name.startswith(f".{SMOL}.t")]  # no temp/torn leftovers

@@ -34,10 +34,10 @@ def captured(monkeypatch):
                      for ax in fig.axes if ax.get_visible()])
         return real(fig, path)
 
-    import bupo.demo_report
+    import bupo.experiments.report
 
     monkeypatch.setattr(plotting, "save_figure", keep)
-    monkeypatch.setattr(bupo.demo_report, "save_figure", keep)  # imported there by name
+    monkeypatch.setattr(bupo.experiments.report, "save_figure", keep)  # imported there by name
     return figs
 
 
@@ -87,7 +87,7 @@ def _fake_run(run: Path, *, internal_steps: int, per: int, reward: list[float], 
 
 
 def test_demo_report_curves_links_and_pass_at_k(tmp_path, captured):
-    from bupo.demo_report import write_report
+    from bupo.experiments.report import write_report
 
     out = tmp_path / "demo"
     _fake_run(out / "grpo", internal_steps=0, per=2, reward=[0.1, 0.2, 0.3, 0.4], accuracy=[0.1, 0.2, 0.3, 0.4])
@@ -115,7 +115,7 @@ def test_demo_report_curves_links_and_pass_at_k(tmp_path, captured):
 
 
 def test_accuracy_panel_stays_when_it_differs_from_the_reward(tmp_path, captured):
-    from bupo.demo_report import read_logs, training_curves
+    from bupo.experiments.report import read_logs, training_curves
 
     _fake_run(tmp_path / "r", internal_steps=0, per=1, reward=[0.5, 0.7], accuracy=[0.0, 1.0])
     runs = {"run": tmp_path / "r"}

@@ -19,8 +19,8 @@ _SUBCOMMANDS: list[str] = [
     "bupo.analysis.cli",
     "bupo.training.cli",
     "bupo.evaluation.cli",
-    "bupo.demo",
-    "bupo.reproduce",
+    "bupo.experiments.demo",
+    "bupo.experiments.reproduce",
     "bupo.recipes.cli",
 ]
 

@@ -41,54 +41,9 @@ from bupo.analysis.result import suggested_layer as suggested_layer  # bupo.trai
 from bupo.analysis.staging import STAGING_DIR, Shards
 from bupo.analysis.traces import Inputs, collect_traces, read_inputs, select_traces
 from bupo.io import Staging
+from bupo.models.load import load_model, resolve_device  # the one loader, re-exported here
 
 __all__ = ["AnalysisConfig", "AnalysisResult", "analyze", "load_model", "resolve_device"]
-
-
-# ---------------------------------------------------------------------------------------------------------------
-# loading
-
-
-def load_model(path: str | os.PathLike, *, dtype: str = "auto", device: str = "auto"):
-    """Load ``--model`` (a bupo name, local folder or Hub id, :func:`bupo.models.resolve_model`) and its
-    tokenizer; returns (model, tokenizer). ``dtype="auto"``: the checkpoint's own dtype (its config's ``dtype``,
-    transformers' ``dtype="auto"``; float32 when the config names none)."""
-    import torch
-    from transformers import AutoModelForCausalLM, AutoTokenizer
-
-    from bupo.models import resolve_model
-
-    path = Path(resolve_model(path))
-    dtypes = {"auto": "auto", "float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
-    if dtype not in dtypes:
-        raise ValueError(f"unknown dtype {dtype!r}; accepted: {', '.join(dtypes)}")
-    device = resolve_device(device)
-    model = AutoModelForCausalLM.from_pretrained(path, dtype=dtypes[dtype]).to(device).eval()
-    tokenizer = AutoTokenizer.from_pretrained(path)
-    return model, tokenizer
-
-
-def resolve_device(device: str) -> str:
-    import torch
-
-    if device == "auto":
-        return "cuda" if torch.cuda.is_available() else "cpu"
-    try:
-        dev = torch.device(device)
-    except (RuntimeError, TypeError):
-        raise ValueError(f"unknown device {device!r}; accepted: auto, cpu, cuda, cuda:N, mps") from None
-    if dev.type == "cuda":
-        if not torch.cuda.is_available():
-            raise ValueError(f"device {device!r} requested but CUDA is not available")
-        if dev.index is not None and dev.index >= torch.cuda.device_count():
-            raise ValueError(f"device {device!r}: this machine has {torch.cuda.device_count()} CUDA device(s), "
-                             f"cuda:0..cuda:{torch.cuda.device_count() - 1}")
-    elif dev.type == "mps":
-        if not torch.backends.mps.is_available():
-            raise ValueError(f"device {device!r} requested but MPS is not available")
-    elif dev.type != "cpu":
-        raise ValueError(f"unsupported device {device!r}; accepted: auto, cpu, cuda, cuda:N, mps")
-    return device
 
 
 # ---------------------------------------------------------------------------------------------------------------

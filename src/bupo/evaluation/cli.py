@@ -212,7 +212,7 @@ def _eval_handler(args: argparse.Namespace) -> int:
             **common,
         )
     else:
-        from bupo.analysis.run import load_model
+        from bupo.models import load_model
 
         model, tokenizer = load_model(folder, dtype=args.dtype, device=args.device)
         results = evaluate(

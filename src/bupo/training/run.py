@@ -426,7 +426,8 @@ def load_model(model_path: str, train_args: Any, model_args: Any | None) -> Any:
     the learning rate is below 1e-5, where most AdamW updates round away.
     """
     import torch
-    from transformers import AutoModelForCausalLM
+
+    from bupo.models import load_model as load_pretrained
 
     if model_args is None:
         from trl import ModelConfig
@@ -439,8 +440,8 @@ def load_model(model_path: str, train_args: Any, model_args: Any | None) -> Any:
 
         kw.setdefault("quantization_config", get_quantization_config(model_args))
         kw.setdefault("device_map", get_kbit_device_map())
-    model = AutoModelForCausalLM.from_pretrained(model_path, dtype=dtype if dtype == "auto" else getattr(torch, dtype),
-                                                 **kw)
+    # the trainer places the model (a quantised one has its device map); the tokenizer is built by the caller
+    model, _ = load_pretrained(model_path, dtype=dtype, device=None, tokenizer=False, **kw)
     low = {p.dtype for p in model.parameters() if p.is_floating_point()} & {torch.bfloat16, torch.float16}
     if low and train_args.learning_rate < LOW_PRECISION_LR:
         logger.warning("the model's weights are %s (dtype %s) and learning_rate %.1e < %.0e: most AdamW updates of "

@@ -11,23 +11,27 @@ This module imports only the standard library at top level.
 
 from __future__ import annotations
 
-from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 __all__ = ["DEFAULT_MODEL", "bundled_model_path", "bundled_task", "load_bundled", "model_card"]
 
-_BUNDLED_DIR = Path(__file__).resolve().parent / "tiny_reasoner"
-# a plain str so it can serve directly as an argparse default
-DEFAULT_MODEL: str = str(_BUNDLED_DIR)
+if TYPE_CHECKING:
+    from bupo.models.registry import bundled_model_path
+
+    DEFAULT_MODEL: str
 
 
-def bundled_model_path() -> Path:
-    """The folder of the shipped model (config.json, model.safetensors, tokenizer files, README.md)."""
-    if not (_BUNDLED_DIR / "config.json").is_file():
-        raise FileNotFoundError(
-            f"the bundled model is missing from {_BUNDLED_DIR}; rebuild it with `bupo model build --out {_BUNDLED_DIR}`"
-        )
-    return _BUNDLED_DIR
+def __getattr__(name: str) -> Any:
+    """``DEFAULT_MODEL`` (the bundled folder as a plain str, usable as an argparse default) and
+    ``bundled_model_path`` come from the model registry, which knows the folder's place; they are looked up on
+    first use so that ``bupo --help``, which imports this package, does not load the model layer."""
+    if name not in ("DEFAULT_MODEL", "bundled_model_path"):
+        raise AttributeError(f"module 'bupo.zoo' has no attribute {name!r}")
+    from bupo.models import registry
+
+    value = str(registry.BUNDLED_DIR) if name == "DEFAULT_MODEL" else registry.bundled_model_path
+    globals()[name] = value  # later lookups skip __getattr__
+    return value
 
 
 def load_bundled(dtype: Any = None) -> tuple[Any, Any]:
@@ -35,14 +39,9 @@ def load_bundled(dtype: Any = None) -> tuple[Any, Any]:
 
     ``dtype`` defaults to ``torch.float32``.
     """
-    import torch
-    from transformers import AutoModelForCausalLM, AutoTokenizer
+    from bupo.models import load_model
 
-    path = bundled_model_path()
-    model = AutoModelForCausalLM.from_pretrained(path, dtype=dtype or torch.float32, local_files_only=True)
-    tokenizer = AutoTokenizer.from_pretrained(path, local_files_only=True)
-    model.eval()
-    return model, tokenizer
+    return load_model("tiny", dtype=dtype or "float32", device="cpu", local_files_only=True)
 
 
 def bundled_task(
@@ -56,4 +55,6 @@ def bundled_task(
 
 def model_card() -> str:
     """The bundled model's card (its README.md)."""
+    from bupo.models import bundled_model_path
+
     return (bundled_model_path() / "README.md").read_text(encoding="utf-8")

@@ -93,17 +93,16 @@ def _run(
     import transformers
     import trl
     from datasets import Dataset
-    from transformers import AutoModelForCausalLM, AutoTokenizer, TrainerCallback
+    from transformers import TrainerCallback
     from trl import GRPOConfig, GRPOTrainer
 
     from bupo.data.task import make_examples
-    from bupo.models import resolve_model
+    from bupo.models import load_model, resolve_model
     from bupo.rewards import make_reward_func
     from bupo.zoo.recipe import evaluate
 
     model_dir = resolve_model(model_dir)  # same names, folders and one-line errors as every --model
-    tok = AutoTokenizer.from_pretrained(model_dir, local_files_only=True)
-    model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32, local_files_only=True)
+    model, tok = load_model(model_dir, dtype="float32", device="cpu", local_files_only=True)
     test_rows = make_examples("test", cfg["eval_problems"], seed=cfg["eval_seed"])
     ks = (1, cfg["eval_samples"])
 

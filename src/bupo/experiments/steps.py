@@ -1,4 +1,5 @@
-"""The steps ``bupo demo`` and ``bupo reproduce`` share: analyse, train one run, read its evaluations.
+"""The steps ``bupo demo`` and ``bupo reproduce`` share: analyse, train one run, read its evaluations, and the
+statistics over seeds (:func:`paired_ci`).
 
 One home for them, so that neither command imports the other's helpers. Every step is resumable: a finished
 analysis (``summary.json``) or training (``bupo_run.json``) is reused on a rerun.
@@ -11,6 +12,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import statistics
 from pathlib import Path
 from typing import Any
@@ -123,3 +125,24 @@ def metrics(results: dict) -> dict[str, float]:
         vals = [b["pass_at_k"][str(k)] for b in benches if str(k) in b["pass_at_k"]]
         out[f"pass@{k}"] = statistics.fmean(vals)
     return out
+
+
+# two-sided 95% Student t quantiles, df = 1..30 (beyond: normal)
+_T975 = [12.706, 4.303, 3.182, 2.776, 2.571, 2.447, 2.365, 2.306, 2.262, 2.228, 2.201, 2.179, 2.160, 2.145, 2.131,
+         2.120, 2.110, 2.101, 2.093, 2.086, 2.080, 2.074, 2.069, 2.064, 2.060, 2.056, 2.052, 2.048, 2.045, 2.042]
+
+
+def paired_ci(diffs: list[float]) -> tuple[float, float, float]:
+    """Mean of paired differences and its 95% confidence interval (Student t)."""
+    n = len(diffs)
+    mean = statistics.fmean(diffs)
+    if n < 2:
+        return mean, float("nan"), float("nan")
+    t = _T975[n - 2] if n - 1 <= len(_T975) else 1.96
+    half = t * statistics.stdev(diffs) / math.sqrt(n)
+    return mean, mean - half, mean + half
+
+
+def sd(xs: list[float]) -> float:
+    """Sample standard deviation; 0 for a single value."""
+    return statistics.stdev(xs) if len(xs) > 1 else 0.0

@@ -16,7 +16,7 @@ import time
 from pathlib import Path
 from typing import Any
 
-from bupo.experiment import (
+from bupo.experiments.steps import (
     THREADS_HELP,
     check_positive,
     eval_results,
@@ -66,8 +66,8 @@ def _demo(args: argparse.Namespace) -> int:
 def run_demo(out: Path, *, seed: int = 0, rollout_steps: int = 16, internal_steps: int = 2,
              internal_layer: str | int = "auto", analysis_samples: int = 32, eval_problems: int = 100,
              eval_samples: int = 8) -> dict:
-    from bupo.demo_report import write_report
     from bupo.evaluation.report import compare_table
+    from bupo.experiments.report import write_report
     from bupo.io import atomic_write_json
 
     t0 = time.time()

@@ -1,0 +1,293 @@
+"""``bupo reproduce --model``: GRPO vs BuPO on a real pretrained checkpoint, small enough for a 2-core CPU.
+
+The task is the bundled arithmetic task at a chosen difficulty with the ``final_number`` reward (small models seldom
+write ``\\boxed{}``); :func:`run_real_model` has the details, docs/real-models.md the measured tables. Resumable: a
+run whose ``bupo_run.json`` exists is reused. Conventions: k is 0-based (paper layer k+1); entropies in nats.
+Imports only the standard library (and the shared steps) at top level.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import statistics
+import time
+from pathlib import Path
+from typing import Any
+
+from bupo.experiments.steps import (
+    STEPS_PER_ROLLOUT,
+    eval_results,
+    metrics,
+    paired_ci,
+    run_analysis,
+    run_training,
+    sd,
+)
+from bupo.io import atomic_write_json
+
+REAL_DEFAULTS: dict[str, Any] = {
+    # 1-operation problems: the level at which SmolLM2-135M-Instruct gets some but not all right (pass@8 measured
+    # in docs/real-models.md), so GRPO groups have reward variance
+    "difficulty": 1,
+    "learning_rate": 1e-5,  # full fine-tuning of a 135M model; the bundled toy's 2e-4 would wreck it
+    "max_completion_length": 128,
+    # SmolLM2-135M-Instruct, 32 1-operation problems x 8 samples, 64 tokens: Pass@8 25.0 % at T = 1.0, 43.8 % at
+    # T = 0.7 (docs/real-models.md): at T = 1 three groups in four have no correct answer and give no gradient
+    "temperature": 0.7,
+    "train_rows": 512,
+    "analysis_samples": 8,
+}
+
+
+def _write_rows(path: Path, rows: list[dict]) -> str:
+    from bupo.io import atomic_write_text
+
+    atomic_write_text(path, "".join(json.dumps(r) + "\n" for r in rows))
+    return str(path)
+
+
+def _resolve_real_k(out: Path, model: str, internal_layer: int | None, analysis: str | None, rows: list[dict],
+                    projection: str, max_new_tokens: int) -> tuple[int, str]:
+    """(k, where it came from): the given k, else the analysis' suggestion; ValueError with the reason if none."""
+    if internal_layer is not None:
+        if internal_layer < 0:
+            raise ValueError(f"--internal-layer must be a 0-based layer >= 0, got {internal_layer}")
+        return internal_layer, "--internal-layer"
+    if analysis is not None:
+        from bupo.analysis import load_summary
+
+        a = Path(analysis)
+        summary = load_summary(a.parent if a.name == "summary.json" else a)
+        source = f"analysis {analysis}"
+    else:
+        summary = run_analysis(out / "analysis", samples=REAL_DEFAULTS["analysis_samples"], seed=0, model=model,
+                               rows=rows, max_new_tokens=max_new_tokens, projection=projection,
+                               template="chat")  # the template its training runs use (below)
+        source = f"analysis {out / 'analysis'}"
+    k = summary.get("suggested_internal_layer")
+    if k is None:
+        reason = (summary.get("boundary") or {}).get("reason") or (summary.get("boundary") or {}).get("note")
+        raise ValueError(f"the {source} suggests no internal layer ({reason or 'no boundary layer'}); pass "
+                         "--internal-layer K (0-based) explicitly, e.g. from the final_norm analysis "
+                         "(docs/real-models.md)")
+    return int(k), source
+
+
+def _phase_stats(log: list[dict], per: int) -> dict[str, dict[str, float]]:
+    """Mean seconds per rollout step, mean grad norm and mean reward per phase, from a run's log_history.
+
+    TRL's ``step_time`` is the mean seconds per optimizer step over the logging window (generation included in the
+    first step of each rollout); one rollout step is ``per`` optimizer steps.
+    """
+    out: dict[str, dict[str, float]] = {}
+    for phase, flag in (("internal", 1.0), ("full", 0.0)):
+        rows = [r for r in log if r.get("bupo/phase") == flag and "step_time" in r]
+        if rows:
+            out[phase] = {
+                "rollout_steps_logged": len(rows),
+                "seconds_per_rollout_step": statistics.fmean(r["step_time"] for r in rows) * per,
+                "grad_norm": statistics.fmean(r["grad_norm"] for r in rows if "grad_norm" in r)
+                if any("grad_norm" in r for r in rows) else float("nan"),
+                "reward": statistics.fmean(r["reward"] for r in rows if "reward" in r)
+                if any("reward" in r for r in rows) else float("nan"),
+            }
+    return out
+
+
+def _reward_curve(log: list[dict]) -> list[tuple[int, float]]:
+    return [(int(r["step"]), float(r["reward"])) for r in log if "reward" in r and "step" in r]
+
+
+def reward_figure(curves: dict[str, list[tuple[int, float]]], path: Path, title: str, *, per: int = 1,
+                  internal_steps: int = 0) -> Path:
+    """Train reward per rollout step (``per`` optimizer steps each; s_inter counts rollout steps), the fixed
+    internal phase (rollout steps 1..``internal_steps``) shaded."""
+    from bupo.plotting import pyplot, save_figure
+
+    fig, ax = pyplot().subplots(figsize=(7, 3.6))
+    if internal_steps:
+        ax.axvspan(0.5, internal_steps + 0.5, color="tab:orange", alpha=0.12,
+                   label=f"fixed internal phase (s_inter = {internal_steps})")
+    for label, pts in curves.items():
+        if pts:
+            ax.plot([p[0] / per for p in pts], [p[1] for p in pts], marker="o", label=label)
+    ax.set_xlabel("rollout step")
+    ax.set_ylabel("mean train reward")
+    ax.set_title(title, fontsize=9)
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=8)
+    return save_figure(fig, path)  # atomic
+
+
+def run_real_model(out: Path, *, model: str | Path, seeds: int = 1, rollout_steps: int = 8, internal_steps: int = 2,
+                   internal_layer: int | None = None, projections: list[str] | tuple[str, ...] = ("final_norm",),
+                   analysis: str | None = None, difficulty: int = REAL_DEFAULTS["difficulty"],
+                   eval_problems: int = 32, eval_samples: int = 4,
+                   learning_rate: float = REAL_DEFAULTS["learning_rate"],
+                   max_completion_length: int = REAL_DEFAULTS["max_completion_length"],
+                   completions_per_rollout: int = 32, temperature: float = REAL_DEFAULTS["temperature"],
+                   auto_cap: int | None = None, auto_seeds: int | None = None) -> dict:
+    """GRPO vs BuPO on a real checkpoint, small enough for a 2-core CPU; resumable, reported as measured.
+
+    Task: the bundled arithmetic task at ``difficulty`` operations (train split for training, ``eval_problems``
+    disjoint test problems held out), prompts through the model's chat template, reward ``final_number`` (the last
+    number of the completion; small models seldom write ``\\boxed{}``). Per seed: one GRPO run and one BuPO run per
+    projection in ``projections`` (``raw`` = the paper's lm_head(h), ``final_norm`` = the logit lens), each
+    ``rollout_steps`` rollout steps of ``completions_per_rollout`` completions (8 per prompt), BuPO's first ``internal_steps`` on layer k.
+    ``temperature`` samples rollouts and evaluations alike. ``auto_cap``: also one BuPO run per seed and projection with
+    ``internal_steps='auto'`` capped at ``auto_cap`` rollout steps (the adaptive switch), after all fixed runs; for the
+    first ``auto_seeds`` seeds only when given.
+    k: ``internal_layer``, else the analysis' suggestion (``analysis``, or a short one run here); ValueError when
+    neither gives one. Writes ``results.json``, ``table.md`` and ``figures/rewards.png``; returns the results.
+    """
+    _check_real_args(projections, completions_per_rollout, temperature, auto_cap, auto_seeds, internal_steps,
+                     rollout_steps)
+    from bupo.data.task import make_examples
+    from bupo.models import resolve_model
+
+    model = resolve_model(str(model))  # a bupo name, folder or Hub id, with the same one-line errors as every --model
+    t0 = time.time()
+    out.mkdir(parents=True, exist_ok=True)
+    train_rows = make_examples("train", REAL_DEFAULTS["train_rows"], seed=0, difficulty=difficulty)
+    test_rows = make_examples("test", eval_problems, seed=0, difficulty=difficulty)
+    train_file = _write_rows(out / "data" / "arith_train.jsonl", train_rows)
+    test_file = _write_rows(out / "data" / f"arith_d{difficulty}_test.jsonl", test_rows)
+    k, k_source = _resolve_real_k(out, str(model), internal_layer, analysis, test_rows, projections[0],
+                                  max_completion_length)
+    print(f"== k = {k} (0-based, paper layer {k + 1}) from {k_source}; s_inter = {internal_steps} of "
+          f"{rollout_steps} rollout steps ({internal_steps / rollout_steps:.0%})")
+    overrides = {
+        "model_name_or_path": str(model), "data": train_file, "eval_data": [test_file], "reward": "final_number",
+        "template": "chat", "max_completion_length": max_completion_length, "learning_rate": learning_rate,
+        "eval_batch_size": 32, "logging_steps": 2, "probe_every": 0,
+        "num_generations": 8, "per_device_train_batch_size": completions_per_rollout // 2,
+        "temperature": temperature,
+    }
+    runs = _train_arms(out, _plan(seeds, projections, auto_cap, auto_seeds), rollout_steps=rollout_steps,
+                       internal_steps=internal_steps, k=k, eval_problems=eval_problems, eval_samples=eval_samples,
+                       overrides=overrides, auto_cap=auto_cap)
+    head = (f"Avg@{eval_samples} / Pass@K (%) on {eval_problems} held-out {difficulty}-operation problems, "
+            f"{seeds} seed(s); k = {k}; s_inter = {internal_steps}/{rollout_steps} rollout steps.")
+    table = _real_table(runs, head)
+    fig = reward_figure({n: r["reward_curve"] for n, r in runs.items()}, out / "figures" / "rewards.png",
+                        f"{Path(model).name}: train reward (final_number)", per=STEPS_PER_ROLLOUT,
+                        internal_steps=internal_steps if isinstance(internal_steps, int) else 0)
+    settings = {"model": str(model), "seeds": seeds, "rollout_steps": rollout_steps, "internal_steps": internal_steps,
+                "s_inter_fraction": internal_steps / rollout_steps, "internal_layer": k,
+                "internal_layer_paper": k + 1, "k_source": k_source, "projections": list(projections),
+                "difficulty": difficulty, "eval_problems": eval_problems, "eval_samples": eval_samples,
+                "learning_rate": learning_rate, "max_completion_length": max_completion_length,
+                "reward": "final_number", "completions_per_rollout_step": completions_per_rollout,
+                "temperature": temperature, "auto_cap": auto_cap, "auto_seeds": auto_seeds,
+                "wall_seconds": round(time.time() - t0, 1)}
+    results = {"settings": settings, "runs": runs, "table": table, "figure": str(fig)}
+    atomic_write_json(out / "results.json", results)
+    from bupo.io import atomic_write_text
+
+    atomic_write_text(out / "table.md", table + "\n")
+    print(table)
+    print(f"\n{out / 'results.json'}   ({settings['wall_seconds']:.0f} s)")
+    return results
+
+
+def _check_real_args(projections: list[str] | tuple[str, ...], completions_per_rollout: int, temperature: float,
+                     auto_cap: int | None, auto_seeds: int | None, internal_steps: int, rollout_steps: int) -> None:
+    """One-line ValueErrors for settings :func:`run_real_model` cannot run, before anything is resolved or loaded."""
+    from bupo.internal.adapters import PROJECTIONS
+
+    bad = [p for p in projections if p not in PROJECTIONS]
+    if not projections or bad:
+        raise ValueError(f"--projection takes a comma-separated list of {', '.join(PROJECTIONS)}, got "
+                         f"{','.join(projections)!r}")
+    if completions_per_rollout < 16 or completions_per_rollout % 16:
+        raise ValueError(f"--completions must be a multiple of 16 (8 per prompt, 2 optimizer steps per rollout "
+                         f"step), got {completions_per_rollout}")
+    if not (math.isfinite(temperature) and temperature > 0):
+        raise ValueError(f"--temperature must be a finite number > 0 (rollouts sample), got {temperature}")
+    if auto_cap is not None and not 0 < auto_cap <= rollout_steps:
+        raise ValueError(f"--auto-cap must be in 1..--rollout-steps ({rollout_steps}), got {auto_cap}")
+    if auto_seeds is not None and auto_seeds < 1:
+        raise ValueError(f"--auto-seeds must be >= 1, got {auto_seeds}")
+    if not 0 < internal_steps <= rollout_steps:
+        raise ValueError(f"--internal-steps must be in 1..--rollout-steps ({rollout_steps}), got {internal_steps}")
+
+
+def _plan(seeds: int, projections: list[str] | tuple[str, ...], auto_cap: int | None,
+          auto_seeds: int | None) -> list[tuple[int, str, str, str, str]]:
+    """(seed, label, algo, projection, run name) of every run: per seed GRPO and BuPO per projection, then the
+    capped adaptive-switch runs."""
+    plan = [(seed, lab, algo, proj, name) for seed in range(seeds)
+            for lab, algo, proj, name in [("GRPO", "grpo", "raw", f"grpo-seed{seed}")]
+            + [(f"BuPO ({p})", "bupo", p, f"bupo-{p}-seed{seed}") for p in projections]]
+    if auto_cap is not None:  # after every fixed run, so that a short budget still finishes the main comparison
+        plan += [(seed, f"BuPO auto ≤ {auto_cap} ({p})", "bupo", p, f"bupo-{p}-auto{auto_cap}-seed{seed}")
+                 for seed in range(seeds if auto_seeds is None else min(auto_seeds, seeds)) for p in projections]
+    return plan
+
+
+def _train_arms(out: Path, plan: list[tuple[int, str, str, str, str]], *, rollout_steps: int, internal_steps: int,
+                k: int, eval_problems: int, eval_samples: int, overrides: dict[str, Any],
+                auto_cap: int | None) -> dict[str, dict[str, Any]]:
+    """Train (or reuse) every planned run; its label, seed, evaluations, phase statistics and reward curve by name."""
+    runs: dict[str, dict[str, Any]] = {}
+    for seed, label, algo, proj, name in plan:
+        print(f"== {name}")
+        run_dir = out / "runs" / name
+        auto = "auto" in name
+        run_training(run_dir, algo=algo, seed=seed, rollout_steps=rollout_steps,
+                     internal_steps="auto" if auto else internal_steps,  # type: ignore[arg-type]
+                     internal_layer=k, eval_problems=eval_problems, eval_samples=eval_samples,
+                     eval_before=(algo == "grpo"),
+                     overrides={**overrides, "internal_projection": proj,
+                                **({"internal_steps_max": auto_cap} if auto else {})})
+        log = json.loads((run_dir / "log_history.json").read_text())
+        runs[name] = {"label": label, "seed": seed, "algo": algo, "projection": proj,
+                      "after": metrics(eval_results(run_dir, first=False)),
+                      "phases": _phase_stats(log, STEPS_PER_ROLLOUT), "reward_curve": _reward_curve(log)}
+        if auto:
+            bupo_run = json.loads((run_dir / "bupo_run.json").read_text())
+            runs[name]["switch"] = bupo_run.get("switch", {})
+        if algo == "grpo":
+            runs[name]["before"] = metrics(eval_results(run_dir, first=True))
+    return runs
+
+
+def _real_table(runs: dict[str, dict[str, Any]], head: str) -> str:
+    """The markdown table: base, each arm (mean ± sd over seeds, seconds and grad norm per phase), each BuPO arm
+    minus GRPO paired by seed with its 95% CI, and where the adaptive switch switched."""
+    base = [r["before"] for r in runs.values() if "before" in r]
+    keys = list(base[0])
+    lines = [head, "",
+             "| run | " + " | ".join(keys) + " | s / rollout step (internal) | s / rollout step (full) | "
+             "grad norm (internal) | grad norm (full) |",
+             "|---|" + "---|" * (len(keys) + 4)]
+    mean_base = {key: statistics.fmean(b[key] for b in base) for key in keys}
+    lines.append("| base | " + " | ".join(f"{100 * mean_base[key]:.1f}" for key in keys) + " | | | | |")
+    for label in dict.fromkeys(r["label"] for r in runs.values()):
+        rs = [r for r in runs.values() if r["label"] == label]
+
+        def cell(phase: str, what: str, fmt: str, rs: list[dict] = rs) -> str:
+            vals = [r["phases"][phase][what] for r in rs if phase in r["phases"]]
+            return format(statistics.fmean(vals), fmt) if vals else "—"
+
+        lines.append(f"| {label} | " + " | ".join(
+            f"{100 * statistics.fmean(r['after'][key] for r in rs):.1f}"
+            + (f" ± {100 * sd([r['after'][key] for r in rs]):.1f}" if len(rs) > 1 else "") for key in keys)
+            + f" | {cell('internal', 'seconds_per_rollout_step', '.0f')} | "
+              f"{cell('full', 'seconds_per_rollout_step', '.0f')} | {cell('internal', 'grad_norm', '.2f')} | "
+              f"{cell('full', 'grad_norm', '.2f')} |")
+    # paired by seed (same seed = same rollout prompts and evaluation seeds): each BuPO arm minus GRPO, after training
+    grpo_by_seed = {r["seed"]: r["after"] for r in runs.values() if r["algo"] == "grpo"}
+    for label in dict.fromkeys(r["label"] for r in runs.values() if r["algo"] == "bupo"):
+        pairs = [(r["after"], grpo_by_seed[r["seed"]]) for r in runs.values()
+                 if r["label"] == label and r["seed"] in grpo_by_seed]
+        if len(pairs) > 1:
+            cis = [paired_ci([a[key] - b[key] for a, b in pairs]) for key in keys]
+            lines.append(f"| {label} − GRPO (paired, 95% CI) | " + " | ".join(
+                f"{100 * m:+.1f} [{100 * lo:+.1f}, {100 * hi:+.1f}]" for m, lo, hi in cis) + " | | | | |")
+    switches = [(r["seed"], r["switch"]) for r in runs.values() if r.get("switch")]
+    if switches:
+        lines += ["", "Adaptive switch (first full-policy rollout step, reason): " + "; ".join(
+            f"seed {seed}: step {sw.get('step')} ({sw.get('reason', '')})" for seed, sw in switches)]
+    return "\n".join(lines)
