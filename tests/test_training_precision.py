@@ -44,7 +44,7 @@ def test_bf16_mixed_precision_keeps_fp32_master_weights(tmp_path, caplog):
     assert dtype == "torch.float32" and frac >= 0.99, frac
 
     # the reference: low-precision weights asked for explicitly -> a warning, and the updates round away
-    with caplog.at_level(logging.WARNING, logger="bupo.training.run"):
+    with caplog.at_level(logging.WARNING, logger="bupo.training.model"):
         assert main(["train", "--model", str(model), "--out", str(tmp_path / "bf16"), "--dtype", "bfloat16",
                      *ARGS]) == 0
     assert any("round away" in r.getMessage() for r in caplog.records)
