@@ -1,4 +1,4 @@
-"""Issue 14: every bad input is one clear line and exit 2 (nothing written, nothing lost), or an explicit warning;
+"""Every bad input is one clear line and exit 2 (nothing written, nothing lost), or an explicit warning;
 torn checkpoints are skipped; a resume with other settings is refused; GuardedReward; policy input checks."""
 
 from __future__ import annotations
@@ -177,7 +177,7 @@ def test_internal_steps_covering_the_whole_run_warns(ws, tmp_path, capsys):
 
 def _torn(folder: Path) -> Path:
     folder.mkdir(parents=True)
-    (folder / "optimizer.pt").write_bytes(b"")  # what a kill inside _save_checkpoint left (issue 14)
+    (folder / "optimizer.pt").write_bytes(b"")  # what a kill inside _save_checkpoint left
     (folder / "model.safetensors").write_bytes(b"\0" * 64)
     return folder
 

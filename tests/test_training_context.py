@@ -1,4 +1,4 @@
-"""Length against context (issue 13, item 4): prompt + max new tokens above max_position_embeddings is an error in
+"""Length against context: prompt + max new tokens above max_position_embeddings is an error in
 generation / eval / layer_logits and a counted drop in training and analysis (the shared helpers in
 bupo.generation), never a silent run past the model's positions."""
 

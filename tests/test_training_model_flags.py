@@ -1,5 +1,5 @@
-"""TRL's ModelConfig flags and --model_init_kwargs through ``bupo train`` (CLI and YAML), and the bad-input rows of
-issue 13: vLLM / peft / an attention implementation the machine lacks -> one line, exit 2."""
+"""TRL's ModelConfig flags and --model_init_kwargs through ``bupo train`` (CLI and YAML), and their bad
+input: vLLM / peft / an attention implementation the machine lacks -> one line, exit 2."""
 
 from __future__ import annotations
 

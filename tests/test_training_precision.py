@@ -1,4 +1,4 @@
-"""fp32 master weights under bf16 mixed precision (issue 13, item 1): ``bupo train --bf16 true`` on the CPU (bf16
+"""fp32 master weights under bf16 mixed precision: ``bupo train --bf16 true`` on the CPU (bf16
 autocast) at the paper's lr 1e-6 moves >= 99% of the decoder-layer elements in 4 AdamW steps; explicitly asking for
 bf16 weights warns and moves almost none (the updates round away: ~1e-6 against bf16's 2^-8 relative spacing)."""
 
