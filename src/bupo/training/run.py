@@ -24,7 +24,7 @@ from __future__ import annotations
 import os
 import time
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from bupo.training.arguments import FLAG_KEYS, BuPOScriptArguments, parse_train_args
 from bupo.training.data import BUNDLED, TrainingData, training_data
@@ -34,11 +34,14 @@ from bupo.training.model import check_model_flags, default_model_args, load_mode
 from bupo.training.resume import check_resume_matches, data_fingerprint, resolve_resume, train_or_finish
 from bupo.training.validation import check_environment, check_run
 
+if TYPE_CHECKING:
+    from bupo.training.config import BuPOConfig
+
 RUN_FILE = "bupo_run.json"
 __all__ = ["RUN_FILE", "parse_train_args", "run_cli", "train"]
 
 
-def train(config: Any, script: BuPOScriptArguments | None = None, model_args: Any = None) -> dict[str, Any]:
+def train(config: BuPOConfig, script: BuPOScriptArguments | None = None, model_args: Any = None) -> dict[str, Any]:
     """Assemble and run one training; returns the run summary (also written to ``<output_dir>/bupo_run.json``).
 
     ``config``: a :class:`~bupo.training.config.BuPOConfig`, built directly or by :func:`parse_train_args`;
@@ -123,7 +126,7 @@ def _reward_funcs(script: BuPOScriptArguments) -> list[Any]:
     return funcs
 
 
-def _summary(config: Any, script: BuPOScriptArguments, model_args: Any, model: Any, model_path: str, template: str,
+def _summary(config: BuPOConfig, script: BuPOScriptArguments, model_args: Any, model: Any, model_path: str, template: str,
              data: TrainingData, layer_source: str, policy_check: dict[str, Any] | None) -> dict[str, Any]:
     """What ``bupo_run.json`` says about the run before it trains (conventions included)."""
     k, n_per = config.internal_layer, config.optimizer_steps_per_rollout
