@@ -10,8 +10,10 @@ From Python, build the config directly and call :func:`train`::
     from trl import ModelConfig
     from bupo.training import BuPOConfig, BuPOScriptArguments, train
 
-    config = BuPOConfig(output_dir="runs/x", internal_layer=3, internal_steps=4, max_steps=40, use_cpu=True)
+    config = BuPOConfig(output_dir="runs/x", internal_layer=3, internal_steps=4, max_steps=40)
     summary = train(config, BuPOScriptArguments(eval_data=["none"]), ModelConfig(model_name_or_path="tiny"))
+
+(docs/training.md, "From Python", has a runnable example.)
 
 (:func:`~bupo.training.arguments.run_settings` gives the same objects with ``bupo train``'s small-run defaults.)
 
