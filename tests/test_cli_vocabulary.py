@@ -65,7 +65,7 @@ def _values(text: str) -> set[str]:
 def _script_default(dest: str):
     """bupo train's own flags default to None (the config layering decides); the effective default is the
     bupo train key's (BuPOScriptArguments), when the flag sets one."""
-    from bupo.training.run import FLAG_KEYS, BuPOScriptArguments
+    from bupo.training.arguments import FLAG_KEYS, BuPOScriptArguments
 
     key = FLAG_KEYS.get(dest)
     fields = {f.name: f for f in dataclasses.fields(BuPOScriptArguments)}
@@ -143,8 +143,8 @@ def test_every_long_option_takes_both_spellings(parsers):
 def test_train_flags_take_both_spellings(parsers):
     from trl import ModelConfig
 
+    from bupo.training.arguments import BuPOScriptArguments
     from bupo.training.config import BuPOConfig
-    from bupo.training.run import BuPOScriptArguments
 
     fields = {f.name for dc in (BuPOConfig, BuPOScriptArguments, ModelConfig) for f in dataclasses.fields(dc)}
     p = parsers["train"]
@@ -185,8 +185,8 @@ def test_analyze_out_shows_its_default(capsys):
 def test_train_help_lists_every_bupo_field_and_train_key(capsys):
     from trl import GRPOConfig
 
+    from bupo.training.arguments import BuPOScriptArguments
     from bupo.training.config import BuPOConfig
-    from bupo.training.run import BuPOScriptArguments
 
     with pytest.raises(SystemExit):
         main(["train", "--help"])
@@ -208,7 +208,7 @@ def test_misspelt_flags_get_the_closest_one(capsys):
 
 
 def test_train_unknown_flags_hint_and_mention_underscores_only_for_dashes():
-    from bupo.training.run import parse_train_args
+    from bupo.training.arguments import parse_train_args
 
     with pytest.raises(ValueError) as under:
         parse_train_args(["--learning_rat", "1"], cuda=False)

@@ -53,7 +53,7 @@ def test_a_file_wins_over_a_name_and_a_missing_path_says_so(tmp_path, monkeypatc
 
 
 def test_train_config_takes_a_name_from_another_folder(tmp_path, monkeypatch):
-    from bupo.training.run import parse_train_args
+    from bupo.training.arguments import parse_train_args
 
     monkeypatch.chdir(tmp_path)
     args, script = parse_train_args([], config="octothinker-3b", cuda=False)

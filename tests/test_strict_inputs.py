@@ -1,4 +1,4 @@
-"""Issue 14: every bad input is one clear line and exit 2 (nothing written, nothing lost), or an explicit warning;
+"""Every bad input is one clear line and exit 2 (nothing written, nothing lost), or an explicit warning;
 torn checkpoints are skipped; a resume with other settings is refused; GuardedReward; policy input checks."""
 
 from __future__ import annotations
@@ -122,7 +122,7 @@ def test_yaml_env_cannot_set_code_loading_variables(ws, tmp_path, capsys, var):
 
 
 def test_yaml_env_sets_harmless_variables(tmp_path, monkeypatch):
-    from bupo.training.run import parse_train_args
+    from bupo.training.arguments import parse_train_args
 
     monkeypatch.delenv("BUPO_TEST_ENV_14", raising=False)
     cfg = tmp_path / "c.yaml"
@@ -177,13 +177,13 @@ def test_internal_steps_covering_the_whole_run_warns(ws, tmp_path, capsys):
 
 def _torn(folder: Path) -> Path:
     folder.mkdir(parents=True)
-    (folder / "optimizer.pt").write_bytes(b"")  # what a kill inside _save_checkpoint left (issue 14)
+    (folder / "optimizer.pt").write_bytes(b"")  # what a kill inside _save_checkpoint left
     (folder / "model.safetensors").write_bytes(b"\0" * 64)
     return folder
 
 
 def test_resume_latest_skips_torn_checkpoints_in_one_line(tmp_path, capsys):
-    from bupo.training.run import _resolve_resume
+    from bupo.training.resume import resolve_resume
     from bupo.training.trainer import CHECKPOINT_MARKER
 
     good = tmp_path / "checkpoint-4"
@@ -196,12 +196,12 @@ def test_resume_latest_skips_torn_checkpoints_in_one_line(tmp_path, capsys):
     short.mkdir()
     (short / "model.safetensors").write_bytes(b"\1" * 4)
     (short / CHECKPOINT_MARKER).write_text(json.dumps({"files": {"model.safetensors": 8}}))
-    assert _resolve_resume("latest", str(tmp_path)) == str(good)
+    assert resolve_resume("latest", str(tmp_path)) == str(good)
     out = capsys.readouterr().out.strip().splitlines()
     assert out == ["bupo train: --resume: skipped incomplete checkpoint-8 (no trainer_state.json); checkpoint-6 "
                    "(model.safetensors is 4 bytes, 8 when saved); resuming from checkpoint-4"]
     with pytest.raises(ValueError, match="incomplete checkpoint"):
-        _resolve_resume(str(tmp_path / "checkpoint-8"), str(tmp_path))
+        resolve_resume(str(tmp_path / "checkpoint-8"), str(tmp_path))
 
 
 def test_resume_with_only_torn_checkpoints_is_one_line(ws, tmp_path, capsys):

@@ -8,7 +8,7 @@ import pytest
 import torch
 
 from bupo.cli import main
-from bupo.training.run import parse_train_args
+from bupo.training.arguments import parse_train_args
 from test_training_common import char_tokenizer, make_model
 
 pytestmark = pytest.mark.xdist_group("training")
@@ -133,8 +133,8 @@ def test_presets_parse_into_bupo_config_with_the_papers_settings(preset):
     assert args.save_steps % 4 == 0 and script.reward == "boxed_exact" and script.max_prompt_length == 1024
     # 256 completions per optimizer step on one process
     assert args.per_device_train_batch_size * args.gradient_accumulation_steps == 256
-    # fp32 master weights, bf16 autocast (issue 13); OctoThinker: the released code's chat template on [system, user]
-    from bupo.training.run import model_init_kwargs
+    # fp32 master weights, bf16 autocast (TRL's default); OctoThinker: the released code's chat template on [system, user]
+    from bupo.training.model import model_init_kwargs
 
     assert model_init_kwargs(args, script.model_args)["dtype"] == "float32"
     assert script.template == ("chat" if preset.startswith("octothinker") else "qwen3_no_thinking")
@@ -169,7 +169,7 @@ def test_auto_layer_analysis_runs_on_the_training_device(tmp_path, monkeypatch):
     """With no analysis, ``auto`` analyses the model on the device it will train on (the accelerator, not the CPU
     from_pretrained left it on). "meta" stands in for the accelerator: the fake analysis sees where the model is."""
     import bupo.analysis.run as analysis_run
-    from bupo.training.run import resolve_internal_layer
+    from bupo.training.layer import resolve_internal_layer
 
     seen = {}
 
@@ -192,23 +192,23 @@ def test_in_training_eval_sets_are_bupo_evals(workspace):
     import argparse
 
     from bupo.evaluation.cli import _datasets
-    from bupo.training.run import _eval_sets
+    from bupo.training.eval_callback import eval_sets
 
-    assert _eval_sets(None, None, 5) == _datasets(argparse.Namespace(data=None, limit=5))
-    assert list(_eval_sets(None, None, 5)) == ["bundled_test"]
+    assert eval_sets(None, None, 5) == _datasets(argparse.Namespace(data=None, limit=5))
+    assert list(eval_sets(None, None, 5)) == ["bundled_test"]
     test = str(workspace / "test.jsonl")
-    assert _eval_sets([test], str(workspace / "train.jsonl"), 3) == _datasets(argparse.Namespace(data=[test],
+    assert eval_sets([test], str(workspace / "train.jsonl"), 3) == _datasets(argparse.Namespace(data=[test],
                                                                                                  limit=3))
-    assert _eval_sets(None, str(workspace / "train.jsonl"), 3) == {}
-    assert _eval_sets(["none"], None, 3) == {}
+    assert eval_sets(None, str(workspace / "train.jsonl"), 3) == {}
+    assert eval_sets(["none"], None, 3) == {}
     with pytest.raises(ValueError, match="both map to the benchmark name"):
-        _eval_sets([test, test], None, None)
+        eval_sets([test, test], None, None)
 
 
 def test_auto_layer_analysis_leaves_the_model_training(tmp_path):
     """The short analysis that ``auto`` runs puts the model in eval mode only while it runs (bupo train hands it
     a model that then trains: dropout and friends must come back on)."""
-    from bupo.training.run import resolve_internal_layer
+    from bupo.training.layer import resolve_internal_layer
 
     model = make_model()
     model.train()
@@ -227,7 +227,8 @@ def test_auto_layer_analysis_leaves_the_model_training(tmp_path):
 def test_in_training_eval_restores_the_training_mode_and_builds_no_graph(tmp_path, monkeypatch):
     from transformers import TrainerControl, TrainerState
 
-    from bupo.training.run import BuPOScriptArguments, make_eval_callback
+    from bupo.training.arguments import BuPOScriptArguments
+    from bupo.training.eval_callback import make_eval_callback
     from test_training_common import make_trainer
 
     tr = make_trainer(tmp_path, max_steps=1)
@@ -248,3 +249,60 @@ def test_in_training_eval_restores_the_training_mode_and_builds_no_graph(tmp_pat
     assert [r["step"] for r in records] == [0] and "eval/toy/avg@2" in records[0]
     assert seen and all(s == (False, False) for s in seen)
     assert tr.model.training and tr.model.model.layers[1].training and not tr.model.model.layers[0].training
+
+
+def test_python_api_trains_a_config_built_directly(workspace, tmp_path):
+    """bupo.training.train takes a BuPOConfig built in Python (no parser); the config passed in is not changed: the
+    run trains on a new one with the resolved layer."""
+    from trl import ModelConfig
+
+    from bupo.training import BuPOConfig, BuPOScriptArguments, train
+
+    analysis = tmp_path / "analysis"
+    analysis.mkdir()
+    (analysis / "summary.json").write_text(json.dumps({"num_layers": 4, "suggested_internal_layer": 2}))
+    config = BuPOConfig(output_dir=str(tmp_path / "api"), internal_layer="auto", internal_steps=1, max_steps=2,
+                        per_device_train_batch_size=8, steps_per_generation=2, num_generations=4,
+                        max_completion_length=8, learning_rate=1e-2, probe_every=1, save_strategy="no",
+                        use_cpu=True, bf16=False, gradient_checkpointing=False, report_to="none")
+    script = BuPOScriptArguments(data=str(workspace / "train.jsonl"), eval_data=["none"], analysis=str(analysis))
+    summary = train(config, script, ModelConfig(model_name_or_path=str(workspace / "model")))
+    assert (summary["internal_layer"], summary["internal_steps"], summary["global_step"]) == (2, 1, 2)
+    assert json.loads((tmp_path / "api" / "bupo_run.json").read_text())["internal_layer_source"].startswith("analysis")
+    assert config.internal_layer == "auto"
+    with pytest.raises(ValueError, match="--algo grpo trains the full policy only"):  # internal_steps=1 was given
+        train(config, BuPOScriptArguments(algo="grpo"))
+
+
+def test_run_settings_build_what_the_parser_builds():
+    from bupo.training import run_settings
+    from bupo.training.validation import check_run
+
+    values = {"output_dir": "unused", "internal_layer": 1, "internal_steps": 2, "learning_rate": 1e-3,
+              "eval_rows": 5, "model_name_or_path": "/m", "lora_r": 4}
+    direct, direct_script = run_settings(values, cuda=False)
+    parsed, parsed_script = parse_train_args([], overrides=values, cuda=False)
+    assert direct.to_dict() == parsed.to_dict() and direct_script == parsed_script
+    assert direct_script.model_args == parsed_script.model_args and direct_script.model_name_or_path == "/m"
+    # the small run's internal_steps is a default, which --algo grpo drops; one it was given, it refuses
+    grpo, script = run_settings({"algo": "grpo"}, cuda=False)
+    assert grpo.internal_steps == 4 and check_run(grpo, script) == {"internal_steps": 0, "internal_schedule": None}
+    grpo, script = run_settings({"algo": "grpo", "internal_steps": 3}, cuda=False)
+    with pytest.raises(ValueError, match="cannot take --internal-steps 3"):
+        check_run(grpo, script)
+    with pytest.raises(ValueError, match="unknown configuration key"):
+        run_settings({"learning_rat": 1.0}, cuda=False)
+
+
+def test_resolved_config_is_built_and_validated_from_the_given_values():
+    """dataclasses.replace would pass back GRPOConfig's derived batch fields (refused as given together);
+    resolved() rebuilds from the given values, and validates the final ones."""
+    args, _ = parse_train_args([], config="qwen3-4b", cuda=False)
+    new = args.resolved(internal_layer=3)
+    assert (new.internal_layer, args.internal_layer) == (3, 5)
+    assert (new.gradient_accumulation_steps, new.steps_per_generation) == (args.gradient_accumulation_steps,
+                                                                           args.steps_per_generation) == (32, 128)
+    with pytest.raises(ValueError, match="save_steps"):
+        args.resolved(save_steps=3)
+    grpo = args.resolved(internal_steps=0, save_steps=3)  # no internal phase: checkpoints may fall anywhere
+    assert grpo.internal_steps == 0 and grpo.save_steps == 3

@@ -1,4 +1,4 @@
-"""Length against context (issue 13, item 4): prompt + max new tokens above max_position_embeddings is an error in
+"""Length against context: prompt + max new tokens above max_position_embeddings is an error in
 generation / eval / layer_logits and a counted drop in training and analysis (the shared helpers in
 bupo.generation), never a silent run past the model's positions."""
 
@@ -66,7 +66,7 @@ def test_analyze_counts_prompts_without_room_for_max_new_tokens(model, tok):
 
 
 def test_prompt_length_limit():
-    from bupo.training.run import prompt_length_limit
+    from bupo.training.data import prompt_length_limit
 
     assert prompt_length_limit(1024, 64, 512) == (448, "max_position_embeddings 512 - max_completion_length 64 "
                                                         "< max_prompt_length 1024")

@@ -1,12 +1,13 @@
-"""TRL's ModelConfig flags and --model_init_kwargs through ``bupo train`` (CLI and YAML), and the bad-input rows of
-issue 13: vLLM / peft / an attention implementation the machine lacks -> one line, exit 2."""
+"""TRL's ModelConfig flags and --model_init_kwargs through ``bupo train`` (CLI and YAML), and their bad
+input: vLLM / peft / an attention implementation the machine lacks -> one line, exit 2."""
 
 from __future__ import annotations
 
 import pytest
 
 from bupo.cli import main
-from bupo.training.run import model_init_kwargs, parse_train_args
+from bupo.training.arguments import parse_train_args
+from bupo.training.model import model_init_kwargs
 
 pytestmark = [pytest.mark.xdist_group("training")]
 
@@ -71,10 +72,10 @@ def test_bad_model_flags_are_one_line_exit_2(argv, needle, capsys):
 
 
 def test_peft_flags_without_peft_are_one_line_exit_2(monkeypatch, capsys):
-    import bupo.training.run as run
+    import bupo.training.model as model
 
-    real = run._installed
-    monkeypatch.setattr(run, "_installed", lambda m: False if m == "peft" else real(m))
+    real = model._installed
+    monkeypatch.setattr(model, "_installed", lambda m: False if m == "peft" else real(m))
     assert main(["train", "--use_peft", "true"]) == 2
     err = capsys.readouterr().err.strip()
     assert "pip install 'bupo[peft]'" in err and len(err.splitlines()) == 1

@@ -1,4 +1,4 @@
-"""fp32 master weights under bf16 mixed precision (issue 13, item 1): ``bupo train --bf16 true`` on the CPU (bf16
+"""fp32 master weights under bf16 mixed precision: ``bupo train --bf16 true`` on the CPU (bf16
 autocast) at the paper's lr 1e-6 moves >= 99% of the decoder-layer elements in 4 AdamW steps; explicitly asking for
 bf16 weights warns and moves almost none (the updates round away: ~1e-6 against bf16's 2^-8 relative spacing)."""
 
@@ -44,7 +44,7 @@ def test_bf16_mixed_precision_keeps_fp32_master_weights(tmp_path, caplog):
     assert dtype == "torch.float32" and frac >= 0.99, frac
 
     # the reference: low-precision weights asked for explicitly -> a warning, and the updates round away
-    with caplog.at_level(logging.WARNING, logger="bupo.training.run"):
+    with caplog.at_level(logging.WARNING, logger="bupo.training.model"):
         assert main(["train", "--model", str(model), "--out", str(tmp_path / "bf16"), "--dtype", "bfloat16",
                      *ARGS]) == 0
     assert any("round away" in r.getMessage() for r in caplog.records)

@@ -1,5 +1,5 @@
 """The template used for training is recorded in the saved model folder (tokenizer_config.json) and in
-bupo_run.json, and ``--template auto`` (bupo eval, the in-training eval) uses it (issue 13, item 5)."""
+bupo_run.json, and ``--template auto`` (bupo eval, the in-training eval) uses it."""
 
 from __future__ import annotations
 

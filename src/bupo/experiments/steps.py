@@ -84,7 +84,8 @@ def run_training(out_dir: Path, *, algo: str, seed: int, rollout_steps: int, int
     ``overrides``: further ``bupo train`` config keys (model, data, reward, lengths, ...), applied last; they may
     change the rollout shape (``steps_per_generation`` must then keep its value, which the step counts assume).
     """
-    from bupo.training.run import RUN_FILE, parse_train_args, train
+    from bupo.training.arguments import run_settings
+    from bupo.training.run import RUN_FILE, train
 
     done = out_dir / RUN_FILE
     if done.is_file():
@@ -92,7 +93,7 @@ def run_training(out_dir: Path, *, algo: str, seed: int, rollout_steps: int, int
     per = STEPS_PER_ROLLOUT
     merged = {
         "output_dir": str(out_dir), "seed": seed, "algo": algo, "max_steps": rollout_steps * per,
-        "internal_steps": internal_steps if algo == "bupo" else 0, "internal_layer": internal_layer,
+        "internal_steps": internal_steps if algo == "bupo" else None, "internal_layer": internal_layer,
         "eval_rows": eval_problems, "eval_samples": eval_samples, "eval_before_train": eval_before,
         "save_steps": (save_every * per) if save_every else rollout_steps * per,
         # keep every checkpoint when they are wanted for metrics over training (None would not override the default)
@@ -100,7 +101,7 @@ def run_training(out_dir: Path, *, algo: str, seed: int, rollout_steps: int, int
         "steps_per_generation": per, "per_device_train_batch_size": COMPLETIONS_PER_ROLLOUT // per,
         **(overrides or {}),
     }
-    train_args, script = parse_train_args([], overrides=merged)
+    train_args, script = run_settings(merged)
     if train_args.optimizer_steps_per_rollout != per:  # the step counts above assume it
         raise RuntimeError(f"expected {per} optimizer steps per rollout step, the training defaults give "
                            f"{train_args.optimizer_steps_per_rollout}")

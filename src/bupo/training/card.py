@@ -83,16 +83,10 @@ def _eval_rows(trainer: Any) -> tuple[list[str], list[list[str]]]:
     return header, rows
 
 
-def _versions() -> list[tuple[str, str]]:
-    import importlib.metadata as md
+def _card_versions() -> list[tuple[str, str]]:
+    from bupo.provenance import versions
 
-    out = []
-    for dist in ("bupo", "trl", "transformers", "torch", "accelerate", "datasets", "tokenizers"):
-        try:
-            out.append((dist, md.version(dist)))
-        except md.PackageNotFoundError:
-            continue
-    return out
+    return list(versions(("bupo", "trl", "transformers", "torch", "accelerate", "datasets", "tokenizers")).items())
 
 
 def _table(header: list[str], rows: list[list[str]]) -> str:
@@ -165,7 +159,7 @@ def build_model_card(trainer: Any, model_name: str | None = None, dataset_name: 
                   _table(header, rows), ""]
     else:
         lines += ["No evaluation ran during training.", ""]
-    lines += ["## Framework versions", "", *(f"- {d}: {v}" for d, v in _versions()), ""]
+    lines += ["## Framework versions", "", *(f"- {d}: {v}" for d, v in _card_versions()), ""]
     grpo_citation = (getattr(trainer, "_paper", None) or {}).get("citation")  # TRL's GRPO (DeepSeekMath) entry
     lines += ["## Citation", ""]
     if bupo:

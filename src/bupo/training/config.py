@@ -17,7 +17,10 @@ Conventions:
 
 from __future__ import annotations
 
+import copy
+import dataclasses
 from dataclasses import dataclass, field
+from typing import Any
 
 from trl import GRPOConfig
 
@@ -72,7 +75,7 @@ class BuPOConfig(GRPOConfig):
             "internal_steps holds that cap and internal_switch='auto')."
         },
     )
-    # --- issue 16: the adaptive switch and the progressive schedule (bupo.training.switch) ---
+    # the adaptive switch and the progressive schedule (bupo.training.switch)
     internal_steps_max: int | None = field(
         default=None,
         metadata={"help": "BuPO, internal_steps='auto': at most this many internal rollout steps (the cap)."},
@@ -98,7 +101,6 @@ class BuPOConfig(GRPOConfig):
             "s2, then the full policy. Sets internal_layer=k1 and internal_steps=s1+s2+..."
         },
     )
-    # --- end issue 16 ---
     internal_projection: str = field(
         default="raw",
         metadata={
@@ -135,6 +137,8 @@ class BuPOConfig(GRPOConfig):
     )
 
     def __post_init__(self) -> None:
+        # the values as given, before this method and GRPOConfig derive any field: what resolved() rebuilds from
+        self._given = {f.name: copy.copy(getattr(self, f.name)) for f in dataclasses.fields(self) if f.init}
         self.internal_layer = _parse_layer(self.internal_layer)
         self._resolve_switch()
         if isinstance(self.internal_steps, bool) or not isinstance(self.internal_steps, int) or self.internal_steps < 0:
@@ -196,7 +200,7 @@ class BuPOConfig(GRPOConfig):
                 )
 
     def _resolve_switch(self) -> None:
-        """issue 16: internal_steps 'auto' -> internal_switch='auto' + the cap; a schedule -> its layer and steps."""
+        """internal_steps 'auto' -> internal_switch='auto' + the cap; a schedule -> its layer and steps."""
         from bupo.training.switch import parse_schedule
 
         steps = self.internal_steps
@@ -228,6 +232,19 @@ class BuPOConfig(GRPOConfig):
             schedule = parse_schedule(self.internal_schedule)
             self.internal_layer, steps = schedule[0][0], sum(s for _, s in schedule)
         self.internal_steps = steps
+
+    def resolved(self, **changes: Any) -> BuPOConfig:
+        """A new config built from the values this one was given, with ``changes`` (``dataclasses.replace``
+        semantics), validated by ``__post_init__`` like any other.
+
+        ``dataclasses.replace(self, ...)`` itself cannot be used: it passes back the fields that construction derived
+        (``steps_per_generation`` next to ``generation_batch_size``, ``gradient_accumulation_steps`` next to
+        ``optimizer_batch_size``), which GRPOConfig and BuPOConfig refuse as given together.
+        """
+        unknown = sorted(set(changes) - set(self._given))
+        if unknown:
+            raise TypeError(f"BuPOConfig has no init field(s) {unknown}")
+        return type(self)(**{**self._given, **changes})
 
     @property
     def optimizer_steps_per_rollout(self) -> int:

@@ -1,14 +1,18 @@
-"""Rows (paper parquet / JSONL / the bundled task) -> the ``datasets.Dataset`` the trainer consumes.
+"""Rows (paper parquet / JSONL / a ``datasets`` dataset / the bundled task) -> the ``datasets.Dataset`` the trainer
+consumes.
 
 Columns: ``prompt`` (the prompt *text*, rendered with one of :data:`bupo.data.templates.TEMPLATES`, so TRL tokenises
 it as is), ``ground_truth`` (str, read by the reward functions) and ``data_source``. Prompts longer than
-``max_prompt_length`` tokens are dropped (verl's ``filter_overlong_prompts``; TRL 1.16 has no prompt truncation).
+``max_prompt_length`` tokens, or leaving no room for the completion in the model's context, are dropped (verl's
+``filter_overlong_prompts``; TRL 1.16 has no prompt truncation).
 """
 
 from __future__ import annotations
 
 import logging
 from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 from bupo.data.datasets import BUNDLED  # re-exported: the spec naming the bundled task
@@ -75,3 +79,81 @@ def build_prompt_dataset(
     if not prompts:
         raise ValueError(f"no prompt is at most max_prompt_length={max_prompt_length} tokens long")
     return Dataset.from_dict({"prompt": prompts, "ground_truth": gts, "data_source": sources})
+
+
+def load_dataset_rows(name: str, config: str | None, split: str) -> list[dict]:
+    """Rows of ``datasets.load_dataset(name, config, split=split)`` (a Hub id, a local folder or data file), or of
+    ``datasets.load_from_disk`` for a folder written by ``save_to_disk``; checked like ``--data`` rows."""
+    import datasets
+
+    from bupo.data.datasets import validate_rows
+
+    p = Path(name)
+    try:
+        if p.is_dir() and ((p / "state.json").is_file() or (p / "dataset_dict.json").is_file()):
+            ds = datasets.load_from_disk(str(p))
+            if isinstance(ds, datasets.DatasetDict):
+                if split not in ds:
+                    raise ValueError(f"--dataset_name {name}: no split {split!r} (splits: {', '.join(ds)})")
+                ds = ds[split]
+        else:
+            ds = datasets.load_dataset(name, config, split=split)
+    except (FileNotFoundError, datasets.exceptions.DatasetNotFoundError) as exc:
+        raise ValueError(f"--dataset_name {name}: not found as a local dataset folder/file nor on the Hub "
+                         f"({type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''})") from None
+    return validate_rows(ds.to_list(), f"--dataset_name {name} ({split})")
+
+
+def prompt_length_limit(max_prompt_length: int | None, max_completion_length: int,
+                        context: int | None) -> tuple[int | None, str]:
+    """``(limit, reason)``: the longest prompt kept for training, and why.
+
+    Prompts longer than ``max_prompt_length`` are dropped (verl's ``filter_overlong_prompts``), and so are prompts
+    that leave no room for ``max_completion_length`` in the model's ``context`` (``max_position_embeddings``): a
+    counted drop, since one long prompt must not stop a run over thousands. ValueError when no prompt could fit.
+    """
+    if context is not None and max_completion_length >= context:
+        raise ValueError(f"max_completion_length {max_completion_length} leaves no room for a prompt in the model's "
+                         f"max_position_embeddings {context}; lower --max_completion_length")
+    room = None if context is None else context - max_completion_length
+    if room is not None and (max_prompt_length is None or room < max_prompt_length):
+        return room, (f"max_position_embeddings {context} - max_completion_length {max_completion_length}"
+                      + ("" if max_prompt_length is None else f" < max_prompt_length {max_prompt_length}"))
+    return max_prompt_length, "max_prompt_length"
+
+
+@dataclass(frozen=True)
+class TrainingData:
+    """A run's training prompts: the rows read, the dataset built from them, and what was dropped and why."""
+
+    spec: str  # --dataset_name, --data or "bundled", as given
+    rows: list[dict]
+    dataset: Any
+    prompt_limit: int | None
+    limit_reason: str
+    dropped: int
+
+
+def training_data(script: Any, tokenizer: Any, template: str, train_args: Any, context: int | None) -> TrainingData:
+    """The rows of ``--dataset_name`` / ``--data`` / the bundled task (``bupo train`` keys in ``script``), rendered
+    with ``template``; prompts without room in ``context`` are dropped and counted. ValueError when fewer prompts
+    remain than one generation batch needs."""
+    if script.dataset_name is not None:
+        rows = load_dataset_rows(script.dataset_name, script.dataset_config, script.dataset_train_split)
+    else:
+        rows = load_training_rows(script.data, split="train", n=script.train_rows or 2048, seed=train_args.seed)
+    limit, reason = prompt_length_limit(script.max_prompt_length, train_args.max_completion_length, context)
+    dataset = build_prompt_dataset(rows, tokenizer, template, max_prompt_length=limit, limit=script.train_rows)
+    considered = len(rows) if script.train_rows is None else min(len(rows), script.train_rows)
+    dropped = considered - len(dataset)
+    if dropped:
+        logger.warning("dropped %d of %d training prompts longer than %s tokens (%s)", dropped, considered, limit,
+                       reason)
+    per_rollout = train_args.generation_batch_size // train_args.num_generations
+    if len(dataset) < per_rollout:
+        raise ValueError(f"the training data has {len(dataset)} usable prompts, fewer than one generation batch "
+                         f"needs ({train_args.generation_batch_size} completions / num_generations "
+                         f"{train_args.num_generations} = {per_rollout} prompts); give more rows or a "
+                         "smaller per_device_train_batch_size x steps_per_generation")
+    spec = script.dataset_name if script.dataset_name is not None else (script.data or BUNDLED)
+    return TrainingData(spec, rows, dataset, limit, reason, dropped)

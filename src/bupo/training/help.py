@@ -22,8 +22,8 @@ def _fields() -> tuple[list[Any], list[Any], list[Any], list[Any]]:
     """(BuPO fields, bupo train keys, GRPOConfig/TrainingArguments fields, ModelConfig fields)."""
     from trl import GRPOConfig, ModelConfig
 
+    from bupo.training.arguments import BuPOScriptArguments
     from bupo.training.config import BuPOConfig
-    from bupo.training.run import BuPOScriptArguments
 
     grpo = {f.name for f in dataclasses.fields(GRPOConfig)}
     bupo = [f for f in dataclasses.fields(BuPOConfig) if f.name not in grpo and f.init]
@@ -75,13 +75,13 @@ def _entry(f: Any, width: int, small_run: dict[str, Any], short: bool = False) -
 
 def config_help(*, everything: bool = False, width: int = 100) -> str:
     """The help sections appended to ``bupo train --help`` (``everything``: every GRPOConfig / ModelConfig field)."""
-    from bupo.training.run import CPU_DEFAULTS, SMALL_RUN_DEFAULTS
+    from bupo.training.arguments import default_layers
 
     try:
         bupo, script, trainer, model = _fields()
     except ImportError as exc:  # TRL missing: the bupo flags above still tell most of it
         return f"\n(TRL is not importable here, so its fields are not listed: {exc})\n"
-    small = {**SMALL_RUN_DEFAULTS, **CPU_DEFAULTS}
+    small = default_layers(preset=False, cuda=False)
     out = ["", "BuPOConfig fields (BuPO; --name value on the command line or name: value in --config YAML):"]
     out += [_entry(f, width, small) for f in bupo]
     out += ["", "bupo train keys (also --config YAML keys; the flags above set some of them):"]

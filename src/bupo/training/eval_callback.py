@@ -1,0 +1,81 @@
+"""Evaluation during training: the held-out sets (the same names, rows and seed as ``bupo eval``) and the
+TrainerCallback that scores Avg@K / Pass@K on them every ``eval_every`` rollout steps and at the end."""
+
+from __future__ import annotations
+
+import time
+from pathlib import Path
+from typing import Any
+
+from bupo.training.arguments import BuPOScriptArguments
+from bupo.training.gather import full_params
+
+
+def eval_sets(specs: list[str] | None, train_spec: str | None, rows_limit: int | None) -> dict[str, list[dict]]:
+    """The in-training eval sets: :func:`bupo.data.datasets.load_benchmarks` (the same names, rows and seed as
+    ``bupo eval``); default the bundled test split when training on the bundled task; ``["none"]`` disables."""
+    from bupo.data.datasets import BUNDLED, load_benchmarks
+
+    if specs is None:
+        specs = [BUNDLED] if (train_spec in (None, BUNDLED)) else []
+    if not specs or [s.lower() for s in specs] == ["none"]:
+        return {}
+    return load_benchmarks(specs, rows_limit)
+
+
+def check_eval_context(sets: dict[str, list[dict]], tokenizer: Any, template: str, script: BuPOScriptArguments,
+                       train_args: Any, context: int | None) -> None:
+    """In-training evaluation must not fail half-way through a run: its prompts are checked against the model's
+    context now (:mod:`bupo.generation` would reject them at the first evaluation)."""
+    if not sets or context is None:
+        return
+    from bupo.data.templates import render_prompt
+    from bupo.generation import check_context, encode_prompt
+
+    max_new = script.eval_max_new_tokens or train_args.max_completion_length
+    for name, rows in sets.items():
+        lengths = [len(encode_prompt(tokenizer, render_prompt(tokenizer, r["prompt"], template))) for r in rows]
+        check_context(lengths, max_new, context, what=f"eval prompts of {name} (eval_max_new_tokens)")
+
+
+def make_eval_callback(trainer: Any, sets: dict[str, list[dict]], script: BuPOScriptArguments, template: str,
+                       out_dir: Path, records: list[dict]) -> Any:
+    """A TrainerCallback running :func:`bupo.evaluation.evaluate` every ``eval_every`` rollout steps and at the end."""
+    from transformers import Trainer, TrainerCallback
+
+    args = trainer.args
+    every = script.eval_every * args.optimizer_steps_per_rollout
+
+    def run_eval(step: int) -> None:
+        from bupo.evaluation import evaluate
+
+        t0 = time.time()
+        main = trainer.accelerator.is_main_process
+        # every rank evaluates the same seeded samples (sharded backends need all ranks in the forward); main writes.
+        # Generation (bupo.generation) runs in eval mode under inference_mode and restores the training flags.
+        with full_params(trainer.model_wrapped, trainer.accelerator) as m:
+            res = evaluate(m, trainer.processing_class, sets, n=script.eval_samples,
+                           max_new_tokens=script.eval_max_new_tokens or args.max_completion_length,
+                           temperature=args.temperature, top_p=args.top_p, template=template,
+                           reward=script.reward.split(",")[0], seed=args.seed,
+                           batch_size=script.eval_batch_size, label=f"step {step}",
+                           out_dir=(out_dir / "evals" / f"step-{step:06d}") if main else None)
+        metrics = res.metrics("eval")
+        metrics["eval/seconds"] = time.time() - t0
+        records.append({"step": step, "rollout_step": step // args.optimizer_steps_per_rollout, **metrics})
+        Trainer.log(trainer, dict(metrics))  # bypass GRPOTrainer.log: it would flush the train metric window
+
+    class EvalCallback(TrainerCallback):
+        def on_train_begin(self, a, state, control, **kw):
+            if script.eval_before_train and state.global_step == 0:
+                run_eval(0)
+
+        def on_step_end(self, a, state, control, **kw):
+            if every and state.global_step % every == 0 and state.global_step < state.max_steps:
+                run_eval(state.global_step)
+
+        def on_train_end(self, a, state, control, **kw):
+            if not records or records[-1]["step"] != state.global_step:
+                run_eval(state.global_step)
+
+    return EvalCallback()

@@ -1,0 +1,42 @@
+"""Full parameters for the forwards ``bupo train`` runs outside TRL's training step.
+
+Under DeepSpeed ZeRO-3 every process holds a shard of each weight (``from_pretrained`` partitions them already,
+before the trainer exists), so a plain forward fails (``'weight' must be 2-D``). :func:`full_params` wraps the
+pre-flight health check, the auto-layer analysis and the in-training evaluation; it is a no-op without ZeRO-3.
+Every process must enter it (gathering is collective), even where only the main one then runs the forward.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from contextlib import contextmanager
+from typing import Any
+
+
+def zero3_partitioned(model: Any) -> bool:
+    """Whether ``model`` has DeepSpeed ZeRO-3 partitioned parameters (DeepSpeed tags each with ``ds_id``)."""
+    return any(hasattr(p, "ds_id") for p in model.parameters())
+
+
+@contextmanager
+def full_params(model: Any, accelerator: Any = None) -> Iterator[Any]:
+    """Yield ``model`` with its full parameters for a read-only forward, and shard them again afterwards.
+
+    ``accelerator``: the trainer's, for a model it prepared (``trainer.model_wrapped``): TRL's
+    ``unwrap_model_for_generation`` then unwraps it, gathers ZeRO-3 weights and lifts DeepSpeed's hooks.
+    Without it: ``deepspeed.zero.GatheredParameters`` over every parameter when they are ZeRO-3 partitioned,
+    else nothing.
+    """
+    if accelerator is not None:
+        from trl.models import unwrap_model_for_generation
+
+        with unwrap_model_for_generation(model, accelerator) as unwrapped:
+            yield unwrapped
+        return
+    if not zero3_partitioned(model):
+        yield model
+        return
+    import deepspeed  # present: it partitioned the parameters
+
+    with deepspeed.zero.GatheredParameters(list(model.parameters()), modifier_rank=None):
+        yield model

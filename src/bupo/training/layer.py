@@ -1,0 +1,118 @@
+"""The run's internal layer k (0-based, paper layer k+1): given, or ``auto`` from an analysis; and the pre-flight
+check that pi^k is readable before the first rollout. Every forward here runs under :func:`full_params`."""
+
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+from typing import Any
+
+from bupo.training.gather import full_params
+
+logger = logging.getLogger(__name__)
+
+
+def find_analysis(model_path: str | None, output_dir: str | None) -> Path | None:
+    """An existing analysis for --internal-layer auto: <model>/analysis or <out>/analysis (with summary.json)."""
+    for base in (model_path, output_dir):
+        if base and (Path(base) / "analysis" / "summary.json").is_file():
+            return Path(base) / "analysis"
+    return None
+
+
+def resolve_internal_layer(
+    value: int | str | None,
+    *,
+    model: Any,
+    tokenizer: Any,
+    model_path: str | None,
+    output_dir: str,
+    analysis: str | None,
+    rows: list[dict],
+    template: str,
+    samples: int,
+    max_new_tokens: int,
+    is_main: bool = True,
+    device: Any = None,
+    projection: str = "raw",
+) -> tuple[int | None, str]:
+    """``(k, source)``: an int is used as given; ``"auto"`` reads the analysis' suggested (boundary) layer,
+    running a short analysis into ``<output_dir>/analysis`` when none exists.
+
+    A given or cached analysis is read first, so one without a usable boundary fails at once (ValueError with its
+    reason and the options) and never triggers a new analysis. Before running one, a one-forward check of the
+    ``projection`` (:func:`bupo.analysis.health.quick_health`) refuses a degenerate projection with its numbers.
+    ``device``: where that short analysis runs (``bupo train`` passes the training device, so a model loaded on the
+    CPU is moved to the accelerator first instead of generating on the CPU); None leaves the model where it is.
+    """
+    if value is None or isinstance(value, int):
+        return value, "given"
+    from bupo.analysis.result import suggested_layer
+
+    given = analysis or find_analysis(model_path, output_dir)
+    if given is not None:
+        return suggested_layer(given, projection=projection), f"analysis {given}"
+    # no analysis yet: run a short one (the paper: 0.44% of the training cost) and keep it next to the run
+    from bupo.analysis.run import analyze
+
+    out = Path(output_dir) / "analysis"
+    if is_main and device is not None:
+        model.to(device)  # the trainer would move it there anyway
+    with full_params(model):  # every process gathers; the main one analyses
+        if is_main:
+            _refuse_degenerate(model, tokenizer, rows, template, projection)
+            logger.info("--internal-layer auto: no analysis found, analysing %d responses into %s", samples, out)
+            # analyze runs in eval mode and restores every module's training flag itself
+            analyze(model, tokenizer, data=rows[:samples], out_dir=out, max_samples=samples,
+                    max_new_tokens=max_new_tokens, template=template, figures=False, projection=projection,
+                    progress=True)  # minutes on a real model: show it
+    _barrier()
+    return suggested_layer(out, projection=projection), f"analysis {out} (run by bupo train, {samples} responses)"
+
+
+def _check_prompts(tokenizer: Any, rows: list[dict], template: str, n: int = 4) -> list[str]:
+    from bupo.data.templates import render_prompt
+
+    return [render_prompt(tokenizer, list(r["prompt"]), template) for r in rows[:n] if "prompt" in r]
+
+
+def _refuse_degenerate(model: Any, tokenizer: Any, rows: list[dict], template: str, projection: str) -> None:
+    """--internal-layer auto: a degenerate projection has no boundary; say so before a long analysis."""
+    from bupo.analysis.health import quick_health
+    from bupo.analysis.summary import boundary_options
+
+    prompts = [] if tokenizer is None else _check_prompts(tokenizer, rows, template)
+    if not prompts:
+        return
+    health = quick_health(model, tokenizer, prompts, projection=projection)
+    if health["degenerate"]:
+        opts = "; ".join(boundary_options(len(health["layer_entropy"]), degenerate=True, projection=projection))
+        raise ValueError(f"--internal-layer auto: no usable boundary: {health['message']} (measured on "
+                         f"{health['measured_on']}). Options: {opts}")
+
+
+def check_internal_policy(model: Any, tokenizer: Any, rows: list[dict], template: str, layer: int,
+                          projection: str) -> dict[str, Any] | None:
+    """Before any training step: is pi^layer readable? Logs a warning with the numbers when it is not."""
+    from bupo.analysis.health import check_layer, quick_health
+
+    prompts = [] if tokenizer is None else _check_prompts(tokenizer, rows, template)
+    if not prompts:
+        return None
+    with full_params(model):
+        health = quick_health(model, tokenizer, prompts, projection=projection)
+    warning = check_layer(health, layer)
+    if warning:
+        logger.warning("degenerate internal policy: %s", warning)
+    L = len(health["layer_entropy"])
+    return {"layer": layer, "projection": projection, "degenerate": bool(warning), "warning": warning,
+            "entropy": health["layer_entropy"][layer], "final_entropy": health["final_entropy"],
+            "top1_agreement": health["layer_top1_agreement"][layer], "resid_rms": (health["resid_rms"] or [None] * L)[layer],
+            "measured_on": health["measured_on"]}
+
+
+def _barrier() -> None:
+    import torch.distributed as dist
+
+    if dist.is_available() and dist.is_initialized():
+        dist.barrier()

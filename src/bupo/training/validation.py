@@ -1,0 +1,83 @@
+"""The run's settings checked once, before anything is loaded: one ValueError line each, saying what was wrong and
+what is accepted. :func:`algo_settings` is the one home of the algo / internal-steps rule."""
+
+from __future__ import annotations
+
+import math
+from typing import Any
+
+from bupo.training.arguments import ALGOS, BuPOScriptArguments
+
+
+def _finite(x: Any) -> bool:
+    return isinstance(x, int | float) and not isinstance(x, bool) and math.isfinite(x)
+
+
+def algo_settings(algo: str, internal_steps: int, *, steps_given: bool = True) -> dict[str, Any]:
+    """The BuPOConfig values ``algo`` fixes: ``grpo`` trains the full policy only (``internal_steps = 0``; an
+    ``internal_steps > 0`` the user gave is an error, a default one is dropped); ``bupo`` needs ``internal_steps > 0``.
+    """
+    if algo not in ALGOS:
+        raise ValueError(f"--algo must be one of {', '.join(ALGOS)}, got {algo!r}")
+    if algo == "grpo":
+        if steps_given and internal_steps > 0:
+            raise ValueError(f"--algo grpo trains the full policy only; it cannot take --internal-steps "
+                             f"{internal_steps} (use --algo bupo, or drop --internal-steps)")
+        return {"internal_steps": 0, "internal_schedule": None}
+    if internal_steps <= 0:
+        raise ValueError("--algo bupo needs --internal-steps S > 0 (rollout steps on the internal policy); "
+                         "use --algo grpo for plain GRPO")
+    return {}
+
+
+def validate_run_args(train_args: Any, script: BuPOScriptArguments) -> None:
+    """ValueError (one line) for settings that would otherwise run and silently do something else."""
+    if script.data is not None and script.dataset_name is not None:
+        raise ValueError(f"give either --data ({script.data}) or --dataset_name ({script.dataset_name}), not both")
+    if not _finite(train_args.temperature) or train_args.temperature <= 0:
+        raise ValueError(f"temperature must be a finite number > 0 (rollouts sample), got {train_args.temperature!r}")
+    if not (_finite(train_args.top_p) and 0 < train_args.top_p <= 1):
+        raise ValueError(f"top_p must be in (0, 1], got {train_args.top_p!r}")
+    for name in ("per_device_train_batch_size", "num_generations"):
+        if getattr(train_args, name) < 1:
+            raise ValueError(f"{name} must be >= 1, got {getattr(train_args, name)}")
+    if train_args.max_steps == 0 or train_args.max_steps < -1:
+        raise ValueError(f"max_steps must be >= 1 optimizer steps (or -1: num_train_epochs), got {train_args.max_steps}")
+    if train_args.max_steps == -1 and not (_finite(train_args.num_train_epochs) and train_args.num_train_epochs > 0):
+        raise ValueError(f"num_train_epochs must be > 0, got {train_args.num_train_epochs!r}")
+    for name in ("eval_every", "eval_samples", "eval_batch_size", "auto_layer_samples"):
+        v = getattr(script, name)
+        low = 0 if name == "eval_every" else 1
+        if v < low:
+            raise ValueError(f"{name} must be >= {low}, got {v}")
+    for name in ("train_rows", "eval_rows", "eval_max_new_tokens", "max_prompt_length"):
+        v = getattr(script, name)
+        if v is not None and v < 1:
+            raise ValueError(f"{name} must be >= 1 (or unset), got {v}")
+    if script.reward_workers is not None and script.reward_workers < 1:
+        raise ValueError(f"reward_workers must be >= 1 (or unset: one per CPU core), got {script.reward_workers}")
+    if not (_finite(script.reward_timeout) and script.reward_timeout > 0):
+        raise ValueError(f"reward_timeout must be a finite number of seconds > 0, got {script.reward_timeout!r}")
+    if not _finite(train_args.learning_rate) or train_args.learning_rate < 0:
+        raise ValueError(f"learning_rate must be a finite number >= 0, got {train_args.learning_rate!r}")
+    if script.algo == "bupo" and train_args.max_steps > 0 and train_args.internal_steps > 0:
+        rollouts = math.ceil(train_args.max_steps / train_args.optimizer_steps_per_rollout)
+        if train_args.internal_steps >= rollouts:
+            print(f"bupo train: warning: internal_steps={train_args.internal_steps} covers the whole run "
+                  f"({rollouts} rollout steps of {train_args.optimizer_steps_per_rollout} optimizer steps): "
+                  "no full-policy (GRPO) phase will run", flush=True)
+
+
+def check_run(train_args: Any, script: BuPOScriptArguments) -> dict[str, Any]:
+    """Validate the run once; returns the config values the algorithm fixes (:func:`algo_settings`)."""
+    given = script.given is None or "internal_steps" in script.given
+    fixed = algo_settings(script.algo, train_args.internal_steps, steps_given=given)
+    validate_run_args(train_args, script)
+    return fixed
+
+
+def check_environment(train_args: Any) -> None:
+    """What the settings need from this machine (checked by ``train`` before anything is loaded or written)."""
+    from bupo.io import check_output_folder
+
+    check_output_folder(train_args.output_dir)
