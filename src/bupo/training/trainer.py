@@ -12,9 +12,9 @@ So BuPO only changes *which policy's log-probs* TRL computes - for the old (pre-
 and, with beta > 0, the reference log-probs alike - during the first ``internal_steps`` rollout steps. That is this
 file: the phase of each rollout batch (:meth:`BuPOTrainer._generate_and_score_completions`) and the log-probs
 (:meth:`BuPOTrainer._get_per_token_logps_and_entropies`). pi^k is the model's own forward truncated after layer k
-(:func:`bupo.internal.internal_policy`): no compute above k, and layers above k plus the final norm get no gradient
-(``grad is None``), so AdamW - weight decay included - leaves them bitwise unchanged (Eq. 14-15). Gradients reach
-embeddings, layers 0..k and lm_head (tied or not).
+(:func:`bupo.internal.internal_policy`): no compute above k, so the layers above k and the final norm are not part
+of the trained policy and must not move (Eq. 14-15); :mod:`bupo.training.optim` makes sure no optimizer steps them
+while internal, whatever gradients a launcher hands over. Gradients reach embeddings, layers 0..k and lm_head.
 
 Around it, in their own modules: when the internal phase ends (:mod:`bupo.training.adaptive`: fixed s_inter, the
 adaptive switch, the progressive schedule), what is logged (:mod:`bupo.training.monitor`) and checkpoints that a kill
@@ -46,6 +46,7 @@ from bupo.training.checkpointing import (
 )
 from bupo.training.config import BuPOConfig
 from bupo.training.monitor import MonitorMixin
+from bupo.training.optim import hold_layers_above_k
 from bupo.training.rewards import guard_reward_funcs
 
 __all__ = ["BuPOTrainer", "CHECKPOINT_MARKER", "PROBE_FILE", "STAGING_DIR", "SWITCH_FILE", "checkpoint_problem",
@@ -137,6 +138,22 @@ class BuPOTrainer(CheckpointMixin, AdaptiveSwitchMixin, MonitorMixin, GRPOTraine
             return super()._get_per_token_logps_and_entropies(model, *args, **kwargs)
         with internal_policy(_hf_model(model, self.accelerator), self._bupo_layer, self.args.internal_projection):
             return super()._get_per_token_logps_and_entropies(model, *args, **kwargs)
+
+    # --- the update: what pi^k does not depend on takes no optimizer step while internal (Eq. 14-15) -----------
+
+    def create_optimizer(self, model: Any = None) -> torch.optim.Optimizer:
+        """TRL's optimizer, its parameter groups split at k and held while internal (:mod:`bupo.training.optim`).
+
+        DDP and FSDP2 give the layers above k None gradients, DeepSpeed ZeRO-3 zeros: either way they get no weight
+        decay and no step count while internal, and their first update after the switch is AdamW's step 1."""
+        fresh = self.optimizer is None  # a user-supplied optimizer is used as it is
+        optimizer = super().create_optimizer(model)
+        layers = self._bupo_internal_layers()
+        if fresh and layers:
+            hold_layers_above_k(optimizer, _hf_model(self.model if model is None else model, self.accelerator),
+                                self.args.internal_projection, layers,
+                                lambda: self._bupo_layer if self._bupo_internal else None)
+        return optimizer
 
     # --- public state -----------------------------------------------------------------------------------------
 
