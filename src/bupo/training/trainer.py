@@ -12,9 +12,10 @@ So BuPO only changes *which policy's log-probs* TRL computes - for the old (pre-
 and, with beta > 0, the reference log-probs alike - during the first ``internal_steps`` rollout steps. That is this
 file: the phase of each rollout batch (:meth:`BuPOTrainer._generate_and_score_completions`) and the log-probs
 (:meth:`BuPOTrainer._get_per_token_logps_and_entropies`). pi^k is the model's own forward truncated after layer k
-(:func:`bupo.internal.internal_policy`): no compute above k, so the layers above k and the final norm are not part
-of the trained policy and must not move (Eq. 14-15); :mod:`bupo.training.optim` makes sure no optimizer steps them
-while internal, whatever gradients a launcher hands over. Gradients reach embeddings, layers 0..k and lm_head.
+(:func:`bupo.internal.internal_policy`): no compute above k, so the layers above k and (projection ``raw``) the final
+norm are not part of the trained policy and must not move (Eq. 14-15); :mod:`bupo.training.optim` makes sure no
+optimizer steps them while internal, whatever gradients a launcher hands over (:meth:`BuPOTrainer.create_optimizer`).
+Gradients reach embeddings, layers 0..k and lm_head (tied or not).
 
 Around it, in their own modules: when the internal phase ends (:mod:`bupo.training.adaptive`: fixed s_inter, the
 adaptive switch, the progressive schedule), what is logged (:mod:`bupo.training.monitor`) and checkpoints that a kill
