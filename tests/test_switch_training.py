@@ -19,7 +19,8 @@ from pathlib import Path
 import pytest
 import torch
 
-from bupo.training.trainer import SWITCH_FILE, BuPOTrainer
+from bupo.training.checkpointing import SWITCH_FILE
+from bupo.training.trainer import BuPOTrainer
 from test_training_common import make_model, make_trainer
 
 pytestmark = pytest.mark.xdist_group("training")
@@ -40,7 +41,7 @@ class Scripted(BuPOTrainer):
         return dataclasses.replace(sig, full_logp=self.script.get(step, -1.0), kl_internal_full=0.3)
 
     def _compute_loss(self, model, inputs):
-        self.loss_log.append((self.state.global_step + 1, self.bupo_internal, self._bupo_layer))
+        self.loss_log.append((self.state.global_step + 1, self.bupo_internal, self.bupo_layer))
         return super()._compute_loss(model, inputs)
 
     def by_step(self) -> dict[int, tuple[bool, int | None]]:
@@ -95,13 +96,13 @@ def test_switch_signals_match_an_independent_reference(tmp_path):
                       probe_size=3)
     tr.train()
     sig = tr._bupo_signals(3)
-    probe = tr._bupo_probe
+    probe = tr.bupo_probe
     ids, mask, pos = probe["input_ids"], probe["attention_mask"], probe["positions"]
     model = tr.model.eval()
     with torch.no_grad():
         out = model(input_ids=ids, attention_mask=mask, output_hidden_states=True, use_cache=False)
     lf = torch.log_softmax(out.logits.float(), -1)[pos]
-    lk = torch.log_softmax(model.lm_head(out.hidden_states[tr._bupo_layer + 1]).float(), -1)[pos]  # raw projection
+    lk = torch.log_softmax(model.lm_head(out.hidden_states[tr.bupo_layer + 1]).float(), -1)[pos]  # raw projection
     nxt = torch.cat([ids[:, 1:], ids[:, :1]], dim=1)[pos]
     assert pos.sum() > 0 and not pos[:, -1].any()
     assert sig.full_logp == pytest.approx(lf.gather(-1, nxt[:, None]).mean().item(), abs=1e-5)
@@ -160,7 +161,7 @@ DDP_SCRIPT = textwrap.dedent(
 
     tr._bupo_decide_phase = spy
     tr.train()
-    rec = {{"phases": phases, "switch": tr.bupo_switch, "probe": tr._bupo_probe["input_ids"].tolist()}}
+    rec = {{"phases": phases, "switch": tr.bupo_switch, "probe": tr.bupo_probe["input_ids"].tolist()}}
     with open(os.path.join(out, f"rank{{rank}}.json"), "w") as f:
         json.dump(rec, f)
     tr.accelerator.wait_for_everyone()

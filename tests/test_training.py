@@ -12,8 +12,10 @@ import time
 import pytest
 import torch
 from transformers import TrainerCallback
+from trl import GRPOTrainer
 
-from bupo.training.trainer import PROBE_FILE, BuPOTrainer
+from bupo.training.checkpointing import PROBE_FILE
+from bupo.training.trainer import BuPOTrainer
 from test_training_common import char_tokenizer, make_config, make_dataset, make_model, make_trainer
 
 pytestmark = pytest.mark.xdist_group("training")
@@ -171,7 +173,7 @@ def test_eval_uses_full_policy_and_does_not_leak_flags(tmp_path):
     tr.train()  # one internal step
     assert tr.bupo_internal and tr.off_policy_mask_threshold is None
     calls = []
-    orig = BuPOTrainer.__mro__[1]._get_per_token_logps_and_entropies
+    orig = GRPOTrainer._get_per_token_logps_and_entropies
 
     def spy(self, model, *a, **kw):
         calls.append(self.model.training)
@@ -179,11 +181,11 @@ def test_eval_uses_full_policy_and_does_not_leak_flags(tmp_path):
 
     tr.model.eval()
     try:
-        type(tr).__mro__[2]._get_per_token_logps_and_entropies = spy  # GRPOTrainer
+        GRPOTrainer._get_per_token_logps_and_entropies = spy
         inputs = [{"prompt": p, "ground_truth": "0"} for p in make_dataset(4)["prompt"]]
         out = tr._generate_and_score_completions(inputs)
     finally:
-        type(tr).__mro__[2]._get_per_token_logps_and_entropies = orig
+        GRPOTrainer._get_per_token_logps_and_entropies = orig
         tr.model.train()
     assert "completion_ids" in out
     assert tr.bupo_internal and tr.off_policy_mask_threshold is None and tr.vllm_importance_sampling_correction is False
@@ -201,7 +203,7 @@ def test_resume_inside_internal_phase_continues_with_the_right_phase(tmp_path):
     second.train(resume_from_checkpoint=str(ckpt))
     assert second.phases() == {3: True, 4: True, 5: False, 6: False}
     for key in ("input_ids", "positions"):
-        assert torch.equal(second._bupo_probe[key], first._bupo_probe[key])
+        assert torch.equal(second.bupo_probe[key], first.bupo_probe[key])
     # the resumed weights are the checkpoint's, not the fresh model's
     assert second.state.global_step == 6
 
@@ -267,7 +269,7 @@ def test_logs_phase_entropies_probe_and_reward_counters(tmp_path):
 def test_probe_matches_an_independent_entropy_computation(tmp_path):
     tr = make_trainer(tmp_path, internal_steps=1, max_steps=1, probe_every=1, probe_size=3)
     tr.train()
-    probe, m = tr._bupo_probe, tr.model
+    probe, m = tr.bupo_probe, tr.model
     # reference: every decoder layer's output captured by plain hooks, read through lm_head (raw, no norm)
     captured = {}
     hooks = [layer.register_forward_hook(lambda mod, a, o, i=i: captured.__setitem__(i, o[0] if isinstance(o, tuple) else o))
@@ -286,7 +288,7 @@ def test_probe_matches_an_independent_entropy_computation(tmp_path):
         return -(p.exp() * p).sum(-1)[pos].mean().item()
 
     tr._metrics["train"].clear()
-    tr._run_probe()  # at the current weights, like the reference
+    tr.run_probe()  # at the current weights, like the reference
     logged = tr._metrics["train"]
     for k in range(4):
         assert logged[f"bupo/layer_entropy/L{k}"][0] == pytest.approx(entropy(m.lm_head(captured[k])), abs=1e-5)

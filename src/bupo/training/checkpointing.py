@@ -1,0 +1,178 @@
+"""Checkpoints of :class:`bupo.training.trainer.BuPOTrainer` that a kill cannot tear, and their resume.
+
+Every file (all ranks) is written into a staging folder, made durable (fsync), described by a completion marker written
+last, and only then renamed into place as ``checkpoint-N``: a kill mid-save leaves no partial ``checkpoint-N``. BuPO's
+own state travels with it: the probe batch (the probe curves stay continuous) and the adaptive switch's state. The
+phase itself needs nothing: it follows from ``global_step``, which TRL restores.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import shutil
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import torch
+
+PROBE_FILE = "bupo_probe.pt"
+SWITCH_FILE = "bupo_switch.json"  # the adaptive switch's state, next to the probe in each checkpoint
+CHECKPOINT_MARKER = "bupo_checkpoint.json"  # written last: a checkpoint folder without it is incomplete
+STAGING_DIR = ".checkpoint-staging"  # not matched by checkpoint-*, so never taken for a checkpoint
+
+
+def read_checkpoint_marker(folder: str | os.PathLike) -> dict[str, Any] | None:
+    """The completion marker of a checkpoint folder, or None when absent or unreadable."""
+    try:
+        data = json.loads((Path(folder) / CHECKPOINT_MARKER).read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return None
+    return data if isinstance(data, dict) else None
+
+
+def checkpoint_problem(folder: str | os.PathLike) -> str | None:
+    """Why ``folder`` is not a complete checkpoint (None when it is): the marker's files must all be there with
+    their recorded sizes; a folder without a marker (saved by plain TRL) needs a readable trainer_state.json and
+    no empty file."""
+    folder = Path(folder)
+    marker = read_checkpoint_marker(folder)
+    if marker is not None:
+        for f, size in (marker.get("files") or {}).items():
+            p = folder / f
+            if not p.exists():
+                return f"{f} missing"
+            if p.stat().st_size != size:
+                return f"{f} is {p.stat().st_size} bytes, {size} when saved"
+        return None
+    try:
+        json.loads((folder / "trainer_state.json").read_text(encoding="utf-8"))
+    except OSError:
+        return "no trainer_state.json"
+    except ValueError:
+        return "trainer_state.json unreadable"
+    empty = sorted(p.name for p in folder.iterdir() if p.is_file() and p.stat().st_size == 0)
+    if empty:
+        return f"empty {', '.join(empty)}"
+    return None
+
+
+@contextlib.contextmanager
+def _cpu_map_location(device: torch.device) -> Iterator[None]:
+    """Several CPU processes: Trainer loads the optimizer with map_location=args.device = "cpu:<rank>", which
+    torch.load cannot restore ("don't know how to restore data location ... cpu:0"); map it to "cpu"."""
+    if device.type != "cpu" or device.index is None:
+        yield
+        return
+    real = torch.load
+
+    def load(*a: Any, **kw: Any) -> Any:
+        if isinstance(kw.get("map_location"), (str, torch.device)) and torch.device(kw["map_location"]).type == "cpu":
+            kw["map_location"] = "cpu"
+        return real(*a, **kw)
+
+    torch.load = load
+    try:
+        yield
+    finally:
+        torch.load = real
+
+
+def _fsync_files(folder: str) -> dict[str, int]:
+    """Make every file of ``folder`` durable; their sizes by name."""
+    files = {f: os.path.getsize(os.path.join(folder, f)) for f in sorted(os.listdir(folder))
+             if os.path.isfile(os.path.join(folder, f))}
+    for f in files:
+        with open(os.path.join(folder, f), "rb") as fh:
+            os.fsync(fh.fileno())
+    return files
+
+
+class CheckpointMixin:
+    """Staged, fsynced, marked checkpoints and their resume (for :class:`bupo.training.trainer.BuPOTrainer`).
+
+    Uses the trainer's ``bupo_probe``, ``_switch_state()`` / ``_load_switch_state()`` (adaptive switch) and
+    ``bupo_run_identity()``; ``bupo_run_extra`` (set by ``bupo train``: model, data) goes into every marker.
+    """
+
+    def _init_checkpointing(self) -> None:
+        self._bupo_staging = False
+        self._bupo_resumed_loss = 0.0  # the loss summed over the optimizer steps before the resumed checkpoint
+        self.bupo_run_extra: dict[str, Any] = {}
+
+    def _get_output_dir(self, trial: Any) -> str:
+        run_dir = super()._get_output_dir(trial)
+        return os.path.join(run_dir, STAGING_DIR) if getattr(self, "_bupo_staging", False) else run_dir
+
+    def _save_checkpoint(self, model: Any, trial: Any) -> None:
+        from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR, rotate_checkpoints
+
+        from bupo.io import atomic_write_json
+
+        run_dir = super()._get_output_dir(trial)
+        staging = os.path.join(run_dir, STAGING_DIR)
+        name = f"{PREFIX_CHECKPOINT_DIR}-{self.state.global_step}"
+        if self.args.should_save:
+            shutil.rmtree(staging, ignore_errors=True)  # what a kill left behind
+            os.makedirs(staging, exist_ok=True)
+        self.accelerator.wait_for_everyone()
+        self._bupo_staging = True  # TRL and transformers write every file (all ranks) under the staging folder
+        try:
+            super()._save_checkpoint(model, trial)
+        finally:
+            self._bupo_staging = False
+        folder = os.path.join(staging, name)
+        self.accelerator.wait_for_everyone()
+        if self.args.should_save:
+            self._write_bupo_state(folder)
+            pending = getattr(self, "_tr_loss", None)  # the loss since the last log (transformers' accumulator)
+            loss_sum = (self._bupo_resumed_loss + getattr(self, "_total_loss_scalar", 0.0)
+                        + (float(pending.item()) if pending is not None else 0.0))
+            files = _fsync_files(folder)  # durable before the rename makes the checkpoint visible
+            marker = {"global_step": self.state.global_step, "train_loss_sum": loss_sum, "files": files,
+                      "run": {**self.bupo_run_identity(), **self.bupo_run_extra}}
+            atomic_write_json(os.path.join(folder, CHECKPOINT_MARKER), marker)  # written last
+            final = os.path.join(run_dir, name)
+            if os.path.exists(final):  # saving the same step again (a resumed run): replace it
+                os.replace(final, os.path.join(staging, name + ".old"))
+            os.replace(folder, final)
+            shutil.rmtree(staging, ignore_errors=True)
+            rotate_checkpoints(output_dir=run_dir, save_total_limit=self.args.save_total_limit,
+                               best_model_checkpoint=self.state.best_model_checkpoint, use_mtime=True)
+        self.accelerator.wait_for_everyone()
+
+    def _write_bupo_state(self, folder: str) -> None:
+        from bupo.io import atomic_write_json
+
+        if self.bupo_probe is not None:
+            torch.save(self.bupo_probe, os.path.join(folder, PROBE_FILE))
+        state = self._switch_state()
+        if state is not None:  # the adaptive switch must survive a resume
+            atomic_write_json(os.path.join(folder, SWITCH_FILE), state)
+
+    def _load_optimizer_and_scheduler(self, checkpoint: str | None) -> None:
+        with _cpu_map_location(self.args.device):
+            super()._load_optimizer_and_scheduler(checkpoint)
+        if checkpoint is None:
+            return
+        if os.path.exists(os.path.join(checkpoint, PROBE_FILE)):
+            self._bupo_probe = torch.load(os.path.join(checkpoint, PROBE_FILE), weights_only=True)
+        if self._switch_state() is not None:
+            path = os.path.join(checkpoint, SWITCH_FILE)
+            if not os.path.exists(path):
+                raise ValueError(f"{checkpoint} has no {SWITCH_FILE}: it was not saved by an internal_steps='auto' "
+                                 "run, so the adaptive switch cannot resume from it")
+            with open(path, encoding="utf-8") as f:
+                self._load_switch_state(json.load(f))
+        marker = read_checkpoint_marker(checkpoint)
+        self._bupo_resumed_loss = float(marker.get("train_loss_sum", 0.0)) if marker else 0.0
+
+    def _finalize_training(self, trial: Any, num_train_samples: int, start_time: float) -> Any:
+        # transformers divides the loss summed over THIS segment by global_step; add the resumed part so that
+        # train_loss covers the whole run
+        self._total_loss_scalar += self._bupo_resumed_loss
+        if hasattr(self, "_initial_global_step"):  # transformers >= 5.18 divides by the steps of THIS segment only
+            self._initial_global_step = 0
+        return super()._finalize_training(trial, num_train_samples, start_time)
