@@ -5,15 +5,15 @@ from __future__ import annotations
 import ast
 import operator
 import re
-from pathlib import Path
 
 import pandas as pd
 import pytest
 
 from bupo.data import task
+from bupo.data.datasets import data_path
 from bupo.data.task import MAX_DIFFICULTY, SYSTEM_PROMPT, make_examples
 
-PAPER_PARQUET = Path(__file__).resolve().parents[2] / "shared" / "data" / "math" / "math500.parquet"
+PAPER_PARQUET = data_path("math500")
 
 _OPS = {ast.Add: operator.add, ast.Sub: operator.sub, ast.Mult: operator.mul}
 
