@@ -86,7 +86,7 @@ def test_chat_template_without_thinking_switch() -> None:
 
 
 def test_octothinker_matches_the_paper() -> None:
-    messages = _first_row("aime_2024")["prompt"]
+    messages = _first_row("aime24")["prompt"]
     problem = messages[1]["content"]
     expected = (
         "A conversation between User and Assistant. The user asks a question, and the Assistant solves it. "
