@@ -1,8 +1,10 @@
-"""Loading the paper's parquet files and JSONL rows; validation errors; benchmark names and defaults."""
+"""Loading the paper's sets (packaged, by name) and JSONL rows; validation errors; benchmark names and defaults."""
 
 from __future__ import annotations
 
+import hashlib
 import json
+import re
 from pathlib import Path
 
 import pandas as pd
@@ -11,22 +13,23 @@ import pytest
 from bupo.data.datasets import (
     BENCHMARKS,
     DEFAULT_SAMPLES,
+    PAPER_DATA,
     benchmark_name,
+    data_path,
     default_samples,
     load_benchmarks,
     load_bundled,
     load_rows,
 )
 
-DATA = Path(__file__).resolve().parents[2] / "shared" / "data" / "math"
-SIZES = {"aime_2024": 30, "aime_2025": 30, "amc2023": 40, "math500": 500, "deepmath-5k": 5000}
+SIZES = {"aime24": 30, "aime25": 30, "amc23": 40, "math500": 500, "deepmath-5k": 5000}
 
 
 @pytest.mark.parametrize(("name", "size"), SIZES.items())
 def test_load_paper_parquet(name: str, size: int) -> None:
-    rows = load_rows(DATA / f"{name}.parquet")
+    rows = load_rows(name)
     assert len(rows) == size
-    df = pd.read_parquet(DATA / f"{name}.parquet")
+    df = pd.read_parquet(data_path(name))
     for i in (0, size // 2, size - 1):
         row = rows[i]
         assert type(row["prompt"]) is list and all(type(m) is dict for m in row["prompt"])
@@ -38,7 +41,7 @@ def test_load_paper_parquet(name: str, size: int) -> None:
 
 
 def test_jsonl_roundtrip(tmp_path: Path) -> None:
-    rows = load_rows(DATA / "amc2023.parquet")
+    rows = load_rows("amc23")
     path = tmp_path / "amc23.jsonl"
     path.write_text("\n".join(json.dumps(r) for r in rows) + "\n\n")
     assert load_rows(path) == rows
@@ -96,7 +99,7 @@ def test_jsonl_validation_errors(tmp_path: Path, content: str, match: str) -> No
 
 
 def test_parquet_renamed_column(tmp_path: Path) -> None:
-    df = pd.read_parquet(DATA / "aime_2024.parquet").rename(columns={"reward_model": "reward"})
+    df = pd.read_parquet(data_path("aime24")).rename(columns={"reward_model": "reward"})
     path = tmp_path / "aime24.parquet"
     df.to_parquet(path)
     with pytest.raises(ValueError, match=r"missing column\(s\) \['reward_model'\].*found columns .*'reward'"):
@@ -123,7 +126,7 @@ def test_format_errors(tmp_path: Path) -> None:
 @pytest.mark.parametrize(
     ("path", "name"),
     [
-        ("../shared/data/math/aime_2024.parquet", "aime_2024"),
+        ("../data/math/aime_2024.parquet", "aime_2024"),
         ("aime24.jsonl", "aime_2024"),
         ("AIME2025.parquet", "aime_2025"),
         ("aime_25.jsonl", "aime_2025"),
@@ -157,7 +160,7 @@ def test_load_bundled() -> None:
 
 def test_load_benchmarks_names_limits_and_the_bundled_split(tmp_path: Path) -> None:
     amc = tmp_path / "amc23.jsonl"
-    amc.write_text("".join(json.dumps(r) + "\n" for r in load_rows(DATA / "amc2023.parquet")[:5]))
+    amc.write_text("".join(json.dumps(r) + "\n" for r in load_rows("amc23")[:5]))
     sets = load_benchmarks([str(amc), "bundled"], limit=3)
     assert list(sets) == ["amc2023", "bundled_test"]
     assert sets["amc2023"] == load_rows(amc)[:3]
@@ -168,7 +171,7 @@ def test_load_benchmarks_names_limits_and_the_bundled_split(tmp_path: Path) -> N
 
 
 def test_load_benchmarks_rejects_duplicate_names_and_bad_limits(tmp_path: Path) -> None:
-    rows = load_rows(DATA / "amc2023.parquet")[:2]
+    rows = load_rows("amc23")[:2]
     a, b = tmp_path / "amc23.jsonl", tmp_path / "AMC-2023.parquet"
     a.write_text("".join(json.dumps(r) + "\n" for r in rows))
     pd.DataFrame(rows).to_parquet(b)
@@ -180,3 +183,55 @@ def test_load_benchmarks_rejects_duplicate_names_and_bad_limits(tmp_path: Path) 
         load_benchmarks([str(a)], limit=0)
     with pytest.raises(ValueError, match="no evaluation data"):
         load_benchmarks([])
+
+
+def test_the_paper_sets_load_by_name_from_any_folder(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "math500").mkdir()  # a name means the packaged set, whatever the folder holds
+    assert set(PAPER_DATA) == {"math500", "aime24", "aime25", "amc23", "deepmath-5k"}
+    for name in PAPER_DATA:
+        assert data_path(name).is_file() and data_path(name).suffix == ".parquet"
+    assert data_path("math500").parent.name == "paper"
+    sets = load_benchmarks(["amc23", "math500", "aime24", "aime25"], limit=2)
+    assert list(sets) == ["amc2023", "math500", "aime_2024", "aime_2025"]  # the names the tables use
+    assert sets["aime_2024"] == load_rows("aime24")[:2]
+    assert sets["aime_2024"][0]["data_source"] == "qwen_aime_2024"
+    # a path still works, and means the same rows
+    copy = tmp_path / "amc23.parquet"
+    copy.write_bytes(data_path("amc23").read_bytes())
+    assert load_rows(copy) == load_rows("amc23") and load_rows("amc23.parquet") == load_rows("amc23")
+    from bupo.training.run import load_dataset_rows  # train --dataset_name takes the names as --data does
+
+    assert load_dataset_rows("amc23", None, "train") == load_rows("amc23")
+
+
+@pytest.mark.parametrize("spec", ["mth500", "aime2024", "MATH500", "bundled"])
+def test_an_unknown_name_lists_the_names(spec: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.chdir(tmp_path)
+    with pytest.raises(ValueError, match=f"unknown data name '{spec}'") as info:
+        load_rows(spec)
+    message = str(info.value)
+    assert "\n" not in message and all(name in message for name in PAPER_DATA)
+    with pytest.raises(FileNotFoundError, match="data file not found.*math500, aime24"):
+        load_rows(tmp_path / "sub" / "nope.parquet")  # a path that is missing stays a missing file
+
+
+def test_the_packaged_files_are_the_ones_the_readme_records() -> None:
+    readme = (data_path("math500").parent / "README.md").read_text()
+    recorded = dict((f, h) for h, f in re.findall(r"^([0-9a-f]{64})  (\S+\.parquet)$", readme, re.M))
+    assert sorted(recorded) == sorted(PAPER_DATA.values())
+    for name, file in PAPER_DATA.items():
+        assert hashlib.sha256(data_path(name).read_bytes()).hexdigest() == recorded[file], name
+        assert f"| `{name}` | `{file}` | {SIZES[name]} |" in readme
+    assert "MIT" in readme and "unknown" in readme
+
+
+def test_the_presets_name_the_packaged_sets(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    from bupo.training.run import parse_train_args
+
+    monkeypatch.chdir(tmp_path)
+    for preset in ("qwen3-4b", "qwen3-8b", "octothinker-3b", "octothinker-8b"):
+        _, script = parse_train_args([], config=preset, cuda=False)
+        assert script.data == "deepmath-5k"
+        assert script.eval_data == ["aime24", "aime25", "amc23", "math500"]
+        assert all(data_path(s).is_file() for s in [script.data, *script.eval_data])

@@ -34,9 +34,6 @@ from bupo.generation import Completion, sample_seed
 from test_generation import tiny_qwen3
 from test_templates import char_tokenizer
 
-DATA = Path(__file__).resolve().parents[2] / "shared" / "data" / "math"
-
-
 # ------------------------------------------------------------------ metrics
 
 
@@ -344,11 +341,11 @@ def test_vllm_sampling_mapping() -> None:
         SamplingSettings(max_new_tokens=5, top_p=1.5)
 
 
-def test_vllm_missing_is_a_clear_error(monkeypatch: pytest.MonkeyPatch) -> None:
+def test_vllm_missing_is_a_clear_error(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
     monkeypatch.setitem(sys.modules, "vllm", None)  # import vllm -> ImportError
     with pytest.raises(ValueError, match=r"pip install 'bupo\[vllm\]'"):
         require_vllm()
-    assert cli_main(["eval", "--backend", "vllm", "--model", str(DATA), "--no-progress"]) == 2
+    assert cli_main(["eval", "--backend", "vllm", "--model", str(tmp_path), "--no-progress"]) == 2
 
 
 def test_vllm_backend_flow_with_a_fake_vllm(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
@@ -414,7 +411,7 @@ def _write_jsonl(path: Path, rows: list[dict]) -> Path:
 def test_evaluate_real_model_matches_samples(tmp_path: Path) -> None:
     tok = char_tokenizer()
     model = tiny_qwen3(tok, seed=3, context=4096)  # real AIME/AMC prompts fit (char tokens)
-    rows = load_rows(DATA / "amc2023.parquet")[:3]
+    rows = load_rows("amc23")[:3]
     res = evaluate(
         model, tok, {"amc2023": rows}, n=3, ks=[1, 3], max_new_tokens=10, out_dir=tmp_path, batch_size=4
     )
@@ -444,8 +441,8 @@ def test_auto_template() -> None:
 
 
 def test_cli_end_to_end_and_compare(model_dir: Path, tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
-    amc = _write_jsonl(tmp_path / "amc23.jsonl", load_rows(DATA / "amc2023.parquet")[:2])
-    aime = _write_jsonl(tmp_path / "aime24.jsonl", load_rows(DATA / "aime_2024.parquet")[:2])
+    amc = _write_jsonl(tmp_path / "amc23.jsonl", load_rows("amc23")[:2])
+    aime = _write_jsonl(tmp_path / "aime24.jsonl", load_rows("aime24")[:2])
     out = tmp_path / "run"
     args = ["eval", "--model", str(model_dir), "--data", str(amc), str(aime), "--n", "2", "--k", "1", "2", "--out", str(out), "--no-progress"]  # fmt: skip
     assert cli_main(args) == 0
@@ -481,7 +478,7 @@ def test_cli_errors(
     bad = _write_jsonl(tmp_path / "bad.jsonl", [{"question": "q", "answer": "1"}])
     csv = tmp_path / "x.csv"
     csv.write_text("a\n")
-    good = _write_jsonl(tmp_path / "amc23.jsonl", load_rows(DATA / "amc2023.parquet")[:1])
+    good = _write_jsonl(tmp_path / "amc23.jsonl", load_rows("amc23")[:1])
     extra = [e.replace("{bad}", str(bad)).replace("{csv}", str(csv)) for e in extra]
     args = ["eval", "--no-progress", "--out", str(tmp_path / "o")]
     if "--model" not in extra:
@@ -500,7 +497,7 @@ def test_cli_device_and_missing_bundled_model_are_one_line_errors(
 
     import bupo.models.registry
 
-    good = _write_jsonl(tmp_path / "amc23.jsonl", load_rows(DATA / "amc2023.parquet")[:1])
+    good = _write_jsonl(tmp_path / "amc23.jsonl", load_rows("amc23")[:1])
     base = ["eval", "--no-progress", "--out", str(tmp_path / "o"), "--data", str(good)]
     monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
     assert cli_main([*base, "--model", str(model_dir), "--device", "cuda"]) == 2

@@ -25,14 +25,6 @@ pytestmark = pytest.mark.xdist_group("real_models")  # one worker converts and h
 
 SMOL = "smollm2-135m-instruct"
 GEMMA = "gemma3-270m"
-_MATH = [Path(__file__).resolve().parents[i] / "shared" / "data" / "math" for i in (1, 2, 3)]
-
-
-def _math500() -> Path:
-    for d in _MATH:
-        if (d / "math500.parquet").is_file():
-            return d / "math500.parquet"
-    pytest.fail(f"the paper's data is expected in one of {[str(d) for d in _MATH]}")
 
 
 @pytest.fixture(scope="session")
@@ -147,27 +139,25 @@ def test_smollm2_residual_delta_h_identity_in_the_analysis(smol):
 
 
 def test_smollm2_cli_analyze_and_eval_by_name(smol_dir, cache, tmp_path, monkeypatch, capsys):
-    import pandas as pd
-
     from bupo.cli import main
 
     monkeypatch.setenv("BUPO_CACHE", str(cache))
     out = tmp_path / "an"
-    argv = ["analyze", "--model", SMOL, "--out", str(out), "--max-samples", "2", "--max-new-tokens", "4",
-            "--quiet", "--device", "cpu"]
+    # the model and the data by name (the packaged math500), from a folder without data
+    monkeypatch.chdir(tmp_path)
+    argv = ["analyze", "--model", SMOL, "--data", "math500", "--out", str(out), "--max-samples", "2",
+            "--max-new-tokens", "4", "--quiet", "--device", "cpu"]
     assert main(argv) == 0
     s = json.loads((out / "summary.json").read_text())
     assert s["model"] in (SMOL, str(smol_dir)) and s["num_layers"] == 30 and s["num_samples"] == 2
 
-    data = tmp_path / "math2.parquet"
-    pd.read_parquet(_math500()).head(2).to_parquet(data)
     ev = tmp_path / "ev"
-    argv = ["eval", "--model", SMOL, "--data", str(data), "--n", "2", "--k", "1", "2", "--max-new-tokens", "8",
-            "--out", str(ev), "--no-progress", "--device", "cpu"]
+    argv = ["eval", "--model", SMOL, "--data", "math500", "--limit", "2", "--n", "2", "--k", "1", "2",
+            "--max-new-tokens", "8", "--out", str(ev), "--no-progress", "--device", "cpu"]
     assert main(argv) == 0
     r = json.loads((ev / "results.json").read_text())
     text = json.dumps(r)
-    assert "math2" in text or "math500" in text
+    assert "math500" in text and r["benchmarks"]["math500"]["problems"] == 2
     assert (ev / "table.md").is_file()
 
 

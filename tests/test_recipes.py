@@ -1,4 +1,5 @@
-"""The shipped presets: listed, shown, resolved by name from any folder, and packaged into the wheel."""
+"""The shipped presets: listed, shown, resolved by name from any folder, and packaged into the wheel (with the paper's
+data they name)."""
 
 import subprocess
 import sys
@@ -72,4 +73,7 @@ def test_the_wheel_ships_every_recipe(tmp_path):
     for path in RECIPES_DIR.rglob("*.yaml"):
         assert f"bupo/recipes/{path.relative_to(RECIPES_DIR).as_posix()}" in names
     assert "bupo/recipes/cli.py" in names
+    from bupo.data.datasets import PAPER_DATA  # the paper's sets, taken by name, ship too
+
+    assert {f"bupo/data/paper/{f}" for f in PAPER_DATA.values()} | {"bupo/data/paper/README.md"} <= names
     assert any(n.endswith(".dist-info/licenses/LICENSE") for n in names)

@@ -7,12 +7,12 @@ import os
 import signal
 import threading
 import time
-from pathlib import Path
 
 import pandas as pd
 import pytest
 
 from bupo import rewards as R
+from bupo.data.datasets import data_path
 from bupo.rewards import (
     REWARDS,
     RewardStats,
@@ -24,14 +24,11 @@ from bupo.rewards import (
     normalize_answer,
 )
 
-DATA = Path(__file__).resolve().parents[2] / "shared" / "data" / "math"
-FILES = ["aime_2024", "aime_2025", "amc2023", "math500", "deepmath-5k"]
+FILES = ["aime24", "aime25", "amc23", "math500", "deepmath-5k"]  # the paper's sets, packaged
 
 
 def _gts(name: str) -> list[str]:
-    path = DATA / f"{name}.parquet"
-    if not path.exists():
-        pytest.fail(f"the paper's data is missing: {path}")
+    path = data_path(name)
     return [rm["ground_truth"] for rm in pd.read_parquet(path, columns=["reward_model"])["reward_model"]]
 
 
@@ -237,7 +234,7 @@ def test_math_verify_equivalences() -> None:
     )
 
 
-@pytest.mark.parametrize("name", ["aime_2024", "aime_2025", "amc2023", "math500", "deepmath-5k"])
+@pytest.mark.parametrize("name", FILES)
 def test_math_verify_on_real_rows(name: str) -> None:
     gts = _gts(name)[:500]
     right = R.score_batch("math_verify", ["Hence \\boxed{" + g + "}." for g in gts], gts)

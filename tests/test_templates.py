@@ -12,9 +12,8 @@ from pathlib import Path
 import pandas as pd
 import pytest
 
+from bupo.data.datasets import data_path
 from bupo.data.templates import OCTOTHINKER_TEMPLATE, TEMPLATES, render_prompt
-
-DATA = Path(__file__).resolve().parents[2] / "shared" / "data" / "math"
 
 # Qwen3's chat template (Qwen/Qwen3-8B), reduced to what the paper's prompts use: a leading system
 # turn, user/assistant turns, and the generation prompt with the empty think block when
@@ -64,11 +63,11 @@ def char_tokenizer(chat_template: str | None = QWEN3_MINI_TEMPLATE):
 
 
 def _first_row(name: str) -> dict:
-    df = pd.read_parquet(DATA / f"{name}.parquet")
+    df = pd.read_parquet(data_path(name))
     return {"prompt": [dict(m) for m in df.iloc[0]["prompt"]]}
 
 
-@pytest.mark.parametrize("name", ["aime_2024", "math500", "deepmath-5k"])
+@pytest.mark.parametrize("name", ["aime24", "math500", "deepmath-5k"])
 def test_qwen3_no_thinking_matches_the_paper(name: str) -> None:
     messages = _first_row(name)["prompt"]
     problem = messages[1]["content"]
@@ -87,7 +86,7 @@ def test_chat_template_without_thinking_switch() -> None:
 
 
 def test_octothinker_matches_the_paper() -> None:
-    messages = _first_row("aime_2024")["prompt"]
+    messages = _first_row("aime24")["prompt"]
     problem = messages[1]["content"]
     expected = (
         "A conversation between User and Assistant. The user asks a question, and the Assistant solves it. "

@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-from pathlib import Path
-
 import torch
 
 from tiny_models import tiny_model
@@ -79,20 +77,13 @@ def make_trainer(tmp_path, model=None, reward=letter_reward, dataset=None, train
 # ---------------------------------------------------------------------------------------------------------------
 # data-side tests (rows -> the trainer's dataset)
 
-MATH = Path(__file__).resolve().parents[2] / "shared" / "data" / "math"
-
 
 def test_paper_parquet_rows_become_rendered_prompts():
-    import pytest
-
     from bupo.data.datasets import load_rows
     from bupo.data.templates import OCTOTHINKER_TEMPLATE
     from bupo.training.data import build_prompt_dataset
 
-    path = MATH / "aime_2024.parquet"
-    if not path.exists():
-        pytest.fail(f"the paper's data is expected at {path}")
-    rows = load_rows(path)
+    rows = load_rows("aime24")  # the paper's set, packaged
     ds = build_prompt_dataset(rows, None, "octothinker")
     assert len(ds) == 30 and ds.column_names == ["prompt", "ground_truth", "data_source"]
     head = OCTOTHINKER_TEMPLATE.split("{problem}")[0]

@@ -50,8 +50,9 @@ def register(subparsers) -> None:
                     "Layers: paper l = 1..L in outputs, 0-based k = l - 1 for --internal-layer. Entropies in nats.",
     )
     _add_model_args(a)
-    a.add_argument("--data", help="paper parquet or JSONL rows (prompt messages); responses are generated "
-                                  "(default: the bundled task's held-out split)")
+    a.add_argument("--data", help="rows (prompt messages): one of the paper's sets by name (math500, aime24, ...) or a "
+                                  "parquet / JSONL file; responses are generated (default: the bundled task's "
+                                  "held-out split)")
     a.add_argument("--traces", help="JSONL of precomputed {'prompt': str | messages, 'response': str}")
     a.add_argument("--out", help=f"output directory (default: {DEFAULT_OUT}/<model name>, bundled for the bundled "
                                  "model)")

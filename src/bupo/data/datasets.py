@@ -4,6 +4,10 @@ A row is a dict with at least ``prompt: list[{"role", "content"}]`` (system + us
 files) and ``reward_model: {"ground_truth": str, ...}``; ``data_source`` and every other column are
 kept as they are (numpy arrays and scalars from pyarrow become lists and Python scalars).
 
+The paper's five sets ship with the package (``bupo/data/paper/``, sources and licences in its README.md) and go
+by name wherever a data file is accepted, from any folder: ``math500``, ``aime24``, ``aime25``, ``amc23`` (evaluation)
+and ``deepmath-5k`` (training). :func:`data_path` is the one place that turns a name into its file.
+
 Benchmark names and the paper's default samples per problem (Avg@K): AIME24/25 32, AMC23 and
 MATH500 16. The bundled synthetic task's held-out split loads as ``bundled_test``.
 
@@ -14,6 +18,7 @@ the evaluation inside ``bupo train``, so the same name always means the same pro
 from __future__ import annotations
 
 import json
+import os
 import re
 from pathlib import Path
 from typing import Any
@@ -26,8 +31,10 @@ __all__ = [
     "BUNDLED_TEST_SEED",
     "DEFAULT_SAMPLES",
     "DISPLAY_NAMES",
+    "PAPER_DATA",
     "REQUIRED_COLUMNS",
     "benchmark_name",
+    "data_path",
     "default_samples",
     "load_benchmarks",
     "load_bundled",
@@ -45,6 +52,16 @@ BUNDLED_TEST = "bundled_test"
 BUNDLED_TEST_PROBLEMS = 200  # problems of bundled_test when no limit is given
 BUNDLED_TEST_SEED = 0  # one seed wherever bundled_test is evaluated, so results under that name compare
 _SUFFIXES = (".parquet", ".jsonl", ".json")
+# the paper's sets by name -> the packaged file (byte-identical to the official repository's data/ folder)
+PAPER_DATA = {
+    "math500": "math500.parquet",
+    "aime24": "aime_2024.parquet",
+    "aime25": "aime_2025.parquet",
+    "amc23": "amc2023.parquet",
+    "deepmath-5k": "deepmath-5k.parquet",
+}
+_PAPER_DIR = Path(__file__).resolve().parent / "paper"
+_NAMES_HINT = f"the paper's sets go by name: {', '.join(PAPER_DATA)}"
 
 _ALIASES = [
     (re.compile(r"^(qwen_)?aime_?(20)?24$"), "aime_2024"),
@@ -191,15 +208,32 @@ def _read_jsonl(path: Path) -> list[dict]:
     return rows
 
 
-def load_rows(path: str | Path) -> list[dict]:
-    """Rows of a ``.parquet`` or ``.jsonl`` file (a ``.json`` file holding a list also works), validated.
+def data_path(spec: str | os.PathLike) -> Path:
+    """The file a data spec means: a name of :data:`PAPER_DATA` gives its packaged parquet (a name always means
+    that file, whatever the current folder holds); anything else is a path, returned as given.
 
-    Raises FileNotFoundError for a missing file and ValueError for an unsupported format, an empty
-    file, missing/renamed columns or a malformed prompt.
+    Raises ValueError for a bare word (no folder, no suffix) that is neither a name nor an existing file, listing
+    the names.
     """
-    p = Path(path)
+    text = os.fspath(spec)
+    if text in PAPER_DATA:
+        return _PAPER_DIR / PAPER_DATA[text]
+    p = Path(text)
+    if not p.exists() and not p.suffix and p.name == text:
+        raise ValueError(f"unknown data name {text!r}; {_NAMES_HINT}; or give a .parquet, .jsonl or .json file")
+    return p
+
+
+def load_rows(path: str | Path) -> list[dict]:
+    """Rows of a ``.parquet`` or ``.jsonl`` file (a ``.json`` file holding a list also works), or of one of the
+    paper's sets by name (:func:`data_path`), validated.
+
+    Raises FileNotFoundError for a missing file and ValueError for an unknown name, an unsupported format, an
+    empty file, missing/renamed columns or a malformed prompt.
+    """
+    p = data_path(path)
     if not p.exists():
-        raise FileNotFoundError(f"data file not found: {p}")
+        raise FileNotFoundError(f"data file not found: {p} ({_NAMES_HINT})")
     if p.is_dir():
         raise ValueError(f"{p}: is a folder; give a data file (.parquet, .jsonl or .json)")
     suffix = p.suffix.lower()
@@ -232,8 +266,8 @@ def load_bundled(
 
 
 def load_benchmarks(specs: list[str], limit: int | None = None) -> dict[str, list[dict]]:
-    """``{benchmark_name: rows}`` for data specs: ``.parquet`` / ``.jsonl`` / ``.json`` files (named by
-    :func:`benchmark_name`) or ``"bundled"`` (the bundled task's held-out split as ``bundled_test``:
+    """``{benchmark_name: rows}`` for data specs: the paper's sets by name (``math500``, ``aime24``, ...),
+    ``.parquet`` / ``.jsonl`` / ``.json`` files (named by :func:`benchmark_name`) or ``"bundled"`` (the bundled task's held-out split as ``bundled_test``:
     ``limit`` or :data:`BUNDLED_TEST_PROBLEMS` problems, seed :data:`BUNDLED_TEST_SEED`).
 
     ``limit``: at most this many problems per benchmark (the first ones); None keeps every row.
@@ -243,7 +277,8 @@ def load_benchmarks(specs: list[str], limit: int | None = None) -> dict[str, lis
     if limit is not None and limit < 1:
         raise ValueError(f"the problem limit must be >= 1, got {limit}")
     if not specs:
-        raise ValueError(f"no evaluation data given; pass data files (.parquet/.jsonl/.json) or {BUNDLED!r}")
+        raise ValueError(f"no evaluation data given; pass data files (.parquet/.jsonl/.json), {BUNDLED!r} or the "
+                         f"paper's sets by name ({', '.join(PAPER_DATA)})")
     out: dict[str, list[dict]] = {}
     origin: dict[str, str] = {}
     for spec in specs:

@@ -29,7 +29,8 @@ def register(subparsers: Any) -> None:
     )
     p.add_argument("--model", help="a bupo name (`bupo model list`), a local folder or a Hub id (default: tiny, the bundled model)")
     p.add_argument(
-        "--data", nargs="+", metavar="FILE", help=".parquet/.jsonl files (default: the bundled task)"
+        "--data", nargs="+", metavar="FILE",
+        help="the paper's sets by name (math500 aime24 aime25 amc23) or .parquet/.jsonl files (default: the bundled task)"
     )
     p.add_argument(
         "--n", type=int, help="samples per problem (default: paper's: AIME 32, AMC/MATH500 16, else 16)"

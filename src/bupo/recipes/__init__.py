@@ -4,8 +4,9 @@ They ship inside the package, so ``bupo train --config qwen3-4b`` works from an 
 ``bupo recipes`` lists them, ``bupo recipes show NAME`` prints one and ``bupo recipes path NAME`` prints its file
 (for ``accelerate launch --config_file "$(bupo recipes path zero3)" ...``, as accelerate only takes paths).
 
-A preset's data paths (``data:``, ``eval_data:``) are relative to the folder you run in: get the paper's parquet
-files (see README) and pass them with ``--data`` / ``--eval_data`` or keep them at those paths.
+A preset's data (``data:``, ``eval_data:``) are the paper's sets by name (``deepmath-5k``; ``aime24``, ``aime25``,
+``amc23``, ``math500``), which ship with the package (``bupo.data.datasets.data_path``); ``--data`` / ``--eval_data``
+take other files.
 
 This module imports only the standard library.
 """

@@ -22,7 +22,7 @@ examples:
   bupo train                                         # bundled model + task, BuPO with k from the analysis
   bupo train --algo grpo --out runs/grpo             # the GRPO baseline, same settings
   bupo train --internal-layer 3 --internal-steps 10 --max_steps 60
-  bupo train --config qwen3-4b --model /models/Qwen3-4B --data data/deepmath-5k.parquet
+  bupo train --config qwen3-4b --model /models/Qwen3-4B --data deepmath-5k
   accelerate launch --config_file "$(bupo recipes path zero3)" -m bupo.cli train --config qwen3-8b
   bupo train --out runs/x --resume                   # continue from the newest checkpoint (right phase)
 presets: bupo recipes; the full guide: docs/training.md in the bupo source tree"""
@@ -73,9 +73,11 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     p.__class__ = _PassThroughParser
     p.add_argument("--help-all", action=_HelpAll, help="show this help with every GRPOConfig / ModelConfig field and exit")
     p.add_argument("--model", help="a bupo name (`bupo model list`), a local folder or a Hub id (default: tiny, the bundled model)")
-    p.add_argument("--data", help="training rows: .parquet / .jsonl (paper shape) or 'bundled' (default)")
+    p.add_argument("--data", help="training rows: deepmath-5k (the paper's, packaged), .parquet / .jsonl (paper "
+                   "shape) or 'bundled' (default)")
     p.add_argument("--eval-data", nargs="+", metavar="FILE",
-                   help="held-out files evaluated during training ('bundled' = bundled test split, 'none' = off)")
+                   help="held-out sets evaluated during training: aime24 aime25 amc23 math500, files, 'bundled' "
+                   "(bundled test split) or 'none' (off)")
     p.add_argument("--algo", choices=("bupo", "grpo"), help="bupo (default) or grpo (internal_steps = 0)")
     p.add_argument("--internal-layer", metavar="K|auto",
                    help="0-based layer k (paper layer k+1) or 'auto' = the analysis' boundary layer (default auto)")

@@ -83,11 +83,14 @@ def build_prompt_dataset(
 
 def load_dataset_rows(name: str, config: str | None, split: str) -> list[dict]:
     """Rows of ``datasets.load_dataset(name, config, split=split)`` (a Hub id, a local folder or data file), or of
-    ``datasets.load_from_disk`` for a folder written by ``save_to_disk``; checked like ``--data`` rows."""
+    ``datasets.load_from_disk`` for a folder written by ``save_to_disk``; checked like ``--data`` rows. The paper's
+    sets by name (``deepmath-5k``, ...) load as with ``--data``."""
     import datasets
 
-    from bupo.data.datasets import validate_rows
+    from bupo.data.datasets import PAPER_DATA, load_rows, validate_rows
 
+    if name in PAPER_DATA:
+        return load_rows(name)
     p = Path(name)
     try:
         if p.is_dir() and ((p / "state.json").is_file() or (p / "dataset_dict.json").is_file()):
