@@ -737,6 +737,9 @@ def train(train_args: Any, script: BuPOScriptArguments) -> dict[str, Any]:
     # anything is loaded; parse_train_args stays machine-independent so presets parse anywhere
     check_model_flags(train_args, script.model_args or _default_model_args())
     check_environment(train_args)
+    from bupo.training.launcher import complete_fused_lm_head, enable_cpu_fsdp2, sharding_summary
+
+    enable_cpu_fsdp2()  # an FSDP2 launcher on CPU processes: real FSDP2 over gloo, not DDP (docs/training.md)
     out_dir = Path(train_args.output_dir)
     resume = _resolve_resume(script.resume, str(out_dir))
     from bupo.models import resolve_model
@@ -802,6 +805,7 @@ def train(train_args: Any, script: BuPOScriptArguments) -> dict[str, Any]:
     trainer = BuPOTrainer(model=model, reward_funcs=reward_funcs, args=train_args, train_dataset=dataset,
                           processing_class=tokenizer, peft_config=peft_config(script.model_args))
     _check_launcher(trainer)
+    complete_fused_lm_head(trainer)  # FSDP2: TRL's fused head reads lm_head.weight; let lm_head's unit complete
     from bupo.training.console import install_console
 
     install_console(trainer, verbose=script.verbose)  # bar + switch/end lines; raw TRL dicts only with --verbose
@@ -863,6 +867,7 @@ def train(train_args: Any, script: BuPOScriptArguments) -> dict[str, Any]:
             "train_metrics": result.metrics,
             "evals": records,
             "switch": trainer.bupo_switch,  # issue 16: switch.step (first full-policy rollout step), switch.reason
+            "sharding": sharding_summary(trainer),  # launcher, world size, FSDP2 units / ZeRO stage
             "versions": _versions(),
         })
         if summary["switch"].get("step"):  # issue 16: with auto / a schedule the full phase starts where it switched
