@@ -13,6 +13,8 @@ Code that reads a weight itself (the projections of :class:`bupo.internal.Projec
 :func:`full_parameters`, which gathers exactly what is sharded at that moment and restores it on exit; code that
 runs a whole model outside its engine (the pre-flight health check, before the trainer exists) uses
 :func:`gathered_model`. Both are collectives on sharded models: every rank must enter them in the same order.
+Inside a running ZeRO-3 engine forward a partition may be in flight (prefetched for the next module): such code
+runs under a full gather (TRL's ``unwrap_model_for_generation``, as bupo's probes do); reading one raises.
 """
 
 from __future__ import annotations
@@ -101,9 +103,12 @@ def _zero3_gathered(params: list[torch.Tensor]) -> Iterator[None]:
     from deepspeed import zero
     from deepspeed.runtime.zero.partition_parameters import ZeroParamStatus
 
+    if any(p.ds_status == ZeroParamStatus.INFLIGHT for p in params):
+        raise RuntimeError("a ZeRO-3 partition bupo reads is being prefetched by a running engine forward; run this "
+                           "under a full gather (trl's unwrap_model_for_generation, as bupo's probes do)")
     # unique, and only what is not fetched already: re-partitioning a parameter an active forward fetched (or a
     # tied one gathered twice) would pull it from under that forward
-    todo = list({id(p): p for p in params if p.ds_status != ZeroParamStatus.AVAILABLE}.values())
+    todo = list({id(p): p for p in params if p.ds_status == ZeroParamStatus.NOT_AVAILABLE}.values())
     if not todo:
         yield
         return
