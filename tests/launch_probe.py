@@ -3,12 +3,14 @@ and ``benchmarks/gpu_check.py launchers``).
 
 Run as ``accelerate launch --config_file CFG tests/launch_probe.py OUT train ...``: it adds one callback to
 BuPOTrainer that records, on every rank, then runs ``bupo.cli.main(["train", ...])`` unchanged. Writes
-OUT/probe-rank{r}.json with:
+OUT/probe-rank{r}.json (rewritten after every event: a run stopped by a timeout leaves what it measured) with:
 
 - ``steps``: per optimizer step, whether that rank's own parameter shards (FSDP2: DTensor local shards; ZeRO-3: its
   partition) of the layers above k and the final norm are bitwise unchanged since the start (``upper_same``) and of
   the layers <= k (``lower_same``); ``upper_within_decay`` allows what weight decay alone does to a parameter with
-  a zero (not None) gradient: |w - w0| <= steps x lr x wd x |w0| + one ulp.
+  a zero (not None) gradient: |w - w0| <= steps x lr x wd x |w0| + one ulp; ``watched_master_same``: the fp32
+  master weights (ZeRO-3: the optimizer's, where a bf16 partition hides a decay of lr x wd) of layer k+1, the last
+  layer and the final norm are bitwise unchanged.
 - ``parity``: before the first step, the internal policy's log-probs as the trainer computes them (TRL's fused LM
   head through the wrapped, sharded model, truncated after layer k) against an unsharded reference loaded from
   ``--model`` (:func:`bupo.internal.layer_logprobs`), and the distance of that reference to the full policy.
@@ -145,7 +147,13 @@ class Probe(TrainerCallback):
         finally:
             t._bupo_internal = was_internal
             t.model.train(was_training)
-        ref_model = AutoModelForCausalLM.from_pretrained(_arg("--model"), dtype=torch.float32).to(dev).eval()
+        import transformers.integrations.deepspeed as hf_ds
+
+        saved, hf_ds._hf_deepspeed_config_weak_ref = hf_ds._hf_deepspeed_config_weak_ref, None  # a plain reference
+        try:
+            ref_model = AutoModelForCausalLM.from_pretrained(_arg("--model"), dtype=torch.float32).to(dev).eval()
+        finally:
+            hf_ds._hf_deepspeed_config_weak_ref = saved
         with torch.autocast(dev.type, dtype=torch.bfloat16, enabled=bool(args.bf16)):
             ref = layer_logprobs(ref_model, ids, mask, layer=args.internal_layer, projection=args.internal_projection,
                                  temperature=args.temperature)
@@ -156,15 +164,27 @@ class Probe(TrainerCallback):
         return {"max_abs": float(diff.max()), "mean_abs": float(diff.mean()),
                 "ref_vs_full_mean_abs": float((ref.float() - full).abs().mean())}
 
+    def _dump(self) -> None:
+        """Written after every event, so a run killed by a timeout leaves what it measured."""
+        rank = int(os.environ.get("RANK", "0"))
+        path = os.path.join(self.out, f"probe-rank{rank}.json")
+        with open(path + ".tmp", "w") as f:
+            json.dump(self.record, f)
+        os.replace(path + ".tmp", path)
+
     def on_train_begin(self, args, state, control, **kw):
         upper, lower = self._groups()
         self.init = {n: _local(p) for n, p in {**upper, **lower}.items()}
+        self.init_master = {n: _master(p) for n, p in self._watched().items()}
         self.record["param_type"] = type(next(iter(upper.values()))).__name__
         self.record["wrapped"] = type(self.trainer.model_wrapped).__name__
         self.record["start_step"] = state.global_step
+        self.record["world_size"] = self.trainer.accelerator.num_processes
+        self._dump()
         if state.global_step == 0 and args.internal_steps > 0:
             self.record["parity"] = self._parity()
         self.missed.take()  # the parity forward is no training step
+        self._dump()
 
     def on_step_begin(self, args, state, control, **kw):
         self.lr = float(self.trainer.lr_scheduler.get_last_lr()[0])
@@ -179,25 +199,25 @@ class Probe(TrainerCallback):
         decay = all(_within_decay(_local(p), self.init[n], steps, args.learning_rate, args.weight_decay)
                     for n, p in upper.items())
         internal = self.trainer.bupo_internal
+        watched = {n: _master(p) for n, p in self._watched().items()}
         self.record["steps"][state.global_step] = {
             "internal": internal, "upper_same": all(u.values()), "lower_same": all(lo.values()),
             "upper_within_decay": decay, "n_upper": len(u), "n_lower": len(lo), "lr": self.lr,
+            "watched_master_same": all(torch.equal(w, self.init_master[n]) for n, w in watched.items()),
             "missed_forward": self.missed.take()}
         if not internal and "first_full_update" not in self.record:
-            after = {n: _master(p) for n, p in self._watched().items()}
+            after = watched
             ratio = torch.cat([((after[n] - self.before[n]).abs() / self.lr).flatten() for n in after])
             self.record["first_full_update"] = {"step": state.global_step, "median_update_over_lr": float(ratio.median()),
                                                 "n_elements": int(ratio.numel()), "params": sorted(after)}
+        self._dump()
 
     def on_train_end(self, args, state, control, **kw):
-        self.record["world_size"] = self.trainer.accelerator.num_processes
         keys = ("loss", "reward", "bupo/phase", "bupo/accuracy", "entropy", "bupo/entropy_internal",
                 "bupo/entropy_full", "bupo/layer_entropy/final")
         self.record["logs"] = [{k: h[k] for k in keys if k in h} for h in state.log_history if "bupo/phase" in h]
         self.record["global_step"] = state.global_step
-        rank = int(os.environ.get("RANK", "0"))
-        with open(os.path.join(self.out, f"probe-rank{rank}.json"), "w") as f:
-            json.dump(self.record, f)
+        self._dump()
 
 
 _init = trainer_mod.BuPOTrainer.__init__
