@@ -4,9 +4,9 @@ running ``bupo train`` end to end through both phases (tests/launch_probe.py add
 - src/bupo/recipes/accelerate/cpu.yaml (DDP): ranks agree on the logged metrics, every rank's layers above k and final norm
   are bitwise unchanged after the internal phase and move after the switch; resuming from the checkpoint at the
   phase boundary continues in the full phase.
-- src/bupo/recipes/accelerate/fsdp2.yaml: accelerate 1.15 enables FSDP only on GPU-like devices, so on the CPU the run
-  would silently be DDP; bupo train refuses it in one line instead. FSDP2 itself is checked by
-  benchmarks/gpu_check.py on a GPU.
+- an FSDP config on the CPU: accelerate enables FSDP only on GPU-like devices, so the run would silently be DDP.
+  bupo train keeps FSDP2 on for CPU processes (tests/test_fsdp2_cpu.py, recipe fsdp2-cpu); FSDP1 has no CPU path and
+  is refused in one line. ZeRO-3 and FSDP2 on a GPU: benchmarks/gpu_check.py launchers.
 """
 
 from __future__ import annotations
@@ -76,9 +76,9 @@ def test_accelerate_ddp_config_runs_both_phases_and_resumes(tmp_path):
     assert json.loads((out / "bupo_run.json").read_text())["resumed_from"] == str(out / "checkpoint-1")
 
 
-def test_accelerate_fsdp2_config_on_cpu_is_refused_not_silently_ddp(tmp_path):
+def test_accelerate_fsdp1_config_on_cpu_is_refused_not_silently_ddp(tmp_path):
     proc = _launch("fsdp2.yaml", tmp_path / "p", _train_args(tmp_path / "run"), "--num_processes", "2",
-                   "--mixed_precision", "no")
+                   "--mixed_precision", "no", "--fsdp_version", "1")
     assert proc.returncode != 0
     assert "the accelerate config asks for FSDP, but accelerate did not enable it" in proc.stderr
     assert not (tmp_path / "run" / "bupo_run.json").exists()

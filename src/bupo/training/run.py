@@ -880,13 +880,15 @@ def train(train_args: Any, script: BuPOScriptArguments) -> dict[str, Any]:
 
 def _check_launcher(trainer: Any) -> None:
     """A launcher config asking for FSDP or DeepSpeed that the trainer did not get is an error, not a silent DDP run
-    (accelerate 1.15 turns FSDP on only for GPU-like devices: an FSDP config on the CPU otherwise becomes DDP)."""
+    (accelerate turns FSDP on only for GPU-like devices: on the CPU, FSDP1 would become DDP; FSDP2 is kept on by
+    :func:`bupo.training.launcher.enable_cpu_fsdp2`)."""
     for env, enabled, name in (("ACCELERATE_USE_FSDP", trainer.is_fsdp_enabled, "FSDP"),
                                ("ACCELERATE_USE_DEEPSPEED", trainer.is_deepspeed_enabled, "DeepSpeed")):
         if os.environ.get(env, "false").lower() == "true" and not enabled:
             raise ValueError(f"the accelerate config asks for {name}, but accelerate did not enable it on this "
                              f"machine ({trainer.accelerator.distributed_type}; {name} needs GPUs); use "
-                             "the cpu accelerate config (bupo recipes path cpu) for CPU processes")
+                             "the cpu accelerate config (bupo recipes path cpu) for CPU processes"
+                             + (", or FSDP2 (bupo recipes path fsdp2-cpu)" if name == "FSDP" else ""))
 
 
 def _default_model_args() -> Any:
