@@ -24,22 +24,13 @@ from pathlib import Path
 
 import pytest
 
+from test_training_launchers import ACCELERATE, _env, _launch, _ranks, _train_args
+
 pytestmark = [pytest.mark.distributed, pytest.mark.xdist_group("training")]
 
 ROOT = Path(__file__).resolve().parents[1]
-RECIPE = ROOT / "src" / "bupo" / "recipes" / "accelerate" / "fsdp2-cpu.yaml"
-ACCELERATE = [sys.executable, "-m", "accelerate.commands.launch", "--config_file", str(RECIPE)]
+RECIPE = "fsdp2-cpu.yaml"
 WARNING = "did not run forward before backward"
-
-
-def _env() -> dict[str, str]:
-    return {**os.environ, "OMP_NUM_THREADS": "1", "GLOO_SOCKET_IFNAME": "lo", "HF_HUB_OFFLINE": "1",
-            "TOKENIZERS_PARALLELISM": "false", "BUPO_PROBE_ALTERNATING_REWARD": "1",
-            "PYTHONPATH": os.pathsep.join([str(ROOT / "src"), str(ROOT / "tests"), os.environ.get("PYTHONPATH", "")])}
-
-
-def _ranks(folder: Path, stem: str) -> list[dict]:
-    return [json.loads((folder / f"{stem}-rank{r}.json").read_text()) for r in (0, 1)]
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -111,8 +102,9 @@ def _worker(out: str) -> None:
 
 
 def test_sharded_library_paths_equal_unsharded_and_read_no_shard(tmp_path):
-    proc = subprocess.run([*ACCELERATE, str(Path(__file__)), str(tmp_path)], env=_env(), capture_output=True,
-                          text=True, timeout=300, cwd=ROOT)
+    cmd = [*ACCELERATE, "--config_file", str(ROOT / "src" / "bupo" / "recipes" / "accelerate" / RECIPE),
+           str(Path(__file__)), str(tmp_path)]
+    proc = subprocess.run(cmd, env=_env(), capture_output=True, text=True, timeout=300, cwd=ROOT)
     assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-4000:]
     for rec in _ranks(tmp_path, "worker"):
         assert rec["distributed_type"] == "DistributedType.FSDP" and rec["param_type"] == "DTensor"
@@ -130,29 +122,19 @@ def test_sharded_library_paths_equal_unsharded_and_read_no_shard(tmp_path):
 # bupo train under the fsdp2-cpu recipe
 
 
-def _train_args(out: Path) -> list[str]:
-    from bupo.zoo import bundled_model_path
-
-    # k = 3 of 8 layers (tied embeddings: the tail unit is [final norm, embedding, lm_head]); rollout step 1 internal,
-    # 2 full; one optimizer step per rollout of 2 x 8 completions
-    return ["train", "--model", str(bundled_model_path()), "--algo", "bupo", "--internal-layer", "3",
-            "--internal-steps", "1", "--out", str(out), "--eval-data", "none", "--max_steps", "2",
-            "--steps_per_generation", "1", "--per_device_train_batch_size", "8", "--num_generations", "8",
-            "--max_completion_length", "32", "--save_strategy", "steps", "--save_steps", "1", "--probe_every", "1",
-            "--logging_steps", "1", "--disable_tqdm", "true"]
-
-
-def _launch(probe_dir: Path, args: list[str]) -> subprocess.CompletedProcess:
-    cmd = [*ACCELERATE, str(ROOT / "tests" / "launch_probe.py"), str(probe_dir), *args]
-    return subprocess.run(cmd, env=_env(), capture_output=True, text=True, timeout=400, cwd=ROOT)
+def _run(probe_dir: Path, out: Path, *extra: str) -> subprocess.CompletedProcess:
+    # the bundled model (tied embeddings: the tail unit is [final norm, embedding, lm_head]), k = 3 of 8 layers;
+    # 0/1 alternating rewards: every group has non-zero advantages, so every step updates
+    return _launch(RECIPE, probe_dir, [*_train_args(out, completion_tokens=32), *extra], timeout=400,
+                   env=_env(BUPO_PROBE_ALTERNATING_REWARD="1"))
 
 
 def test_bupo_train_fsdp2_cpu_recipe_shards_both_phases_and_resumes(tmp_path):
     out = tmp_path / "run"
-    proc = _launch(tmp_path / "p1", _train_args(out))
+    proc = _run(tmp_path / "p1", out)
     assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-4000:]
     assert WARNING not in proc.stderr
-    ranks = _ranks(tmp_path / "p1", "probe")
+    ranks = _ranks(tmp_path / "p1")
     for rec in ranks:
         assert rec["world_size"] == 2 and rec["param_type"] == "DTensor"
         assert rec["wrapped"] == "FSDPQwen3ForCausalLM"
@@ -174,10 +156,10 @@ def test_bupo_train_fsdp2_cpu_recipe_shards_both_phases_and_resumes(tmp_path):
     assert "Qwen3DecoderLayer" in sharding["fsdp_unit_types"]
 
     # resume from the checkpoint saved while internal: its optimizer has no state for the layers above k
-    proc = _launch(tmp_path / "p2", [*_train_args(out), "--resume", str(out / "checkpoint-1")])
+    proc = _run(tmp_path / "p2", out, "--resume", str(out / "checkpoint-1"))
     assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-4000:]
     assert WARNING not in proc.stderr
-    for rec, first in zip(_ranks(tmp_path / "p2", "probe"), ranks, strict=True):
+    for rec, first in zip(_ranks(tmp_path / "p2"), ranks, strict=True):
         assert rec["start_step"] == 1 and rec["global_step"] == 2 and list(rec["steps"]) == ["2"]
         assert not rec["steps"]["2"]["internal"] and not rec["steps"]["2"]["upper_same"]
         assert rec["first_full_update"]["median_update_over_lr"] == pytest.approx(1.0, abs=0.02)

@@ -6,7 +6,7 @@ config puts each process in ``MULTI_CPU`` (DDP over gloo) and drops the FSDP plu
 accelerate keep the plugin there: the state is promoted from ``MULTI_CPU`` to ``FSDP`` exactly where accelerate does
 it for GPUs, and ``Accelerator.prepare`` then wraps the model as it does on GPUs (``fully_shard`` per decoder
 layer, the embedding and the [final norm, lm_head] tail as their own units, the root last; DTensor parameters).
-FSDP1 has no CPU path and stays refused (:func:`bupo.training.run` checks the launcher after the trainer is built).
+FSDP1 and DeepSpeed have no CPU path in accelerate: such a launcher on CPU processes is refused in one line.
 
 Under FSDP2, :func:`complete_fused_lm_head` makes TRL's fused LM head run lm_head's forward. TRL 1.16 computes the
 training and old log-probs from ``lm_head.weight`` directly (``trl.trainer.utils.add_fused_lm_head``: no logits
@@ -26,7 +26,7 @@ import os
 from collections.abc import Iterator
 from typing import Any
 
-__all__ = ["complete_fused_lm_head", "enable_cpu_fsdp2", "fsdp2_optimizer_load_lenient", "sharding_summary"]
+__all__ = ["complete_fused_lm_head", "enable_cpu_fsdp2", "fsdp2_optimizer_resume", "sharding_summary"]
 
 
 def _fsdp2_requested() -> bool:
@@ -38,11 +38,20 @@ def enable_cpu_fsdp2() -> bool:
     """Let accelerate run FSDP2 on CPU processes (gloo) when the launcher asks for FSDP2 and there is no GPU.
 
     Returns True when it did (idempotent), False when nothing was needed (no FSDP2 asked for, a GPU present, or
-    one process). Call before the trainer (and so the ``Accelerator``) is built.
+    one process). A launcher asking for FSDP1 or DeepSpeed on CPU processes, which accelerate would run as DDP (or
+    fail on deep inside), is refused here with one line (ValueError), before any model is loaded. Call before the
+    trainer (and so the ``Accelerator``) is built.
     """
     import torch
 
-    if not _fsdp2_requested() or torch.cuda.is_available() or int(os.environ.get("WORLD_SIZE", "1")) < 2:
+    if torch.cuda.is_available():
+        return False
+    for env, name in (("ACCELERATE_USE_FSDP", "FSDP"), ("ACCELERATE_USE_DEEPSPEED", "DeepSpeed")):
+        if os.environ.get(env, "false").lower() == "true" and not (name == "FSDP" and _fsdp2_requested()):
+            raise ValueError(f"the accelerate config asks for {name}, but accelerate did not enable it on CPU "
+                             f"processes ({'FSDP1' if name == 'FSDP' else name} needs GPUs); use FSDP2 (bupo recipes "
+                             "path fsdp2-cpu) or DDP (bupo recipes path cpu) on the CPU")
+    if not _fsdp2_requested() or int(os.environ.get("WORLD_SIZE", "1")) < 2:
         return False
     from accelerate.state import AcceleratorState, PartialState
     from accelerate.utils import DistributedType
@@ -107,28 +116,54 @@ def complete_fused_lm_head(trainer: Any) -> bool:
 
 
 @contextlib.contextmanager
-def fsdp2_optimizer_load_lenient() -> Iterator[None]:
-    """Resume an FSDP2 optimizer whose checkpoint has no state for some parameters.
+def fsdp2_optimizer_resume() -> Iterator[None]:
+    """Resume an FSDP2 optimizer whose checkpoint has no state for some parameters, as a fresh AdamW for those.
 
     A checkpoint saved during the internal phase has no AdamW state for the layers above k and the final norm (no
-    gradient, so AdamW never created it), and torch's ``set_optimizer_state_dict`` refuses such a state dict by
-    default ("Missing optimizer state for parameter ... in checkpoint"). Inside the block accelerate loads FSDP2
-    optimizer state with ``strict=False``: those parameters keep no state and start a fresh AdamW at the switch,
-    as in an uninterrupted run. Wrap only the optimizer load in it.
+    gradient, so AdamW never created any). torch's ``set_optimizer_state_dict`` refuses such a state dict by default
+    ("Missing optimizer state for parameter ... in checkpoint"); with ``strict=False`` it loads, but its full-state-
+    dict path first gives every parameter a placeholder state (``_init_optim_state``: one AdamW step on zero
+    gradients) and keeps it where the checkpoint has none: step 1 with zero moments, so the first real update of those
+    parameters would be AdamW's step 2 (0.74x a fresh step at betas (0.9, 0.999)). Inside the block accelerate loads
+    FSDP2 optimizer state non-strictly and the placeholders (both moments exactly zero, on every rank) are dropped
+    afterwards: those parameters start a fresh AdamW at the switch, as in an uninterrupted run. Wrap only the
+    optimizer load in it.
     """
+    import torch.distributed.checkpoint.state_dict as dcp_sd
     from accelerate.utils import fsdp_utils
 
-    real = fsdp_utils._prepare_sd_options
+    real_options, real_set = fsdp_utils._prepare_sd_options, dcp_sd.set_optimizer_state_dict
 
     def lenient(fsdp_plugin: Any) -> Any:
-        options = real(fsdp_plugin)
+        options = real_options(fsdp_plugin)
         return options if options is None else dataclasses.replace(options, strict=False)
 
-    fsdp_utils._prepare_sd_options = lenient
+    def set_and_drop_placeholders(model: Any, optimizers: Any, *args: Any, **kwargs: Any) -> None:
+        real_set(model, optimizers, *args, **kwargs)
+        for optimizer in optimizers if isinstance(optimizers, list | tuple) else (optimizers,):
+            _drop_placeholder_states(optimizer)
+
+    fsdp_utils._prepare_sd_options, dcp_sd.set_optimizer_state_dict = lenient, set_and_drop_placeholders
     try:
         yield
     finally:
-        fsdp_utils._prepare_sd_options = real
+        fsdp_utils._prepare_sd_options, dcp_sd.set_optimizer_state_dict = real_options, real_set
+
+
+def _drop_placeholder_states(optimizer: Any) -> None:
+    """Forget Adam states whose moments are zero everywhere (decided on the full tensor: every rank alike)."""
+    from torch.distributed.tensor import DTensor
+
+    for group in optimizer.param_groups:
+        for param in group["params"]:
+            state = optimizer.state.get(param)
+            if not state or "exp_avg" not in state or "exp_avg_sq" not in state:
+                continue
+            mass = state["exp_avg"].abs().sum() + state["exp_avg_sq"].abs().sum()
+            if isinstance(mass, DTensor):
+                mass = mass.full_tensor()
+            if float(mass) == 0.0:
+                del optimizer.state[param]
 
 
 def sharding_summary(trainer: Any) -> dict[str, Any]:

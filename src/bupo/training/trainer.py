@@ -499,11 +499,9 @@ class BuPOTrainer(GRPOTrainer):
         self.accelerator.wait_for_everyone()
 
     def _load_optimizer_and_scheduler(self, checkpoint: str | None) -> None:
-        from bupo.training.launcher import (
-            fsdp2_optimizer_load_lenient,  # above-k layers: no state while internal
-        )
+        from bupo.training.launcher import fsdp2_optimizer_resume  # no AdamW state above k while internal
 
-        with _cpu_map_location(self.args.device), fsdp2_optimizer_load_lenient():
+        with _cpu_map_location(self.args.device), fsdp2_optimizer_resume():
             super()._load_optimizer_and_scheduler(checkpoint)
         if checkpoint is not None and os.path.exists(os.path.join(checkpoint, PROBE_FILE)):
             self._bupo_probe = torch.load(os.path.join(checkpoint, PROBE_FILE), weights_only=True)
