@@ -49,8 +49,8 @@ def enable_cpu_fsdp2() -> bool:
     for env, name in (("ACCELERATE_USE_FSDP", "FSDP"), ("ACCELERATE_USE_DEEPSPEED", "DeepSpeed")):
         if os.environ.get(env, "false").lower() == "true" and not (name == "FSDP" and _fsdp2_requested()):
             raise ValueError(f"the accelerate config asks for {name}, but accelerate did not enable it on CPU "
-                             f"processes ({'FSDP1' if name == 'FSDP' else name} needs GPUs); use FSDP2 (bupo recipes "
-                             "path fsdp2-cpu) or DDP (bupo recipes path cpu) on the CPU")
+                             f"processes (it runs {'FSDP1' if name == 'FSDP' else name} only on GPUs); use FSDP2 "
+                             "(bupo recipes path fsdp2-cpu) or DDP (bupo recipes path cpu) on the CPU")
     if not _fsdp2_requested() or int(os.environ.get("WORLD_SIZE", "1")) < 2:
         return False
     from accelerate.state import AcceleratorState, PartialState
