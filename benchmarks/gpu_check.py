@@ -3,12 +3,12 @@
     python benchmarks/gpu_check.py analysis --out DIR   # issue 4: Qwen3-4B-shaped, one 8192-token trace, all streams
     python benchmarks/gpu_check.py core --out DIR       # issue 2: core checks in bf16 on a Qwen3-0.6B shape + bench ratio
     python benchmarks/gpu_check.py train --out DIR      # issue 5: 2 internal + 2 full BuPO steps, bf16, HF generation
-    python benchmarks/gpu_check.py launchers --out DIR  # issue 13: accelerate launch zero3.yaml and fsdp2.yaml on 1 GPU
+    python benchmarks/gpu_check.py launchers --out DIR  # issues 13, 22: accelerate launch zero3.yaml and fsdp2.yaml, 1 GPU
     python benchmarks/gpu_check.py all --small          # the same code paths on tiny shapes (CPU dry run)
 
-``launchers`` needs ``deepspeed`` importable for its ZeRO-3 half (the device has no index: carry a wheel built here
-with ``DS_BUILD_OPS=0 pip wheel 'deepspeed>=0.17,<0.20' -w wheels`` and ``pip install wheels/*.whl`` first); without
-it that half is reported as FAIL, not skipped. With ``--small`` it runs the CPU DDP config (2 processes) instead.
+``launchers`` needs trl, deepspeed and bupo's other dependencies the GPU image lacks: ``bash benchmarks/gpu_check.sh``
+installs the wheels carried in ``.whl/`` and runs it (the one command for a lent GPU machine); without deepspeed the
+ZeRO-3 half is reported as FAIL, not skipped. With ``--small`` it runs the ``fsdp2-cpu`` recipe (2 CPU processes).
 
 Every model is random-init (there is no hub); shapes follow the public configs. Each section prints its lines,
 writes ``gpu_<section>.json`` to ``--out`` and exits non-zero if one of its checks fails. Conventions: 0-based
@@ -20,6 +20,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import shutil
 import sys
 import time
 from pathlib import Path
@@ -452,79 +453,136 @@ def section_train(small: bool, out_dir: Path) -> dict:
 
 
 # ---------------------------------------------------------------------------------------------------------------
-# issue 13: real launchers (accelerate launch with the shipped configs) through bupo train
+# issues 13 and 22: real launchers (accelerate launch with the shipped configs) through bupo train
+
+LAUNCH_BUDGET_S = 285  # both runs, model creation included: the section stays under 5 minutes
+LAUNCH_CAP_S = {"zero3": 150, "fsdp2": 130}  # each run's own timeout (less when the budget has less left)
+LM_HEAD_WARNING = "did not run forward before backward"
+
+
+def _run_launch(cmd: list[str], env: dict, cwd: Path, timeout: float) -> tuple[object, str, str]:
+    """(rc or "timeout", stdout, stderr) of one launch; a timeout kills the launcher's whole process group (its
+    ranks hold the GPU) and keeps what they printed."""
+    import signal
+    import subprocess
+
+    proc = subprocess.Popen(cmd, env=env, cwd=cwd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                            start_new_session=True)
+    try:
+        out, err = proc.communicate(timeout=timeout)
+        return proc.returncode, out, err
+    except subprocess.TimeoutExpired:
+        os.killpg(proc.pid, signal.SIGKILL)
+        out, err = proc.communicate()
+        return "timeout", out or "", err or ""
+
+
+def _launch_verdicts(checks: Checks, name: str, recs: list[dict], rc: object, stderr: str) -> None:
+    """One line per probe verdict, from whatever the ranks wrote (a run stopped by its timeout leaves a prefix)."""
+    def step(rec, s):
+        return rec.get("steps", {}).get(s)
+
+    def verdict(label, values, ok_fn, **shown):
+        if not values or any(v is None for v in values):
+            checks.add(f"{name}: {label}", False, result=f"no data: the run ended before it (rc={rc})")
+        else:
+            checks.add(f"{name}: {label}", all(ok_fn(v) for v in values), **shown)
+
+    parity = [r.get("parity") for r in recs] or [None]
+    p0 = parity[0] or {}
+    verdict("internal log-probs equal the unsharded reference (TRL's fused head, truncated forward)", parity,
+            lambda v: v["mean_abs"] < 0.05 and v["mean_abs"] < 0.1 * v["ref_vs_full_mean_abs"],
+            mean_abs=p0.get("mean_abs", float("nan")), max_abs=p0.get("max_abs", float("nan")),
+            ref_vs_full=p0.get("ref_vs_full_mean_abs", float("nan")))
+    s1 = [step(r, "1") for r in recs] or [None]
+    key = "watched_master_same" if name == "zero3" else "upper_same"  # ZeRO-3: fp32 masters (bf16 hides decay)
+    verdict("phase 1 internal, layers > k and final norm bitwise unchanged (every rank"
+            + (", fp32 masters)" if name == "zero3" else ")"), s1,
+            lambda v: v["internal"] and v[key] and not v["lower_same"],
+            upper_same=(s1[0] or {}).get(key), n_upper=(s1[0] or {}).get("n_upper"))
+    s2 = [step(r, "2") for r in recs] or [None]
+    verdict("phase 2 full, layers > k move", s2, lambda v: not v["internal"] and not v["upper_same"])
+    missed = [m for r in recs for v in r.get("steps", {}).values() for m in v.get("missed_forward", [])]
+    checks.add(f"{name}: no FSDP unit missed a forward (no lm_head warning), both phases",
+               LM_HEAD_WARNING not in stderr and not missed and bool(recs and recs[0].get("steps")),
+               warning_in_log=LM_HEAD_WARNING in stderr, missed=sorted(set(missed)))
+    first = [r.get("first_full_update") for r in recs] or [None]
+    verdict("first full-phase update = fresh AdamW step 1 (median |dw|/lr of layer k+1, last layer, norm)", first,
+            lambda v: abs(v["median_update_over_lr"] - 1.0) < 0.1,
+            median_update_over_lr=(first[0] or {}).get("median_update_over_lr", float("nan")))
 
 
 def section_launchers(small: bool, out_dir: Path) -> dict:
-    """``accelerate launch --config_file src/bupo/recipes/accelerate/{zero3,fsdp2}.yaml --num_processes 1`` running ``bupo
-    train`` (tests/launch_probe.py records each rank's shards) on a random-init Qwen3-0.6B shape: 1 internal + 1 full
-    rollout step at k = 13 (paper layer 14). Checks: the phase switch, layers above k and the final norm unchanged
-    after the internal step (FSDP2 bitwise; ZeRO-3 up to weight decay: its unused parameters get zero, not None,
-    gradients), moved after the switch, weights stay fp32 masters, no hang (timeout)."""
-    import subprocess
+    """``accelerate launch --config_file src/bupo/recipes/accelerate/{zero3,fsdp2}.yaml --num_processes 1`` running
+    ``bupo train`` (tests/launch_probe.py records each rank's shards) on a random-init Qwen3-0.6B shape: 1 internal
+    + 1 full rollout step at k = 13 (paper layer 14), each run under its own timeout, the whole section under 5
+    minutes. Verdicts, printed per run even when it timed out (the probe writes after every event): the internal
+    log-probs through the wrapped model equal an unsharded reference, layers above k and the final norm bitwise
+    unchanged while internal (ZeRO-3: the fp32 masters), moved after the switch, no FSDP unit missed a forward
+    (the lm_head warning), the first full-phase update a fresh AdamW step 1, bupo_run.json's sharding. ``--small``:
+    the ``fsdp2-cpu`` recipe on 2 CPU processes (accelerate runs DeepSpeed only on GPUs)."""
+    import importlib.util
 
     torch, device, dtype, cuda = _setup(small)
+    t_start = time.perf_counter()
     root = Path(__file__).resolve().parents[1]
     checks = Checks()
     L, d, V, heads, kv, inter = (28, 1024, 151936, 16, 8, 3072) if not small else (4, 64, 512, 4, 2, 128)
     k = 13 if not small else 1
     model_dir = out_dir / "launch_model"
     if not (model_dir / "config.json").is_file():
-        model = _model(_qwen3(L, d, V, heads, kv, inter, 4096), torch.device("cpu"), torch.float32)
+        model = _model(_qwen3(L, d, V, heads, kv, inter, 4096), device, torch.float32)
         model.save_pretrained(model_dir)  # fp32 on disk: bupo train loads fp32 master weights
         _tokenizer().save_pretrained(model_dir)
         del model
-    runs = [("zero3.yaml", "DeepSpeedEngine"), ("fsdp2.yaml", None)] if cuda else [("cpu.yaml", None)]
-    out: dict = {"device": _device_name(torch, cuda), "torch": torch.__version__, "num_layers": L, "k": k, "runs": {}}
+    runs = [("zero3", "zero3.yaml"), ("fsdp2", "fsdp2.yaml")] if cuda else [("fsdp2", "fsdp2-cpu.yaml")]
+    out: dict = {"device": _device_name(torch, cuda), "torch": torch.__version__, "num_layers": L, "k": k, "runs": {},
+                 "model_seconds": time.perf_counter() - t_start}
     env = {**os.environ, "BUPO_PROBE_ALTERNATING_REWARD": "1", "TOKENIZERS_PARALLELISM": "false",
            "PYTHONPATH": os.pathsep.join([str(root / "src"), str(root / "tests"), os.environ.get("PYTHONPATH", "")])}
     if not cuda:
         env.update(OMP_NUM_THREADS="1", GLOO_SOCKET_IFNAME="lo")
-    for config, _ in runs:
-        name = config.removesuffix(".yaml")
-        if name == "zero3":
-            import importlib.util
-
-            if importlib.util.find_spec("deepspeed") is None:
-                checks.add(f"{name}: deepspeed importable", False, hint="pip install a carried deepspeed wheel")
-                continue
+    for name, config in runs:
+        left = LAUNCH_BUDGET_S - (time.perf_counter() - t_start)
+        timeout = min(LAUNCH_CAP_S[name] * (1 if cuda else 3), left)
+        if name == "zero3" and importlib.util.find_spec("deepspeed") is None:
+            checks.add(f"{name}: deepspeed importable", False, hint="install the carried wheels (gpu_check.sh)")
+            continue
+        if cuda and timeout < 60:
+            checks.add(f"{name}: run", False, result=f"not started: {left:.0f} s of the section budget left")
+            continue
         run_dir, probe_dir = out_dir / f"launch_{name}", out_dir / f"launch_{name}_probe"
-        nproc = ["--num_processes", "1"] if cuda else []
+        for stale in (run_dir, probe_dir):  # a verdict must come from this run
+            shutil.rmtree(stale, ignore_errors=True)
         cmd = [sys.executable, "-m", "accelerate.commands.launch", "--config_file",
-               str(root / "src" / "bupo" / "recipes" / "accelerate" / config), *nproc, str(root / "tests" / "launch_probe.py"),
+               str(root / "src" / "bupo" / "recipes" / "accelerate" / config),
+               *(["--num_processes", "1"] if cuda else []), str(root / "tests" / "launch_probe.py"),
                str(probe_dir), "train", "--model", str(model_dir), "--algo", "bupo", "--internal-layer", str(k),
                "--internal-steps", "1", "--out", str(run_dir), "--eval-data", "none", "--max_steps", "2",
                "--steps_per_generation", "1", "--per_device_train_batch_size", "8", "--num_generations", "8",
-               "--max_completion_length", "128" if cuda else "16", "--learning_rate", "1e-5", "--weight_decay", "0.01",
+               "--max_completion_length", "64" if cuda else "16", "--learning_rate", "1e-5", "--weight_decay", "0.01",
                "--save_strategy", "no", "--probe_every", "1", "--logging_steps", "1", "--disable_tqdm", "true",
                "--max_prompt_length", "512", *(["--bf16", "true", "--gradient_checkpointing", "true"] if cuda else [])]
         t0 = time.perf_counter()
-        try:
-            proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=420, cwd=root)
-            rc, tail = proc.returncode, (proc.stdout[-1500:] + proc.stderr[-3000:])
-        except subprocess.TimeoutExpired as exc:
-            rc, tail = "timeout", str(exc)[-2000:]
+        rc, stdout, stderr = _run_launch(cmd, env, root, timeout)
         seconds = time.perf_counter() - t0
-        checks.add(f"{name}: bupo train ran to the end (no hang)", rc == 0, rc=rc, seconds=seconds)
+        checks.add(f"{name}: bupo train ran to the end within its timeout", rc == 0, rc=rc, seconds=seconds,
+                   timeout=timeout)
         if rc != 0:
-            print(tail, flush=True)
-            out["runs"][name] = {"rc": rc, "tail": tail}
-            continue
+            print(stdout[-1500:] + stderr[-3000:], flush=True)
         recs = [json.loads(f.read_text()) for f in sorted(probe_dir.glob("probe-rank*.json"))]
-        r0 = recs[0]
-        s1, s2 = r0["steps"]["1"], r0["steps"]["2"]
-        checks.add(f"{name}: phase switch after rollout step 1", s1["internal"] and not s2["internal"],
-                   wrapped=r0["wrapped"], param_type=r0["param_type"])
-        upper_ok = all((r["steps"]["1"]["upper_within_decay"] if name == "zero3" else r["steps"]["1"]["upper_same"])
-                       for r in recs)
-        checks.add(f"{name}: layers > k and final norm unchanged while internal"
-                   + (" (up to weight decay)" if name == "zero3" else " (bitwise, every rank)"),
-                   upper_ok and not s1["lower_same"], bitwise=s1["upper_same"], n_upper=s1["n_upper"])
-        checks.add(f"{name}: layers > k move after the switch", not s2["upper_same"])
-        summary = json.loads((run_dir / "bupo_run.json").read_text())
-        checks.add(f"{name}: fp32 master weights, {summary['mixed_precision']} autocast",
-                   summary["weights_dtype"] == "float32", weights=summary["weights_dtype"])
-        out["runs"][name] = {"seconds": seconds, "probe": recs, "summary": summary}
+        _launch_verdicts(checks, name, recs, rc, stderr)
+        summary = json.loads((run_dir / "bupo_run.json").read_text()) if (run_dir / "bupo_run.json").is_file() else {}
+        sharding = summary.get("sharding") or {}
+        want = {"zero3": ("deepspeed", "zero_stage", 3), "fsdp2": ("fsdp2", "param_type", "DTensor")}[name]
+        checks.add(f"{name}: bupo_run.json records the sharding", sharding.get("launcher") == want[0]
+                   and sharding.get(want[1]) == want[2], sharding=sharding or None)
+        if summary:
+            checks.add(f"{name}: fp32 master weights, {summary['mixed_precision']} autocast",
+                       summary["weights_dtype"] == "float32", weights=summary["weights_dtype"])
+        out["runs"][name] = {"rc": rc, "seconds": seconds, "timeout": timeout, "probe": recs, "summary": summary,
+                             "tail": (stdout[-1500:] + stderr[-3000:]) if rc != 0 else ""}
+    out["seconds"] = time.perf_counter() - t_start
     out["checks"] = checks.rows
     out["ok"] = checks.ok
     return out

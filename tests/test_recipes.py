@@ -20,7 +20,7 @@ def test_every_shipped_yaml_is_listed_with_its_model_and_purpose():
     train = {r.name: r for r in recipes if r.kind == "train"}
     assert set(train) == {"qwen3-4b", "qwen3-8b", "octothinker-3b", "octothinker-8b"}
     assert train["qwen3-4b"].model == "Qwen/Qwen3-4B" and "Table 1" in train["qwen3-4b"].description
-    assert {r.name for r in recipes if r.kind == "accelerate"} == {"cpu", "ddp", "fsdp2", "zero3"}
+    assert {r.name for r in recipes if r.kind == "accelerate"} == {"cpu", "ddp", "fsdp2", "fsdp2-cpu", "zero3"}
     assert all(r.description for r in recipes)
 
 

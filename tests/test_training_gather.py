@@ -6,6 +6,7 @@ an empty shard outside ``GatheredParameters``, so a forward fails as it does on 
 
 from __future__ import annotations
 
+import enum
 import json
 import sys
 import types
@@ -28,18 +29,26 @@ class FakeZero3:
         self.full = {}
         self.gathers: list[tuple[int, object]] = []
         self.inside = False
+        self.status = enum.Enum("ZeroParamStatus", ["AVAILABLE", "NOT_AVAILABLE", "INFLIGHT"])
         for i, p in enumerate(model.parameters()):
             p.ds_id = i
+            p.ds_status = self.status.NOT_AVAILABLE
+            p.ds_shape = p.shape
             self.full[i] = p.data
             p.data = torch.empty(0, dtype=p.dtype)
         self.module = types.ModuleType("deepspeed")
         self.module.zero = types.SimpleNamespace(GatheredParameters=self.gathered)
+        self.submodules = {"deepspeed.runtime": types.ModuleType("deepspeed.runtime"),
+                           "deepspeed.runtime.zero": types.ModuleType("deepspeed.runtime.zero"),
+                           "deepspeed.runtime.zero.partition_parameters":
+                               types.SimpleNamespace(ZeroParamStatus=self.status)}
 
     @contextmanager
     def gathered(self, params, modifier_rank=None):
         self.gathers.append((len(params), modifier_rank))
         for p in params:
             p.data = self.full[p.ds_id]
+            p.ds_status = self.status.AVAILABLE
         self.inside = True
         try:
             yield
@@ -47,6 +56,7 @@ class FakeZero3:
             self.inside = False
             for p in params:
                 p.data = torch.empty(0, dtype=p.dtype)
+                p.ds_status = self.status.NOT_AVAILABLE
 
 
 @pytest.fixture
@@ -54,6 +64,8 @@ def zero3(monkeypatch):
     model = make_model()
     fake = FakeZero3(model)
     monkeypatch.setitem(sys.modules, "deepspeed", fake.module)
+    for name, module in fake.submodules.items():
+        monkeypatch.setitem(sys.modules, name, module)
     return model, fake
 
 
@@ -105,7 +117,9 @@ def test_the_auto_layer_analysis_runs_on_gathered_params_and_every_process_gathe
 
     monkeypatch.setattr(analysis_run, "analyze", fake_analyze)
     if not is_main:  # the main process wrote the analysis meanwhile
-        monkeypatch.setattr(analysis_run, "suggested_layer", lambda path, projection: 2)
+        import bupo.analysis.result as analysis_result
+
+        monkeypatch.setattr(analysis_result, "suggested_layer", lambda path, projection: 2)
     k, source = resolve_internal_layer("auto", model=model, tokenizer=None, model_path=None,
                                        output_dir=str(tmp_path), analysis=None, rows=ROWS, template="chat",
                                        samples=4, max_new_tokens=4, is_main=is_main)

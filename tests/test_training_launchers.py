@@ -4,9 +4,9 @@ running ``bupo train`` end to end through both phases (tests/launch_probe.py add
 - src/bupo/recipes/accelerate/cpu.yaml (DDP): ranks agree on the logged metrics, every rank's layers above k and final norm
   are bitwise unchanged after the internal phase and move after the switch; resuming from the checkpoint at the
   phase boundary continues in the full phase.
-- src/bupo/recipes/accelerate/fsdp2.yaml: accelerate 1.15 enables FSDP only on GPU-like devices, so on the CPU the run
-  would silently be DDP; bupo train refuses it in one line instead. FSDP2 itself is checked by
-  benchmarks/gpu_check.py on a GPU.
+- an FSDP config on the CPU: accelerate enables FSDP only on GPU-like devices, so the run would silently be DDP.
+  bupo train keeps FSDP2 on for CPU processes (tests/test_fsdp2_cpu.py, recipe fsdp2-cpu); FSDP1 has no CPU path and
+  is refused in one line. ZeRO-3 and FSDP2 on a GPU: benchmarks/gpu_check.py launchers.
 """
 
 from __future__ import annotations
@@ -25,31 +25,33 @@ ROOT = Path(__file__).resolve().parents[1]
 ACCELERATE = [sys.executable, "-m", "accelerate.commands.launch"]
 
 
-def _env() -> dict[str, str]:
+def _env(**extra: str) -> dict[str, str]:
     return {**os.environ, "OMP_NUM_THREADS": "1", "GLOO_SOCKET_IFNAME": "lo", "HF_HUB_OFFLINE": "1",
             "TOKENIZERS_PARALLELISM": "false",
-            "PYTHONPATH": os.pathsep.join([str(ROOT / "src"), str(ROOT / "tests"), os.environ.get("PYTHONPATH", "")])}
+            "PYTHONPATH": os.pathsep.join([str(ROOT / "src"), str(ROOT / "tests"), os.environ.get("PYTHONPATH", "")]),
+            **extra}
 
 
-def _train_args(out: Path) -> list[str]:
+def _train_args(out: Path, completion_tokens: int = 64) -> list[str]:
     from bupo.zoo import bundled_model_path
 
     # k = 3 of 8 layers; rollout step 1 internal, 2 full; one optimizer step per rollout of 2 x 8 completions
     return ["train", "--model", str(bundled_model_path()), "--algo", "bupo", "--internal-layer", "3",
             "--internal-steps", "1", "--out", str(out), "--eval-data", "none", "--max_steps", "2",
             "--steps_per_generation", "1", "--per_device_train_batch_size", "8", "--num_generations", "8",
-            "--max_completion_length", "64", "--save_strategy", "steps", "--save_steps", "1", "--probe_every", "1",
-            "--logging_steps", "1", "--disable_tqdm", "true"]
+            "--max_completion_length", str(completion_tokens), "--save_strategy", "steps", "--save_steps", "1",
+            "--probe_every", "1", "--logging_steps", "1", "--disable_tqdm", "true"]
 
 
-def _launch(config: str, probe_dir: Path, args: list[str], *extra: str) -> subprocess.CompletedProcess:
+def _launch(config: str, probe_dir: Path, args: list[str], *extra: str, env: dict[str, str] | None = None,
+            timeout: float = 300) -> subprocess.CompletedProcess:
     cmd = [*ACCELERATE, "--config_file", str(ROOT / "src" / "bupo" / "recipes" / "accelerate" / config), *extra,
            str(ROOT / "tests" / "launch_probe.py"), str(probe_dir), *args]
-    return subprocess.run(cmd, env=_env(), capture_output=True, text=True, timeout=300, cwd=ROOT)
+    return subprocess.run(cmd, env=env or _env(), capture_output=True, text=True, timeout=timeout, cwd=ROOT)
 
 
-def _ranks(probe_dir: Path) -> list[dict]:
-    return [json.loads((probe_dir / f"probe-rank{r}.json").read_text()) for r in (0, 1)]
+def _ranks(probe_dir: Path, stem: str = "probe") -> list[dict]:
+    return [json.loads((probe_dir / f"{stem}-rank{r}.json").read_text()) for r in (0, 1)]
 
 
 def test_accelerate_ddp_config_runs_both_phases_and_resumes(tmp_path):
@@ -63,6 +65,7 @@ def test_accelerate_ddp_config_runs_both_phases_and_resumes(tmp_path):
         assert rec["steps"]["1"]["upper_same"] and not rec["steps"]["1"]["lower_same"]  # internal: only <= k moves
         assert not rec["steps"]["2"]["upper_same"]  # after the switch everything trains
         assert rec["steps"]["1"]["n_upper"] == 4 * 11 + 1  # layers 4..7 (11 tensors each) + the final norm
+        assert rec["first_full_update"]["median_update_over_lr"] == pytest.approx(1.0, abs=0.02)  # fresh AdamW
     assert ranks[0]["logs"] == ranks[1]["logs"] and [h["bupo/phase"] for h in ranks[0]["logs"]] == [1.0, 0.0]
     summary = json.loads((out / "bupo_run.json").read_text())
     assert summary["global_step"] == 2 and (out / "checkpoint-1").is_dir()
@@ -73,12 +76,13 @@ def test_accelerate_ddp_config_runs_both_phases_and_resumes(tmp_path):
     for rec in _ranks(tmp_path / "p2"):
         assert rec["start_step"] == 1 and rec["global_step"] == 2 and rec["world_size"] == 2
         assert list(rec["steps"]) == ["2"] and not rec["steps"]["2"]["internal"]
+        assert rec["first_full_update"]["median_update_over_lr"] == pytest.approx(1.0, abs=0.02)
     assert json.loads((out / "bupo_run.json").read_text())["resumed_from"] == str(out / "checkpoint-1")
 
 
-def test_accelerate_fsdp2_config_on_cpu_is_refused_not_silently_ddp(tmp_path):
+def test_accelerate_fsdp1_config_on_cpu_is_refused_not_silently_ddp(tmp_path):
     proc = _launch("fsdp2.yaml", tmp_path / "p", _train_args(tmp_path / "run"), "--num_processes", "2",
-                   "--mixed_precision", "no")
+                   "--mixed_precision", "no", "--fsdp_version", "1")
     assert proc.returncode != 0
     assert "the accelerate config asks for FSDP, but accelerate did not enable it" in proc.stderr
     assert not (tmp_path / "run" / "bupo_run.json").exists()

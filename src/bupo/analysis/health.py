@@ -26,6 +26,7 @@ def quick_health(model: Any, tokenizer: Any, prompts: Sequence[str], *, projecti
     from bupo.generation import encode_prompt, eval_mode
     from bupo.internal import parts, stream_stats, tap
     from bupo.internal.adapters import check_projection
+    from bupo.internal.sharding import full_parameters, gathered_model
 
     check_projection(projection)
     seqs = [ids for ids in (encode_prompt(tokenizer, p) for p in prompts) if len(ids) >= 2]
@@ -51,9 +52,13 @@ def quick_health(model: Any, tokenizer: Any, prompts: Sequence[str], *, projecti
     def residual_rms(stream, layer, t):
         rms[layer] = float(t.reshape(-1, t.shape[-1]).index_select(0, index).float().pow(2).mean(-1).sqrt().mean())
 
-    with eval_mode(model), torch.inference_mode(), tap(model, [("resid_post", k) for k in range(L)], residual_rms):
-        st = stream_stats(model, ids, mask, streams=("resid_post",), positions=pos, targets=targets,
-                          projection=projection)
+    # gathered_model: under ZeRO-3 this runs before the trainer exists, on partitions no engine hook fetches
+    with gathered_model(model), eval_mode(model), torch.inference_mode():
+        with tap(model, [("resid_post", k) for k in range(L)], residual_rms):
+            st = stream_stats(model, ids, mask, streams=("resid_post",), positions=pos, targets=targets,
+                              projection=projection)
+        with full_parameters(p.model, p.final_norm):
+            norm_gain = _norm_weight_stats(p.final_norm)
     final_top1 = st.final.top1_id
     per = [st.stats[("resid_post", k)] for k in range(L)]
     stats = {
@@ -63,7 +68,7 @@ def quick_health(model: Any, tokenizer: Any, prompts: Sequence[str], *, projecti
         "final_entropy": float(st.final.entropy.double().mean()),
         "resid_rms": [rms[k] for k in range(L)],
     }
-    out = projection_health(stats, projection=projection, final_norm_weight=_norm_weight_stats(p.final_norm))
+    out = projection_health(stats, projection=projection, final_norm_weight=norm_gain)
     out["num_tokens"] = int(st.num_positions)
     out["measured_on"] = f"the last <= {positions_per_prompt} tokens of {len(seqs)} prompts (one forward)"
     return out

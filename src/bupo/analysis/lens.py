@@ -41,6 +41,7 @@ def lens_table(
     from bupo.generation import eval_mode
     from bupo.internal import Projector, capture_streams, parts
     from bupo.internal.adapters import check_projection
+    from bupo.internal.sharding import full_shape
 
     if not isinstance(top, int) or isinstance(top, bool) or top < 1:
         raise ValueError(f"top must be a positive int, got {top!r}")
@@ -66,17 +67,18 @@ def lens_table(
     with eval_mode(model), torch.inference_mode():
         with capture_streams(model, streams=["resid_post"], positions=mask) as store:
             model(input_ids=input_ids, attention_mask=torch.ones_like(input_ids), use_cache=False)
-        k_top = min(top, int(mp.lm_head.weight.shape[0]))
+        k_top = min(top, int(full_shape(mp.lm_head.weight)[0]))
         per_proj: dict[str, list[tuple[Any, Any, Any]]] = {}
         for pr in projections:
             proj = Projector(model, pr, epilogue="eager")
             rows = []
-            for k in range(L):
-                z = proj.logits(store[("resid_post", k)]).float()
-                logp = torch.log_softmax(z, dim=-1)
-                ent = -(logp.exp() * logp).sum(-1)
-                vals, idx = logp.topk(k_top, dim=-1)
-                rows.append((ent.cpu(), vals.exp().cpu(), idx.cpu()))
+            with proj.held():  # a sharded lm_head: gathered once for all layers
+                for k in range(L):
+                    z = proj.logits(store[("resid_post", k)]).float()
+                    logp = torch.log_softmax(z, dim=-1)
+                    ent = -(logp.exp() * logp).sum(-1)
+                    vals, idx = logp.topk(k_top, dim=-1)
+                    rows.append((ent.cpu(), vals.exp().cpu(), idx.cpu()))
             per_proj[pr] = rows
     table = []
     for p in pos:

@@ -24,6 +24,10 @@ and of how many layers/streams a caller projects. The GEMM that makes the logits
   and without an fp32 copy of the unembedding;
 - bf16/fp16 weights elsewhere: an fp32 copy of the unembedding, made once per :class:`Projector`.
 
+On a sharded model (FSDP2 DTensor shards, ZeRO-3 partitions) lm_head's weight is full only inside a gather: the
+operand is gathered once per :meth:`Projector.stats` / :meth:`Projector.logits` call
+(:func:`bupo.internal.sharding.full_parameters`; collective, so every rank must call alike) and dropped after it.
+
 The epilogue (max, exp, two sums) has three implementations with the same maths, equal to ~1e-5 nats:
 ``eager`` torch ops (~8 passes over each chunk), ``compiled`` (``torch.compile``: two passes; ~9x faster than
 eager on CPU) and ``triton`` (:mod:`bupo.internal.triton_entropy`, CUDA: one pass). ``auto`` picks triton on
@@ -32,8 +36,10 @@ CUDA, compiled for vocabularies of 16k+, eager for small vocabularies, where a c
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import warnings
+from collections.abc import Iterator
 from dataclasses import dataclass
 
 import torch
@@ -41,6 +47,7 @@ import torch.nn.functional as F
 
 from bupo.internal import triton_entropy
 from bupo.internal.adapters import ModelParts, apply_head_postprocessing, check_projection, parts
+from bupo.internal.sharding import full_parameters, full_shape, is_sharded
 
 EPILOGUES = ("auto", "eager", "compiled", "triton")
 AUTO_COMPILE_VOCAB = 16384
@@ -95,7 +102,7 @@ def _compiled_epilogue():
     return torch.compile(entropy_epilogue, dynamic=True)
 
 
-def auto_chunk_rows(weight: torch.Tensor) -> int:
+def auto_chunk_rows(weight: torch.Tensor, vocab_size: int | None = None) -> int:
     """Rows per logits chunk when the caller gives none: 1024 on CPU; on CUDA the largest power of two up to 8192
     whose fp32 chunk takes at most a quarter of the free GPU memory (big chunks keep the GEMM near its peak:
     8192 rows ran at 61% of the GEMM floor on an H100 where 2048 ran at 58%)."""
@@ -103,7 +110,8 @@ def auto_chunk_rows(weight: torch.Tensor) -> int:
         return 1024
     free, _ = torch.cuda.mem_get_info(weight.device)
     rows = 8192
-    while rows > 256 and rows * weight.shape[0] * 4 > free // 4:
+    vocab = weight.shape[0] if vocab_size is None else vocab_size
+    while rows > 256 and rows * vocab * 4 > free // 4:
         rows //= 2
     return rows
 
@@ -131,21 +139,25 @@ class Projector:
             raise ValueError(f"unknown epilogue {epilogue!r}; accepted: {', '.join(EPILOGUES)}")
         self.parts: ModelParts = parts(model)
         self.projection = check_projection(projection)
-        w = self.parts.lm_head.weight.detach()
-        b = self.parts.lm_head.bias
+        w = self.parts.lm_head.weight  # dtype, device and shape only: its values are read in held()
+        self.vocab_size = int(full_shape(w)[0])
         low = w.dtype in (torch.bfloat16, torch.float16)
         self._mm_fp32_out = low and w.is_cuda and _mm_out_fp32_works(w.device, w.dtype)
         if self._mm_fp32_out:
-            self.weight, self.gemm = w, f"{str(w.dtype).removeprefix('torch.')} operands, fp32 accumulate/output"
+            self.gemm = f"{str(w.dtype).removeprefix('torch.')} operands, fp32 accumulate/output"
         else:
-            self.weight, self.gemm = w.float(), "fp32"
-        self.bias = None if b is None else b.detach().float()
+            self.gemm = "fp32"
+        # FSDP2 / ZeRO-3: the weights are full only inside a gather, so the operand is made per call, never kept
+        self._sharded = is_sharded(self.parts.model)
+        self._held: tuple[torch.Tensor, torch.Tensor | None] | None = None
+        if not self._sharded:
+            self._held = self._make_operand()
         if epilogue == "auto":
             # a compile costs seconds once per process: worth it on a GPU, or when the vocabulary is large enough
             # that the eager epilogue's ~8 passes over each chunk cost as much as the GEMM itself
             if w.is_cuda and triton_entropy.AVAILABLE:
                 epilogue = "triton"
-            elif w.is_cuda or w.shape[0] >= AUTO_COMPILE_VOCAB:
+            elif w.is_cuda or self.vocab_size >= AUTO_COMPILE_VOCAB:
                 epilogue = "compiled"
             else:
                 epilogue = "eager"
@@ -156,21 +168,51 @@ class Projector:
             raise ValueError("epilogue='triton' needs Triton and the model on a CUDA device; "
                              "accepted elsewhere: eager, compiled, auto")
         self.epilogue = epilogue
-        self.default_chunk = auto_chunk_rows(w)
+        self.default_chunk = auto_chunk_rows(w, self.vocab_size)
+
+    def _make_operand(self) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """(unembedding as the GEMM takes it, fp32 bias) from lm_head's full weight (see the module doc)."""
+        w = self.parts.lm_head.weight.detach()
+        b = self.parts.lm_head.bias
+        return (w if self._mm_fp32_out else w.float()), (None if b is None else b.detach().float())
+
+    @contextlib.contextmanager
+    def held(self) -> Iterator[None]:
+        """Hold the unembedding (and, for ``final_norm``, the final norm's full gain) for the block.
+
+        A plain model's operand is made once, in the constructor. A sharded one's (FSDP2 shards, ZeRO-3
+        partitions) is gathered here, on entry, through :func:`bupo.internal.sharding.full_parameters` and
+        dropped on exit: one gather per :meth:`stats` call, however many chunks it has. Re-entrant.
+        """
+        if self._held is not None:
+            yield
+            return
+        norm = self.parts.final_norm if self.projection == "final_norm" else None
+        with full_parameters(self.parts.model, self.parts.lm_head, norm):
+            self._held = self._make_operand()
+            try:
+                yield
+            finally:
+                self._held = None
 
     def logits(self, h: torch.Tensor, *, normed: bool = False) -> torch.Tensor:
         """Logits for rows ``h``; ``normed=True`` means ``h`` already went through the final norm."""
+        with self.held():
+            return self._logits(h, normed)
+
+    def _logits(self, h: torch.Tensor, normed: bool) -> torch.Tensor:
+        weight, bias = self._held
         if self.projection == "final_norm" and not normed:
             # .forward, not __call__: stream_stats hooks the final norm to read the real policy, and a projection
-            # made from inside another hook must not re-enter that hook
+            # made from inside another hook must not re-enter that hook (its gain is full: see held)
             h = self.parts.final_norm.forward(h)
         if self._mm_fp32_out:
-            z = torch.mm(h.reshape(-1, h.shape[-1]).to(self.weight.dtype), self.weight.t(),
+            z = torch.mm(h.reshape(-1, h.shape[-1]).to(weight.dtype), weight.t(),
                          out_dtype=torch.float32).reshape(*h.shape[:-1], -1)
-            if self.bias is not None:
-                z.add_(self.bias)
+            if bias is not None:
+                z.add_(bias)
         else:
-            z = F.linear(h.to(self.weight.dtype), self.weight, self.bias)
+            z = F.linear(h.to(weight.dtype), weight, bias)
         return apply_head_postprocessing(z, self.parts.softcap)
 
     def _epilogue(self, z: torch.Tensor):
@@ -211,20 +253,21 @@ class Projector:
                 raise ValueError(f"targets has {targets.shape[0]} rows, hidden has {n}")
         ent, lps, ids, top = [], [], [], []
         # results stay on the device: a .cpu() here would stall the GPU (stream_stats copies once per forward)
-        for start in range(0, n, chunk_size):
-            z = self.logits(hidden[start : start + chunk_size], normed=normed).float()
-            if temperature != 1.0:
-                z.div_(temperature)
-            if targets is not None:  # before the epilogue: the eager one shifts z in place
-                t = targets[start : start + chunk_size].to(z.device)
-                z_t = z.gather(-1, t.unsqueeze(-1)).squeeze(-1)
-            h, lse, arg, p1 = self._epilogue(z)
-            del z
-            ent.append(h)
-            ids.append(arg)
-            top.append(p1)
-            if targets is not None:
-                lps.append(z_t - lse)
+        with self.held():
+            for start in range(0, n, chunk_size):
+                z = self._logits(hidden[start : start + chunk_size], normed).float()
+                if temperature != 1.0:
+                    z.div_(temperature)
+                if targets is not None:  # before the epilogue: the eager one shifts z in place
+                    t = targets[start : start + chunk_size].to(z.device)
+                    z_t = z.gather(-1, t.unsqueeze(-1)).squeeze(-1)
+                h, lse, arg, p1 = self._epilogue(z)
+                del z
+                ent.append(h)
+                ids.append(arg)
+                top.append(p1)
+                if targets is not None:
+                    lps.append(z_t - lse)
         def cat(xs, dtype=torch.float32):
             return torch.cat(xs) if xs else torch.zeros(0, dtype=dtype, device=hidden.device)
 

@@ -153,7 +153,9 @@ class CheckpointMixin:
             atomic_write_json(os.path.join(folder, SWITCH_FILE), state)
 
     def _load_optimizer_and_scheduler(self, checkpoint: str | None) -> None:
-        with _cpu_map_location(self.args.device):
+        from bupo.training.launcher import fsdp2_optimizer_resume  # no AdamW state above k while internal
+
+        with _cpu_map_location(self.args.device), fsdp2_optimizer_resume():
             super()._load_optimizer_and_scheduler(checkpoint)
         if checkpoint is None:
             return

@@ -24,8 +24,8 @@ def full_params(model: Any, accelerator: Any = None) -> Iterator[Any]:
 
     ``accelerator``: the trainer's, for a model it prepared (``trainer.model_wrapped``): TRL's
     ``unwrap_model_for_generation`` then unwraps it, gathers ZeRO-3 weights and lifts DeepSpeed's hooks.
-    Without it: ``deepspeed.zero.GatheredParameters`` over every parameter when they are ZeRO-3 partitioned,
-    else nothing.
+    Without it: :func:`bupo.internal.sharding.gathered_model` (the one gathering helper: ZeRO-3 partitions
+    gathered, FSDP2 and plain models unchanged).
     """
     if accelerator is not None:
         from trl.models import unwrap_model_for_generation
@@ -33,10 +33,7 @@ def full_params(model: Any, accelerator: Any = None) -> Iterator[Any]:
         with unwrap_model_for_generation(model, accelerator) as unwrapped:
             yield unwrapped
         return
-    if not zero3_partitioned(model):
-        yield model
-        return
-    import deepspeed  # present: it partitioned the parameters
+    from bupo.internal.sharding import gathered_model
 
-    with deepspeed.zero.GatheredParameters(list(model.parameters()), modifier_rank=None):
-        yield model
+    with gathered_model(model) as full:
+        yield full

@@ -65,6 +65,9 @@ def train(config: BuPOConfig, script: BuPOScriptArguments | None = None, model_a
     fixed = check_run(config, script)  # the settings, once, before anything is loaded or written
     check_model_flags(config, model_args)  # what this machine cannot honour: vLLM, peft, attention kernels
     check_environment(config)
+    from bupo.training.launcher import complete_fused_lm_head, enable_cpu_fsdp2
+
+    enable_cpu_fsdp2()  # an FSDP2 launcher on CPU processes: real FSDP2 over gloo, not DDP (docs/training.md)
     out_dir = Path(config.output_dir)
     resume = resolve_resume(script.resume, str(out_dir))
     model_path = resolve_model(model_args.model_name_or_path or script.model_name_or_path)  # one-line errors
@@ -96,6 +99,7 @@ def train(config: BuPOConfig, script: BuPOScriptArguments | None = None, model_a
     trainer = BuPOTrainer(model=model, reward_funcs=_reward_funcs(script), args=config, train_dataset=data.dataset,
                           processing_class=tokenizer, peft_config=peft_config(model_args))
     _check_launcher(trainer)
+    complete_fused_lm_head(trainer)  # FSDP2: TRL's fused head reads lm_head.weight; let lm_head's unit complete
     install_console(trainer, verbose=script.verbose)  # bar + switch/end lines; raw TRL dicts only with --verbose
     trainer.bupo_run_extra = {
         "model": str(Path(model_path).resolve()) if Path(model_path).exists() else model_path,
@@ -166,6 +170,7 @@ def _write_results(trainer: Any, summary: dict[str, Any], result: Any, records: 
                    seconds: float, out_dir: Path) -> None:
     """The main process completes the summary and writes bupo_run.json, log_history.json and the model card."""
     from bupo.io import atomic_write_json
+    from bupo.training.launcher import sharding_summary
 
     summary.update({
         "seconds": seconds,
@@ -174,6 +179,7 @@ def _write_results(trainer: Any, summary: dict[str, Any], result: Any, records: 
         "train_metrics": result.metrics,
         "evals": records,
         "switch": trainer.bupo_switch,  # switch.step (the first full-policy rollout step), switch.reason
+        "sharding": sharding_summary(trainer),  # launcher, world size, FSDP2 units / ZeRO stage
         "versions": versions(("bupo", "trl", "transformers", "torch")),
     })
     if summary["switch"].get("step"):  # with auto / a schedule the full phase starts where it switched
@@ -186,13 +192,15 @@ def _write_results(trainer: Any, summary: dict[str, Any], result: Any, records: 
 
 def _check_launcher(trainer: Any) -> None:
     """A launcher config asking for FSDP or DeepSpeed that the trainer did not get is an error, not a silent DDP run
-    (accelerate 1.15 turns FSDP on only for GPU-like devices: an FSDP config on the CPU otherwise becomes DDP)."""
+    (accelerate turns FSDP on only for GPU-like devices: on the CPU, FSDP1 would become DDP; FSDP2 is kept on by
+    :func:`bupo.training.launcher.enable_cpu_fsdp2`)."""
     for env, enabled, name in (("ACCELERATE_USE_FSDP", trainer.is_fsdp_enabled, "FSDP"),
                                ("ACCELERATE_USE_DEEPSPEED", trainer.is_deepspeed_enabled, "DeepSpeed")):
         if os.environ.get(env, "false").lower() == "true" and not enabled:
             raise ValueError(f"the accelerate config asks for {name}, but accelerate did not enable it on this "
                              f"machine ({trainer.accelerator.distributed_type}; {name} needs GPUs); use "
-                             "the cpu accelerate config (bupo recipes path cpu) for CPU processes")
+                             "the cpu accelerate config (bupo recipes path cpu) for CPU processes"
+                             + (", or FSDP2 (bupo recipes path fsdp2-cpu)" if name == "FSDP" else ""))
 
 
 def run_cli(args: Any) -> int:
