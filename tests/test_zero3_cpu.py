@@ -1,6 +1,6 @@
 """DeepSpeed ZeRO-3 on 2 CPU ranks (gloo, DeepSpeed's CPU accelerator): bupo's own reads of partitioned weights.
 
-Needs ``deepspeed`` (``pip install -e '.[deepspeed]'``; not in the dev extra, so CI skips this file and says why).
+Needs ``deepspeed`` (in the dev extra, so CI runs it; ``pip install -e '.[deepspeed]'`` elsewhere).
 Runs DeepSpeed directly, not through ``accelerate launch``: accelerate never enables DeepSpeed for CPU processes
 (docs/training.md, "DeepSpeed on the CPU"). The shared-memory all-reduce op, which DeepSpeed would JIT-compile at
 ``init_distributed`` (minutes; the earlier "hang"), is switched off: collectives go through gloo.
