@@ -75,12 +75,10 @@ def check_resume_matches(checkpoint: str, current: dict[str, Any], force: bool) 
 def data_fingerprint(dataset: Any) -> str:
     """16 hex digits over the training prompts and answers, recorded in every checkpoint (a resume on other data
     is refused)."""
-    import hashlib
+    from bupo.provenance import fingerprint
 
-    h = hashlib.sha256()
-    for prompt, gt in zip(dataset["prompt"], dataset["ground_truth"], strict=True):
-        h.update(prompt.encode("utf-8", "surrogatepass") + b"\0" + gt.encode("utf-8", "surrogatepass") + b"\0")
-    return h.hexdigest()[:16]
+    return fingerprint(b"".join(prompt.encode("utf-8", "surrogatepass") + b"\0" + gt.encode("utf-8", "surrogatepass")
+                                + b"\0" for prompt, gt in zip(dataset["prompt"], dataset["ground_truth"], strict=True)))
 
 
 def train_or_finish(trainer: Any, resume: str | None) -> Any:
