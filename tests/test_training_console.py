@@ -1,4 +1,4 @@
-"""The ``bupo train`` console (issue 15 item 3): a bar per run, switch and end lines, raw dicts only with --verbose."""
+"""The ``bupo train`` console: a bar per run, switch and end lines, raw dicts only with --verbose."""
 
 from __future__ import annotations
 
@@ -63,7 +63,7 @@ def test_grpo_and_the_adaptive_switch_lines(ws, tmp_path, capsys):
     out = capsys.readouterr().out
     assert not any("-> full" in ln for ln in out.splitlines())  # GRPO has no phase switch
     assert any(ln.startswith("bupo: done: 2 rollout steps") and "GRPO (full policy)" in ln for ln in out.splitlines())
-    # issue 16's adaptive switch with a cap of 1: the switch line carries the rule's reason
+    # the adaptive switch (internal_steps auto) with a cap of 1: the switch line carries the rule's reason
     assert main(["train", "--model", str(ws / "model"), "--data", str(ws / "train.jsonl"), "--eval-data", "none",
                  "--out", str(tmp_path / "a"), *TINY, "--internal-layer", "1", "--internal-steps", "auto",
                  "--internal-steps-max", "1", "--max_steps", "4", "--save_strategy", "no"]) == 0

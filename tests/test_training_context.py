@@ -98,7 +98,7 @@ def test_train_drops_and_counts_prompts_over_the_context_from_a_datasets_folder(
     s = json.loads((out / "bupo_run.json").read_text())
     assert s["data"] == str(folder) and s["train_rows"] == 20 and s["prompts_dropped"] == 4
     assert s["prompt_length_limit"] == 448 and "max_position_embeddings 512" in s["prompt_length_limit_reason"]
-    # the template is recorded with the saved model (item 5): bupo eval --template auto picks it up
+    # the template is recorded with the saved model: bupo eval --template auto picks it up
     assert json.loads((out / "tokenizer_config.json").read_text())["bupo_template"] == s["template"]
     capsys.readouterr()
     assert main(["train", *common, "--max_completion_length", "512"]) == 2

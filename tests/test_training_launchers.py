@@ -1,4 +1,4 @@
-"""Real launchers on the CPU (issue 13, item 6): ``accelerate launch`` with the shipped configs, 2 processes on gloo,
+"""Real launchers on the CPU: ``accelerate launch`` with the shipped configs, 2 processes on gloo,
 running ``bupo train`` end to end through both phases (tests/launch_probe.py adds one recording callback).
 
 - src/bupo/recipes/accelerate/cpu.yaml (DDP): ranks agree on the logged metrics, every rank's layers above k and final norm

@@ -14,7 +14,6 @@ explicitly here (``top_k=-1`` = off), so the paper's T=1.0 / top_p=1.0 really is
 
 from __future__ import annotations
 
-import hashlib
 import json
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
@@ -22,7 +21,7 @@ from pathlib import Path
 from typing import Any
 
 from bupo.generation import Completion, generate_requests, validate_sampling
-from bupo.provenance import model_fingerprint  # re-exported: its home is bupo.provenance
+from bupo.provenance import fingerprint, model_fingerprint  # model_fingerprint re-exported (home: provenance)
 
 __all__ = [
     "BACKENDS",
@@ -161,11 +160,11 @@ class VLLMBackend:
 def path_fingerprint(path: str | Path) -> str:
     """Identity of a model folder without loading it: its config and the names, sizes and mtimes of its files."""
     p = Path(path)
-    h = hashlib.sha256(str(p.resolve()).encode())
+    parts = [str(p.resolve()).encode()]
     for f in sorted(p.iterdir()) if p.is_dir() else []:
         if f.is_file():
             st = f.stat()
-            h.update(json.dumps([f.name, st.st_size, int(st.st_mtime)]).encode())
+            parts.append(json.dumps([f.name, st.st_size, int(st.st_mtime)]).encode())
             if f.name == "config.json":
-                h.update(f.read_bytes())
-    return h.hexdigest()[:16]
+                parts.append(f.read_bytes())
+    return fingerprint(b"".join(parts))

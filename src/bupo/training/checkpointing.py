@@ -1,7 +1,8 @@
 """Checkpoints of :class:`bupo.training.trainer.BuPOTrainer` that a kill cannot tear, and their resume.
 
-Every file (all ranks) is written into a staging folder, made durable (fsync), described by a completion marker written
-last, and only then renamed into place as ``checkpoint-N``: a kill mid-save leaves no partial ``checkpoint-N``. BuPO's
+Every file (all ranks) is written into a staging folder (:class:`bupo.io.Staging`, the same partial-folder mechanism
+as ``bupo analyze`` and evaluation), described by a completion marker written last, made durable (fsync) and only
+then renamed into place as ``checkpoint-N``: a kill mid-save leaves no partial ``checkpoint-N``. BuPO's
 own state travels with it: the probe batch (the probe curves stay continuous) and the adaptive switch's state. The
 phase itself needs nothing: it follows from ``global_step``, which TRL restores.
 """
@@ -11,7 +12,6 @@ from __future__ import annotations
 import contextlib
 import json
 import os
-import shutil
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -80,14 +80,9 @@ def _cpu_map_location(device: torch.device) -> Iterator[None]:
         torch.load = real
 
 
-def _fsync_files(folder: str) -> dict[str, int]:
-    """Make every file of ``folder`` durable; their sizes by name."""
-    files = {f: os.path.getsize(os.path.join(folder, f)) for f in sorted(os.listdir(folder))
-             if os.path.isfile(os.path.join(folder, f))}
-    for f in files:
-        with open(os.path.join(folder, f), "rb") as fh:
-            os.fsync(fh.fileno())
-    return files
+def _file_sizes(folder: Path) -> dict[str, int]:
+    """The size of every file of ``folder`` by name (what the marker records; :func:`checkpoint_problem` checks)."""
+    return {f.name: f.stat().st_size for f in sorted(folder.iterdir()) if f.is_file()}
 
 
 class CheckpointMixin:
@@ -104,41 +99,39 @@ class CheckpointMixin:
 
     def _get_output_dir(self, trial: Any) -> str:
         run_dir = super()._get_output_dir(trial)
-        return os.path.join(run_dir, STAGING_DIR) if getattr(self, "_bupo_staging", False) else run_dir
+        if not getattr(self, "_bupo_staging", False):
+            return run_dir
+        from bupo.io import Staging
+
+        return os.path.join(run_dir, STAGING_DIR, Staging.OUTPUT_DIR)  # Staging(run_dir, ...).output, on every rank
 
     def _save_checkpoint(self, model: Any, trial: Any) -> None:
         from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR, rotate_checkpoints
 
-        from bupo.io import atomic_write_json
+        from bupo.io import Staging, atomic_write_json
 
         run_dir = super()._get_output_dir(trial)
-        staging = os.path.join(run_dir, STAGING_DIR)
         name = f"{PREFIX_CHECKPOINT_DIR}-{self.state.global_step}"
-        if self.args.should_save:
-            shutil.rmtree(staging, ignore_errors=True)  # what a kill left behind
-            os.makedirs(staging, exist_ok=True)
+        # a fresh staging folder (fingerprint None: what a kill left behind is removed, never resumed)
+        staging = Staging(run_dir, name=STAGING_DIR, fingerprint=None) if self.args.should_save else None
         self.accelerator.wait_for_everyone()
-        self._bupo_staging = True  # TRL and transformers write every file (all ranks) under the staging folder
+        self._bupo_staging = True  # TRL and transformers write every file (all ranks) under staging.output
         try:
             super()._save_checkpoint(model, trial)
         finally:
             self._bupo_staging = False
-        folder = os.path.join(staging, name)
         self.accelerator.wait_for_everyone()
-        if self.args.should_save:
-            self._write_bupo_state(folder)
+        if staging is not None:
+            folder = staging.output / name
+            self._write_bupo_state(str(folder))
             pending = getattr(self, "_tr_loss", None)  # the loss since the last log (transformers' accumulator)
             loss_sum = (self._bupo_resumed_loss + getattr(self, "_total_loss_scalar", 0.0)
                         + (float(pending.item()) if pending is not None else 0.0))
-            files = _fsync_files(folder)  # durable before the rename makes the checkpoint visible
-            marker = {"global_step": self.state.global_step, "train_loss_sum": loss_sum, "files": files,
+            marker = {"global_step": self.state.global_step, "train_loss_sum": loss_sum, "files": _file_sizes(folder),
                       "run": {**self.bupo_run_identity(), **self.bupo_run_extra}}
-            atomic_write_json(os.path.join(folder, CHECKPOINT_MARKER), marker)  # written last
-            final = os.path.join(run_dir, name)
-            if os.path.exists(final):  # saving the same step again (a resumed run): replace it
-                os.replace(final, os.path.join(staging, name + ".old"))
-            os.replace(folder, final)
-            shutil.rmtree(staging, ignore_errors=True)
+            atomic_write_json(folder / CHECKPOINT_MARKER, marker)  # written last
+            # fsync every file, then swap checkpoint-N in whole (one of the same step, from a resumed run, goes)
+            staging.publish()
             rotate_checkpoints(output_dir=run_dir, save_total_limit=self.args.save_total_limit,
                                best_model_checkpoint=self.state.best_model_checkpoint, use_mtime=True)
         self.accelerator.wait_for_everyone()

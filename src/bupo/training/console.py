@@ -60,7 +60,7 @@ class TrainingConsole(TrainerCallback):
         return f"internal k={k}" if internal else "full"
 
     def _postfix(self) -> str:
-        internal, k = self.phase or (bool(self.trainer.args.internal_steps > 0), self.trainer._bupo_layer)
+        internal, k = self.phase or (bool(self.trainer.args.internal_steps > 0), self.trainer.bupo_layer)
         v = self.values
         return (f"{self._phase_name(internal, k)} | reward {_fmt(v.get('reward'))} | "
                 f"H(pi^k) {_fmt(v.get('bupo/entropy_internal'))} H(pi) {_fmt(v.get('bupo/entropy_full'))} | "
@@ -93,7 +93,7 @@ class TrainingConsole(TrainerCallback):
         now = time.time()
         self.step_time, self.rollout_t0 = now - self.rollout_t0, now
         step = state.global_step // self.n_per  # the rollout step just trained (1-based)
-        current = (bool(self.trainer._bupo_internal), self.trainer._bupo_layer)
+        current = (bool(self.trainer.bupo_internal), self.trainer.bupo_layer)
         if self.phase is not None and current != self.phase:
             self._switch_line(step, current)
         elif self.phase is None and not current[0] and self.trainer.args.internal_steps > 0 and step > 1:
@@ -141,7 +141,7 @@ class TrainingConsole(TrainerCallback):
         else:
             s = switch.get("step")
             internal = f"internal rollout steps 1..{s - 1}" if s else "internal throughout"
-            phases = f"k={self.trainer._bupo_layer} (paper layer {(self.trainer._bupo_layer or 0) + 1}), {internal}"
+            phases = f"k={self.trainer.bupo_layer} (paper layer {(self.trainer.bupo_layer or 0) + 1}), {internal}"
         v = self.values
         self._write(f"bupo: done: {state.global_step // self.n_per} rollout steps ({state.global_step} optimizer "
                     f"steps) in {time.time() - self.t0:.0f} s; {phases}; reward {_fmt(self.first_reward)} -> "

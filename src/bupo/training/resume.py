@@ -1,6 +1,6 @@
 """``bupo train --resume``: which checkpoint, whether the run still matches it, and a run that had already finished.
 
-Checkpoints are written and marked complete by the trainer (:mod:`bupo.training.trainer`); here they are chosen
+Checkpoints are written and marked complete by the trainer (:mod:`bupo.training.checkpointing`); here they are chosen
 and compared against the run being started.
 """
 
@@ -18,7 +18,7 @@ def resolve_resume(resume: str | None, output_dir: str) -> str | None:
     from a kill during a save, are skipped and named in one line); an explicit folder must be complete."""
     if resume is None:
         return None
-    from bupo.training.trainer import checkpoint_problem
+    from bupo.training.checkpointing import checkpoint_problem
 
     if resume == "latest":
         from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR
@@ -53,7 +53,7 @@ def resolve_resume(resume: str | None, output_dir: str) -> str | None:
 
 def check_resume_matches(checkpoint: str, current: dict[str, Any], force: bool) -> None:
     """ValueError naming every setting of ``current`` that differs from the checkpoint's run, unless ``force``."""
-    from bupo.training.trainer import read_checkpoint_marker
+    from bupo.training.checkpointing import read_checkpoint_marker
 
     marker = read_checkpoint_marker(checkpoint)
     saved = (marker or {}).get("run")
@@ -75,12 +75,10 @@ def check_resume_matches(checkpoint: str, current: dict[str, Any], force: bool) 
 def data_fingerprint(dataset: Any) -> str:
     """16 hex digits over the training prompts and answers, recorded in every checkpoint (a resume on other data
     is refused)."""
-    import hashlib
+    from bupo.provenance import fingerprint
 
-    h = hashlib.sha256()
-    for prompt, gt in zip(dataset["prompt"], dataset["ground_truth"], strict=True):
-        h.update(prompt.encode("utf-8", "surrogatepass") + b"\0" + gt.encode("utf-8", "surrogatepass") + b"\0")
-    return h.hexdigest()[:16]
+    return fingerprint(b"".join(prompt.encode("utf-8", "surrogatepass") + b"\0" + gt.encode("utf-8", "surrogatepass")
+                                + b"\0" for prompt, gt in zip(dataset["prompt"], dataset["ground_truth"], strict=True)))
 
 
 def train_or_finish(trainer: Any, resume: str | None) -> Any:
@@ -104,7 +102,7 @@ def _finished_run(trainer: Any, checkpoint: str, step: int) -> Any:
     from transformers.trainer_callback import TrainerState
     from transformers.trainer_utils import TrainOutput
 
-    from bupo.training.trainer import read_checkpoint_marker
+    from bupo.training.checkpointing import read_checkpoint_marker
 
     print(f"bupo train: {checkpoint} is at optimizer step {step} >= max_steps {trainer.args.max_steps}: "
           "nothing left to train; saving its weights", flush=True)
