@@ -200,7 +200,7 @@ def test_the_paper_sets_load_by_name_from_any_folder(tmp_path: Path, monkeypatch
     copy = tmp_path / "amc23.parquet"
     copy.write_bytes(data_path("amc23").read_bytes())
     assert load_rows(copy) == load_rows("amc23") and load_rows("amc23.parquet") == load_rows("amc23")
-    from bupo.training.run import load_dataset_rows  # train --dataset_name takes the names as --data does
+    from bupo.training.data import load_dataset_rows  # train --dataset_name takes the names as --data does
 
     assert load_dataset_rows("amc23", None, "train") == load_rows("amc23")
 
