@@ -6,6 +6,7 @@ import base64
 import html
 import json
 import math
+import re
 from collections.abc import Mapping
 from pathlib import Path
 
@@ -18,6 +19,18 @@ th{background:#f3f3f3}td.l,th.l{text-align:left}.k{font-size:1.1em;background:#e
 padding:.6em 1em;display:inline-block}img{max-width:100%;border:1px solid #eee;margin:.4em 0}
 .pos{color:#1a7f37}.neg{color:#b42318}code{background:#f5f5f5;padding:0 .2em}
 """
+
+
+_SUP = re.compile(r"(π|H|A|F)\^(\{[^}]*\}|[A-Za-z0-9]+)")
+_SUB = re.compile(r"π_?(θ|old|ref|Layer|ATTN|FFN)")
+
+
+def math_html(text: str) -> str:
+    """``text`` HTML-escaped, with its maths written as HTML: ``π^k`` -> π<sup>k</sup>, ``H(A^l)`` ->
+    H(A<sup>l</sup>), ``π_θ``/``πθ`` -> π<sub>θ</sub>, ``L−1`` kept (no script: the page stays self-contained)."""
+    out = html.escape(text, quote=False)
+    out = _SUP.sub(lambda m: f"{m.group(1)}<sup>{m.group(2).strip('{}')}</sup>", out)
+    return _SUB.sub(lambda m: f"π<sub>{m.group(1)}</sub>", out)
 
 
 def img_tag(path: Path) -> str:
@@ -95,38 +108,50 @@ def _kv_table(items: Mapping) -> str:
     return f"<table>{''.join(rows)}</table>"
 
 
+def _boundary_box(s: Mapping) -> str:
+    """The boundary answer as one box: the layer (green), or why there is none (red when the projection is
+    degenerate: that reason, its advice and the options said once)."""
+    b, k = s.get("boundary_layer"), s.get("suggested_internal_layer")
+    health = s.get("projection_health") or {}
+    degenerate = bool(health.get("degenerate"))
+    bad = ' style="background:#fdecea;border-color:#e99"'
+    if b is not None:
+        box = (f'<div class="k">Boundary layer <b>l = {b}</b> of {s["num_layers"]} &rarr; suggested internal layer '
+               f"<b>k = {k}</b> (0-based; <code>bupo train --internal-layer {k}</code>)</div>")
+        if degenerate:  # a boundary despite a degenerate projection: the warning gets its own box
+            box += (f'<div class="k"{bad}>Degenerate projection: {math_html(str(health["message"]))}.<br>'
+                    f'{math_html(str(health["advice"]))}</div>')
+        return box
+    bd = s.get("boundary") or {}
+    opts = "".join(f"<li>{math_html(str(o))}</li>" for o in bd.get("options") or [])
+    if degenerate:
+        why = (f"Degenerate projection: {math_html(str(health['message']))}.<br>"
+               f"{math_html(str(health['advice']))}")
+    else:
+        why = math_html(str(bd.get("note", "")))
+    return (f'<div class="k"{bad if degenerate else ""}>No boundary layer{". " if degenerate else ": "}{why}'
+            + (f"<br>Options:<ul>{opts}</ul>" if opts else "") + "</div>")
+
+
 def render_report(summary: Mapping, figures: Mapping[str, Path]) -> str:
     """The report as one HTML string."""
     s = summary
-    b = s.get("boundary_layer")
-    k = s.get("suggested_internal_layer")
-    if b is not None:
-        kbox = (f'<div class="k">Boundary layer <b>l = {b}</b> of {s["num_layers"]} &rarr; suggested internal layer '
-                f"<b>k = {k}</b> (0-based; <code>bupo train --internal-layer {k}</code>)</div>")
-    else:
-        bd0 = s.get("boundary") or {}
-        opts = "".join(f"<li>{html.escape(str(o))}</li>" for o in bd0.get("options") or [])
-        kbox = (f'<div class="k">No boundary layer: {html.escape(str(bd0.get("note", "")))}'
-                + (f"<br>Options:<ul>{opts}</ul>" if opts else "") + "</div>")
-    health = s.get("projection_health") or {}
-    if health.get("degenerate"):
-        kbox += (f'<div class="k" style="background:#fdecea;border-color:#e99">Degenerate projection: '
-                 f'{html.escape(str(health["message"]))}.<br>{html.escape(str(health["advice"]))}</div>')
+    kbox = _boundary_box(s)
     lens = s.get("lens")
     lens_part = "" if not lens else (
         f"<h2>Logit lens: sample {lens.get('sample')}</h2><p>Top {lens.get('top')} tokens of every layer's policy "
-        "under each projection (raw = lm_head(H^k), the paper; final_norm = lm_head(final_norm(H^k)), the logit "
-        "lens; at k = L−1 final_norm is the model's own policy). H in nats.</p>" + lens_html(lens))
+        + math_html("under each projection (raw = lm_head(H^k), the paper; final_norm = lm_head(final_norm(H^k)), "
+                    "the logit lens; at k = L−1 final_norm is the model's own policy). H in nats.") + "</p>" + lens_html(lens))
     bd = s.get("boundary") or {}
-    rule = html.escape(bd.get("rule", ""))
+    rule = math_html(bd.get("rule", ""))
     meta_keys = ["model", "model_type", "dtype", "device", "projection", "delta_convention", "template", "data",
                  "traces", "generation", "position_convention", "num_layers", "vocab_size", "tied_embeddings",
                  "num_samples", "num_tokens", "skipped", "chunk_size", "gemm", "epilogue", "bupo_version", "torch_version",
                  "transformers_version", "created"]
     meta = {key: s[key] for key in meta_keys if key in s}
     figs = "".join(f"<h3>{html.escape(name.replace('_', ' '))}</h3>{img_tag(p)}" for name, p in figures.items())
-    final = (f"final policy πθ: H = {_fmt(s.get('final_entropy'))} nats, mean log p(next) = "
-             f"{_fmt(s.get('final_logprob'), 3)}; embedding H^0: {_fmt(s.get('embed_entropy'))} nats")
+    final = (f"final policy π<sub>θ</sub>: H = {_fmt(s.get('final_entropy'))} nats, mean log p(next) = "
+             f"{_fmt(s.get('final_logprob'), 3)}; embedding H<sup>0</sup>: {_fmt(s.get('embed_entropy'))} nats")
     return f"""<!DOCTYPE html>
 <html lang="en"><head><meta charset="utf-8"><title>bupo analyze — {html.escape(str(s.get('model', '')))}</title>
 <style>{_CSS}</style></head><body>
