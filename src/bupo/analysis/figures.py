@@ -7,7 +7,7 @@
 - ``layer_entropy.png``: the layer policies' mean entropy with its CI band, the log|V| ceiling and the final
   policy's entropy.
 - ``heatmap.png``: layer x token entropy for one trace; rows strided so that the last layer is always kept,
-  tokens mean-pooled into at most ``max_cols`` bins.
+  tokens mean-pooled into at most ``max_cols`` bins; colours span the 2nd–98th percentile of the cells (nats).
 
 Every function works for any number of layers (1 to hundreds).
 """
@@ -227,8 +227,7 @@ def plot_heatmap(matrix: np.ndarray, path: Path, *, summary: Mapping | None = No
     ax.set_ylabel("layer l (paper numbering)")
     ax.set_xlabel("response token" + (f" (mean over {width} tokens per column)" if width > 1 else ""))
     fig.colorbar(im, ax=ax, extend="both",
-                 label=f"entropy (nats; colours span the {ROBUST_PERCENTILES[0]:g}th–{ROBUST_PERCENTILES[1]:g}th "
-                       "percentile)")
+                 label=f"entropy (nats)\ncolours: {ROBUST_PERCENTILES[0]:g}–{ROBUST_PERCENTILES[1]:g}th percentile")
     what = f"Layer policy entropy per token, sample {sample}"
     ax.set_title(_title(summary, what) if summary else what, fontsize=10)
     return save_figure(fig, path)

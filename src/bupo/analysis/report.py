@@ -10,6 +10,8 @@ import re
 from collections.abc import Mapping
 from pathlib import Path
 
+from bupo.analysis.lens import prob_text
+
 _CSS = """
 body{font-family:system-ui,-apple-system,Segoe UI,Helvetica,Arial,sans-serif;margin:2em auto;max-width:1200px;
 color:#222;padding:0 1em}
@@ -93,7 +95,7 @@ def lens_html(lens: Mapping) -> str:
         for row in block["layers"]:
             cells = "".join(
                 f"<td>{_fmt(row[p]['entropy'], 2)}</td><td class=\"l\">"
-                + " ".join(f"<code>{html.escape(repr(t))}</code> {q:.2f}" for t, q in row[p]["top"]) + "</td>"
+                + " ".join(f"<code>{html.escape(repr(t))}</code> {prob_text(q)}" for t, q in row[p]["top"]) + "</td>"
                 for p in projs)
             rows.append(f"<tr><td>{row['paper_layer']}</td><td>{row['layer']}</td>{cells}</tr>")
         out.append(f"<table>{head}{''.join(rows)}</table>")
