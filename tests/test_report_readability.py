@@ -50,6 +50,7 @@ def saved(monkeypatch):
 def test_maths_is_written_as_html_super_and_subscripts():
     assert math_html("π^k and π^{l+1}") == "π<sup>k</sup> and π<sup>l+1</sup>"
     assert math_html("H(A^l), π_θ, πθ") == "H(A<sup>l</sup>), π<sub>θ</sub>, π<sub>θ</sub>"
+    assert math_html("ΔH_FFN^l > 0") == "ΔH<sub>FFN</sub><sup>l</sup> &gt; 0"
     assert math_html("a < b & c") == "a &lt; b &amp; c"  # still escaped
 
 
@@ -70,7 +71,7 @@ def test_a_degenerate_projection_without_a_boundary_is_said_once_in_one_box():
     assert "No boundary layer. Degenerate projection" in page and "--algo grpo" in page
     healthy = render_report(_summary(boundary_layer=None, suggested_internal_layer=None,
                                      boundary={"rule": "r", "note": "ΔH_FFN never turns negative"}), {})
-    assert "No boundary layer: ΔH_FFN never turns negative" in healthy and "#fdecea" not in healthy
+    assert "No boundary layer: ΔH<sub>FFN</sub> never turns negative" in healthy and "#fdecea" not in healthy
 
 
 def test_entropy_change_axes_hold_every_bar_and_error_bar(tmp_path, saved):

@@ -23,16 +23,17 @@ padding:.6em 1em;display:inline-block}img{max-width:100%;border:1px solid #eee;m
 """
 
 
-_SUP = re.compile(r"(π|H|A|F)\^(\{[^}]*\}|[A-Za-z0-9]+)")
-_SUB = re.compile(r"π_?(θ|old|ref|Layer|ATTN|FFN)")
+_SUP = re.compile(r"(π|H|A|F|</sub>)\^(\{[^}]*\}|[A-Za-z0-9]+)")
+_SUB = re.compile(r"(π|ΔH)_?(θ|old|ref|Layer|ATTN|FFN|attn|ffn)")
 
 
 def math_html(text: str) -> str:
     """``text`` HTML-escaped, with its maths written as HTML: ``π^k`` -> π<sup>k</sup>, ``H(A^l)`` ->
-    H(A<sup>l</sup>), ``π_θ``/``πθ`` -> π<sub>θ</sub>, ``L−1`` kept (no script: the page stays self-contained)."""
+    H(A<sup>l</sup>), ``π_θ``/``πθ`` -> π<sub>θ</sub>, ``ΔH_FFN^l`` -> ΔH<sub>FFN</sub><sup>l</sup> (no script: the
+    page stays self-contained)."""
     out = html.escape(text, quote=False)
-    out = _SUP.sub(lambda m: f"{m.group(1)}<sup>{m.group(2).strip('{}')}</sup>", out)
-    return _SUB.sub(lambda m: f"π<sub>{m.group(1)}</sub>", out)
+    out = _SUB.sub(lambda m: f"{m.group(1)}<sub>{m.group(2)}</sub>", out)
+    return _SUP.sub(lambda m: f"{m.group(1)}<sup>{m.group(2).strip('{}')}</sup>", out)
 
 
 def img_tag(path: Path) -> str:
