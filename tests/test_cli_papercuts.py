@@ -70,3 +70,17 @@ def test_lens_text_keeps_whole_token_probability_pairs():
     assert "' the':0.31" in row and row.rstrip().endswith("…") and "incarc" not in row
     full = format_lens(table, width=80).splitlines()[3]
     assert "' incarcerated':2.5e-05 ' a':0.20" in full
+
+
+def test_bupo_config_does_not_repeat_transformers_checkpointing_rename_warning(tmp_path):
+    import warnings
+
+    from bupo.training.config import BuPOConfig
+
+    with warnings.catch_warnings(record=True) as seen:
+        warnings.simplefilter("always")
+        cfg = BuPOConfig(output_dir=str(tmp_path), use_cpu=True, bf16=False, gradient_checkpointing=True)
+        warnings.warn("`gradient_checkpointing` is deprecated elsewhere", FutureWarning)  # outside: still shown
+    assert cfg.activation_checkpointing is True and cfg.gradient_checkpointing is True  # the value carried over
+    msgs = [str(w.message) for w in seen if "gradient_checkpointing" in str(w.message)]
+    assert msgs == ["`gradient_checkpointing` is deprecated elsewhere"]
