@@ -80,7 +80,7 @@ def test_bupo_config_does_not_repeat_transformers_checkpointing_rename_warning(t
     with warnings.catch_warnings(record=True) as seen:
         warnings.simplefilter("always")
         cfg = BuPOConfig(output_dir=str(tmp_path), use_cpu=True, bf16=False, gradient_checkpointing=True)
-        warnings.warn("`gradient_checkpointing` is deprecated elsewhere", FutureWarning)  # outside: still shown
+        warnings.warn("`gradient_checkpointing` is deprecated elsewhere", FutureWarning, stacklevel=1)  # still shown
     assert cfg.activation_checkpointing is True and cfg.gradient_checkpointing is True  # the value carried over
     msgs = [str(w.message) for w in seen if "gradient_checkpointing" in str(w.message)]
     assert msgs == ["`gradient_checkpointing` is deprecated elsewhere"]
