@@ -142,3 +142,21 @@ def test_demo_headline_states_one_seed_and_points_to_reproduce(tmp_path):
     page = write_report(tmp_path / "r.html", title="t", analysis_dir=None, runs={}, table_md="| a |",
                         settings={}, headline=line).read_text()
     assert page.index("One seed") < page.index("<h2>Results</h2>")
+
+
+def test_lens_grid_is_layer_by_position_with_hover_details_and_no_network():
+    from bupo.analysis.report import lens_grid_html
+
+    def cell(h, tok):
+        return {"entropy": h, "top": [[tok, 0.9], [" x", 3e-05]]}
+
+    lens = {"projections": ["raw"], "positions": [
+        {"position": p, "context": "ctx", "next_token": "n",
+         "layers": [{"layer": k, "paper_layer": k + 1, "raw": cell(0.5 * k, f"t{k}{p}")} for k in range(3)]}
+        for p in (4, 9)]}
+    page = lens_grid_html(lens)
+    rows = re.findall(r"<tr><th>(\d+)</th>", page)
+    assert rows == ["3", "2", "1"]  # deepest layer on top
+    assert page.count("<td ") == 6 and "&#x27;t29&#x27;" in page
+    assert "layer l = 3 (k = 2), position 9\nH = 1.000 nats\n&#x27;t29&#x27;: 0.90\n&#x27; x&#x27;: 3.0e-05" in page
+    assert "<script>" in page and not re.search(r"src=|https?://", page)

@@ -1,4 +1,5 @@
-"""``report.html``: one self-contained page (figures as base64 data URIs, inline CSS, no scripts, no links)."""
+"""``report.html``: one self-contained page (figures as base64 data URIs, inline CSS, the lens view's few lines of
+inline script; nothing loaded from anywhere)."""
 
 from __future__ import annotations
 
@@ -20,7 +21,14 @@ table{border-collapse:collapse;font-size:.85em}td,th{border:1px solid #ccc;paddi
 th{background:#f3f3f3}td.l,th.l{text-align:left}.k{font-size:1.1em;background:#eef6ee;border:1px solid #9c9;
 padding:.6em 1em;display:inline-block}img{max-width:100%;border:1px solid #eee;margin:.4em 0}
 .pos{color:#1a7f37}.neg{color:#b42318}code{background:#f5f5f5;padding:0 .2em}
+table.lensgrid td{text-align:center;font-family:monospace;font-size:.8em;min-width:5em;cursor:default}
+table.lensgrid td:hover{outline:2px solid #d62728}#lensinfo{white-space:pre;font-family:monospace;font-size:.85em;
+background:#fafafa;border:1px solid #ddd;padding:.5em;min-height:7em}
 """
+
+#: the lens grid's hover panel: copies the hovered cell's details (its data-info) into #lensinfo; inline, no network
+_LENS_JS = """<script>for(const t of document.querySelectorAll('table.lensgrid td[data-info]')){
+t.addEventListener('mouseenter',()=>{document.getElementById('lensinfo').textContent=t.dataset.info;});}</script>"""
 
 
 _SUP = re.compile(r"(π|H|A|F|</sub>)\^(\{[^}]*\}|[A-Za-z0-9]+)")
@@ -103,6 +111,43 @@ def lens_html(lens: Mapping) -> str:
     return "".join(out)
 
 
+def _shade(h: float, hmax: float) -> str:
+    """Cell colours for entropy ``h`` on a white -> blue scale up to ``hmax`` (text white on dark cells)."""
+    f = min(max(h / hmax, 0.0), 1.0) if hmax > 0 else 0.0
+    r, g, b = (round(255 + f * (c - 255)) for c in (31, 119, 180))
+    return f"background:rgb({r},{g},{b});color:{'#fff' if f > 0.55 else '#222'}"
+
+
+def lens_grid_html(lens: Mapping) -> str:
+    """The lens as a layer x position grid per projection (deepest layer on top, as tuned-lens draws it): each cell
+    shows the layer's top token, is shaded by its entropy, and hovering it shows its top tokens and entropy."""
+    blocks = lens["positions"]
+    cells = [row[p]["entropy"] for b in blocks for row in b["layers"] for p in lens["projections"]]
+    hmax = max([c for c in cells if c is not None] or [1.0])
+    out = []
+    for proj in lens["projections"]:
+        head = "<tr><th>l (paper)</th>" + "".join(
+            f"<th>{b['position']}<br><code>{html.escape(repr(b['context'][-8:]))}</code>"
+            + ("" if b["next_token"] is None else f"<br>next <code>{html.escape(repr(b['next_token']))}</code>")
+            + "</th>" for b in blocks) + "</tr>"
+        rows = []
+        for k in reversed(range(len(blocks[0]["layers"]) if blocks else 0)):
+            tds = []
+            for b in blocks:
+                row = b["layers"][k]
+                c = row[proj]
+                top1 = c["top"][0][0] if c["top"] else ""
+                info = (f"{proj}, layer l = {row['paper_layer']} (k = {row['layer']}), position {b['position']}\n"
+                        f"H = {c['entropy']:.3f} nats\n" + "\n".join(f"{t!r}: {prob_text(q)}" for t, q in c["top"]))
+                tds.append(f'<td style="{_shade(c["entropy"], hmax)}" title="{html.escape(info)}" '
+                           f'data-info="{html.escape(info)}">{html.escape(repr(top1))}</td>')
+            rows.append(f"<tr><th>{k + 1}</th>{''.join(tds)}</tr>")
+        out.append(f"<h3>{html.escape(proj)}</h3><table class=\"lensgrid\">{head}{''.join(rows)}</table>")
+    return ("<p>Each cell: the layer policy's most likely token; shade = its entropy (white 0 → blue "
+            f"{hmax:.2f} nats); hover a cell for its top tokens and entropy.</p>" + "".join(out)
+            + '<div id="lensinfo">hover a cell</div>' + _LENS_JS)
+
+
 def _kv_table(items: Mapping) -> str:
     rows = []
     for k, v in items.items():
@@ -144,7 +189,8 @@ def render_report(summary: Mapping, figures: Mapping[str, Path]) -> str:
     lens_part = "" if not lens else (
         f"<h2>Logit lens: sample {lens.get('sample')}</h2><p>Top {lens.get('top')} tokens of every layer's policy "
         + math_html("under each projection (raw = lm_head(H^k), the paper; final_norm = lm_head(final_norm(H^k)), "
-                    "the logit lens; at k = L−1 final_norm is the model's own policy). H in nats.") + "</p>" + lens_html(lens))
+                    "the logit lens; at k = L−1 final_norm is the model's own policy). H in nats.") + "</p>"
+        + "<h3>Interactive view</h3>" + lens_grid_html(lens) + "<h3>Table</h3>" + lens_html(lens))
     bd = s.get("boundary") or {}
     rule = math_html(bd.get("rule", ""))
     meta_keys = ["model", "model_type", "dtype", "device", "projection", "delta_convention", "template", "data",
