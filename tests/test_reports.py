@@ -106,7 +106,7 @@ def test_demo_report_curves_links_and_pass_at_k(tmp_path, captured):
     assert [line[2] for line in passk[0][4]] == ["base", "GRPO", "BuPO"]  # base = the step-0 evaluation
     # reward == accuracy (a 0/1 reward): one panel, not two; x in rollout steps; every panel has a y label
     assert [a[0] for a in curves] == ["mean reward of the rollouts (= accuracy: a 0/1 reward)",
-                                      "entropy of the full policy π_θ", "entropy of the internal policy π^k", ""]
+                                      r"entropy of the full policy $\pi_\theta$", r"entropy of the internal policy $\pi^k$", ""]
     assert curves[3][4] == []  # the spare slot holds only the legend
     assert all(a[1] == "rollout step" and a[2] for a in curves[:3])
     xs, ys, _ = next(line for line in curves[0][4] if line[2] == "BuPO")

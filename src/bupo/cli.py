@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import argparse
 import importlib
+import os
 import sys
 
 from bupo import __version__
@@ -38,7 +39,36 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+#: exit status of a command whose reader closed the pipe (``bupo model info | head``), as a shell reports SIGPIPE
+EXIT_BROKEN_PIPE = 128 + 13
+
+
+def _closed_pipe() -> int:
+    """The reader of stdout went away: send what is still buffered to /dev/null (so that the interpreter's own flush
+    at exit does not raise again) and stop quietly, as ``cat`` does."""
+    devnull = os.open(os.devnull, os.O_WRONLY)
+    os.dup2(devnull, sys.stdout.fileno())
+    os.close(devnull)
+    return EXIT_BROKEN_PIPE
+
+
 def main(argv: list[str] | None = None) -> int:
+    """Run one ``bupo`` command; its exit status. A reader that closes the pipe early (``| head``) ends it quietly."""
+    try:
+        code = _run(argv)
+        sys.stdout.flush()  # a closed pipe shows here, not in the interpreter's flush at exit
+        return code
+    except BrokenPipeError:
+        return _closed_pipe()
+    except SystemExit:  # --help, --version and usage errors print, then exit through argparse
+        try:
+            sys.stdout.flush()
+        except BrokenPipeError:
+            _closed_pipe()
+        raise
+
+
+def _run(argv: list[str] | None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
     if not getattr(args, "func", None):

@@ -104,17 +104,29 @@ def _norm(flag: str) -> str:
     return flag.split("=", 1)[0].lstrip("-").replace("-", "_").lower()
 
 
+#: short names people type for long flags (other tools' spellings): ``--lr`` means ``--learning_rate``
+FLAG_SYNONYMS = {
+    "lr": "learning_rate", "bs": "per_device_train_batch_size", "batch_size": "per_device_train_batch_size",
+    "epochs": "num_train_epochs", "steps": "max_steps", "wd": "weight_decay", "temp": "temperature",
+    "max_tokens": "max_new_tokens",
+}
+
+
 def closest_flag(flag: str, candidates: Iterable[str]) -> str | None:
-    """The candidate closest to ``flag`` (difflib, ignoring dashes vs underscores), or None when nothing is close."""
+    """The candidate closest to ``flag`` (a known synonym such as ``--lr`` first, then difflib, ignoring dashes vs
+    underscores), or None when nothing is close."""
     by_norm: dict[str, str] = {}
     for c in candidates:
         by_norm.setdefault(_norm(c), c)
+    synonym = FLAG_SYNONYMS.get(_norm(flag))
+    if synonym in by_norm:
+        return by_norm[synonym]
     match = difflib.get_close_matches(_norm(flag), list(by_norm), n=1, cutoff=0.6)
     return by_norm[match[0]] if match else None
 
 
-def unknown_flag_hints(extras: Sequence[str], candidates: Iterable[str]) -> str:
-    """``"; --limt: did you mean --limit?"`` for every unknown ``--flag`` in ``extras`` that has a close match."""
+def flag_hints(extras: Sequence[str], candidates: Iterable[str]) -> list[str]:
+    """``["--limt: did you mean --limit?"]``: one hint for every unknown ``--flag`` in ``extras`` with a close match."""
     cands = list(candidates)
     hints = []
     for arg in extras:
@@ -122,6 +134,12 @@ def unknown_flag_hints(extras: Sequence[str], candidates: Iterable[str]) -> str:
             best = closest_flag(arg, cands)
             if best:
                 hints.append(f"{arg.split('=', 1)[0]}: did you mean {best}?")
+    return hints
+
+
+def unknown_flag_hints(extras: Sequence[str], candidates: Iterable[str]) -> str:
+    """``"; --limt: did you mean --limit?"`` for every unknown ``--flag`` in ``extras`` that has a close match."""
+    hints = flag_hints(extras, candidates)
     return ("; " + "; ".join(hints)) if hints else ""
 
 
@@ -159,12 +177,13 @@ class BupoArgumentParser(argparse.ArgumentParser):
         return ns
 
     def error(self, message: str):  # type: ignore[override]
-        """argparse's error, plus ``--flg: did you mean --flag?`` for every flag of the command line that no
-        parser of this command knows (an unknown flag can also surface as another error, e.g. its value taken
-        for a subcommand name)."""
+        """argparse's error, led by ``--flg: did you mean --flag?`` for every flag of the command line that no
+        parser of this command knows: an unknown flag is the cause when it surfaces as another error (``bupo eval
+        --limt 3``: its value taken for a subcommand name), so its hint comes first and argparse's words follow."""
         chain = [p for p in _ENTERED if p is not self] + [self]
         unknown = [a for a in _ARGS if a.startswith("--") and len(a) > 2 and not _known(a, chain)]
-        super().error(message + unknown_flag_hints(unknown, primary_options(self)))
+        hints = flag_hints(unknown, primary_options(self))
+        super().error(f"{'; '.join(hints)} ({message})" if hints else message)
 
     def _get_option_tuples(self, option_string: str):  # type: ignore[override]
         seen: set[int] = set()

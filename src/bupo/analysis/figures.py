@@ -7,7 +7,7 @@
 - ``layer_entropy.png``: the layer policies' mean entropy with its CI band, the log|V| ceiling and the final
   policy's entropy.
 - ``heatmap.png``: layer x token entropy for one trace; rows strided so that the last layer is always kept,
-  tokens mean-pooled into at most ``max_cols`` bins.
+  tokens mean-pooled into at most ``max_cols`` bins; colours span the 2nd–98th percentile of the cells (nats).
 
 Every function works for any number of layers (1 to hundreds).
 """
@@ -53,6 +53,32 @@ def pool_columns(mat: np.ndarray, max_cols: int) -> tuple[np.ndarray, int]:
     pad = nb * width - n
     padded = np.concatenate([mat, np.full((mat.shape[0], pad), np.nan)], axis=1) if pad else mat
     return np.nanmean(padded.reshape(mat.shape[0], nb, width), axis=2), width
+
+
+def contain(y: np.ndarray, hw: np.ndarray, margin: float = 0.08) -> tuple[float, float]:
+    """y limits holding every bar ``y``, its error bar ``± hw`` and zero, with a ``margin`` fraction to spare."""
+    hw = hw if hw.size == y.size else np.zeros_like(y)
+    ends = np.concatenate([y - hw, y + hw, [0.0]])
+    ends = ends[np.isfinite(ends)]
+    lo, hi = float(ends.min()), float(ends.max())
+    pad = margin * (hi - lo) or 0.1
+    return lo - pad, hi + pad
+
+
+#: the heatmap's colour scale spans these percentiles of its cells (a few extreme tokens do not flatten the rest)
+ROBUST_PERCENTILES = (2.0, 98.0)
+
+
+def robust_range(mat: np.ndarray) -> tuple[float, float]:
+    """(low, high) colour limits: :data:`ROBUST_PERCENTILES` of the finite cells (a small spread when all equal)."""
+    vals = np.asarray(mat, dtype=np.float64)
+    vals = vals[np.isfinite(vals)]
+    if vals.size == 0:
+        return 0.0, 1.0
+    lo, hi = (float(v) for v in np.percentile(vals, ROBUST_PERCENTILES))
+    if hi - lo < 1e-9:
+        lo, hi = lo - 0.5, hi + 0.5
+    return lo, hi
 
 
 def _arr(xs: Sequence) -> np.ndarray:
@@ -103,12 +129,12 @@ def plot_flow(summary: Mapping, path: Path) -> Path:
     ax.plot(xs, ys, color="0.35", lw=1, zorder=1)
     ms = max(8, 40 - L)
     ax.scatter([i + 0.5 for i in range(L)] + [L + 0.5], list(pre) + [post[-1]], color=_COLORS["layer"], s=ms,
-               zorder=2, label="layer input / output H(H^l)")
-    ax.scatter([i + 0.5 + 1 / 3 for i in range(L)], attn, color=_COLORS["attn"], s=ms, zorder=2, label="attention output H(A^l)")
-    ax.scatter([i + 0.5 + 2 / 3 for i in range(L)], ffn, color=_COLORS["ffn"], s=ms, zorder=2, label="FFN output H(F^l)")
+               zorder=2, label=r"layer input / output $H(H^l)$")
+    ax.scatter([i + 0.5 + 1 / 3 for i in range(L)], attn, color=_COLORS["attn"], s=ms, zorder=2, label=r"attention output $H(A^l)$")
+    ax.scatter([i + 0.5 + 2 / 3 for i in range(L)], ffn, color=_COLORS["ffn"], s=ms, zorder=2, label=r"FFN output $H(F^l)$")
     if summary.get("final_entropy") is not None:
         ax.scatter([L + 0.5 + 0.3], [summary["final_entropy"]], marker="*", s=90, color=_COLORS["final"], zorder=3,
-                   label="final policy πθ")
+                   label=r"final policy $\pi_\theta$")
     _log_v(ax, summary)
     _layer_ticks(ax, L)
     ax.set_xlim(0.3, L + 1.0)
@@ -138,6 +164,7 @@ def plot_delta_bars(summary: Mapping, path: Path) -> Path:
         ax.axhline(0.0, color="red", ls="--", lw=1)
         if b:
             ax.axvline(b + 0.5, color="0.3", ls=":", lw=1)
+        ax.set_ylim(*contain(y, hw))
         ax.set_ylabel(f"{label} (nats)", fontsize=9)
         ax.set_title(f"{label}, 95% CI ({kind}-level SE)", fontsize=9)
         ax.grid(alpha=0.3, axis="y")
@@ -158,7 +185,7 @@ def plot_layer_entropy(summary: Mapping, path: Path) -> Path:
     hw, kind = ci_halfwidth(summary, "layer_entropy")
     hw = np.concatenate([[0.0], hw]) if hw.size else np.zeros_like(y)
     fig, ax = plt.subplots(figsize=(min(7 + 0.2 * L, 24), 4.5))
-    ax.plot(x, y, "o-", color=_COLORS["layer"], ms=max(2, 6 - L // 20), label="layer policy π^l (l=0: embedding)")
+    ax.plot(x, y, "o-", color=_COLORS["layer"], ms=max(2, 6 - L // 20), label=r"layer policy $\pi^l$ ($l = 0$: embedding)")
     ax.fill_between(x, y - hw, y + hw, color=_COLORS["layer"], alpha=0.25, label=f"95% CI ({kind}-level SE)")
     ax.plot(np.arange(1, L + 1), _arr(summary["attn_entropy"]), lw=0.8, color=_COLORS["attn"], alpha=0.7,
             label="attention module policy")
@@ -166,7 +193,7 @@ def plot_layer_entropy(summary: Mapping, path: Path) -> Path:
             label="FFN module policy")
     if summary.get("final_entropy") is not None:
         ax.axhline(summary["final_entropy"], color=_COLORS["final"], ls="--", lw=1,
-                   label=f"final policy πθ = {summary['final_entropy']:.3f}")
+                   label=rf"final policy $\pi_\theta$ = {summary['final_entropy']:.3f}")
     _log_v(ax, summary)
     _layer_ticks(ax, L, first=0)
     ax.set_xlim(-0.5, L + 0.5)
@@ -189,17 +216,18 @@ def plot_heatmap(matrix: np.ndarray, path: Path, *, summary: Mapping | None = No
     rows = stride_rows(m.shape[0], max_rows)
     pooled, width = pool_columns(m[rows], max_cols)
     fig, ax = plt.subplots(figsize=(10, min(2 + 0.18 * len(rows), 12)))
-    vmax = math.log(summary["vocab_size"]) if summary and summary.get("vocab_size") else None
+    vmin, vmax = robust_range(pooled)
     n = m.shape[1]
     # x in token units (columns may be pooled); y in strided-row units, labelled with paper layers
-    im = ax.imshow(pooled, aspect="auto", origin="lower", interpolation="nearest", cmap="viridis", vmin=0, vmax=vmax,
+    im = ax.imshow(pooled, aspect="auto", origin="lower", interpolation="nearest", cmap="viridis", vmin=vmin, vmax=vmax,
                    extent=(0, n, -0.5, len(rows) - 0.5))
     ticks = stride_rows(len(rows), 24)  # the last (deepest) plotted layer is always labelled
     ax.set_yticks(ticks)
     ax.set_yticklabels([str(rows[t] + 1) for t in ticks], fontsize=7)
     ax.set_ylabel("layer l (paper numbering)")
     ax.set_xlabel("response token" + (f" (mean over {width} tokens per column)" if width > 1 else ""))
-    fig.colorbar(im, ax=ax, label="entropy (nats)")
+    fig.colorbar(im, ax=ax, extend="both",
+                 label=f"entropy (nats)\ncolours: {ROBUST_PERCENTILES[0]:g}–{ROBUST_PERCENTILES[1]:g}th percentile")
     what = f"Layer policy entropy per token, sample {sample}"
     ax.set_title(_title(summary, what) if summary else what, fontsize=10)
     return save_figure(fig, path)

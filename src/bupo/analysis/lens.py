@@ -89,7 +89,7 @@ def lens_table(
             for pr in projections:
                 ent, probs, idx = per_proj[pr][k]
                 cell[pr] = {"entropy": round(float(ent[r]), 4),
-                            "top": [[_token_text(tokenizer, i), round(float(q), 4)]
+                            "top": [[_token_text(tokenizer, i), float(f"{q:.4g}")]  # 4 significant digits
                                     for i, q in zip(idx[r].tolist(), probs[r].tolist(), strict=True)]}
             layers.append({"layer": k, "paper_layer": k + 1, **cell})
         table.append({
@@ -102,6 +102,30 @@ def lens_table(
             "conventions": "0-based layer k (paper layer k+1); entropy in nats; raw = lm_head(h), final_norm = "
                            "lm_head(final_norm(h)); at k = L-1 final_norm is the model's own policy",
             "positions": table}
+
+
+def prob_text(q: float) -> str:
+    """A probability as text that never reads as 0 when it is not: ``0.23``, ``0.004``, ``3.2e-05``, ``0``."""
+    if q == 0:
+        return "0"
+    if q >= 0.01:
+        return f"{q:.2f}"
+    if q >= 0.001:
+        return f"{q:.3f}"
+    return f"{q:.1e}"
+
+
+def _fit_tokens(entropy: float, top: Sequence[Sequence[Any]], width: int) -> str:
+    """``" 2.31 'a':0.52 'b':0.1"``: the entropy and as many whole ``token:prob`` pairs as fit in ``width`` (a pair
+    is never cut, so a probability is never shortened; ``…`` marks pairs left out)."""
+    text = f"{entropy:6.2f}"
+    pairs = [f"{t!r}:{prob_text(q)}" for t, q in top]
+    for i, pair in enumerate(pairs):
+        more = " …" if i + 1 < len(pairs) else ""
+        if len(text) + 1 + len(pair) + len(more) > width:
+            return (text + " …") if len(text) + 2 <= width else text
+        text += " " + pair
+    return text
 
 
 def format_lens(table: Mapping[str, Any], *, width: int = 44) -> str:
@@ -119,8 +143,7 @@ def format_lens(table: Mapping[str, Any], *, width: int = 44) -> str:
             cells = []
             for p in projs:
                 c = row[p]
-                toks = " ".join(f"{t!r}:{q:.2f}" for t, q in c["top"])
-                cells.append(f"{c['entropy']:6.2f} {toks}"[:width].ljust(width))
+                cells.append(_fit_tokens(c["entropy"], c["top"], width).ljust(width))
             out.append(f"{row['layer']:>3} {row['paper_layer']:>3} | " + " | ".join(cells))
         out.append("")
     return "\n".join(out).rstrip() + "\n"

@@ -1,4 +1,5 @@
-"""``report.html``: one self-contained page (figures as base64 data URIs, inline CSS, no scripts, no links)."""
+"""``report.html``: one self-contained page (figures as base64 data URIs, inline CSS, the lens view's few lines of
+inline script; nothing loaded from anywhere)."""
 
 from __future__ import annotations
 
@@ -6,8 +7,11 @@ import base64
 import html
 import json
 import math
+import re
 from collections.abc import Mapping
 from pathlib import Path
+
+from bupo.analysis.lens import prob_text
 
 _CSS = """
 body{font-family:system-ui,-apple-system,Segoe UI,Helvetica,Arial,sans-serif;margin:2em auto;max-width:1200px;
@@ -17,7 +21,27 @@ table{border-collapse:collapse;font-size:.85em}td,th{border:1px solid #ccc;paddi
 th{background:#f3f3f3}td.l,th.l{text-align:left}.k{font-size:1.1em;background:#eef6ee;border:1px solid #9c9;
 padding:.6em 1em;display:inline-block}img{max-width:100%;border:1px solid #eee;margin:.4em 0}
 .pos{color:#1a7f37}.neg{color:#b42318}code{background:#f5f5f5;padding:0 .2em}
+table.lensgrid td{text-align:center;font-family:monospace;font-size:.8em;min-width:5em;cursor:default}
+table.lensgrid td:hover{outline:2px solid #d62728}#lensinfo{white-space:pre;font-family:monospace;font-size:.85em;
+background:#fafafa;border:1px solid #ddd;padding:.5em;min-height:7em}
 """
+
+#: the lens grid's hover panel: copies the hovered cell's details (its data-info) into #lensinfo; inline, no network
+_LENS_JS = """<script>for(const t of document.querySelectorAll('table.lensgrid td[data-info]')){
+t.addEventListener('mouseenter',()=>{document.getElementById('lensinfo').textContent=t.dataset.info;});}</script>"""
+
+
+_SUP = re.compile(r"(π|H|A|F|</sub>)\^(\{[^}]*\}|[A-Za-z0-9]+)")
+_SUB = re.compile(r"(π|ΔH)_?(θ|old|ref|Layer|ATTN|FFN|attn|ffn)")
+
+
+def math_html(text: str) -> str:
+    """``text`` HTML-escaped, with its maths written as HTML: ``π^k`` -> π<sup>k</sup>, ``H(A^l)`` ->
+    H(A<sup>l</sup>), ``π_θ``/``πθ`` -> π<sub>θ</sub>, ``ΔH_FFN^l`` -> ΔH<sub>FFN</sub><sup>l</sup> (no script: the
+    page stays self-contained)."""
+    out = html.escape(text, quote=False)
+    out = _SUB.sub(lambda m: f"{m.group(1)}<sub>{m.group(2)}</sub>", out)
+    return _SUP.sub(lambda m: f"{m.group(1)}<sup>{m.group(2).strip('{}')}</sup>", out)
 
 
 def img_tag(path: Path) -> str:
@@ -80,11 +104,48 @@ def lens_html(lens: Mapping) -> str:
         for row in block["layers"]:
             cells = "".join(
                 f"<td>{_fmt(row[p]['entropy'], 2)}</td><td class=\"l\">"
-                + " ".join(f"<code>{html.escape(repr(t))}</code> {q:.2f}" for t, q in row[p]["top"]) + "</td>"
+                + " ".join(f"<code>{html.escape(repr(t))}</code> {prob_text(q)}" for t, q in row[p]["top"]) + "</td>"
                 for p in projs)
             rows.append(f"<tr><td>{row['paper_layer']}</td><td>{row['layer']}</td>{cells}</tr>")
         out.append(f"<table>{head}{''.join(rows)}</table>")
     return "".join(out)
+
+
+def _shade(h: float, hmax: float) -> str:
+    """Cell colours for entropy ``h`` on a white -> blue scale up to ``hmax`` (text white on dark cells)."""
+    f = min(max(h / hmax, 0.0), 1.0) if hmax > 0 else 0.0
+    r, g, b = (round(255 + f * (c - 255)) for c in (31, 119, 180))
+    return f"background:rgb({r},{g},{b});color:{'#fff' if f > 0.55 else '#222'}"
+
+
+def lens_grid_html(lens: Mapping) -> str:
+    """The lens as a layer x position grid per projection (deepest layer on top, as tuned-lens draws it): each cell
+    shows the layer's top token, is shaded by its entropy, and hovering it shows its top tokens and entropy."""
+    blocks = lens["positions"]
+    cells = [row[p]["entropy"] for b in blocks for row in b["layers"] for p in lens["projections"]]
+    hmax = max([c for c in cells if c is not None] or [1.0])
+    out = []
+    for proj in lens["projections"]:
+        head = "<tr><th>l (paper)</th>" + "".join(
+            f"<th>{b['position']}<br><code>{html.escape(repr(b['context'][-8:]))}</code>"
+            + ("" if b["next_token"] is None else f"<br>next <code>{html.escape(repr(b['next_token']))}</code>")
+            + "</th>" for b in blocks) + "</tr>"
+        rows = []
+        for k in reversed(range(len(blocks[0]["layers"]) if blocks else 0)):
+            tds = []
+            for b in blocks:
+                row = b["layers"][k]
+                c = row[proj]
+                top1 = c["top"][0][0] if c["top"] else ""
+                info = (f"{proj}, layer l = {row['paper_layer']} (k = {row['layer']}), position {b['position']}\n"
+                        f"H = {c['entropy']:.3f} nats\n" + "\n".join(f"{t!r}: {prob_text(q)}" for t, q in c["top"]))
+                tds.append(f'<td style="{_shade(c["entropy"], hmax)}" title="{html.escape(info)}" '
+                           f'data-info="{html.escape(info)}">{html.escape(repr(top1))}</td>')
+            rows.append(f"<tr><th>{k + 1}</th>{''.join(tds)}</tr>")
+        out.append(f"<h3>{html.escape(proj)}</h3><table class=\"lensgrid\">{head}{''.join(rows)}</table>")
+    return ("<p>Each cell: the layer policy's most likely token; shade = its entropy (white 0 → blue "
+            f"{hmax:.2f} nats); hover a cell for its top tokens and entropy.</p>" + "".join(out)
+            + '<div id="lensinfo">hover a cell</div>' + _LENS_JS)
 
 
 def _kv_table(items: Mapping) -> str:
@@ -95,38 +156,51 @@ def _kv_table(items: Mapping) -> str:
     return f"<table>{''.join(rows)}</table>"
 
 
+def _boundary_box(s: Mapping) -> str:
+    """The boundary answer as one box: the layer (green), or why there is none (red when the projection is
+    degenerate: that reason, its advice and the options said once)."""
+    b, k = s.get("boundary_layer"), s.get("suggested_internal_layer")
+    health = s.get("projection_health") or {}
+    degenerate = bool(health.get("degenerate"))
+    bad = ' style="background:#fdecea;border-color:#e99"'
+    if b is not None:
+        box = (f'<div class="k">Boundary layer <b>l = {b}</b> of {s["num_layers"]} &rarr; suggested internal layer '
+               f"<b>k = {k}</b> (0-based; <code>bupo train --internal-layer {k}</code>)</div>")
+        if degenerate:  # a boundary despite a degenerate projection: the warning gets its own box
+            box += (f'<div class="k"{bad}>Degenerate projection: {math_html(str(health["message"]))}.<br>'
+                    f'{math_html(str(health["advice"]))}</div>')
+        return box
+    bd = s.get("boundary") or {}
+    opts = "".join(f"<li>{math_html(str(o))}</li>" for o in bd.get("options") or [])
+    if degenerate:
+        why = (f"Degenerate projection: {math_html(str(health['message']))}.<br>"
+               f"{math_html(str(health['advice']))}")
+    else:
+        why = math_html(str(bd.get("note", "")))
+    return (f'<div class="k"{bad if degenerate else ""}>No boundary layer{". " if degenerate else ": "}{why}'
+            + (f"<br>Options:<ul>{opts}</ul>" if opts else "") + "</div>")
+
+
 def render_report(summary: Mapping, figures: Mapping[str, Path]) -> str:
     """The report as one HTML string."""
     s = summary
-    b = s.get("boundary_layer")
-    k = s.get("suggested_internal_layer")
-    if b is not None:
-        kbox = (f'<div class="k">Boundary layer <b>l = {b}</b> of {s["num_layers"]} &rarr; suggested internal layer '
-                f"<b>k = {k}</b> (0-based; <code>bupo train --internal-layer {k}</code>)</div>")
-    else:
-        bd0 = s.get("boundary") or {}
-        opts = "".join(f"<li>{html.escape(str(o))}</li>" for o in bd0.get("options") or [])
-        kbox = (f'<div class="k">No boundary layer: {html.escape(str(bd0.get("note", "")))}'
-                + (f"<br>Options:<ul>{opts}</ul>" if opts else "") + "</div>")
-    health = s.get("projection_health") or {}
-    if health.get("degenerate"):
-        kbox += (f'<div class="k" style="background:#fdecea;border-color:#e99">Degenerate projection: '
-                 f'{html.escape(str(health["message"]))}.<br>{html.escape(str(health["advice"]))}</div>')
+    kbox = _boundary_box(s)
     lens = s.get("lens")
     lens_part = "" if not lens else (
         f"<h2>Logit lens: sample {lens.get('sample')}</h2><p>Top {lens.get('top')} tokens of every layer's policy "
-        "under each projection (raw = lm_head(H^k), the paper; final_norm = lm_head(final_norm(H^k)), the logit "
-        "lens; at k = L−1 final_norm is the model's own policy). H in nats.</p>" + lens_html(lens))
+        + math_html("under each projection (raw = lm_head(H^k), the paper; final_norm = lm_head(final_norm(H^k)), "
+                    "the logit lens; at k = L−1 final_norm is the model's own policy). H in nats.") + "</p>"
+        + "<h3>Interactive view</h3>" + lens_grid_html(lens) + "<h3>Table</h3>" + lens_html(lens))
     bd = s.get("boundary") or {}
-    rule = html.escape(bd.get("rule", ""))
+    rule = math_html(bd.get("rule", ""))
     meta_keys = ["model", "model_type", "dtype", "device", "projection", "delta_convention", "template", "data",
                  "traces", "generation", "position_convention", "num_layers", "vocab_size", "tied_embeddings",
                  "num_samples", "num_tokens", "skipped", "chunk_size", "gemm", "epilogue", "bupo_version", "torch_version",
                  "transformers_version", "created"]
     meta = {key: s[key] for key in meta_keys if key in s}
     figs = "".join(f"<h3>{html.escape(name.replace('_', ' '))}</h3>{img_tag(p)}" for name, p in figures.items())
-    final = (f"final policy πθ: H = {_fmt(s.get('final_entropy'))} nats, mean log p(next) = "
-             f"{_fmt(s.get('final_logprob'), 3)}; embedding H^0: {_fmt(s.get('embed_entropy'))} nats")
+    final = (f"final policy π<sub>θ</sub>: H = {_fmt(s.get('final_entropy'))} nats, mean log p(next) = "
+             f"{_fmt(s.get('final_logprob'), 3)}; embedding H<sup>0</sup>: {_fmt(s.get('embed_entropy'))} nats")
     return f"""<!DOCTYPE html>
 <html lang="en"><head><meta charset="utf-8"><title>bupo analyze — {html.escape(str(s.get('model', '')))}</title>
 <style>{_CSS}</style></head><body>

@@ -13,8 +13,8 @@ from typing import Any
 
 from bupo.data.datasets import BENCHMARKS, DISPLAY_NAMES
 
-__all__ = ["PASS_AT_K_FIGURE", "add_pass_at_k_curve", "column_order", "compare_table", "load_results",
-           "pass_at_k_figure", "pass_table", "results_table", "settings_line"]
+__all__ = ["PASS_AT_K_FIGURE", "add_pass_at_k_curve", "column_order", "compare_table", "curve_ks", "load_results",
+           "pass_at_k_curve", "pass_at_k_figure", "pass_table", "results_table", "settings_line"]
 
 PASS_AT_K_FIGURE = "pass_at_k.png"
 
@@ -146,6 +146,23 @@ def compare_table(runs: Sequence[tuple[str, dict[str, Any]]], figure: str | None
     return "\n".join(lines) + "\n"
 
 
+def curve_ks(n: int) -> list[int]:
+    """The K of a Pass@K curve from n samples: every power of two up to n, and n itself."""
+    ks = [2**i for i in range(max(n, 1).bit_length()) if 2**i <= n]
+    return sorted(set(ks) | {n}) if n >= 1 else [1]
+
+
+def pass_at_k_curve(bench: dict[str, Any]) -> dict[int, float]:
+    """``{K: Pass@K}`` of one benchmark's results: at :func:`curve_ks` when its per-problem correct counts are
+    recorded (the unbiased estimator from them), else the K it recorded."""
+    from bupo.evaluation.metrics import mean_pass_at_k
+
+    counts, n = bench.get("correct_counts"), bench.get("n")
+    if counts and isinstance(n, int) and n >= 1:
+        return {k: mean_pass_at_k(n, counts, k) for k in curve_ks(n)}
+    return {int(k): v for k, v in bench["pass_at_k"].items()}
+
+
 def pass_at_k_figure(runs: Sequence[tuple[str, dict[str, Any]]], path: str | Path) -> Path | None:
     """Pass@K against K (log scale) per benchmark, one line per run, as the paper's Fig. 6; None if no run has
     Pass@K values. ``runs``: ``(label, results.json dict)`` pairs."""
@@ -165,8 +182,8 @@ def pass_at_k_figure(runs: Sequence[tuple[str, dict[str, Any]]], path: str | Pat
             b = r["benchmarks"].get(c)
             if not b or not b.get("pass_at_k"):
                 continue
-            ks = sorted(int(k) for k in b["pass_at_k"])
-            vals = {int(k): v for k, v in b["pass_at_k"].items()}
+            vals = pass_at_k_curve(b)
+            ks = sorted(vals)
             ax.plot(ks, [100 * vals[k] for k in ks], marker="o", label=label)
             ns.add(b["n"])
             all_ks.update(ks)

@@ -14,7 +14,7 @@ import os
 from collections.abc import Mapping
 from pathlib import Path
 
-from bupo.analysis.report import img_tag
+from bupo.analysis.report import img_tag, math_html
 from bupo.analysis.result import load_summary
 from bupo.io import atomic_write_text
 from bupo.plotting import pyplot, save_figure
@@ -22,8 +22,8 @@ from bupo.plotting import pyplot, save_figure
 CURVES = [
     ("reward", "mean reward of the rollouts", "reward"),
     ("bupo/accuracy", "rollout accuracy", "fraction correct"),
-    ("bupo/entropy_full", "entropy of the full policy π_θ", "entropy (nats)"),
-    ("bupo/entropy_internal", "entropy of the internal policy π^k", "entropy (nats)"),
+    ("bupo/entropy_full", r"entropy of the full policy $\pi_\theta$", "entropy (nats)"),
+    ("bupo/entropy_internal", r"entropy of the internal policy $\pi^k$", "entropy (nats)"),
 ]
 
 
@@ -134,7 +134,8 @@ def layer_probe_curves(logs: Mapping[str, list[dict]], path: Path, runs: Mapping
         return None
     meta = _run_meta(runs)
     plt = pyplot()
-    fig, axes = plt.subplots(1, len(logs), figsize=(6.4 * len(logs), 4.0), squeeze=False)
+    # one y range for every run: GRPO's and BuPO's panels read side by side
+    fig, axes = plt.subplots(1, len(logs), figsize=(6.4 * len(logs), 4.0), squeeze=False, sharey=True)
     for ax, (label, log) in zip(axes[0], logs.items(), strict=True):
         _shade_internal(ax, {label: log}, meta, label_it=True)
         per = _rollout_x(meta, label)
@@ -143,10 +144,10 @@ def layer_probe_curves(logs: Mapping[str, list[dict]], path: Path, runs: Mapping
         cmap = plt.get_cmap("viridis", max(len(keys), 1))
         for i, key in enumerate(keys):
             xs, ys = _series(log, key)
-            ax.plot([x / per for x in xs], ys, color=cmap(i), label=f"π^{int(key.rsplit('L', 1)[1]) + 1}")
+            ax.plot([x / per for x in xs], ys, color=cmap(i), label=rf"$\pi^{{{int(key.rsplit('L', 1)[1]) + 1}}}$")
         xs, ys = _series(log, "bupo/layer_entropy/final")
         if xs:
-            ax.plot([x / per for x in xs], ys, "k--", label="π_θ")
+            ax.plot([x / per for x in xs], ys, "k--", label=r"$\pi_\theta$")
         ax.set_title(f"{label}: entropy of each layer policy on the probe batch", fontsize=11)
         ax.set_xlabel("rollout step" if meta else "optimizer step")
         ax.set_ylabel("entropy (nats)")
@@ -202,7 +203,8 @@ def markdown_table_to_html(md: str) -> str:
 
 _CSS = """body{font-family:system-ui,sans-serif;max-width:1200px;margin:2em auto;padding:0 1em;color:#222}
 table{border-collapse:collapse;margin:.5em 0}td,th{border:1px solid #ccc;padding:3px 8px;text-align:right}
-th{background:#f3f3f3}img{max-width:100%;border:1px solid #eee;margin:.4em 0}code{background:#f5f5f5}"""
+th{background:#f3f3f3}img{max-width:100%;border:1px solid #eee;margin:.4em 0}code{background:#f5f5f5}
+.headline{font-size:1.1em;background:#f4f6fb;border:1px solid #b8c4e0;padding:.6em 1em}"""
 
 
 def _rel(target: Path, base: Path) -> str:
@@ -217,12 +219,14 @@ def _link(target: Path, base: Path, text: str | None = None) -> str:
 
 def write_report(path: Path, *, title: str, analysis_dir: Path | None, runs: Mapping[str, Path], table_md: str,
                  settings: Mapping, extra_sections: list[tuple[str, str]] | None = None,
-                 summary: Mapping | None = None, results: list[tuple[str, dict]] | None = None) -> Path:
+                 summary: Mapping | None = None, results: list[tuple[str, dict]] | None = None,
+                 headline: str | None = None) -> Path:
     """Write the report atomically; returns its path.
 
     ``summary``: the analysis' ``summary.json`` when the caller already holds it (else read from ``analysis_dir``).
     ``results``: ``(label, results.json)`` pairs for the Pass@K curves (default: each run's last evaluation and
     the base model's step-0 one, :func:`eval_results_of_runs`). Links (analysis, runs) are relative to ``path``.
+    ``headline``: a sentence shown first, above the results (plain text; its maths rendered by :func:`math_html`).
     """
     from bupo.evaluation.report import pass_at_k_figure
 
@@ -232,6 +236,7 @@ def write_report(path: Path, *, title: str, analysis_dir: Path | None, runs: Map
     fig_dir.mkdir(parents=True, exist_ok=True)
     parts = [f"<!doctype html><html><head><meta charset='utf-8'><title>{html.escape(title)}</title>",
              f"<style>{_CSS}</style></head><body><h1>{html.escape(title)}</h1>",
+             f'<p class="headline">{math_html(headline)}</p>' if headline else "",
              "<p>Conventions: layer k is 0-based as in the official code (paper layer l = k+1); entropies in nats; "
              "projection <code>raw</code> (lm_head of the residual stream, no final norm), as in the paper; "
              "s_inter and the x axes of the training curves count rollout steps.</p>",

@@ -19,12 +19,16 @@ from __future__ import annotations
 
 import copy
 import dataclasses
+import warnings
 from dataclasses import dataclass, field
 from typing import Any
 
 from trl import GRPOConfig
 
 from bupo.internal.adapters import PROJECTIONS
+
+#: transformers' FutureWarning for the old name of activation checkpointing, which GRPOConfig still sets
+CHECKPOINTING_RENAME_WARNING = r"`gradient_checkpointing(_kwargs)?` is deprecated"
 
 
 def _parse_layer(value: object) -> int | str | None:
@@ -159,7 +163,11 @@ class BuPOConfig(GRPOConfig):
                 f"(got {self.optimizer_batch_size} and {self.gradient_accumulation_steps})"
             )
         derive_generation = self.generation_batch_size is None and self.steps_per_generation is None
-        super().__post_init__()
+        with warnings.catch_warnings():
+            # GRPOConfig sets gradient_checkpointing, which transformers 5 renamed activation_checkpointing and warns
+            # about on every config; the value carries over unchanged, so that one warning is noise here
+            warnings.filterwarnings("ignore", message=CHECKPOINTING_RENAME_WARNING, category=FutureWarning)
+            super().__post_init__()
 
         if self.optimizer_batch_size is not None:
             per_step = self.per_device_train_batch_size * self.world_size
