@@ -50,7 +50,8 @@ def register(subparsers: Any) -> None:
     p.add_argument(
         "--max-new-tokens",
         type=int,
-        help=f"response length limit (default: the model folder's generation_config, else {DEFAULT_MAX_NEW_TOKENS})",
+        help="response length limit (default: the model folder's generation_config, else the length it was trained at, "
+        f"else its preset's, e.g. OctoThinker 3072, else {DEFAULT_MAX_NEW_TOKENS})",
     )
     add_template(p)
     p.add_argument(
@@ -103,7 +104,11 @@ def _model_folder(arg: str | None) -> Path:
     return Path(resolve_model(arg))
 
 
-def _default_max_new_tokens(path: Path) -> int:
+def _default_max_new_tokens(path: Path, model: str | None = None) -> int:
+    """The folder's generation_config, else the length it was trained at (bupo_run.json), else its preset's
+    (OctoThinker: 3072), else :data:`DEFAULT_MAX_NEW_TOKENS`."""
+    from bupo.recipes.lengths import preset_length, trained_length
+
     gen = path / "generation_config.json"
     if gen.exists():
         try:
@@ -112,7 +117,7 @@ def _default_max_new_tokens(path: Path) -> int:
             value = None
         if isinstance(value, int) and value > 0:
             return value
-    return DEFAULT_MAX_NEW_TOKENS
+    return trained_length(path) or preset_length(model) or DEFAULT_MAX_NEW_TOKENS
 
 
 def _datasets(args: argparse.Namespace) -> dict[str, list[dict]]:
@@ -176,7 +181,7 @@ def _eval_handler(args: argparse.Namespace) -> int:
         hf_logging.disable_progress_bar()
     out = Path(args.out) if args.out else Path("runs") / "eval" / label
     check_output_folder(out)
-    max_new = args.max_new_tokens if args.max_new_tokens is not None else _default_max_new_tokens(folder)
+    max_new = args.max_new_tokens if args.max_new_tokens is not None else _default_max_new_tokens(folder, args.model)
     reward, reward_source = choose_reward(args.reward, folder)
     common = dict(
         n=args.n,
