@@ -32,6 +32,8 @@ def test_official_settings_and_explicit_flags_win() -> None:
     c = _resolved()  # no preset: bupo's documented defaults
     assert (c.limit, c.max_new_tokens, c.template, c.dtype) == (None, 1024, "auto", "auto")
     assert _FLAG_DEFAULTS == {"max_new_tokens": 1024, "template": "auto", "dtype": "auto"}
+    d = _resolved("--preset", "official", "--dtype", "auto", "--max-new-tokens", "1024")  # given at the default
+    assert (d.max_new_tokens, d.template, d.dtype) == (1024, "chat", "auto")
 
 
 def test_unknown_preset_is_refused() -> None:

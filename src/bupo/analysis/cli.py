@@ -12,8 +12,18 @@ PROJECTION_CHOICES = ("raw", "final_norm")
 CONVENTIONS = ("bupo", "residual")
 DEFAULT_BUNDLED_SAMPLES = 32
 PRESET_CHOICES = ("official",)  # the keys of bupo.analysis.config.PRESETS (a test checks)
-# bupo's own defaults of the flags a --preset may set (argparse's defaults are None so that a given flag is seen)
-_FLAG_DEFAULTS = {"max_new_tokens": 1024, "template": "auto", "dtype": "auto"}
+
+
+class _DefaultStr(str):
+    """A default value that was not given on the command line (a given value is a plain str / int)."""
+
+
+class _DefaultInt(int):
+    """As :class:`_DefaultStr`, for ints."""
+
+
+# bupo's own defaults of the flags a --preset may set, marked so that _apply_preset sees which were given
+_FLAG_DEFAULTS = {"max_new_tokens": _DefaultInt(1024), "template": _DefaultStr("auto"), "dtype": _DefaultStr("auto")}
 DEFAULT_OUT = "runs/analysis"
 
 
@@ -88,7 +98,7 @@ def register(subparsers) -> None:
                    help="official: the official analysis script's settings (10 samples, 3072 tokens, the model's own "
                         "chat template - thinking for Qwen3 -, fp32), recorded in summary.json; flags given "
                         "explicitly win (docs/analysis.md)")
-    a.set_defaults(**dict.fromkeys(_FLAG_DEFAULTS))  # None: not given; resolved in _analyze
+    a.set_defaults(**_FLAG_DEFAULTS)  # the same defaults, marked as not given (for --preset)
     a.add_argument("--no-resume", action="store_true", help="discard staged partial results in --out")
     add_quiet(a)
     a.set_defaults(func=_analyze)
@@ -193,9 +203,10 @@ def _apply_preset(args) -> None:
         from bupo.analysis.config import PRESETS
 
         values = dict(PRESETS[args.preset])
-    for name, default in _FLAG_DEFAULTS.items():
-        if getattr(args, name) is None:
-            setattr(args, name, values.get(name, default))
+    for name in _FLAG_DEFAULTS:
+        value = getattr(args, name)
+        if isinstance(value, _DefaultStr | _DefaultInt):  # not given: the preset's value, else bupo's default
+            setattr(args, name, values.get(name, str(value) if isinstance(value, str) else int(value)))
         values.pop(name, None)
     if args.limit is None and "max_samples" in values:
         args.limit = values["max_samples"]
