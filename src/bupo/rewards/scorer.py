@@ -217,7 +217,7 @@ def boxed_exact_raw(completion: str, ground_truth: str) -> float:
 
 
 # --------------------------------------------------------------------------------------------
-# final_number: a scorer that gives signal on small models (issue 12)
+# final_number: a scorer that gives signal on small models
 # --------------------------------------------------------------------------------------------
 
 # an optionally signed integer or decimal; thousands separators ("1,234") are allowed inside
