@@ -11,6 +11,19 @@ from bupo.cli_common import add_dtype, add_labels, add_quiet, add_template, spli
 PROJECTION_CHOICES = ("raw", "final_norm")
 CONVENTIONS = ("bupo", "residual")
 DEFAULT_BUNDLED_SAMPLES = 32
+PRESET_CHOICES = ("official",)  # the keys of bupo.analysis.config.PRESETS (a test checks)
+
+
+class _DefaultStr(str):
+    """A default value that was not given on the command line (a given value is a plain str / int)."""
+
+
+class _DefaultInt(int):
+    """As :class:`_DefaultStr`, for ints."""
+
+
+# bupo's own defaults of the flags a --preset may set, marked so that _apply_preset sees which were given
+_FLAG_DEFAULTS = {"max_new_tokens": _DefaultInt(1024), "template": _DefaultStr("auto"), "dtype": _DefaultStr("auto")}
 DEFAULT_OUT = "runs/analysis"
 
 
@@ -82,6 +95,11 @@ def register(subparsers) -> None:
                    help="boundary rule tolerance, relative to the largest FFN ΔH (default 0.1; docs/analysis.md)")
     a.add_argument("--heatmap-sample", type=int, help="sample index for the layer x token heatmap (default: first)")
     a.add_argument("--overwrite", action="store_true", help="replace a finished analysis in --out")
+    a.add_argument("--preset", choices=PRESET_CHOICES,
+                   help="official: the official analysis script's settings (10 samples, 3072 tokens, the model's own "
+                        "chat template - thinking for Qwen3 -, fp32), recorded in summary.json; flags given "
+                        "explicitly win (docs/analysis.md)")
+    a.set_defaults(**_FLAG_DEFAULTS)  # the same defaults, marked as not given (for --preset)
     a.add_argument("--no-resume", action="store_true", help="discard staged partial results in --out")
     add_quiet(a)
     a.set_defaults(func=_analyze)
@@ -144,6 +162,7 @@ def _analyze(args) -> int:
         raise ValueError("give --data (responses are generated) or --traces (precomputed), not both")
     from bupo.analysis.run import analyze
 
+    _apply_preset(args)
     data = args.data
     max_samples = args.limit
     if data is None and args.traces is None:
@@ -157,7 +176,7 @@ def _analyze(args) -> int:
         projection=args.projection, delta=args.delta, template=args.template, dtype=args.dtype, device=args.device,
         chunk_size=args.chunk_size, epilogue=args.epilogue, batch_tokens=args.batch_tokens, gen_batch_size=args.gen_batch_size,
         token_dtype=args.token_dtype, boundary_tol=args.boundary_tol, heatmap_sample=args.heatmap_sample,
-        resume=not args.no_resume, overwrite=args.overwrite, progress=not args.quiet,
+        resume=not args.no_resume, overwrite=args.overwrite, progress=not args.quiet, preset=args.preset,
     )
     s = res.summary
     skipped = {k: v for k, v in s["skipped"].items() if v}
@@ -175,6 +194,23 @@ def _analyze(args) -> int:
         print(f"boundary layer l = {s['boundary_layer']} -> suggested internal layer k = {s['suggested_internal_layer']}")
     print(f"final policy entropy {s['final_entropy']:.4f} nats; report: {args.out}/report.html")
     return 0
+
+
+def _apply_preset(args) -> None:
+    """Fill the flags not given from ``--preset`` (else bupo's defaults). The preset's temperature and top_p (1.0)
+    are bupo's defaults too."""
+    values: dict = {}
+    if args.preset:
+        from bupo.analysis.config import PRESETS
+
+        values = dict(PRESETS[args.preset])
+    for name in _FLAG_DEFAULTS:
+        value = getattr(args, name)
+        if isinstance(value, _DefaultStr | _DefaultInt):  # not given: the preset's value, else bupo's default
+            setattr(args, name, values.get(name, str(value) if isinstance(value, str) else int(value)))
+        values.pop(name, None)
+    if args.limit is None and "max_samples" in values:
+        args.limit = values["max_samples"]
 
 
 def _compare(args) -> int:

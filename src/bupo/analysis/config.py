@@ -10,6 +10,21 @@ from bupo.data.templates import TEMPLATES
 
 TOKEN_DTYPES = ("float16", "float32")
 
+#: ``bupo analyze --preset NAME``: settings that replace bupo's defaults (flags given explicitly still win).
+#: ``official``: the official analysis script (visualization/plot_internal_entropy.py with scripts/run_eval.sh's
+#: responses): 10 samples, up to 3072 generated tokens at T = 1, top_p 1, the model's own chat template (Qwen3: the
+#: thinking mode, its default), the model in fp32.
+PRESETS: dict[str, dict[str, object]] = {
+    "official": {"max_samples": 10, "max_new_tokens": 3072, "temperature": 1.0, "top_p": 1.0, "template": "chat",
+                 "dtype": "float32"},
+}
+#: what a preset does NOT reproduce, recorded next to it in summary.json
+PRESET_DIFFERENCES: dict[str, str] = {
+    "official": "analysed positions: bupo's P-1 .. P+R-2 (each position whose prediction is a response token) vs "
+                "the official hidden_states[P+1:] (counting from the first 'assistant' token: the response tokens' "
+                "own positions, one later); responses from HF generate, not vLLM",
+}
+
 
 @dataclass
 class AnalysisConfig:
@@ -54,6 +69,8 @@ class AnalysisConfig:
     resume: bool = field(default=True, metadata={"help": "resume from staged shards of an unfinished run"})
     overwrite: bool = field(default=False, metadata={"help": "replace a finished analysis in out_dir"})
     progress: bool = field(default=False, metadata={"help": "progress bars"})
+    preset: str | None = field(default=None, metadata={
+        "help": "the named settings these came from (PRESETS: official), recorded in summary.json; None: bupo's"})
 
     def validate(self, *, out_dir: Path | None) -> None:
         """Raise ValueError (one line saying what is accepted) for any bad setting."""
@@ -62,6 +79,8 @@ class AnalysisConfig:
         from bupo.internal.stats import EPILOGUES
 
         check_projection(self.projection)
+        if self.preset is not None and self.preset not in PRESETS:
+            raise ValueError(f"unknown preset {self.preset!r}; accepted: {', '.join(PRESETS)}")
         check_convention(self.delta)
         if self.epilogue not in EPILOGUES:
             raise ValueError(f"unknown epilogue {self.epilogue!r}; accepted: {', '.join(EPILOGUES)}")

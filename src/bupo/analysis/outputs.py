@@ -15,7 +15,7 @@ from typing import Any
 
 import numpy as np
 
-from bupo.analysis.config import AnalysisConfig
+from bupo.analysis.config import PRESET_DIFFERENCES, PRESETS, AnalysisConfig
 from bupo.analysis.figures import FIGURES
 from bupo.analysis.result import (
     REPORT_FILE,
@@ -57,6 +57,8 @@ def metadata(model, model_path: str | None, inputs: Inputs, cfg: AnalysisConfig)
             "max_new_tokens": cfg.max_new_tokens, "temperature": cfg.temperature, "top_p": cfg.top_p,
             "seed": cfg.seed, "n": 1, "generator": "bupo.generation.generate (HF generate)"},
         "max_samples": cfg.max_samples,
+        "preset": None if cfg.preset is None else {"name": cfg.preset, "settings": PRESETS[cfg.preset],
+                                                    "not_reproduced": PRESET_DIFFERENCES[cfg.preset]},
         "position_convention": POSITION_CONVENTION,
         "layer_indexing": "lists: element i = paper layer i+1 = 0-based layer k=i; boundary_layer is 1-based",
         "units": "nats",

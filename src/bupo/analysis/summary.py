@@ -388,8 +388,10 @@ def boundary_record(bd: Boundary, health: Mapping[str, object], *, delta: str, p
                   f"convention {delta} (no exploration stage)")
     elif bd.layer == L:
         reason = (f"no usable boundary: mean ΔH_FFN stays positive to the last layer under projection {projection} "
-                  f"and ΔH convention {delta} (no convergence stage), so the rule answers paper layer {L} = k {L - 1},"
-                  " the model's own policy: BuPO's internal phase would be GRPO")
+                  f"and ΔH convention {delta} (no convergence stage), so the rule answers paper layer {L} = k {L - 1}, "
+                  + ("the model's own policy: BuPO's internal phase would be GRPO" if projection == "final_norm" else
+                     "the last layer's residual without the final norm (not the model's own policy, which is "
+                     "normed; the official code's hidden_states[L] is): nothing below it to train bottom-up"))
     options = None if reason is None else boundary_options(
         L, degenerate=bool(health.get("degenerate")), projection=projection, no_convergence=bd.layer == L)
     layer = None if reason else bd.layer

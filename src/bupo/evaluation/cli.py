@@ -9,6 +9,7 @@ from pathlib import Path
 from typing import Any
 
 from bupo.cli_common import add_dtype, add_labels, add_quiet, add_template, split_labels
+from bupo.rewards.api import REWARD_NAMES
 
 DEFAULT_MAX_NEW_TOKENS = 8192  # the paper's Qwen scripts' max response; used when the model folder sets none
 
@@ -50,14 +51,14 @@ def register(subparsers: Any) -> None:
     p.add_argument(
         "--max-new-tokens",
         type=int,
-        help=f"response length limit (default: the model folder's generation_config, else {DEFAULT_MAX_NEW_TOKENS})",
+        help="response length limit (default: the model folder's generation_config, else the length it was trained at, "
+        f"else its preset's, e.g. OctoThinker 3072, else {DEFAULT_MAX_NEW_TOKENS})",
     )
     add_template(p)
     p.add_argument(
         "--reward",
-        default="boxed_exact",
-        choices=["boxed_exact", "math_verify"],
-        help="scorer (default: the paper's boxed_exact)",
+        choices=REWARD_NAMES,
+        help="scorer (default: the reward recorded in the model folder's bupo_run.json, else the paper's boxed_exact)",
     )
     p.add_argument("--out", help="output folder (default: runs/eval/<label>)")
     p.add_argument(
@@ -104,7 +105,11 @@ def _model_folder(arg: str | None) -> Path:
     return Path(resolve_model(arg))
 
 
-def _default_max_new_tokens(path: Path) -> int:
+def _default_max_new_tokens(path: Path, model: str | None = None) -> int:
+    """The folder's generation_config, else the length it was trained at (bupo_run.json), else its preset's
+    (OctoThinker: 3072), else :data:`DEFAULT_MAX_NEW_TOKENS`."""
+    from bupo.recipes.lengths import preset_length, trained_length
+
     gen = path / "generation_config.json"
     if gen.exists():
         try:
@@ -113,7 +118,7 @@ def _default_max_new_tokens(path: Path) -> int:
             value = None
         if isinstance(value, int) and value > 0:
             return value
-    return DEFAULT_MAX_NEW_TOKENS
+    return trained_length(path) or preset_length(model) or DEFAULT_MAX_NEW_TOKENS
 
 
 def _datasets(args: argparse.Namespace) -> dict[str, list[dict]]:
@@ -163,6 +168,7 @@ def _eval_handler(args: argparse.Namespace) -> int:
     from bupo.evaluation.backends import VLLMBackend, path_fingerprint, require_vllm
     from bupo.evaluation.core import evaluate, plan_benchmarks
     from bupo.io import check_output_folder
+    from bupo.rewards import choose_reward
 
     _check_args(args)
     folder = _model_folder(args.model)
@@ -176,7 +182,8 @@ def _eval_handler(args: argparse.Namespace) -> int:
         hf_logging.disable_progress_bar()
     out = Path(args.out) if args.out else Path("runs") / "eval" / label
     check_output_folder(out)
-    max_new = args.max_new_tokens if args.max_new_tokens is not None else _default_max_new_tokens(folder)
+    max_new = args.max_new_tokens if args.max_new_tokens is not None else _default_max_new_tokens(folder, args.model)
+    reward, reward_source = choose_reward(args.reward, folder)
     common = dict(
         n=args.n,
         ks=args.k,
@@ -185,7 +192,7 @@ def _eval_handler(args: argparse.Namespace) -> int:
         top_k=args.top_k,
         max_new_tokens=max_new,
         template=args.template,
-        reward=args.reward,
+        reward=reward,
         seed=args.seed,
         out_dir=out,
         label=label,
@@ -223,6 +230,7 @@ def _eval_handler(args: argparse.Namespace) -> int:
 
     fig = add_pass_at_k_curve(out, results.to_dict(), results.label)  # the paper's Fig. 6, linked from table.md
     print(results.table())
+    print(f"scored with reward {reward} ({reward_source})", file=sys.stderr)
     print(f"wrote {out / 'results.json'}, {out / 'table.md'}, {out / 'samples.jsonl'}"
           + (f", {fig}" if fig else ""), file=sys.stderr)
     return 0

@@ -148,7 +148,7 @@ def score(
     isolate: bool | None = None,
     stats: RewardStats | None = None,
 ) -> float:
-    """Score one completion with reward ``name`` ("boxed_exact" or "math_verify"); 1.0 or 0.0.
+    """Score one completion with reward ``name`` (a key of :data:`REWARDS`); 1.0 or 0.0.
 
     Never raises for bad completions (errors/timeouts score 0.0 and are counted in :data:`STATS` and
     ``stats``). ``isolate`` runs the call in a worker process (default: only for math_verify).
@@ -185,11 +185,32 @@ def final_number(completion: str, ground_truth: str, *, timeout: float = DEFAULT
     return score("final_number", completion, ground_truth, timeout=timeout)
 
 
+# the registry: every command (train, eval, reproduce) and the Python API look reward names up here
 REWARDS: dict[str, Callable[..., float]] = {
     "boxed_exact": boxed_exact,
     "math_verify": math_verify_reward,
     "final_number": final_number,
 }
+REWARD_NAMES: tuple[str, ...] = tuple(REWARDS)
+
+
+def parse_rewards(spec: str | Sequence[str]) -> list[str]:
+    """Reward names from ``"a,b"`` or ``["a", "b"]``, each checked against :data:`REWARDS`.
+
+    ValueError (one line, the accepted names) for an unknown name, a non-string or an empty spec."""
+    items = spec.split(",") if isinstance(spec, str) else spec
+    if isinstance(items, str | bytes) or not isinstance(items, Sequence):
+        raise ValueError(f"reward must be a name or a list of names ({', '.join(REWARD_NAMES)}), got {spec!r:.60}")
+    names = []
+    for item in items:
+        if not isinstance(item, str):
+            raise ValueError(f"reward names are strings ({', '.join(REWARD_NAMES)}), got {item!r:.60}")
+        if item.strip():
+            _check_name(item.strip())
+            names.append(item.strip())
+    if not names:
+        raise ValueError(f"reward needs at least one name: {', '.join(REWARD_NAMES)}")
+    return names
 
 
 # --------------------------------------------------------------------------------------------

@@ -15,6 +15,8 @@ import os
 from dataclasses import dataclass, field, fields
 from typing import Any
 
+from bupo.rewards.api import REWARD_NAMES
+
 ALGOS = ("bupo", "grpo")
 
 
@@ -42,7 +44,9 @@ class BuPOScriptArguments:
     template: str = field(default="auto", metadata={
         "help": "prompt template: auto, qwen3_no_thinking, chat, octothinker (auto: qwen3_no_thinking when the "
         "tokenizer's chat template honours enable_thinking, else chat, else octothinker)"})
-    reward: str = field(default="boxed_exact", metadata={"help": "comma-separated: boxed_exact (paper), math_verify, final_number (last number; small models)"})
+    reward: str = field(default="boxed_exact", metadata={
+        "help": f"comma-separated, summed: {', '.join(REWARD_NAMES)} (bupo.rewards.REWARDS; boxed_exact is the "
+        "paper's, final_number the last number, for small models)"})
     reward_timeout: float = field(default=5.0, metadata={"help": "seconds per completion for each reward call"})
     reward_workers: int | None = field(default=None, metadata={
         "help": "worker processes scoring math_verify (default: $BUPO_REWARD_WORKERS, else the CPU cores per process)"})

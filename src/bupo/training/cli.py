@@ -6,6 +6,7 @@ import argparse
 import sys
 
 from bupo.cli_common import TEMPLATE_CHOICES, TEMPLATE_HELP, BupoArgumentParser, alias_other_spellings
+from bupo.rewards.api import REWARD_NAMES
 
 DESCRIPTION = """\
 Bottom-up Policy Optimization (arXiv 2512.19673) on TRL's GRPOTrainer: the first S rollout steps optimise the
@@ -97,7 +98,8 @@ def register(subparsers: argparse._SubParsersAction) -> None:
                    help="use at most N training rows (default: all; the bundled task generates 2048)")
     p.add_argument("--eval-limit", "--eval_rows", "--eval-rows", dest="eval_limit", type=int, metavar="N",
                    help="at most N problems per --eval-data file (default: all; 100 without --config)")
-    p.add_argument("--reward", help="boxed_exact (default, the paper's) and/or math_verify, comma-separated")
+    p.add_argument("--reward", help=f"comma-separated, summed: {', '.join(REWARD_NAMES)} (default boxed_exact, "
+                                    "the paper's)")
     p.add_argument("--analysis", help="analysis (summary.json or folder) for --internal-layer auto")
     p.add_argument("--resume", nargs="?", const="latest", metavar="CHECKPOINT",
                    help="resume from a checkpoint folder, or the newest complete one in --out when no folder is given")

@@ -91,11 +91,29 @@ def _refuse_degenerate(model: Any, tokenizer: Any, rows: list[dict], template: s
                          f"{health['measured_on']}). Options: {opts}")
 
 
+def last_layer_raw_warning(layer: int, num_layers: int, projection: str) -> str | None:
+    """The warning for k = L-1 under projection raw (None otherwise): that pi^k is the last layer's residual put
+    through lm_head WITHOUT the final norm, which is not the model's own policy (the model, and the official code's
+    ``hidden_states[L]``, are normed)."""
+    if projection != "raw" or layer != num_layers - 1:
+        return None
+    return (f"internal layer k = {layer} = L-1 with projection raw: pi^k is the last layer's residual without the "
+            "final norm, NOT the model's own policy (the model and the official code's hidden_states[L] apply the "
+            "norm); its log-probs can sit hundreds of nats below the model's (the loss clamps log-ratios at +-20). "
+            "For the model's own policy use --internal_projection final_norm (the internal phase is then GRPO), "
+            f"or a layer below {layer}")
+
+
 def check_internal_policy(model: Any, tokenizer: Any, rows: list[dict], template: str, layer: int,
                           projection: str) -> dict[str, Any] | None:
-    """Before any training step: is pi^layer readable? Logs a warning with the numbers when it is not."""
+    """Before any training step: is pi^layer readable? Logs a warning with the numbers when it is not, and one for
+    k = L-1 under projection raw (:func:`last_layer_raw_warning`)."""
     from bupo.analysis.health import check_layer, quick_health
+    from bupo.internal import parts
 
+    last = last_layer_raw_warning(layer, parts(model).num_layers, projection)
+    if last:
+        logger.warning("%s", last)
     prompts = [] if tokenizer is None else _check_prompts(tokenizer, rows, template)
     if not prompts:
         return None
@@ -108,7 +126,7 @@ def check_internal_policy(model: Any, tokenizer: Any, rows: list[dict], template
     return {"layer": layer, "projection": projection, "degenerate": bool(warning), "warning": warning,
             "entropy": health["layer_entropy"][layer], "final_entropy": health["final_entropy"],
             "top1_agreement": health["layer_top1_agreement"][layer], "resid_rms": (health["resid_rms"] or [None] * L)[layer],
-            "measured_on": health["measured_on"]}
+            "measured_on": health["measured_on"], "last_layer_raw": last}
 
 
 def _barrier() -> None:

@@ -5,6 +5,11 @@ Per rollout step (``bupo/...`` keys of the log history): the phase, the rollout 
 counters (accuracy, errors, timeouts: globally summed); and every ``probe_every`` rollout steps the entropy of every
 layer's internal policy and of the final policy on a fixed probe batch (the first ``probe_size`` sequences of the
 first rollout batch), which the adaptive switch measures its signals on too. Entropies in nats, layers 0-based.
+
+A run that cannot learn says so, once, in one warning line: when every group's rewards were equal (TRL's
+``frac_reward_zero_std`` = 1, so every advantage is 0 and the policy-gradient loss has no gradient) for
+:data:`CANNOT_LEARN_AFTER` rollout steps in a row, or the logged gradient norm was 0 that many times in a row. The line
+gives the numbers (mean reward, the fraction of completions clipped at ``max_completion_length``) and the likely causes.
 """
 
 from __future__ import annotations
@@ -19,6 +24,8 @@ from bupo.training.rewards import GuardedReward
 
 logger = logging.getLogger(__name__)
 
+CANNOT_LEARN_AFTER = 3  # rollout steps (or logged gradient norms) in a row without a learning signal before the warning
+
 
 class MonitorMixin:
     """The monitoring of :class:`bupo.training.trainer.BuPOTrainer`: entropies, reward counters and the probe.
@@ -28,6 +35,9 @@ class MonitorMixin:
     def _init_monitor(self) -> None:
         self._bupo_probe: dict[str, torch.Tensor] | None = None
         self._bupo_probe_failed = False
+        self._bupo_no_signal = 0  # rollout steps in a row whose rewards were equal within every group
+        self._bupo_zero_grad = 0  # logged gradient norms in a row that were 0
+        self._bupo_cannot_learn_warned = False
 
     def _compute_loss(self, model: Any, inputs: dict[str, Any]) -> torch.Tensor:
         """TRL's loss; then bupo/entropy_{phase} = the ``entropy`` TRL just logged for this micro-batch.
@@ -50,6 +60,7 @@ class MonitorMixin:
         if self._bupo_layer is not None:
             m["bupo/internal_layer"].append(float(self._bupo_layer))
         self._log_reward_counters("train")
+        self._check_learning_signal()
         multimodal = any(k in output for k in ("pixel_values", "image_grid_thw", "num_images"))
         if args.log_policy_entropies and self._bupo_layer is not None and not multimodal:
             self._log_other_policy_entropy(output)
@@ -58,6 +69,49 @@ class MonitorMixin:
                 self._bupo_probe = self._make_probe(output)
             if rollout_index % args.probe_every == 0:
                 self.run_probe()
+
+    def _check_learning_signal(self) -> None:
+        """Count rollout steps in a row with ``frac_reward_zero_std`` = 1 (TRL's, over the gathered rewards: the same
+        on every rank); warn at :data:`CANNOT_LEARN_AFTER`."""
+        zero_std = self._metrics["train"].get("frac_reward_zero_std")
+        if not zero_std:
+            return
+        self._bupo_no_signal = self._bupo_no_signal + 1 if zero_std[-1] >= 1.0 else 0
+        if self._bupo_no_signal >= CANNOT_LEARN_AFTER:
+            self._warn_cannot_learn(f"the rewards were equal within every group for {self._bupo_no_signal} rollout "
+                                    "steps in a row (frac_reward_zero_std 1.00: every advantage 0, no gradient)")
+
+    def log(self, logs: dict[str, float], start_time: float | None = None) -> None:
+        """TRL's log, after counting logged gradient norms of 0 in a row (warn at :data:`CANNOT_LEARN_AFTER`)."""
+        grad_norm = logs.get("grad_norm")
+        if self.model.training and isinstance(grad_norm, int | float):
+            self._bupo_zero_grad = self._bupo_zero_grad + 1 if grad_norm == 0 else 0
+            if self._bupo_zero_grad >= CANNOT_LEARN_AFTER:
+                self._warn_cannot_learn(f"the gradient norm was 0.0 at {self._bupo_zero_grad} logged steps in a row "
+                                        "(no weight moves)")
+        super().log(logs, start_time)
+
+    def _warn_cannot_learn(self, what: str) -> None:
+        """One warning line, once per run, on the main process: what was seen, the numbers, the likely causes."""
+        if self._bupo_cannot_learn_warned:
+            return
+        self._bupo_cannot_learn_warned = True
+        if not self.accelerator.is_main_process:
+            return
+        m = self._metrics["train"]
+        reward = m.get("reward")[-1] if m.get("reward") else float("nan")
+        clipped = m.get("completions/clipped_ratio")[-1] if m.get("completions/clipped_ratio") else float("nan")
+        limit = self.args.max_completion_length
+        causes = []
+        if reward == 0:
+            causes.append("the reward never fires (check the reward and the ground truths; `--reward final_number` "
+                          "for models that seldom write \\boxed{})")
+        if clipped > 0:
+            causes.append(f"completions truncated before their answer (raise --max_completion_length, now {limit})")
+        causes.append("every completion of a prompt scores the same (more --num_generations, a higher --temperature)")
+        logger.warning("bupo: this run cannot learn: %s; mean reward %.3f, %.0f%% of completions clipped at "
+                       "max_completion_length %s. Likely causes: %s.", what, reward, 100 * clipped, limit,
+                       "; ".join(causes))
 
     def _log_reward_counters(self, mode: str) -> None:
         guarded = [f for f in self.reward_funcs if isinstance(f, GuardedReward)]

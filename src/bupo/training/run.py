@@ -124,13 +124,10 @@ def train(config: BuPOConfig, script: BuPOScriptArguments | None = None, model_a
 
 
 def _reward_funcs(script: BuPOScriptArguments) -> list[Any]:
-    from bupo.rewards import make_reward_func
+    from bupo.rewards import make_reward_func, parse_rewards
 
-    funcs = [make_reward_func(name.strip(), timeout=script.reward_timeout, workers=script.reward_workers)
-             for name in script.reward.split(",") if name.strip()]
-    if not funcs:
-        raise ValueError("--reward needs at least one reward name (boxed_exact, math_verify, final_number)")
-    return funcs
+    return [make_reward_func(name, timeout=script.reward_timeout, workers=script.reward_workers)
+            for name in parse_rewards(script.reward)]
 
 
 def _summary(config: BuPOConfig, script: BuPOScriptArguments, model_args: Any, model: Any, model_path: str, template: str,

@@ -21,6 +21,13 @@ Around it, in their own modules: when the internal phase ends (:mod:`bupo.traini
 adaptive switch, the progressive schedule), what is logged (:mod:`bupo.training.monitor`) and checkpoints that a kill
 cannot tear (:mod:`bupo.training.checkpointing`).
 
+The log-ratio log pi - log pi_old of the loss is clamped to [-LOG_RATIO_CLAMP, LOG_RATIO_CLAMP] = [-20, 20] as the
+official code does (verl's ``compute_policy_loss_vanilla``: ``ratio = exp(clamp(negative_approx_kl, -20, 20))``, for
+numerical stability); TRL 1.16 does not clamp, and exp overflows float32 past ~88, so one token whose log-prob moved by
+that much (raw pi^k puts realised tokens near log-prob -332 on SmolLM2) makes the ratio inf and the gradient NaN.
+Outside the clamp a token's ratio is e^{+-20} and it passes no gradient, as in the official code
+(:meth:`BuPOTrainer._compute_loss`).
+
 Layer ``k`` is 0-based as in the official code (paper layer k+1). Entropies are in nats. Projection ``raw`` (paper)
 or ``final_norm`` (logit lens) per ``BuPOConfig.internal_projection``.
 """
@@ -50,14 +57,27 @@ from bupo.training.monitor import MonitorMixin
 from bupo.training.optim import hold_layers_above_k
 from bupo.training.rewards import guard_reward_funcs
 
-__all__ = ["BuPOTrainer", "CHECKPOINT_MARKER", "PROBE_FILE", "STAGING_DIR", "SWITCH_FILE", "checkpoint_problem",
-           "read_checkpoint_marker"]
+__all__ = ["LOG_RATIO_CLAMP", "BuPOTrainer", "CHECKPOINT_MARKER", "PROBE_FILE", "STAGING_DIR", "SWITCH_FILE", "checkpoint_problem",
+           "clamp_to_old", "read_checkpoint_marker"]
 
 
 def _hf_model(model: torch.nn.Module, accelerator: Any) -> torch.nn.Module:
     """The HF model under DDP / DeepSpeed / FSDP1 wrappers (FSDP2 works in place) and PEFT."""
     model = accelerator.unwrap_model(model)
     return model.get_base_model() if hasattr(model, "get_base_model") else model
+
+
+LOG_RATIO_CLAMP = 20.0  # the official code's bound on log pi - log pi_old (verl compute_policy_loss_vanilla)
+
+
+def clamp_to_old(logps: torch.Tensor, old_logps: torch.Tensor) -> torch.Tensor:
+    """``old + clamp(logps - old, -20, 20)`` where the bound bites, else ``logps`` itself (bit for bit): the log-probs
+    whose log-ratio against ``old_logps`` TRL's loss then computes is the official clamped one (value and gradient:
+    zero gradient outside the bound)."""
+    old = old_logps.to(logps.dtype)
+    delta = logps - old
+    return torch.where(delta.abs() > LOG_RATIO_CLAMP, old + torch.clamp(delta, -LOG_RATIO_CLAMP, LOG_RATIO_CLAMP),
+                       logps)
 
 
 class BuPOTrainer(CheckpointMixin, AdaptiveSwitchMixin, MonitorMixin, GRPOTrainer):
@@ -136,9 +156,28 @@ class BuPOTrainer(CheckpointMixin, AdaptiveSwitchMixin, MonitorMixin, GRPOTraine
         reference (the reference model's layer-k policy). Eval (model.eval()) always uses the full policy.
         """
         if not (self._bupo_internal and self.model.training):
-            return super()._get_per_token_logps_and_entropies(model, *args, **kwargs)
-        with internal_policy(_hf_model(model, self.accelerator), self._bupo_layer, self.args.internal_projection):
-            return super()._get_per_token_logps_and_entropies(model, *args, **kwargs)
+            out = super()._get_per_token_logps_and_entropies(model, *args, **kwargs)
+        else:
+            with internal_policy(_hf_model(model, self.accelerator), self._bupo_layer, self.args.internal_projection):
+                out = super()._get_per_token_logps_and_entropies(model, *args, **kwargs)
+        old = getattr(self, "_bupo_old_logps", None)
+        if old is not None and out[0] is not None and out[0].shape == old.shape:  # inside _compute_loss only
+            out = (clamp_to_old(out[0], old), *out[1:])
+        return out
+
+    # --- the loss: TRL's, with the official clamp of the log-ratio to [-20, 20] ------------------------------
+
+    def _compute_loss(self, model: Any, inputs: dict[str, Any]) -> torch.Tensor:
+        """TRL's loss, its log-ratio log pi - log pi_old clamped to [-20, 20] (the official code; see the module
+        docstring). TRL computes the log-ratio from the log-probs this trainer returns and ``old_per_token_logps``
+        (absent when TRL skips it: then pi_old = pi detached, the ratio is 1 and there is nothing to clamp), so the
+        trained log-probs come back as ``old + clamp(logp - old)``. The clamped log-probs are also what a KL term
+        (``beta > 0``, not the paper's) sees, so its gradient stops there too for a token moved by more than 20."""
+        self._bupo_old_logps = inputs.get("old_per_token_logps")
+        try:
+            return super()._compute_loss(model, inputs)
+        finally:
+            self._bupo_old_logps = None
 
     # --- the update: what pi^k does not depend on takes no optimizer step while internal (Eq. 14-15) -----------
 

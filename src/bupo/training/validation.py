@@ -6,6 +6,7 @@ from __future__ import annotations
 import math
 from typing import Any
 
+from bupo.rewards.api import parse_rewards
 from bupo.training.arguments import ALGOS, BuPOScriptArguments
 
 
@@ -54,6 +55,7 @@ def validate_run_args(train_args: Any, script: BuPOScriptArguments) -> None:
         v = getattr(script, name)
         if v is not None and v < 1:
             raise ValueError(f"{name} must be >= 1 (or unset), got {v}")
+    parse_rewards(script.reward)  # names from the one registry, checked before anything loads
     if script.reward_workers is not None and script.reward_workers < 1:
         raise ValueError(f"reward_workers must be >= 1 (or unset: one per CPU core), got {script.reward_workers}")
     if not (_finite(script.reward_timeout) and script.reward_timeout > 0):
