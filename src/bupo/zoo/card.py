@@ -12,9 +12,11 @@ def _pct(x: float | None) -> str:
     return "n/a" if x is None else f"{100 * x:.1f}%"
 
 
-def _header(record: dict[str, Any]) -> list[str]:
+def render_card(record: dict[str, Any], proof: dict[str, Any] | None = None) -> str:
     cfg = record["config"]
-    return [
+    ev = record["eval_heldout_t1"]
+    k = ev["samples_per_problem"]
+    lines = [
         "---",
         "library_name: transformers",
         "pipeline_tag: text-generation",
@@ -30,12 +32,6 @@ def _header(record: dict[str, Any]) -> list[str]:
             record["parameters"] / 1e6, cfg["num_hidden_layers"]
         ),
         "",
-    ]
-
-
-def _architecture(record: dict[str, Any]) -> list[str]:
-    cfg = record["config"]
-    return [
         "## Architecture",
         "",
         f"- Qwen3: hidden {cfg['hidden_size']}, {cfg['num_hidden_layers']} layers, {cfg['num_attention_heads']}"
@@ -54,11 +50,6 @@ def _architecture(record: dict[str, Any]) -> list[str]:
         "- `generation_config.json`: temperature 1.0 sampling from the full distribution (top_p 1, no top-k),"
         f" max_new_tokens {cfg['max_new_tokens']}, stops at `<|im_end|>`.",
         "",
-    ]
-
-
-def _task(record: dict[str, Any]) -> list[str]:
-    return [
         "## Task and data",
         "",
         "Multi-step integer arithmetic: `Compute (23 + 7 - 4) * 3 - 9.` with the paper's system prompt"
@@ -68,12 +59,6 @@ def _task(record: dict[str, Any]) -> list[str]:
         "",
         f"Example held-out completion (temperature 1.0):\n\n```\n{record.get('example_completion', '')}\n```",
         "",
-    ]
-
-
-def _recipe(record: dict[str, Any]) -> list[str]:
-    cfg = record["config"]
-    return [
         "## Recipe (how it was made)",
         "",
         f"- Seed {cfg['seed']}; {cfg['steps']} AdamW steps of batch {cfg['batch_size']} (lr {cfg['lr']:g},"
@@ -98,14 +83,6 @@ def _recipe(record: dict[str, Any]) -> list[str]:
         f" {record['total_seconds']:.0f} s; final training loss {record['train']['final_loss']:.3f}."
         f" torch {record['torch']}, transformers {record['transformers']}.",
         "",
-    ]
-
-
-def _accuracy(record: dict[str, Any]) -> list[str]:
-    cfg = record["config"]
-    ev = record["eval_heldout_t1"]
-    k = ev["samples_per_problem"]
-    return [
         "## Measured accuracy (held-out)",
         "",
         f"{ev['problems']} test-split problems (`make_examples('test', {ev['problems']}, seed={cfg['eval_seed']})`),"
@@ -119,50 +96,37 @@ def _accuracy(record: dict[str, Any]) -> list[str]:
         f"| greedy accuracy | {_pct(record.get('eval_heldout_greedy_pass@1'))} |",
         "",
     ]
-
-
-def _proof(proof: dict[str, Any]) -> list[str]:
-    b, a = proof["before"], proof["after"]
-    kk = b["samples_per_problem"]
-    return [
-        "## RL can improve it (GRPO proof)",
+    if proof:
+        b, a = proof["before"], proof["after"]
+        kk = b["samples_per_problem"]
+        lines += [
+            "## RL can improve it (GRPO proof)",
+            "",
+            f"`bupo model grpo-proof` (`bupo.zoo.grpo_proof`): plain TRL `GRPOTrainer` ({proof.get('trl', '')}),"
+            f" reward `boxed_exact`, {proof['config']['max_steps']} steps of {proof['config']['prompts_per_step']}"
+            f" prompts x {proof['config']['num_generations']} generations, lr {proof['config']['learning_rate']:g},"
+            f" loss `{proof['config']['loss_type']}`, beta 0, T=1.0, train split (seed {proof['config']['seed']}).",
+            f"Training took **{proof['train_seconds']:.0f} s** ({proof['steps_done']} steps, torch threads"
+            f" {proof['threads']}; {proof.get('machine_note') or 'CPU'}); the evaluations before and after are"
+            " not included in that time.",
+            "",
+            f"| held-out ({b['problems']} problems x {kk} samples, T=1.0) | before | after |",
+            "|---|---|---|",
+            f"| pass@1 | {_pct(b['pass@1'])} | {_pct(a['pass@1'])} |",
+            f"| pass@{kk} | {_pct(b.get(f'pass@{kk}'))} | {_pct(a.get(f'pass@{kk}'))} |",
+            "",
+            f"pass@1 gain: **{100 * (a['pass@1'] - b['pass@1']):+.1f} points**.",
+            "",
+        ]
+    lines += [
+        "## Limits",
         "",
-        f"`bupo model grpo-proof` (`bupo.zoo.grpo_proof`): plain TRL `GRPOTrainer` ({proof.get('trl', '')}),"
-        f" reward `boxed_exact`, {proof['config']['max_steps']} steps of {proof['config']['prompts_per_step']}"
-        f" prompts x {proof['config']['num_generations']} generations, lr {proof['config']['learning_rate']:g},"
-        f" loss `{proof['config']['loss_type']}`, beta 0, T=1.0, train split (seed {proof['config']['seed']}).",
-        f"Training took **{proof['train_seconds']:.0f} s** ({proof['steps_done']} steps, torch threads"
-        f" {proof['threads']}; {proof.get('machine_note') or 'CPU'}); the evaluations before and after are"
-        " not included in that time.",
-        "",
-        f"| held-out ({b['problems']} problems x {kk} samples, T=1.0) | before | after |",
-        "|---|---|---|",
-        f"| pass@1 | {_pct(b['pass@1'])} | {_pct(a['pass@1'])} |",
-        f"| pass@{kk} | {_pct(b.get(f'pass@{kk}'))} | {_pct(a.get(f'pass@{kk}'))} |",
-        "",
-        f"pass@1 gain: **{100 * (a['pass@1'] - b['pass@1']):+.1f} points**.",
+        "- A toy: it knows this task only (two-digit arithmetic chains). On other text it emits arithmetic-like"
+        " strings; characters outside ASCII become `<unk>`.",
+        "- Use it to exercise code paths (internal policies, entropy flow, BuPO/GRPO training, evaluation), not to"
+        " draw conclusions about large models.",
         "",
     ]
-
-
-_LIMITS = [
-    "## Limits",
-    "",
-    "- A toy: it knows this task only (two-digit arithmetic chains). On other text it emits arithmetic-like"
-    " strings; characters outside ASCII become `<unk>`.",
-    "- Use it to exercise code paths (internal policies, entropy flow, BuPO/GRPO training, evaluation), not to"
-    " draw conclusions about large models.",
-    "",
-]
-
-
-def render_card(record: dict[str, Any], proof: dict[str, Any] | None = None) -> str:
-    """The card's markdown: header, architecture, task, recipe, measured accuracy, the GRPO proof (when given)
-    and the limits."""
-    lines = [*_header(record), *_architecture(record), *_task(record), *_recipe(record), *_accuracy(record)]
-    if proof:
-        lines += _proof(proof)
-    lines += _LIMITS
     return "\n".join(lines)
 
 
