@@ -133,6 +133,31 @@ def test_heldout_pass_at_1_in_band(bundled):
     assert res["pass@4"] >= 1.3 * res["pass@1"], res
 
 
+def test_recipe_evaluator_draws_what_generation_draws(bundled):
+    """The recipe's evaluator (bupo.evaluation's stages) seeds sample j of problem i with sample_seed(seed, i, j),
+    as bupo.generation.generate does: the numbers recorded in recipe.json and grpo_proof.json reproduce."""
+    from bupo.data.templates import render_prompt
+    from bupo.evaluation.metrics import mean_pass_at_k
+    from bupo.generation import generate
+    from bupo.rewards import boxed_exact
+    from bupo.zoo.recipe import evaluate
+
+    model, tok = bundled
+    rows = bundled_task("test", 6, seed=11)
+    res = evaluate(model, tok, rows, n_samples=3, seed=5, max_new_tokens=96, temperature=1.0, ks=(1, 3, 8))
+    prompts = [render_prompt(tok, r["prompt"], "qwen3_no_thinking") for r in rows]
+    outs = generate(model, tok, prompts, n=3, max_new_tokens=96, temperature=1.0, seed=5, batch_size=256)
+    texts = [c.text for cs in outs for c in cs]
+    counts = [int(sum(boxed_exact(c.text, r["reward_model"]["ground_truth"]) for c in cs))
+              for cs, r in zip(outs, rows, strict=True)]  # fmt: skip
+    assert res["example_completion"] == texts[0]
+    assert res["mean_completion_chars"] == sum(len(t) for t in texts) / len(texts)
+    assert {k: v for k, v in res.items() if k.startswith("pass@")} == {
+        "pass@1": mean_pass_at_k(3, counts, 1), "pass@3": mean_pass_at_k(3, counts, 3)
+    }  # Pass@8 needs 8 samples: left out
+    assert (res["problems"], res["samples_per_problem"], res["temperature"]) == (6, 3, 1.0)
+
+
 def test_card_records_recipe_and_accuracy():
     folder = bundled_model_path()
     card = (folder / "README.md").read_text()

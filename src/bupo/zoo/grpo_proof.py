@@ -8,6 +8,12 @@ re-renders its card). The trained weights are discarded unless ``--save-dir`` is
 
 The step count is fixed (not a time budget) so that the run is reproducible; ``--max-seconds`` only guards
 against a very slow machine (the run stops early and the result records it).
+
+Why TRL's ``GRPOTrainer`` itself and not ``bupo train``'s ``BuPOTrainer``: the proof is a claim about the model
+(stock GRPO improves it), recorded in its card, so it deliberately runs the unmodified reference algorithm,
+independent of bupo's trainer (whose ``internal_steps=0`` equivalence to GRPO is tested on its own). The
+evaluation before and after is the shared one (:func:`bupo.zoo.recipe.evaluate`, bupo.evaluation's stages), the
+reward is ``bupo.rewards.make_reward_func("boxed_exact")``, as ``bupo train`` uses it.
 """
 
 from __future__ import annotations
@@ -86,48 +92,18 @@ def run(model_dir: str | os.PathLike | None = None, save_dir: str | None = None,
         return _run(cfg, model_dir, save_dir, machine_note, log)
 
 
-def _run(
-    cfg: dict[str, Any], model_dir: Any, save_dir: str | None, machine_note: str, log: Any
-) -> dict[str, Any]:
-    import torch
-    import transformers
-    import trl
-    from datasets import Dataset
-    from transformers import TrainerCallback
-    from trl import GRPOConfig, GRPOTrainer
+def _grpo_config(cfg: dict[str, Any], workdir: str) -> Any:
+    """TRL's GRPOConfig of the proof: CPU fp32, one optimizer step per generation batch of ``prompts_per_step``
+    prompts x ``num_generations``, T=1.0, no KL (beta 0), a constant learning rate, nothing saved."""
+    from trl import GRPOConfig
 
-    from bupo.data.task import make_examples
-    from bupo.models import load_model, resolve_model
-    from bupo.rewards import make_reward_func
-    from bupo.zoo.recipe import evaluate
-
-    model_dir = resolve_model(model_dir)  # same names, folders and one-line errors as every --model
-    model, tok = load_model(model_dir, dtype="float32", device="cpu", local_files_only=True)
-    test_rows = make_examples("test", cfg["eval_problems"], seed=cfg["eval_seed"])
-    ks = (1, cfg["eval_samples"])
-
-    def _eval(tag: str) -> dict[str, Any]:
-        t = time.perf_counter()
-        res = evaluate(model, tok, test_rows, cfg["eval_samples"], cfg["eval_seed"], 96, 1.0, ks)
-        res.pop("example_completion", None)
-        log(f"{tag}: pass@1 {res['pass@1']:.3f} pass@{ks[1]} {res[f'pass@{ks[1]}']:.3f} "
-            f"({time.perf_counter() - t:.0f}s)")  # fmt: skip
-        return res
-
-    before = _eval("before")
-    rows = make_examples("train", cfg["train_problems"], seed=cfg["seed"] + 777)
-    ds = Dataset.from_list(
-        [{"prompt": r["prompt"], "ground_truth": r["reward_model"]["ground_truth"]} for r in rows]
-    )
-    n_per_step = cfg["prompts_per_step"] * cfg["num_generations"]
-    workdir = tempfile.mkdtemp(prefix="bupo-grpo-proof-")
-    args = GRPOConfig(
+    return GRPOConfig(
         output_dir=workdir,
         use_cpu=True,
         bf16=False,
         fp16=False,
         gradient_checkpointing=False,
-        per_device_train_batch_size=n_per_step,
+        per_device_train_batch_size=cfg["prompts_per_step"] * cfg["num_generations"],
         gradient_accumulation_steps=1,
         steps_per_generation=1,
         num_generations=cfg["num_generations"],
@@ -153,15 +129,19 @@ def _run(
         disable_tqdm=True,
     )
 
-    class _Guard(TrainerCallback):
-        stopped_early = False
 
+def _guard(max_seconds: float, log: Any) -> Any:
+    """A TrainerCallback that logs the reward and stops training after ``max_seconds`` (``.stopped_early``)."""
+    from transformers import TrainerCallback
+
+    class _Guard(TrainerCallback):
         def __init__(self) -> None:
             self.t0 = time.perf_counter()
+            self.stopped_early = False
 
         def on_step_end(self, args: Any, state: Any, control: Any, **kw: Any) -> Any:
-            if time.perf_counter() - self.t0 > cfg["max_seconds"]:
-                _Guard.stopped_early = True
+            if time.perf_counter() - self.t0 > max_seconds:
+                self.stopped_early = True
                 control.should_training_stop = True
             return control
 
@@ -172,15 +152,55 @@ def _run(
                 )
             return control
 
+    return _Guard()
+
+
+def _train_dataset(cfg: dict[str, Any]) -> Any:
+    """The task's train split as TRL's conversational prompts with a ``ground_truth`` column."""
+    from datasets import Dataset
+
+    from bupo.data.task import make_examples
+
+    rows = make_examples("train", cfg["train_problems"], seed=cfg["seed"] + 777)
+    return Dataset.from_list(
+        [{"prompt": r["prompt"], "ground_truth": r["reward_model"]["ground_truth"]} for r in rows]
+    )
+
+
+def _run(
+    cfg: dict[str, Any], model_dir: Any, save_dir: str | None, machine_note: str, log: Any
+) -> dict[str, Any]:
+    import torch
+    import transformers
+    import trl
+    from trl import GRPOTrainer
+
+    from bupo.data.task import make_examples
+    from bupo.models import load_model, resolve_model
+    from bupo.rewards import make_reward_func
+    from bupo.zoo.recipe import evaluate
+
+    model_dir = resolve_model(model_dir)  # same names, folders and one-line errors as every --model
+    model, tok = load_model(model_dir, dtype="float32", device="cpu", local_files_only=True)
+    test_rows = make_examples("test", cfg["eval_problems"], seed=cfg["eval_seed"])
+    ks = (1, cfg["eval_samples"])
+
+    def _eval(tag: str) -> dict[str, Any]:
+        t = time.perf_counter()
+        res = evaluate(model, tok, test_rows, cfg["eval_samples"], cfg["eval_seed"], 96, 1.0, ks)
+        res.pop("example_completion", None)
+        log(f"{tag}: pass@1 {res['pass@1']:.3f} pass@{ks[1]} {res[f'pass@{ks[1]}']:.3f} "
+            f"({time.perf_counter() - t:.0f}s)")  # fmt: skip
+        return res
+
+    before = _eval("before")
+    dataset = _train_dataset(cfg)
+    workdir = tempfile.mkdtemp(prefix="bupo-grpo-proof-")
+    args = _grpo_config(cfg, workdir)
     try:
-        trainer = GRPOTrainer(
-            model=model,
-            reward_funcs=[make_reward_func("boxed_exact")],
-            args=args,
-            train_dataset=ds,
-            processing_class=tok,
-            callbacks=[_Guard()],
-        )
+        guard = _guard(cfg["max_seconds"], log)
+        trainer = GRPOTrainer(model=model, reward_funcs=[make_reward_func("boxed_exact")], args=args,
+                              train_dataset=dataset, processing_class=tok, callbacks=[guard])  # fmt: skip
         t0 = time.perf_counter()
         trainer.train()
         train_seconds = time.perf_counter() - t0
@@ -191,7 +211,6 @@ def _run(
             trainer.save_model(save_dir)
     finally:
         shutil.rmtree(workdir, ignore_errors=True)
-    steps_done = trainer.state.global_step
     return {
         "model": model_dir,
         "config": cfg,
@@ -199,8 +218,8 @@ def _run(
         "after": after,
         "pass@1_gain_points": round(100 * (after["pass@1"] - before["pass@1"]), 2),
         "train_seconds": round(train_seconds, 1),
-        "steps_done": steps_done,
-        "stopped_early": _Guard.stopped_early,
+        "steps_done": trainer.state.global_step,
+        "stopped_early": guard.stopped_early,
         "threads": cfg["threads"],
         "machine_note": machine_note,
         "trl": trl.__version__,

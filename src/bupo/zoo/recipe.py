@@ -225,48 +225,43 @@ def _lr_at(step: int, cfg: RecipeConfig) -> float:
 
 
 # ---------------------------------------------------------------------------------------------------
-# evaluation (a small built-in sampler; bupo.generation / bupo.evaluation are the shared ones)
+# evaluation: bupo.evaluation's stages (plan, generate and score, aggregate), in memory
 
 
-def sample_completions(
-    model: Any, tokenizer: Any, rows: list[dict], n_samples: int, seed: int, max_new_tokens: int = 96,
-    temperature: float = 1.0, batch_size: int = 256, template: str = "qwen3_no_thinking",
-) -> list[list[str]]:  # fmt: skip
-    """``n_samples`` completions per row (``bupo.generation``: seeded per sample; temperature 0 = greedy)."""
-    from bupo.data.templates import render_prompt
-    from bupo.generation import generate
-
-    prompts = [render_prompt(tokenizer, r["prompt"], template) for r in rows]
-    out = generate(
-        model, tokenizer, prompts, n=n_samples, max_new_tokens=max_new_tokens, temperature=temperature,
-        top_p=1.0, top_k=None, seed=seed, batch_size=batch_size,
-    )  # fmt: skip
-    return [[c.text for c in cs] for cs in out]
+def _heldout_position(name: str, problem: int) -> int:
+    # the card's numbers were sampled with each problem's seeds keyed by its position alone
+    return problem
 
 
 def evaluate(
     model: Any, tokenizer: Any, rows: list[dict], n_samples: int, seed: int, max_new_tokens: int = 96,
-    temperature: float = 1.0, ks: tuple[int, ...] = (1, 8),
+    temperature: float = 1.0, ks: tuple[int, ...] = (1, 8), batch_size: int = 256,
+    template: str = "qwen3_no_thinking",
 ) -> dict[str, Any]:  # fmt: skip
-    """Held-out pass@k (unbiased estimator over ``n_samples`` samples per problem, ``boxed_exact`` reward)."""
-    from bupo.evaluation.metrics import mean_pass_at_k
-    from bupo.rewards import boxed_exact
+    """Held-out pass@k (unbiased estimator over ``n_samples`` samples per problem, ``boxed_exact`` reward), with
+    :mod:`bupo.evaluation`'s planning, generation + scoring and aggregation; nothing is written to disk.
 
-    comps = sample_completions(model, tokenizer, rows, n_samples, seed, max_new_tokens, temperature)
-    correct = [
-        int(sum(boxed_exact(c, r["reward_model"]["ground_truth"]) for c in cs))
-        for r, cs in zip(rows, comps, strict=True)
-    ]
-    res: dict[str, Any] = {
-        "problems": len(rows),
-        "samples_per_problem": n_samples,
-        "temperature": temperature,
-    }
-    for k in ks:
-        if k <= n_samples:
-            res[f"pass@{k}"] = mean_pass_at_k(n_samples, correct, k)
-    res["mean_completion_chars"] = sum(len(c) for cs in comps for c in cs) / max(1, n_samples * len(rows))
-    res["example_completion"] = comps[0][0] if comps else ""
+    Sample ``j`` of problem ``i`` is seeded ``sample_seed(seed, i, j)`` (``bupo.evaluation.evaluate`` keys by
+    benchmark and problem instead), so the numbers in the bundled model's ``recipe.json`` and
+    ``grpo_proof.json`` reproduce. Pass@k is reported for the ``ks`` up to ``n_samples``; temperature 0 = greedy.
+    """
+    from bupo.evaluation.backends import HFBackend, SamplingSettings
+    from bupo.evaluation.core import generate_and_score, make_scorer
+    from bupo.evaluation.plan import plan_benchmarks, plan_samples
+    from bupo.evaluation.results import aggregate
+
+    plan = plan_benchmarks({"heldout": rows}, n_samples, [k for k in ks if k <= n_samples])
+    work = plan_samples(plan, tokenizer, template, seed=seed, gen_hash="", reward="boxed_exact", stored={},
+                        prompt_key=_heldout_position)  # fmt: skip
+    settings = SamplingSettings(max_new_tokens=max_new_tokens, temperature=temperature)
+    backend = HFBackend(model, tokenizer, batch_size=batch_size)
+    generate_and_score(backend, settings, work, make_scorer("boxed_exact"))
+    result = aggregate(plan, work.records, work.reused)["heldout"]
+    texts = [work.records[("heldout", i, j)]["response"] for i in range(len(rows)) for j in range(n_samples)]
+    res: dict[str, Any] = {"problems": len(rows), "samples_per_problem": n_samples, "temperature": temperature}
+    res.update({f"pass@{k}": v for k, v in result.pass_at_k.items()})
+    res["mean_completion_chars"] = sum(len(c) for c in texts) / max(1, len(texts))
+    res["example_completion"] = texts[0] if texts else ""
     return res
 
 
