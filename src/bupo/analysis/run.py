@@ -248,7 +248,7 @@ def tokenize_traces(tokenizer, traces: Sequence[Mapping], template: str = "chat"
 
 def generate_traces(model, tokenizer, rows: Sequence[Mapping], *, template: str, max_new_tokens: int,
                     temperature: float, top_p: float, seed: int, batch_size: int = 32,
-                    progress: bool = False, context: int | None = None) -> list[dict]:
+                    progress: bool = False, context: int | None = None, backend: str = "hf") -> list[dict]:
     """Sample one response per row with the shared seeded generator; returns trace dicts with token ids.
 
     Row ``i`` is seeded by its index (``prompt_keys``), so its sample does not depend on which other rows are
@@ -256,7 +256,8 @@ def generate_traces(model, tokenizer, rows: Sequence[Mapping], *, template: str,
     response, ``finish_reason="prompt_too_long"``; counted as ``too_long`` later), as in training.
     """
     from bupo.data.templates import render_prompt
-    from bupo.generation import fits_context, generate
+    from bupo.engines import generate
+    from bupo.generation import fits_context
 
     prompts = []
     for i, row in enumerate(rows):
@@ -264,7 +265,7 @@ def generate_traces(model, tokenizer, rows: Sequence[Mapping], *, template: str,
             raise ValueError(f"data row {i} has no 'prompt' column (found {sorted(row) if isinstance(row, Mapping) else type(row).__name__})")
         prompts.append(render_prompt(tokenizer, list(row["prompt"]), template))
     fits = [i for i, pr in enumerate(prompts) if fits_context(len(encode_prompt(tokenizer, pr)), max_new_tokens, context)]
-    completions = generate(model, tokenizer, [prompts[i] for i in fits], n=1, max_new_tokens=max_new_tokens,
+    completions = generate(backend, model, tokenizer, [prompts[i] for i in fits], n=1, max_new_tokens=max_new_tokens,
                            temperature=temperature, top_p=top_p, seed=seed, batch_size=batch_size,
                            progress=progress, prompt_keys=fits) if fits else []
     by_row = {i: comps[0] for i, comps in zip(fits, completions, strict=True)}
@@ -552,6 +553,7 @@ class AnalysisConfig:
         "help": "entropy epilogue: eager, compiled, triton (CUDA) or auto; same numbers to ~1e-5 nats"})
     batch_tokens: int = field(default=4096, metadata={"help": "padded tokens per analysis forward"})
     gen_batch_size: int = field(default=32, metadata={"help": "prompts per generation batch"})
+    backend: str = field(default="hf", metadata={"help": "generation engine: hf, vllm or auto (bupo.engines)"})
     token_dtype: str = field(default="float16", metadata={
         "help": "storage dtype of per-token entropies / log-probs in tokens.parquet (summaries are fp32)"})
     boundary_tol: float = field(default=DEFAULT_BOUNDARY_TOL, metadata={
@@ -645,7 +647,7 @@ def _metadata(model, model_path: str | None, inputs: _Inputs, cfg: AnalysisConfi
         "traces": inputs.traces_desc,
         "generation": None if inputs.rows is None else {
             "max_new_tokens": cfg.max_new_tokens, "temperature": cfg.temperature, "top_p": cfg.top_p,
-            "seed": cfg.seed, "n": 1, "generator": "bupo.generation.generate (HF generate)"},
+            "seed": cfg.seed, "n": 1, "generator": "bupo.engines.generate", "backend": cfg.backend},
         "max_samples": cfg.max_samples,
         "position_convention": POSITION_CONVENTION,
         "layer_indexing": "lists: element i = paper layer i+1 = 0-based layer k=i; boundary_layer is 1-based",
@@ -678,7 +680,7 @@ def collect_traces(model, tokenizer, inputs: _Inputs, cfg: AnalysisConfig, stagi
             gen = generate_traces(model, tokenizer, inputs.rows, template=cfg.template,
                                   max_new_tokens=cfg.max_new_tokens, temperature=cfg.temperature, top_p=cfg.top_p,
                                   seed=cfg.seed, batch_size=cfg.gen_batch_size, progress=cfg.progress,
-                                  context=context)
+                                  context=context, backend=cfg.backend)
             staging.put_json("generated.json", gen)
         return traces_from_generated(tokenizer, gen), gen
     all_traces = tokenize_traces(tokenizer, inputs.trace_rows, cfg.template)
@@ -863,7 +865,9 @@ def run_analysis(
     from bupo.data.templates import resolve_template
 
     # auto -> the template bupo train / bupo eval use for this tokenizer; the summary records the resolved one
-    cfg = dataclasses.replace(cfg, template=resolve_template(tokenizer, cfg.template))
+    from bupo.engines import resolve_backend
+
+    cfg = dataclasses.replace(cfg, template=resolve_template(tokenizer, cfg.template), backend=resolve_backend(cfg.backend))
     p = parts(model)
     L = p.num_layers
     inputs = _read_inputs(data, traces, cfg.max_samples)

@@ -403,9 +403,10 @@ def _check_attn_implementation(name: str | None) -> None:
 
 def check_model_flags(train_args: Any, model_args: Any) -> None:
     """Reject, in one line each, model/engine flags this machine cannot honour (see docs/training.md)."""
-    if train_args.use_vllm and not _installed("vllm"):
-        raise ValueError("--use_vllm true needs vLLM, which is not installed: pip install 'bupo[vllm]' (a CUDA GPU); "
-                         "or drop --use_vllm (rollouts then use transformers' generate)")
+    if train_args.use_vllm:
+        from bupo.engines import require_vllm
+
+        require_vllm("--use_vllm true", instead="drop --use_vllm (rollouts then use transformers' generate)")
     lora_flags = [f for f in ("lora_r", "lora_alpha", "lora_dropout", "lora_target_modules", "lora_target_parameters",
                               "lora_modules_to_save", "use_rslora", "use_dora")
                   if getattr(model_args, f) != type(model_args).__dataclass_fields__[f].default]
@@ -799,8 +800,11 @@ def train(train_args: Any, script: BuPOScriptArguments) -> dict[str, Any]:
     if not reward_funcs:
         raise ValueError("--reward needs at least one reward name (boxed_exact, math_verify, final_number)")
     train_args.model_init_kwargs = None  # consumed by load_model (TRL would warn that it ignores them)
-    trainer = BuPOTrainer(model=model, reward_funcs=reward_funcs, args=train_args, train_dataset=dataset,
-                          processing_class=tokenizer, peft_config=peft_config(script.model_args))
+    from bupo.engines import training_engine, trl_colocate_defaults
+
+    with trl_colocate_defaults(train_args, model):  # vLLM colocate: bupo's engine settings for this machine
+        trainer = BuPOTrainer(model=model, reward_funcs=reward_funcs, args=train_args, train_dataset=dataset,
+                              processing_class=tokenizer, peft_config=peft_config(script.model_args))
     _check_launcher(trainer)
     from bupo.training.console import install_console
 
@@ -831,6 +835,7 @@ def train(train_args: Any, script: BuPOScriptArguments) -> dict[str, Any]:
         "reward": script.reward,
         "temperature": train_args.temperature,  # rollouts and in-training evaluations sample at it
         "max_completion_length": train_args.max_completion_length,
+        "generation": training_engine(train_args, model),  # rollouts: HF generate or vLLM (mode, version, settings)
         "internal_layer": k,
         "internal_layer_paper": None if k is None else k + 1,
         "internal_layer_source": layer_source,
