@@ -212,6 +212,7 @@ def main() -> int:
     longest = result["generation"][-1]
     result["goal_generation_4x_at_16x512"] = longest["new_tokens"] == 512 and longest["vllm_over_hf"] >= 4
     del model
+    atomic_write_json(args.json, result | {"loadavg_after": os.getloadavg(), "wall": "not measured yet"})
     if not args.skip_wall:
         result["wall"] = wall_times(path, threads)
         result["goal_rollout_step_1.5x"] = result["wall"]["rollout_step_vllm_speedup"] >= 1.5

