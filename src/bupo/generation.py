@@ -221,6 +221,31 @@ def _model_device(model: Any) -> Any:
         return torch.device("cpu")
 
 
+def _encode_requests(tokenizer: Any, requests: Sequence[tuple[str, int]]) -> dict[str, list[int]]:
+    """Token ids of each distinct prompt (a prompt must be a string of at least one token)."""
+    encoded: dict[str, list[int]] = {}
+    for prompt, _ in requests:
+        if not isinstance(prompt, str):
+            raise ValueError(f"prompts must be strings, got {type(prompt).__name__}")
+        if prompt not in encoded:
+            ids = encode_prompt(tokenizer, prompt)
+            if not ids:
+                raise ValueError(f"the prompt {prompt[:60]!r} tokenises to nothing; a prompt needs at least one token")
+            encoded[prompt] = ids
+    return encoded
+
+
+def _completion(tokenizer: Any, row: list[int], eos_ids: Any, max_new_tokens: int) -> Completion:
+    """One generated row cut at its first EOS (kept), or at ``max_new_tokens`` (``finish_reason="length"``)."""
+    cut = next((t for t, tok in enumerate(row) if tok in eos_ids), None)
+    if cut is None:
+        # generate() pads finished rows; an unfinished row is exactly max_new_tokens long
+        tokens, reason = row[:max_new_tokens], "length"
+    else:
+        tokens, reason = row[: cut + 1], "stop"
+    return Completion(text=tokenizer.decode(tokens, skip_special_tokens=True), token_ids=tokens, finish_reason=reason)
+
+
 def generate_requests(
     model: Any,
     tokenizer: Any,
@@ -250,15 +275,7 @@ def generate_requests(
         return []
     eos_ids = _eos_ids(model, tokenizer)
     pad_id = _pad_id(tokenizer, eos_ids)
-    encoded: dict[str, list[int]] = {}
-    for prompt, _ in requests:
-        if not isinstance(prompt, str):
-            raise ValueError(f"prompts must be strings, got {type(prompt).__name__}")
-        if prompt not in encoded:
-            ids = encode_prompt(tokenizer, prompt)
-            if not ids:
-                raise ValueError(f"the prompt {prompt[:60]!r} tokenises to nothing; a prompt needs at least one token")
-            encoded[prompt] = ids
+    encoded = _encode_requests(tokenizer, requests)
     check_context([len(ids) for ids in encoded.values()], max_new_tokens, context_length(model))
     order = sorted(range(len(requests)), key=lambda i: (len(encoded[requests[i][0]]), i))
     device = _model_device(model)
@@ -297,14 +314,7 @@ def generate_requests(
                 new = out[:, width:].tolist()
                 batch_done = []
                 for row, i in zip(new, idx, strict=True):
-                    cut = next((t for t, tok in enumerate(row) if tok in eos_ids), None)
-                    if cut is None:
-                        # generate() pads finished rows; an unfinished row is exactly max_new_tokens long
-                        tokens, reason = row[:max_new_tokens], "length"
-                    else:
-                        tokens, reason = row[: cut + 1], "stop"
-                    text = tokenizer.decode(tokens, skip_special_tokens=True)
-                    results[i] = Completion(text=text, token_ids=tokens, finish_reason=reason)
+                    results[i] = _completion(tokenizer, row, eos_ids, max_new_tokens)
                     batch_done.append(results[i])
                 if on_batch is not None:
                     on_batch(list(idx), batch_done)

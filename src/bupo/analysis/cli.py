@@ -115,6 +115,11 @@ def register(subparsers) -> None:
     add_labels(c, "labels, one per directory (default: each model's name)")
     c.set_defaults(func=_compare)
 
+    _register_sample(subparsers)
+    _register_lens(subparsers)
+
+
+def _register_sample(subparsers) -> None:
     s = subparsers.add_parser(
         "sample", help="sample text from an internal layer policy",
         description="Generate from the layer-K internal policy π^{K+1}_Layer (0-based K) under --projection: raw = "
@@ -132,6 +137,8 @@ def register(subparsers) -> None:
     s.add_argument("--json", action="store_true", help="print JSON instead of text")
     s.set_defaults(func=_sample)
 
+
+def _register_lens(subparsers) -> None:
     lens = subparsers.add_parser(
         "lens", help="top tokens of every layer's policy, raw and final_norm side by side (logit lens)",
         description="For a prompt, the entropy and top tokens of every internal layer policy at the chosen "

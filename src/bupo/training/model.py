@@ -110,7 +110,7 @@ def check_model_flags(train_args: Any, model_args: Any) -> None:
     _check_attn_implementation(kw.get("attn_implementation"))
 
 
-def load_model(model_path: str, train_args: Any, model_args: Any | None) -> Any:
+def policy_model(model_path: str, train_args: Any, model_args: Any | None) -> Any:
     """The policy model with the ModelConfig / ``--model_init_kwargs`` keywords (fp32 master weights by default).
 
     Warns when the weights end up bf16/fp16 (asked for explicitly, or ``dtype: auto`` on a bf16 checkpoint) and

@@ -33,7 +33,13 @@ from bupo.training.arguments import FLAG_KEYS, BuPOScriptArguments, parse_train_
 from bupo.training.data import BUNDLED, TrainingData, training_data
 from bupo.training.eval_callback import check_eval_context, eval_sets, make_eval_callback
 from bupo.training.layer import check_internal_policy, resolve_internal_layer
-from bupo.training.model import check_model_flags, default_model_args, load_model, load_tokenizer, peft_config
+from bupo.training.model import (
+    check_model_flags,
+    default_model_args,
+    load_tokenizer,
+    peft_config,
+    policy_model,
+)
 from bupo.training.resume import check_resume_matches, data_fingerprint, resolve_resume, train_or_finish
 from bupo.training.validation import check_environment, check_run
 
@@ -73,7 +79,7 @@ def train(config: BuPOConfig, script: BuPOScriptArguments | None = None, model_a
     model_path = resolve_model(model_args.model_name_or_path or script.model_name_or_path)  # one-line errors
 
     # fp32 master weights unless a low-precision dtype is asked for; bf16/fp16 are autocast (TRL's default)
-    model = load_model(model_path, config, model_args)
+    model = policy_model(model_path, config, model_args)
     tokenizer = load_tokenizer(model_path, config, model_args)
     template = resolve_template(tokenizer, script.template)
     record_template(tokenizer, template)  # saved with the tokenizer: bupo eval/analyze --template auto reuse it
@@ -90,7 +96,7 @@ def train(config: BuPOConfig, script: BuPOScriptArguments | None = None, model_a
         analysis=script.analysis, rows=data.rows, template=template, samples=script.auto_layer_samples,
         max_new_tokens=config.max_completion_length, is_main=int(os.environ.get("RANK", "0")) == 0,
         device=config.device, projection=config.internal_projection)
-    # the run's config, resolved once; model_init_kwargs were consumed by load_model (TRL would warn it ignores them)
+    # the run's config, resolved once; model_init_kwargs were consumed by policy_model (TRL would warn it ignores them)
     config = config.resolved(internal_layer=k, model_init_kwargs=None, **fixed)
     policy_check = None
     if script.algo == "bupo" and k is not None:  # named with its numbers before the first rollout, not after
