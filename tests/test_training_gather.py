@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import enum
 import json
+import os
 import sys
 import types
 from contextlib import contextmanager
@@ -125,3 +126,21 @@ def test_the_auto_layer_analysis_runs_on_gathered_params_and_every_process_gathe
                                        samples=4, max_new_tokens=4, is_main=is_main)
     assert k == 2 and "run by bupo train" in source
     assert seen == ([True] if is_main else []) and len(fake.gathers) == 1
+
+
+def test_a_single_process_run_gets_a_free_master_port_and_a_launcher_keeps_its_own(monkeypatch):
+    import socket
+
+    from bupo.training.launcher import single_process_master_port
+
+    for k in ("MASTER_PORT", "WORLD_SIZE", "PMI_SIZE", "OMPI_COMM_WORLD_SIZE", "MV2_COMM_WORLD_SIZE"):
+        monkeypatch.delenv(k, raising=False)
+    port = single_process_master_port()
+    assert port is not None and port != "29500" and os.environ["MASTER_PORT"] == port
+    with socket.socket() as s:  # free: it can be bound
+        s.bind(("127.0.0.1", int(port)))
+    monkeypatch.setenv("MASTER_PORT", "12345")
+    assert single_process_master_port() is None and os.environ["MASTER_PORT"] == "12345"
+    monkeypatch.delenv("MASTER_PORT")
+    monkeypatch.setenv("WORLD_SIZE", "2")  # several processes: the launcher's rendezvous, not a local choice
+    assert single_process_master_port() is None and "MASTER_PORT" not in os.environ

@@ -29,6 +29,26 @@ from typing import Any
 __all__ = ["complete_fused_lm_head", "enable_cpu_fsdp2", "fsdp2_optimizer_resume", "sharding_summary"]
 
 
+_WORLD_SIZE_ENV = ("WORLD_SIZE", "PMI_SIZE", "OMPI_COMM_WORLD_SIZE", "MV2_COMM_WORLD_SIZE")
+
+
+def single_process_master_port() -> str | None:
+    """A free local port as ``MASTER_PORT`` for a single-process run that sets none (returned), else None.
+
+    accelerate's CPU set-up and TRL's vLLM colocate start a one-rank process group on ``MASTER_PORT``, 29500 when
+    unset: two single-process runs at once (two trainings, or a training next to a test suite) then collide with
+    ``EADDRINUSE``. A launcher of several processes sets the port itself and is left alone.
+    """
+    if os.environ.get("MASTER_PORT") or any(os.environ.get(k, "1") != "1" for k in _WORLD_SIZE_ENV):
+        return None
+    import socket
+
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+        s.bind(("127.0.0.1", 0))
+        os.environ["MASTER_PORT"] = port = str(s.getsockname()[1])
+    return port
+
+
 def _fsdp2_requested() -> bool:
     return (os.environ.get("ACCELERATE_USE_FSDP", "false").lower() == "true"
             and os.environ.get("FSDP_VERSION", "1") == "2")
