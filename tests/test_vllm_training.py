@@ -136,8 +136,10 @@ def _train(out: Path, *extra: str) -> subprocess.CompletedProcess:
            "--max_completion_length", "16", "--use_vllm", "true", "--vllm_mode", "colocate", "--eval_data", "none",
            "--save_strategy", "steps", "--save_steps", "2", "--logging_steps", "1", "--probe_every", "0",
            "--seed", "0", "--out", str(out), *extra]
-    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(Path(__file__).parents[1] / "src"),
-                                                         os.environ.get("PYTHONPATH", "")])}
+    # a fresh single-process run: not this test process's rendezvous (an in-process trainer here may hold its port)
+    env = {k: v for k, v in os.environ.items()
+           if k not in ("MASTER_PORT", "MASTER_ADDR", "RANK", "LOCAL_RANK", "WORLD_SIZE", "LOCAL_WORLD_SIZE")}
+    env["PYTHONPATH"] = os.pathsep.join([str(Path(__file__).parents[1] / "src"), os.environ.get("PYTHONPATH", "")])
     return subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=900)
 
 

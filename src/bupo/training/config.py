@@ -143,7 +143,8 @@ class BuPOConfig(GRPOConfig):
     def __post_init__(self) -> None:
         from bupo.training.launcher import single_process_master_port
 
-        single_process_master_port()  # before GRPOConfig sets up the devices (a one-rank group on MASTER_PORT)
+        if self.use_vllm and self.vllm_mode == "colocate":  # TRL then starts a one-rank group on MASTER_PORT
+            single_process_master_port()  # (before GRPOConfig sets up the devices)
         # the values as given, before this method and GRPOConfig derive any field: what resolved() rebuilds from
         self._given = {f.name: copy.copy(getattr(self, f.name)) for f in dataclasses.fields(self) if f.init}
         self.internal_layer = _parse_layer(self.internal_layer)

@@ -35,9 +35,8 @@ _WORLD_SIZE_ENV = ("WORLD_SIZE", "PMI_SIZE", "OMPI_COMM_WORLD_SIZE", "MV2_COMM_W
 def single_process_master_port() -> str | None:
     """A free local port as ``MASTER_PORT`` for a single-process run that sets none (returned), else None.
 
-    accelerate's CPU set-up and TRL's vLLM colocate start a one-rank process group on ``MASTER_PORT``, 29500 when
-    unset: two single-process runs at once (two trainings, or a training next to a test suite) then collide with
-    ``EADDRINUSE``. A launcher of several processes sets the port itself and is left alone.
+    With vLLM colocate, TRL and accelerate start a one-rank process group on ``MASTER_PORT``, 29500 when unset: two
+    such runs at once (or one next to any other job on 29500) then collide with ``EADDRINUSE``. A launcher of several processes sets the port itself and is left alone.
     """
     if os.environ.get("MASTER_PORT") or any(os.environ.get(k, "1") != "1" for k in _WORLD_SIZE_ENV):
         return None
