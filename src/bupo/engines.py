@@ -3,8 +3,8 @@ vLLM), and vLLM's set-up, in one place for ``bupo eval``, ``bupo analyze``, ``bu
 benchmarks.
 
 Backend names (``--backend``): ``hf`` = :func:`bupo.generation.generate_requests`; ``vllm`` = a vLLM ``LLM`` in this
-process; ``auto`` (the default) = ``vllm`` wherever vLLM is installed, since it is the faster engine
-(benchmarks/bench_engines.py), else ``hf``. Both draw sample j of a prompt with the same per-sample seed
+process; ``auto`` (the default) = ``vllm`` wherever vLLM is installed, since it is the faster engine at the lengths
+eval and analysis generate (>= 256 new tokens; benchmarks/bench_engines.py), else ``hf``. Both draw sample j of a prompt with the same per-sample seed
 (:func:`bupo.generation.sample_seed`; vLLM: ``SamplingParams(seed=...)``), so a run is reproducible and a resumed run
 regenerates exactly the missing samples; the two engines use different kernels and random streams, so their texts
 differ for one seed (greedy decoding agrees up to floating-point ties).
