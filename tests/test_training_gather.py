@@ -16,7 +16,8 @@ from contextlib import contextmanager
 import pytest
 import torch
 
-from bupo.training.gather import full_params, zero3_partitioned
+from bupo.internal.sharding import is_sharded
+from bupo.training.gather import full_params
 from test_training_common import char_tokenizer, make_model
 
 ROWS = [{"prompt": [{"role": "user", "content": f"What is {i} + {i}?"}], "reward_model": {"ground_truth": str(2 * i)}}
@@ -74,7 +75,7 @@ def test_full_params_is_a_no_op_without_zero3(monkeypatch):
     model = make_model()
     monkeypatch.setitem(sys.modules, "deepspeed", None)  # importing it would fail: the no-op path must not
     before = [p.data_ptr() for p in model.parameters()]
-    assert not zero3_partitioned(model)
+    assert not is_sharded(model)
     with full_params(model) as m:
         assert m is model
         assert m(torch.tensor([[1, 5, 6]])).logits.shape[-1] == model.config.vocab_size
@@ -84,7 +85,7 @@ def test_full_params_is_a_no_op_without_zero3(monkeypatch):
 def test_full_params_gathers_zero3_shards_for_the_block(zero3):
     model, fake = zero3
     ids = torch.tensor([[1, 5, 6]])
-    assert zero3_partitioned(model)
+    assert is_sharded(model)
     with pytest.raises(RuntimeError):  # a partitioned model cannot run a forward
         model(ids)
     with full_params(model) as m:

@@ -13,11 +13,6 @@ from contextlib import contextmanager
 from typing import Any
 
 
-def zero3_partitioned(model: Any) -> bool:
-    """Whether ``model`` has DeepSpeed ZeRO-3 partitioned parameters (DeepSpeed tags each with ``ds_id``)."""
-    return any(hasattr(p, "ds_id") for p in model.parameters())
-
-
 @contextmanager
 def full_params(model: Any, accelerator: Any = None) -> Iterator[Any]:
     """Yield ``model`` with its full parameters for a read-only forward, and shard them again afterwards.
