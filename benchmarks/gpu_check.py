@@ -514,7 +514,7 @@ def _launch_verdicts(checks: Checks, name: str, recs: list[dict], rc: object, st
 
 def section_launchers(small: bool, out_dir: Path) -> dict:
     """``accelerate launch --config_file src/bupo/recipes/accelerate/{zero3,fsdp2}.yaml --num_processes 1`` running
-    ``bupo train`` (tests/launch_probe.py records each rank's shards) on a random-init Qwen3-0.6B shape: 1 internal
+    ``bupo train`` (tests/support/launch_probe.py records each rank's shards) on a random-init Qwen3-0.6B shape: 1 internal
     + 1 full rollout step at k = 13 (paper layer 14), each run under its own timeout, the whole section under 5
     minutes. Verdicts, printed per run even when it timed out (the probe writes after every event): the internal
     log-probs through the wrapped model equal an unsharded reference, layers above k and the final norm bitwise
@@ -556,7 +556,7 @@ def section_launchers(small: bool, out_dir: Path) -> dict:
             shutil.rmtree(stale, ignore_errors=True)
         cmd = [sys.executable, "-m", "accelerate.commands.launch", "--config_file",
                str(root / "src" / "bupo" / "recipes" / "accelerate" / config),
-               *(["--num_processes", "1"] if cuda else []), str(root / "tests" / "launch_probe.py"),
+               *(["--num_processes", "1"] if cuda else []), str(root / "tests" / "support" / "launch_probe.py"),
                str(probe_dir), "train", "--model", str(model_dir), "--algo", "bupo", "--internal-layer", str(k),
                "--internal-steps", "1", "--out", str(run_dir), "--eval-data", "none", "--max_steps", "2",
                "--steps_per_generation", "1", "--per_device_train_batch_size", "8", "--num_generations", "8",

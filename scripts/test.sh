@@ -2,7 +2,7 @@
 # Set up (idempotent) and run the test suite.
 #   bash scripts/test.sh            ruff + the whole suite on the newest allowed releases (.venv), then the core and
 #                                   trainer-contract tests on the oldest allowed ones (.venv-oldest, scripts/oldest.txt),
-#                                   then the vLLM tests (tests/test_vllm_*.py, marker vllm) with vLLM's CPU build
+#                                   then the vLLM tests (tests/engines/test_vllm_*.py, marker vllm) with vLLM's CPU build
 #                                   (.venv-vllm, scripts/setup.sh vllm): they skip in .venv, which has no vLLM
 #   bash scripts/test.sh ARGS...    pytest ARGS in .venv only
 # BUPO_TEST_OLDEST=0 skips the oldest-versions pass, BUPO_TEST_VLLM=0 the vLLM pass (each says so).
@@ -35,7 +35,7 @@ else
   fi
   echo "== oldest allowed: $(.venv-oldest/bin/python -c "$versions")"
   .venv-oldest/bin/python -m pytest -n 2 --dist loadgroup -p no:cacheprovider \
-    tests/test_internal.py tests/test_trl_contract.py tests/test_training.py tests/test_recipes.py || old_rc=$?
+    tests/internal/test_internal.py tests/training/test_trl_contract.py tests/training/test_training.py tests/models/test_recipes.py || old_rc=$?
 fi
 
 # vLLM's CPU build: a third venv (scripts/setup.sh vllm); every vLLM test must run there (none skipped)
@@ -49,8 +49,8 @@ else
   # SmolLM2's HF folder, converted once from its GGUF into bupo's cache (the HF/vLLM greedy-agreement test)
   .venv-vllm/bin/python -m bupo model get smollm2-135m-instruct >/dev/null
   log=$(mktemp)
-  .venv-vllm/bin/python -m pytest -n 2 --dist loadgroup -p no:cacheprovider -m vllm tests/test_vllm_engines.py \
-    tests/test_vllm_training.py 2>&1 | tee "$log" || vllm_rc=$?
+  .venv-vllm/bin/python -m pytest -n 2 --dist loadgroup -p no:cacheprovider -m vllm tests/engines/test_vllm_engines.py \
+    tests/engines/test_vllm_training.py 2>&1 | tee "$log" || vllm_rc=$?
   counts=$(grep -E "^=+ .*(passed|failed|error).* in " "$log" | tail -1 | tr -d '=' || true)
   echo "== vLLM pass:${counts:- no summary line}"
   if ! grep -qE "[0-9]+ passed" <<<"$counts" || grep -qE "skipped|failed|error" <<<"$counts"; then

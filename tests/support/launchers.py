@@ -1,0 +1,42 @@
+"""Launching ``bupo train`` under accelerate with the instrumented probe (support/launch_probe.py): the command, its
+environment, the tiny two-phase run's arguments, and the per-rank records it leaves."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[2]
+ACCELERATE = [sys.executable, "-m", "accelerate.commands.launch"]
+
+
+def launcher_env(**extra: str) -> dict[str, str]:
+    return {**os.environ, "OMP_NUM_THREADS": "1", "GLOO_SOCKET_IFNAME": "lo", "HF_HUB_OFFLINE": "1",
+            "TOKENIZERS_PARALLELISM": "false",
+            "PYTHONPATH": os.pathsep.join([str(ROOT / "src"), str(ROOT / "tests"), os.environ.get("PYTHONPATH", "")]),
+            **extra}
+
+
+def train_args(out: Path, completion_tokens: int = 64) -> list[str]:
+    from bupo.zoo import bundled_model_path
+
+    # k = 3 of 8 layers; rollout step 1 internal, 2 full; one optimizer step per rollout of 2 x 8 completions
+    return ["train", "--model", str(bundled_model_path()), "--algo", "bupo", "--internal-layer", "3",
+            "--internal-steps", "1", "--out", str(out), "--eval-data", "none", "--max_steps", "2",
+            "--steps_per_generation", "1", "--per_device_train_batch_size", "8", "--num_generations", "8",
+            "--max_completion_length", str(completion_tokens), "--save_strategy", "steps", "--save_steps", "1",
+            "--probe_every", "1", "--logging_steps", "1", "--disable_tqdm", "true"]
+
+
+def launch(config: str, probe_dir: Path, args: list[str], *extra: str, env: dict[str, str] | None = None,
+            timeout: float = 300) -> subprocess.CompletedProcess:
+    cmd = [*ACCELERATE, "--config_file", str(ROOT / "src" / "bupo" / "recipes" / "accelerate" / config), *extra,
+           str(ROOT / "tests" / "support" / "launch_probe.py"), str(probe_dir), *args]
+    return subprocess.run(cmd, env=env or launcher_env(), capture_output=True, text=True, timeout=timeout, cwd=ROOT)
+
+
+def read_ranks(probe_dir: Path, stem: str = "probe") -> list[dict]:
+    return [json.loads((probe_dir / f"{stem}-rank{r}.json").read_text()) for r in (0, 1)]
