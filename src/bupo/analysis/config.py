@@ -41,7 +41,9 @@ PRESETS: dict[str, dict[str, object]] = {
 PRESET_DIFFERENCES: dict[str, str] = {
     "official": "responses from HF generate, not vLLM; the analysed sequence ends with the response (its EOS "
                 "included), while the official hidden_states[P+1:] runs to the end of the re-templated conversation, "
-                "so it also holds the position of the newline the chat template writes after the EOS",
+                "so it also holds the position of the newline the chat template writes after the EOS; the official "
+                "final-policy entropies start one position later still (P+2), bupo's final_entropy uses the layers' "
+                "positions",
 }
 
 
