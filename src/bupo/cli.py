@@ -13,6 +13,7 @@ import sys
 
 from bupo import __version__
 from bupo.cli_common import BupoArgumentParser, add_both_spellings
+from bupo.cli_quiet import quiet_libraries, wants_library_output
 
 # modules that define ``register(subparsers) -> None``
 _SUBCOMMANDS: list[str] = [
@@ -74,6 +75,8 @@ def _run(argv: list[str] | None) -> int:
     if not getattr(args, "func", None):
         parser.print_help()
         return 0
+    if not wants_library_output(args):  # transformers' "Loading weights" bars and the like (bupo.cli_quiet)
+        quiet_libraries()
     try:
         result = args.func(args)
     except (ValueError, FileNotFoundError, PermissionError) as exc:

@@ -12,6 +12,7 @@ PROJECTION_CHOICES = ("raw", "final_norm")
 CONVENTIONS = ("bupo", "residual")
 DEFAULT_BUNDLED_SAMPLES = 32
 PRESET_CHOICES = ("official",)  # the keys of bupo.analysis.config.PRESETS (a test checks)
+POSITION_CHOICES = ("predicting", "official")  # the keys of bupo.analysis.config.POSITIONS (a test checks)
 
 
 class _DefaultStr(str):
@@ -98,10 +99,14 @@ def register(subparsers) -> None:
                    help="boundary rule tolerance, relative to the largest FFN ΔH (default 0.1; docs/analysis.md)")
     a.add_argument("--heatmap-sample", type=int, help="sample index for the layer x token heatmap (default: first)")
     a.add_argument("--overwrite", action="store_true", help="replace a finished analysis in --out")
+    a.add_argument("--positions", choices=POSITION_CHOICES,
+                   help="analysed token positions: predicting = P-1 .. P+R-2, each position whose prediction is a "
+                        "response token (default); official = P .. P+R-1, the official script's "
+                        "hidden_states[P'+1:], one later (the default of --preset official; docs/analysis.md)")
     a.add_argument("--preset", choices=PRESET_CHOICES,
                    help="official: the official analysis script's settings (10 samples, 3072 tokens, the model's own "
-                        "chat template - thinking for Qwen3 -, fp32), recorded in summary.json; flags given "
-                        "explicitly win (docs/analysis.md)")
+                        "chat template - thinking for Qwen3 -, fp32, its token positions), recorded in summary.json; "
+                        "flags given explicitly win (docs/analysis.md)")
     a.set_defaults(**_FLAG_DEFAULTS)  # the same defaults, marked as not given (for --preset)
     a.add_argument("--no-resume", action="store_true", help="discard staged partial results in --out")
     add_quiet(a)
@@ -198,6 +203,7 @@ def _analyze(args) -> int:
         backend=backend,
         token_dtype=args.token_dtype, boundary_tol=args.boundary_tol, heatmap_sample=args.heatmap_sample,
         resume=not args.no_resume, overwrite=args.overwrite, progress=not args.quiet, preset=args.preset,
+        positions=args.positions,
     )
     s = res.summary
     skipped = {k: v for k, v in s["skipped"].items() if v}
@@ -232,6 +238,8 @@ def _apply_preset(args) -> None:
         values.pop(name, None)
     if args.limit is None and "max_samples" in values:
         args.limit = values["max_samples"]
+    if args.positions is None:
+        args.positions = values.get("positions", "predicting")
 
 
 def _compare(args) -> int:

@@ -10,19 +10,40 @@ from bupo.data.templates import TEMPLATES
 
 TOKEN_DTYPES = ("float16", "float32")
 
+#: which token positions of a ``P``-token prompt + ``R``-token response are analysed (position ``t`` holds the
+#: distribution that predicts token ``t + 1``), and how far each sits after bupo's default; recorded in summary.json.
+#: ``predicting`` (default): ``P-1 .. P+R-2``, each position whose prediction is a response token, so every row's
+#: log-prob is that of a token the model actually produced. ``official``: ``P .. P+R-1``, the response tokens' own
+#: positions, as the official script slices ``hidden_states[P'+1:]`` with its prompt length ``P'`` = the index of the
+#: first "assistant" token + 1 (= ``P - 1`` when the prompt ends with "assistant" + one newline token, as chat
+#: templates of the ChatML family do); its last row predicts what follows the response (the EOS token is used).
+POSITIONS: dict[str, int] = {"predicting": 0, "official": 1}
+POSITION_CONVENTIONS: dict[str, str] = {
+    "predicting": "position t predicts token t+1; analysed positions are P-1 .. P+R-2 for a P-token prompt and an "
+                  "R-token response (every position whose prediction is a response token); logp = log-prob of that "
+                  "realised token (the row's token_id)",
+    "official": "the official script's hidden_states[P'+1:] with P' = index of the first 'assistant' token + 1 "
+                "(= P-1 for a prompt ending 'assistant' + newline): analysed positions are P .. P+R-1 for a P-token "
+                "prompt and an R-token response (each response token's own position; row i holds response token "
+                "token_id = response[i]); logp = log-prob of the token after it (response[i+1], the EOS token "
+                "after the last one)",
+}
+
 #: ``bupo analyze --preset NAME``: settings that replace bupo's defaults (flags given explicitly still win).
 #: ``official``: the official analysis script (visualization/plot_internal_entropy.py with scripts/run_eval.sh's
 #: responses): 10 samples, up to 3072 generated tokens at T = 1, top_p 1, the model's own chat template (Qwen3: the
 #: thinking mode, its default), the model in fp32.
 PRESETS: dict[str, dict[str, object]] = {
     "official": {"max_samples": 10, "max_new_tokens": 3072, "temperature": 1.0, "top_p": 1.0, "template": "chat",
-                 "dtype": "float32"},
+                 "dtype": "float32", "positions": "official"},
 }
 #: what a preset does NOT reproduce, recorded next to it in summary.json
 PRESET_DIFFERENCES: dict[str, str] = {
-    "official": "analysed positions: bupo's P-1 .. P+R-2 (each position whose prediction is a response token) vs "
-                "the official hidden_states[P+1:] (counting from the first 'assistant' token: the response tokens' "
-                "own positions, one later); responses from HF generate, not vLLM",
+    "official": "responses from HF generate, not vLLM; the analysed sequence ends with the response (its EOS "
+                "included), while the official hidden_states[P+1:] runs to the end of the re-templated conversation, "
+                "so it also holds the position of the newline the chat template writes after the EOS; the official "
+                "final-policy entropies start one position later still (P+2), bupo's final_entropy uses the layers' "
+                "positions",
 }
 
 
@@ -42,6 +63,9 @@ class AnalysisConfig:
     seed: int = field(default=0, metadata={"help": "generation seed (row i is seeded by its index)"})
     projection: str = field(default="raw", metadata={
         "help": "raw = lm_head(h) (the paper) or final_norm = lm_head(final_norm(h)) (logit lens)"})
+    positions: str = field(default="predicting", metadata={
+        "help": "analysed positions: predicting = P-1 .. P+R-2 (each position whose prediction is a response token) "
+        "or official = P .. P+R-1 (the official script's, one later; POSITION_CONVENTIONS)"})
     delta: str = field(default="bupo", metadata={"help": "ΔH convention: bupo (the paper) or residual"})
     template: str = field(default="auto", metadata={
         "help": "prompt template for message prompts: auto (as bupo train and bupo eval pick it, "
@@ -83,6 +107,8 @@ class AnalysisConfig:
         if self.preset is not None and self.preset not in PRESETS:
             raise ValueError(f"unknown preset {self.preset!r}; accepted: {', '.join(PRESETS)}")
         check_convention(self.delta)
+        if self.positions not in POSITIONS:
+            raise ValueError(f"unknown positions {self.positions!r}; accepted: {', '.join(POSITIONS)}")
         if self.epilogue not in EPILOGUES:
             raise ValueError(f"unknown epilogue {self.epilogue!r}; accepted: {', '.join(EPILOGUES)}")
         if self.token_dtype not in TOKEN_DTYPES:

@@ -3,7 +3,9 @@
 :func:`bupo.internal.streams.stream_stats` computes chunked fp32 statistics inside the hooks, so a forward never
 holds more than ``chunk_size`` x vocab logits, whatever the number of layers. Position ``t`` of a sequence holds
 the distribution that predicts token ``t + 1``: for a ``P``-token prompt and an ``R``-token response the analysed
-positions are ``P-1 .. P+R-2`` (every position whose prediction is a response token).
+positions are ``P-1 .. P+R-2`` (every position whose prediction is a response token); with
+``positions="official"`` they are one later, ``P .. P+R-1`` (the official script's; see
+:data:`bupo.analysis.config.POSITIONS`).
 """
 
 from __future__ import annotations
@@ -14,7 +16,7 @@ from typing import Any
 
 import numpy as np
 
-from bupo.analysis.config import AnalysisConfig
+from bupo.analysis.config import POSITIONS, AnalysisConfig
 from bupo.analysis.staging import Shards
 from bupo.analysis.summary import CONVENTION_STREAMS, check_convention, entropy_col
 from bupo.analysis.traces import Trace
@@ -39,8 +41,9 @@ def _batches(traces: Sequence[Trace], batch_tokens: int) -> Iterator[list[Trace]
         yield batch
 
 
-def _padded(batch: Sequence[Trace], pad_id: int):
-    """Right-padded ids, attention mask and the analysed positions of a batch (CPU tensors)."""
+def _padded(batch: Sequence[Trace], pad_id: int, shift: int = 0, end_id: int | None = None):
+    """Right-padded ids, attention mask, the analysed positions (``P-1+shift .. P+R-2+shift``) and the realised
+    next token of every position of a batch (CPU tensors); ``end_id`` is the token after a response (shift 1)."""
     import torch
 
     T = max(len(t.prompt_ids) + len(t.response_ids) for t in batch)
@@ -53,22 +56,26 @@ def _padded(batch: Sequence[Trace], pad_id: int):
         ids[b, : len(seq)] = torch.tensor(seq, dtype=torch.long)
         mask[b, : len(seq)] = 1
         P, R = len(tr.prompt_ids), len(tr.response_ids)
-        pos[b, P - 1 : P + R - 1] = True
-    return ids, mask, pos
+        pos[b, P - 1 + shift : P + R - 1 + shift] = True
+    targets = torch.roll(ids, -1, dims=1)  # targets[t] = ids[t+1]
+    if shift:  # the last analysed position is the response's last token: what follows it is end_id
+        for b, tr in enumerate(batch):
+            targets[b, len(tr.prompt_ids) + len(tr.response_ids) - 1] = pad_id if end_id is None else end_id
+    return ids, mask, pos, targets
 
 
 def measure_batch(model, batch: Sequence[Trace], *, convention: str, projector, chunk_size: int | None,
-                  pad_id: int) -> dict[str, np.ndarray]:
-    """Token columns of a batch of traces (right-padded, one hooked forward): one row per analysed position,
-    samples in batch order, each sample's rows contiguous."""
+                  pad_id: int, positions: str = "predicting", end_id: int | None = None) -> dict[str, np.ndarray]:
+    """Token columns of a batch of traces (right-padded, one hooked forward): one row per analysed position
+    (``positions``: :data:`bupo.analysis.config.POSITIONS`), samples in batch order, each sample's rows contiguous."""
     import torch
 
     from bupo.internal import parts, tap
     from bupo.internal.streams import stream_stats
 
     device = next(model.parameters()).device
-    ids, mask, pos = _padded(batch, pad_id)
-    targets = torch.roll(ids, -1, dims=1)  # targets[t] = ids[t+1]; the wrapped last column is never selected
+    shift = POSITIONS[positions]
+    ids, mask, pos, targets = _padded(batch, pad_id, shift, end_id)
     pos = pos.to(device)
     index = pos.reshape(-1).nonzero().squeeze(1)
     rms: dict[int, torch.Tensor] = {}
@@ -103,7 +110,7 @@ def measure_batch(model, batch: Sequence[Trace], *, convention: str, projector, 
     response_index = np.arange(int(R.sum())) - np.repeat(np.cumsum(R) - R, R)
     return {
         "sample": np.repeat(np.array([tr.index for tr in batch], dtype=np.int32), R),
-        "position": (np.repeat(P - 1, R) + response_index).astype(np.int32),
+        "position": (np.repeat(P - 1 + shift, R) + response_index).astype(np.int32),
         "response_index": response_index.astype(np.int32),
         "token_id": np.array([t for tr in batch for t in tr.response_ids], dtype=np.int32),
         **cols,
@@ -127,6 +134,7 @@ def measure(model, tokenizer, todo: Sequence[Trace], cfg: AnalysisConfig, shards
     if not pending:
         return None
     pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
+    end_id = tokenizer.eos_token_id if tokenizer.eos_token_id is not None else pad_id
     t0 = time.perf_counter()
     projector = Projector(model, cfg.projection, epilogue=cfg.epilogue)  # one fp32 cast shared by every stream
     bar = tqdm(total=len(todo), initial=len(todo) - len(pending), desc="analyze", unit="sample",
@@ -134,20 +142,22 @@ def measure(model, tokenizer, todo: Sequence[Trace], cfg: AnalysisConfig, shards
     with eval_mode(model), torch.inference_mode():
         for batch in _batches(pending, cfg.batch_tokens):
             shards.put(measure_batch(model, batch, convention=cfg.delta, projector=projector,
-                                     chunk_size=cfg.chunk_size, pad_id=pad_id))
+                                     chunk_size=cfg.chunk_size, pad_id=pad_id, positions=cfg.positions,
+                                     end_id=end_id))
             bar.update(len(batch))
     bar.close()
     return {"gemm": projector.gemm, "epilogue": projector.epilogue,
             "chunk_size": cfg.chunk_size or projector.default_chunk, "seconds": time.perf_counter() - t0}
 
 
-def trace_lens(model, tokenizer, trace: Trace, top: int) -> dict[str, Any] | None:
-    """The logit-lens table (raw and final_norm side by side) at a few response positions of one trace."""
+def trace_lens(model, tokenizer, trace: Trace, top: int, positions: str = "predicting") -> dict[str, Any] | None:
+    """The logit-lens table (raw and final_norm side by side) at a few analysed positions of one trace."""
     from bupo.analysis.lens import lens_table
 
     R = len(trace.response_ids)
-    # the position predicting the first response token, one a quarter of the way in, and the last one
+    # the first analysed position (predicting the first response token by default), one a quarter of the way in,
+    # and the last one
     offsets = sorted({0, R // 4, R - 1})
-    P = len(trace.prompt_ids)
+    start = len(trace.prompt_ids) - 1 + POSITIONS[positions]
     ids = trace.prompt_ids + trace.response_ids
-    return lens_table(model, tokenizer, ids, positions=[P - 1 + o for o in offsets], top=top, sample=trace.index)
+    return lens_table(model, tokenizer, ids, positions=[start + o for o in offsets], top=top, sample=trace.index)

@@ -15,7 +15,7 @@ from typing import Any
 
 import numpy as np
 
-from bupo.analysis.config import PRESET_DIFFERENCES, PRESETS, AnalysisConfig
+from bupo.analysis.config import POSITION_CONVENTIONS, PRESET_DIFFERENCES, PRESETS, AnalysisConfig
 from bupo.analysis.figures import FIGURES
 from bupo.analysis.result import (
     REPORT_FILE,
@@ -30,10 +30,6 @@ from bupo.analysis.summary import Aggregator, boundary_details, boundary_record,
 from bupo.analysis.traces import SKIP_REASONS, Inputs, Trace
 from bupo.io import Staging, atomic_path, atomic_write_json, atomic_write_text
 
-POSITION_CONVENTION = (
-    "position t predicts token t+1; analysed positions are P-1 .. P+R-2 for a P-token prompt and an R-token "
-    "response (every position whose prediction is a response token); logp = log-prob of that realised token"
-)
 #: every file an analysis may publish: a new analysis replaces all of them (one it does not write is removed)
 OUTPUT_FILES = (SUMMARY_FILE, TOKENS_FILE, TRACES_FILE, REPORT_FILE, *(f"{name}.png" for name in FIGURES))
 
@@ -59,7 +55,8 @@ def metadata(model, model_path: str | None, inputs: Inputs, cfg: AnalysisConfig)
         "max_samples": cfg.max_samples,
         "preset": None if cfg.preset is None else {"name": cfg.preset, "settings": PRESETS[cfg.preset],
                                                     "not_reproduced": PRESET_DIFFERENCES[cfg.preset]},
-        "position_convention": POSITION_CONVENTION,
+        "positions": cfg.positions,
+        "position_convention": POSITION_CONVENTIONS[cfg.positions],
         "layer_indexing": "lists: element i = paper layer i+1 = 0-based layer k=i; boundary_layer is 1-based",
         "units": "nats",
         "num_layers": p.num_layers,

@@ -12,7 +12,8 @@ Conventions (all recorded in ``summary.json``):
 - **Positions.** Position ``t`` of a sequence holds the distribution that predicts token ``t + 1``. For a
   prompt of ``P`` tokens and a response of ``R`` tokens we analyse the ``R`` positions ``P-1 .. P+R-2``,
   i.e. every position whose prediction is a response token, and record the log-prob of that realised token.
-  (The official script starts one position later and includes the position after the last response token.)
+  (The official script starts one position later and includes the position after the last response token:
+  ``positions="official"``, which ``--preset official`` selects.)
 - **Layers** 0-based ``k`` in token columns, paper layer ``l = k + 1``; summary lists have element ``i`` = layer
   ``i + 1``. ``boundary_layer`` is 1-based, ``suggested_internal_layer = boundary_layer - 1`` is 0-based.
 - **Projection** ``raw`` = lm_head(h) (paper, default) or ``final_norm`` = lm_head(final_norm(h)); both with the
@@ -125,7 +126,7 @@ def _run(model: Any, tokenizer: Any, model_path: str | None, inputs: Inputs, out
     engine = measure(model, tokenizer, todo, cfg, shards)
     lens = None
     if out is not None:  # the report's logit-lens table: one short forward of one trace
-        lens = trace_lens(model, tokenizer, next(tr for tr in todo if tr.index == hm_index), cfg.lens_top)
+        lens = trace_lens(model, tokenizer, next(tr for tr in todo if tr.index == hm_index), cfg.lens_top, cfg.positions)
     keep = bool(cfg.keep_tokens or (cfg.keep_tokens is None and out is None))
     agg = aggregate(shards, p.num_layers, cfg, hm_index, None if staging is None else staging.output / TOKENS_FILE,
                     keep)
@@ -148,7 +149,7 @@ def _fingerprint(model: Any, meta: Mapping[str, Any], inputs: Inputs) -> str:
     from bupo.provenance import fingerprint, model_fingerprint
 
     keys = ("model", "model_type", "dtype", "projection", "delta_convention", "template", "generation",
-            "max_samples", "num_layers")
+            "max_samples", "num_layers", "positions")
     return fingerprint({**{k: meta[k] for k in keys}, "weights": model_fingerprint(model),
                         "inputs": fingerprint({"rows": inputs.rows, "traces": inputs.trace_rows})})
 

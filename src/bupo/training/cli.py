@@ -107,7 +107,8 @@ def register(subparsers: argparse._SubParsersAction) -> None:
                    help="resume even when the layer, internal steps, projection, optimizer steps per rollout, model "
                    "or data differ from the checkpoint's run (refused otherwise)")
     p.add_argument("--verbose", action="store_true", default=None,
-                   help="print TRL's raw log dicts instead of bupo's progress bar (switch and end lines stay)")
+                   help="print TRL's raw log dicts instead of bupo's progress bar (switch and end lines stay), and keep "
+                   "the libraries' own progress bars and warnings (also BUPO_VERBOSE=1)")
     # the other spelling of a flag above is a TRL field (TRL's parser takes both) except for these bupo-only ones
     alias_other_spellings(p, [a for a in p._actions if a.dest in ("help_all", "train_limit", "eval_limit")])
     p.set_defaults(func=_handler, trl_args=[])

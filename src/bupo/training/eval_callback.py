@@ -3,7 +3,10 @@ TrainerCallback that scores Avg@K / Pass@K on them every ``eval_every`` rollout 
 
 from __future__ import annotations
 
+import sys
 import time
+from collections import Counter
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -38,6 +41,45 @@ def check_eval_context(sets: dict[str, list[dict]], tokenizer: Any, template: st
         check_context(lengths, max_new, context, what=f"eval prompts of {name} (eval_max_new_tokens)")
 
 
+class ProgressLines:
+    """An evaluation backend that reports on another: ``what: 40/100 problems (160/400 samples)`` as batches
+    finish, at most one line per ``every`` seconds (plus the first and the last), so a long evaluation - before
+    training it runs under a bar still at rollout 0 - does not sit silent. Generation is ``inner``'s, unchanged."""
+
+    def __init__(self, inner: Any, what: str, report: Callable[[str], None], every: float = 10.0) -> None:
+        self.inner, self.what, self.report, self.every = inner, what, report, every
+        self.name = inner.name  # the same generation settings (and resume keys) as the backend itself
+
+    def generate(self, requests: Sequence[tuple[str, int]], settings: Any, on_batch: Any = None) -> list:
+        left = Counter(prompt for prompt, _ in requests)  # samples still to come, per problem
+        problems, samples, done = len(left), len(requests), 0
+        t0 = last = time.monotonic()
+        self.report(f"{self.what}: 0/{problems} problems (0/{samples} samples)")
+
+        def counted(indices: list[int], completions: list) -> None:
+            nonlocal done, last
+            for i in indices:
+                left[requests[i][0]] -= 1
+            done += len(indices)
+            now = time.monotonic()
+            if done == samples or now - last >= self.every:
+                finished = sum(1 for v in left.values() if v == 0)
+                took = f" in {now - t0:.0f} s" if done == samples else ""
+                self.report(f"{self.what}: {finished}/{problems} problems ({done}/{samples} samples){took}")
+                last = now
+            if on_batch is not None:
+                on_batch(indices, completions)
+
+        return self.inner.generate(requests, settings, counted)
+
+
+def _report_line(line: str) -> None:
+    """One line on stderr, clear of the training console's bar."""
+    from tqdm.auto import tqdm
+
+    tqdm.write(line, file=sys.stderr)
+
+
 def make_eval_callback(trainer: Any, sets: dict[str, list[dict]], script: BuPOScriptArguments, template: str,
                        out_dir: Path, records: list[dict]) -> Any:
     """A TrainerCallback running :func:`bupo.evaluation.evaluate` every ``eval_every`` rollout steps and at the end."""
@@ -48,17 +90,23 @@ def make_eval_callback(trainer: Any, sets: dict[str, list[dict]], script: BuPOSc
 
     def run_eval(step: int) -> None:
         from bupo.evaluation import evaluate
+        from bupo.evaluation.backends import HFBackend
+        from bupo.provenance import model_fingerprint
 
         t0 = time.time()
         main = trainer.accelerator.is_main_process
+        what = "eval before training" if step == 0 else f"eval at step {step}"
         # every rank evaluates the same seeded samples (sharded backends need all ranks in the forward); main writes.
         # Generation (bupo.generation) runs in eval mode under inference_mode and restores the training flags.
         with full_params(trainer.model_wrapped, trainer.accelerator) as m:
+            backend = ProgressLines(HFBackend(m, trainer.processing_class, batch_size=script.eval_batch_size), what,
+                                    _report_line if main else (lambda line: None))
             res = evaluate(m, trainer.processing_class, sets, n=script.eval_samples,
                            max_new_tokens=script.eval_max_new_tokens or args.max_completion_length,
                            temperature=args.temperature, top_p=args.top_p, template=template,
                            reward=script.reward.split(",")[0], seed=args.seed,
-                           batch_size=script.eval_batch_size, label=f"step {step}",
+                           batch_size=script.eval_batch_size, label=f"step {step}", backend=backend,
+                           model_id=model_fingerprint(m) if main else "not-saved",  # as evaluate() keys samples
                            out_dir=(out_dir / "evals" / f"step-{step:06d}") if main else None)
         metrics = res.metrics("eval")
         metrics["eval/seconds"] = time.time() - t0

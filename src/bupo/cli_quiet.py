@@ -1,0 +1,51 @@
+"""What the libraries under ``bupo`` print on their own, turned off for a ``bupo`` command unless asked for.
+
+transformers draws a "Loading weights" bar at every model load, datasets one per ``map`` / ``filter``, the Hub one
+per download; in a ``bupo train`` / ``eval`` / ``analyze`` / ``demo`` run they bury bupo's own lines (its
+``generate`` / ``analyze`` bars and the training console stay; ``--quiet`` turns those off). TRL 1.16 also reads
+transformers 5's deprecated ``is_gradient_checkpointing`` at every rollout, a FutureWarning addressed to TRL, not
+to the user. ``--verbose`` (where a command has it) or ``BUPO_VERBOSE=1`` keeps all of it; a variable the user set
+(e.g. ``HF_HUB_DISABLE_PROGRESS_BARS=0``) wins. Standard library only at top level (``bupo --help`` stays fast).
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+import warnings
+from typing import Any
+
+#: set to 1 to keep the libraries' own progress bars in every ``bupo`` command
+VERBOSE_ENV = "BUPO_VERBOSE"
+#: read by huggingface_hub (and through it transformers) and by datasets when they are imported
+BAR_ENVS = ("HF_HUB_DISABLE_PROGRESS_BARS", "HF_DATASETS_DISABLE_PROGRESS_BARS")
+_TRUE = ("1", "true", "yes", "on")
+#: transformers 5's FutureWarnings for the old names of activation checkpointing, which TRL still uses
+CHECKPOINTING_DEPRECATIONS = r"`(is_)?gradient_checkpointing(_kwargs)?` is deprecated"
+
+
+def wants_library_output(args: Any) -> bool:
+    """``--verbose`` on the command line or ``BUPO_VERBOSE=1`` in the environment."""
+    return bool(getattr(args, "verbose", None)) or os.environ.get(VERBOSE_ENV, "").strip().lower() in _TRUE
+
+
+def quiet_libraries() -> None:
+    """Turn the libraries' progress bars off for this process (the environment variables they read at import, and
+    for a library imported already - ``bupo`` used in-process - its own switch) and their checkpointing-rename
+    FutureWarnings."""
+    warnings.filterwarnings("ignore", message=CHECKPOINTING_DEPRECATIONS, category=FutureWarning)
+    for name in BAR_ENVS:
+        os.environ.setdefault(name, "1")
+    if os.environ["HF_HUB_DISABLE_PROGRESS_BARS"].strip().lower() in _TRUE:
+        if "huggingface_hub" in sys.modules:
+            from huggingface_hub.utils import disable_progress_bars
+
+            disable_progress_bars()
+        if "transformers" in sys.modules:
+            from transformers.utils import logging as hf_logging
+
+            hf_logging.disable_progress_bar()
+    if "datasets" in sys.modules and os.environ["HF_DATASETS_DISABLE_PROGRESS_BARS"].strip().lower() in _TRUE:
+        from datasets.utils import disable_progress_bars as disable_datasets_bars
+
+        disable_datasets_bars()
