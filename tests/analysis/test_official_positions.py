@@ -17,8 +17,8 @@ from bupo.analysis.cli import POSITION_CHOICES, _apply_preset
 from bupo.analysis.config import POSITION_CONVENTIONS, POSITIONS, AnalysisConfig
 from bupo.cli import build_parser
 from bupo.cli import main as cli_main
-from test_analysis import char_tokenizer
-from tiny_models import tiny_model
+from support.analysis import char_tokenizer
+from support.tiny_models import tiny_model
 
 TRACES = [
     {"prompt": [{"role": "system", "content": "Reason."}, {"role": "user", "content": "Compute 2+3."}],

@@ -15,7 +15,7 @@ import pytest
 
 from bupo.cli_quiet import BAR_ENVS, VERBOSE_ENV, wants_library_output
 from bupo.training.eval_callback import ProgressLines
-from test_training_common import char_tokenizer, make_model
+from support.training import char_tokenizer, make_model
 
 SRC = str(Path(__file__).resolve().parents[2] / "src")
 LOADING_BAR = "Loading weights"
