@@ -112,6 +112,29 @@ class BuPOConfig(GRPOConfig):
             "'final_norm' = lm_head(final_norm(h)) (logit lens)."
         },
     )
+    # control arms (bupo.training.arms)
+    internal_objective: str = field(
+        default="layer",
+        metadata={
+            "help": "BuPO: what the internal rollout steps optimise: 'layer' = J_IPA on pi^k (the paper) or 'full' = "
+            "the full policy's GRPO objective with only what the internal phase trains stepped (embeddings, layers "
+            "0..k, lm_head): the layers-only arm, 'which parameters' without 'which policy'."
+        },
+    )
+    train_layer: int | str | None = field(
+        default=None,
+        metadata={
+            "help": "One-layer arm (arXiv 2607.01232): GRPO training only this 0-based decoder layer, or 'middle' "
+            "(L // 2); every other parameter frozen. Needs internal_steps = 0 (--algo grpo)."
+        },
+    )
+    random_reward: float | None = field(
+        default=None,
+        metadata={
+            "help": "Random-reward arm (spurious-reward control, arXiv 2506.10947): every completion scores 1 with "
+            "this probability (the base model's accuracy), else 0, seeded by seed; replaces the reward functions."
+        },
+    )
     log_policy_entropies: bool = field(
         default=True,
         metadata={
@@ -155,6 +178,7 @@ class BuPOConfig(GRPOConfig):
             raise ValueError(
                 f"internal_projection must be one of {', '.join(PROJECTIONS)}, got {self.internal_projection!r}"
             )
+        self._check_arms()
         if self.internal_steps > 0 and self.internal_layer is None:
             raise ValueError("internal_steps > 0 needs internal_layer (0-based k) or internal_layer='auto'")
         for name in ("probe_every", "probe_size"):
@@ -210,6 +234,22 @@ class BuPOConfig(GRPOConfig):
                     f"save_steps ({self.save_steps}) must be a multiple of the optimizer steps per rollout step "
                     f"({n}) so that checkpoints (and --resume) fall on rollout-step boundaries"
                 )
+
+    def _check_arms(self) -> None:
+        """The control arms' options (bupo.training.arms), one line each."""
+        from bupo.training.arms import OBJECTIVES, check_probability
+
+        if self.internal_objective not in OBJECTIVES:
+            raise ValueError(f"internal_objective must be one of {', '.join(OBJECTIVES)}, got {self.internal_objective!r}")
+        if isinstance(self.train_layer, str):
+            text = self.train_layer.strip().lower()
+            self.train_layer = text if text == "middle" else (int(text) if text.lstrip("-").isdigit() else text)
+        if self.train_layer is not None:
+            j = self.train_layer
+            if j != "middle" and (isinstance(j, bool) or not isinstance(j, int) or j < 0):
+                raise ValueError(f"train_layer must be a 0-based decoder layer (int >= 0) or 'middle', got {j!r}")
+        if self.random_reward is not None:
+            check_probability(self.random_reward)
 
     def _resolve_switch(self) -> None:
         """internal_steps 'auto' -> internal_switch='auto' + the cap; a schedule -> its layer and steps."""
