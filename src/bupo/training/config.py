@@ -98,6 +98,21 @@ class BuPOConfig(GRPOConfig):
         metadata={"help": "BuPO, internal_steps='auto': or switch once KL(pi^k || pi) on the probe rose this many nats "
                   "above its lowest value so far (bupo.training.switch)."},
     )
+    internal_switch_rule: str = field(
+        default="absolute",
+        metadata={"help": "BuPO, internal_steps='auto': 'absolute' (the nats thresholds above) or 'relative' "
+                  "(scale-free: the probe's moves against its own step-to-step spread; bupo.training.switch)."},
+    )
+    internal_switch_noise_factor: float = field(
+        default=3.0,
+        metadata={"help": "BuPO, internal_switch_rule='relative': switch once the probe log-prob fell, or the KL rose, "
+                  "by more than this many times its step-to-step spread over the first internal steps."},
+    )
+    internal_switch_noise_steps: int = field(
+        default=3,
+        metadata={"help": "BuPO, internal_switch_rule='relative': the first internal rollout steps that measure the "
+                  "probe's spread (no switch before rollout step this + 2)."},
+    )
     internal_schedule: str | None = field(
         default=None,
         metadata={
@@ -269,6 +284,8 @@ class BuPOConfig(GRPOConfig):
         cap = self.internal_steps_max
         if cap is not None and (isinstance(cap, bool) or not isinstance(cap, int) or cap < 1):
             raise ValueError(f"internal_steps_max must be an int >= 1 (rollout steps), got {cap!r}")
+        if self.internal_switch_rule not in ("absolute", "relative"):
+            raise ValueError(f"internal_switch_rule must be 'absolute' or 'relative', got {self.internal_switch_rule!r}")
         if self.internal_switch not in ("fixed", "auto"):
             raise ValueError(f"internal_switch must be 'fixed' or 'auto', got {self.internal_switch!r}")
         if steps == "auto":
