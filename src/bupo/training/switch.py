@@ -122,16 +122,24 @@ class SwitchRule:
         low = min(s.kl_internal_full for s in self.trace[:-1])
         return base, base - signals.full_logp, low, signals.kl_internal_full - low
 
+    def _limits(self) -> tuple[float, float, str, str] | None:
+        """(log-prob drop, KL rise) that switch at the next decision, and how each was set; None = no switch yet."""
+        return self.logp_drop, self.kl_rise, f"threshold {self.logp_drop}", f"threshold {self.kl_rise}"
+
     def _reason(self, signals: SwitchSignals) -> str:
         """Why rollout step ``signals.step`` (>= 2) is the first on the full policy; "" = it stays internal."""
+        limits = self._limits()
+        if limits is None:
+            return ""
+        logp_limit, kl_limit, logp_how, kl_how = limits
         base, drop, low, rise = self._moves(signals)
         after = f"after {signals.step - 1} internal rollout steps"
-        if math.isfinite(drop) and drop >= self.logp_drop:
+        if math.isfinite(drop) and drop > 0 and drop >= logp_limit:
             return (f"full-policy probe log-prob fell {drop:.3f} nats/token below its rollout-step-1 value "
-                    f"({base:.3f} -> {signals.full_logp:.3f}; threshold {self.logp_drop}) {after}")
-        if math.isfinite(rise) and rise >= self.kl_rise:
+                    f"({base:.3f} -> {signals.full_logp:.3f}; {logp_how}) {after}")
+        if math.isfinite(rise) and rise > 0 and rise >= kl_limit:
             return (f"KL(pi^k || pi) on the probe rose {rise:.3f} nats above its lowest value so far "
-                    f"({low:.3f} -> {signals.kl_internal_full:.3f}; threshold {self.kl_rise}) {after}")
+                    f"({low:.3f} -> {signals.kl_internal_full:.3f}; {kl_how}) {after}")
         return ""
 
     def describe(self) -> str:
@@ -186,23 +194,15 @@ class RelativeSwitchRule(SwitchRule):
         if isinstance(n, bool) or not isinstance(n, int) or n < 1:
             raise ValueError(f"the switch's noise steps must be an int >= 1 (rollout steps), got {n!r}")
 
-    def _reason(self, signals: SwitchSignals) -> str:
-        if signals.step <= self.noise_steps + 1:
-            return ""  # still measuring the noise
+    def _limits(self) -> tuple[float, float, str, str] | None:
+        n = len(self.trace) - 1  # the rollout steps with signals before the one being decided
+        if n <= self.noise_steps:
+            return None  # still measuring the noise
         window = self.trace[: self.noise_steps + 1]
-        base, drop, low, rise = self._moves(signals)
-        after = f"after {signals.step - 1} internal rollout steps"
-        logp_noise = step_spread([s.full_logp for s in window])
-        kl_noise = step_spread([s.kl_internal_full for s in window])
-        if math.isfinite(drop) and drop > 0 and drop > self.factor * logp_noise:
-            return (f"full-policy probe log-prob fell {drop:.3g} nats/token below its rollout-step-1 value "
-                    f"({base:.4g} -> {signals.full_logp:.4g}), more than {self.factor:g} x its step-to-step spread "
-                    f"{logp_noise:.3g} over rollout steps 1..{self.noise_steps + 1}, {after}")
-        if math.isfinite(rise) and rise > 0 and rise > self.factor * kl_noise:
-            return (f"KL(pi^k || pi) on the probe rose {rise:.3g} nats above its lowest value so far "
-                    f"({low:.4g} -> {signals.kl_internal_full:.4g}), more than {self.factor:g} x its step-to-step "
-                    f"spread {kl_noise:.3g} over rollout steps 1..{self.noise_steps + 1}, {after}")
-        return ""
+        spreads = [step_spread([getattr(s, name) for s in window]) for name in ("full_logp", "kl_internal_full")]
+        how = [f"threshold {self.factor:g} x its step-to-step spread {x:.3g} over rollout steps "
+               f"1..{self.noise_steps + 1}" for x in spreads]
+        return self.factor * spreads[0], self.factor * spreads[1], how[0], how[1]
 
     def describe(self) -> str:
         return (f"switch when the full policy's probe log-prob falls, or KL(pi^k || pi) on the probe rises above "
