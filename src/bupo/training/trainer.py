@@ -17,6 +17,11 @@ norm are not part of the trained policy and must not move (Eq. 14-15); :mod:`bup
 optimizer steps them while internal, whatever gradients a launcher hands over (:meth:`BuPOTrainer.create_optimizer`).
 Gradients reach embeddings, layers 0..k and lm_head (tied or not).
 
+The control arms (:mod:`bupo.training.arms`) change one thing each: ``internal_objective='full'`` (layers-only)
+keeps the internal phase's parameters and optimizer holds but trains the full policy's log-probs
+(:meth:`BuPOTrainer._bupo_trains_pik` is then False), ``train_layer`` freezes all but one decoder layer, and
+``random_reward`` swaps the reward callables for seeded Bernoulli draws.
+
 Around it, in their own modules: when the internal phase ends (:mod:`bupo.training.adaptive`: fixed s_inter, the
 adaptive switch, the progressive schedule), what is logged (:mod:`bupo.training.monitor`) and checkpoints that a kill
 cannot tear (:mod:`bupo.training.checkpointing`).
