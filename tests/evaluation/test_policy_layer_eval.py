@@ -14,9 +14,13 @@ from bupo.evaluation import evaluate
 from bupo.evaluation.backends import HFBackend, SamplingSettings
 from bupo.generation import generate_requests
 from bupo.internal import internal_policy, parts
-from test_evaluation import toy_rows
 from test_generation import tiny_qwen3
 from test_templates import char_tokenizer
+
+
+def toy_rows(count: int) -> list[dict]:
+    return [{"prompt": [{"role": "user", "content": f"problem {i}"}], "reward_model": {"ground_truth": str(i % 3)}}
+            for i in range(count)]
 
 
 def lines(path: Path) -> list[dict]:
