@@ -88,16 +88,35 @@ def require_vllm() -> Any:
 
 
 class HFBackend:
-    """Batched, left-padded, per-sample seeded generation with ``model.generate`` (bupo.generation)."""
+    """Batched, left-padded, per-sample seeded generation with ``model.generate`` (bupo.generation).
+
+    ``policy_layer`` k (0-based): sample from the internal policy pi^k under ``projection`` instead of the model's
+    own policy, through the sampler of ``bupo sample --layer`` (:func:`bupo.internal.internal_policy`)."""
 
     name = "hf"
 
-    def __init__(self, model: Any, tokenizer: Any, *, batch_size: int = 32, progress: bool = False) -> None:
+    def __init__(self, model: Any, tokenizer: Any, *, batch_size: int = 32, progress: bool = False,
+                 policy_layer: int | None = None, projection: str = "raw") -> None:
         self.model, self.tokenizer = model, tokenizer
         self.batch_size, self.progress = batch_size, progress
+        self.policy_layer, self.projection = policy_layer, projection
 
     def generate(
         self, requests: Sequence[tuple[str, int]], settings: SamplingSettings, on_batch: OnBatch | None = None
+    ) -> list[Completion]:
+        import contextlib
+
+        from bupo.internal import internal_policy
+
+        if self.policy_layer is None:
+            policy = contextlib.nullcontext(self.model)
+        else:
+            policy = internal_policy(self.model, self.policy_layer, self.projection)
+        with policy:
+            return self._generate(requests, settings, on_batch)
+
+    def _generate(
+        self, requests: Sequence[tuple[str, int]], settings: SamplingSettings, on_batch: OnBatch | None
     ) -> list[Completion]:
         return generate_requests(
             self.model,

@@ -82,7 +82,14 @@ def register(subparsers: Any) -> None:
         metavar="N",
         help="only the first N problems of each benchmark (quick checks; default: all)",
     )
-    p.add_argument("--label", help="row name in the tables (default: the model folder's name)")
+    p.add_argument("--policy-layer", type=int, metavar="K",
+                   help="sample from the internal policy pi^k of 0-based layer K (paper layer K+1) instead of the "
+                   "model's own policy, through bupo sample --layer's sampler (hf backend only); recorded in "
+                   "results.json, so Pass@K of pi^k and pi on the same problems compare")
+    p.add_argument("--projection", choices=("raw", "final_norm"),
+                   help="with --policy-layer: raw = lm_head(H^K), the paper's (default), or final_norm (logit lens)")
+    p.add_argument("--label", help="row name in the tables (default: the model folder's name, plus -layerK-PROJECTION "
+                   "with --policy-layer)")
     p.add_argument("--device", default="auto", help="hf backend: auto, cpu, cuda, cuda:1, ... (default auto)")
     add_dtype(p)
     add_quiet(p, "--no-progress")
@@ -138,6 +145,13 @@ def _check_args(args: argparse.Namespace) -> None:
             raise ValueError(f"{flag} must be >= 1, got {value}")
     if args.k is not None and any(k < 1 for k in args.k):
         raise ValueError(f"--k values must be >= 1, got {args.k}")
+    if args.policy_layer is None and args.projection is not None:
+        raise ValueError("--projection chooses how pi^k reads H^k: it needs --policy-layer K")
+    if args.policy_layer is not None and args.backend == "vllm":
+        raise ValueError("--policy-layer samples pi^k through transformers' generate: use --backend hf (or auto), "
+                         "not --backend vllm")
+    if args.policy_layer is not None and args.policy_layer < 0:
+        raise ValueError(f"--policy-layer must be a 0-based layer >= 0, got {args.policy_layer}")
 
 
 # families whose *LMHeadModel is a bidirectional encoder unless the config says is_decoder
@@ -174,12 +188,15 @@ def _eval_handler(args: argparse.Namespace) -> int:
     from bupo.rewards import choose_reward
 
     _check_args(args)
-    backend = resolve_backend(args.backend)
+    backend = "hf" if args.policy_layer is not None else resolve_backend(args.backend)
     if backend == "vllm":
         require_vllm()  # not installed: one line, before any model or data is read
     folder = _model_folder(args.model)
     _check_causal_lm(folder)
+    projection = args.projection or "raw"
     label = args.label or ("bundled" if args.model is None else folder.resolve().name)
+    if args.policy_layer is not None and not args.label:
+        label += f"-layer{args.policy_layer}-{projection}"
     datasets = _datasets(args)
     plan_benchmarks(datasets, args.n, args.k)  # bad data, n or K: fail before loading any model
     if args.quiet:
@@ -231,11 +248,14 @@ def _eval_handler(args: argparse.Namespace) -> int:
 
         model, tokenizer = load_model(folder, dtype=args.dtype, device=args.device)
         results = evaluate(
-            model, tokenizer, datasets, backend="hf", batch_size=args.batch_size or 32, **common
+            model, tokenizer, datasets, backend="hf", batch_size=args.batch_size or 32,
+            policy_layer=args.policy_layer, projection=projection, **common
         )
     from bupo.evaluation.report import add_pass_at_k_curve
 
     fig = add_pass_at_k_curve(out, results.to_dict(), results.label)  # the paper's Fig. 6, linked from table.md
+    if args.policy_layer is not None:
+        print(f"sampled from {results.settings['policy']['policy']}, not the model's own policy", file=sys.stderr)
     print(results.table())
     print(f"scored with reward {reward} ({reward_source})", file=sys.stderr)
     print(f"wrote {out / 'results.json'}, {out / 'table.md'}, {out / 'samples.jsonl'}"

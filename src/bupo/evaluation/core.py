@@ -111,16 +111,33 @@ def generate_and_score(
 
 
 def _backend(model: Any, tokenizer: Any, backend: Any, *, batch_size: int, progress: bool,
-             model_id: str | None) -> Any:
+             model_id: str | None, policy_layer: int | None = None, projection: str = "raw") -> Any:
     if not isinstance(batch_size, int) or batch_size < 1:
         raise ValueError(f"batch_size must be an integer >= 1, got {batch_size!r}")
     if backend == "hf":
-        return HFBackend(model, tokenizer, batch_size=batch_size, progress=progress)
+        return HFBackend(model, tokenizer, batch_size=batch_size, progress=progress, policy_layer=policy_layer,
+                         projection=projection)
+    if policy_layer is not None:
+        raise ValueError("policy_layer samples from pi^k through transformers' generate: it needs backend 'hf'")
     if isinstance(backend, str):
         raise ValueError(f"unknown backend {backend!r}; accepted: hf, or a backend object (VLLMBackend)")
     if model_id is None:
         raise ValueError("model_id is required with a custom backend (it keys resumed samples)")
     return backend
+
+
+def _policy_settings(model: Any, policy_layer: int | None, projection: str) -> dict[str, Any]:
+    """What ``results.json`` records about the sampled policy: the model's own, or pi^k under ``projection``."""
+    if policy_layer is None:
+        return {"layer": None, "paper_layer": None, "projection": None, "policy": "pi (the model's own)"}
+    from bupo.internal import parts
+    from bupo.internal.adapters import check_projection
+    from bupo.internal.policy import check_layer
+
+    check_projection(projection)
+    check_layer(policy_layer, parts(model).num_layers)
+    return {"layer": policy_layer, "paper_layer": policy_layer + 1, "projection": projection,
+            "policy": f"pi^k, k = {policy_layer} (0-based; paper layer {policy_layer + 1}), {projection}"}
 
 
 def evaluate(
@@ -144,6 +161,8 @@ def evaluate(
     label: str = "model",
     progress: bool = False,
     reward_timeout: float = 5.0,
+    policy_layer: int | None = None,
+    projection: str = "raw",
 ) -> EvalResults:
     """Avg@n and Pass@k of ``model`` on each benchmark in ``datasets`` (name -> rows).
 
@@ -165,12 +184,16 @@ def evaluate(
         model_id: identity of the model for resuming; default: a fingerprint of the HF model's weights
             (only computed when ``out_dir`` is given).
         label: the row name in tables.
+        policy_layer, projection: sample from the internal policy pi^k (0-based k, paper layer k+1) under
+            ``raw`` (lm_head(H^k), the paper's) or ``final_norm`` instead of the model's own policy (hf backend
+            only); recorded in ``settings["policy"]`` and part of the resume key.
     """
     t0 = time.monotonic()
     if reward not in REWARDS:
         raise ValueError(f"unknown reward {reward!r}; accepted: {', '.join(REWARDS)}")
     sampling = SamplingSettings(max_new_tokens=max_new_tokens, temperature=temperature, top_p=top_p, top_k=top_k)
-    backend_obj = _backend(model, tokenizer, backend, batch_size=batch_size, progress=progress, model_id=model_id)
+    backend_obj = _backend(model, tokenizer, backend, batch_size=batch_size, progress=progress, model_id=model_id,
+                           policy_layer=policy_layer, projection=projection)
     template = resolve_template(tokenizer, template)
     plan = plan_benchmarks(datasets, n, ks)
     if model_id is None:
@@ -180,6 +203,9 @@ def evaluate(
         model_id=model_id, template=template, temperature=temperature, top_p=top_p, top_k=top_k,
         max_new_tokens=max_new_tokens, seed=seed, backend=getattr(backend_obj, "name", type(backend_obj).__name__),
     )  # fmt: skip
+    policy = _policy_settings(model, policy_layer, projection)
+    if policy_layer is not None:  # pi^k's samples are keyed apart from pi's (pi's key is unchanged)
+        gen_settings["policy"] = policy
     gen_hash = settings_hash(gen_settings)
 
     out_path = Path(out_dir) if out_dir is not None else None
@@ -192,6 +218,7 @@ def evaluate(
 
     settings = {
         **gen_settings,
+        "policy": policy,
         "reward": reward,
         "gen_hash": gen_hash,
         "n": {name: p[1] for name, p in plan.items()},

@@ -23,6 +23,7 @@ from bupo.experiments.steps import (
     metrics,
     run_analysis,
     run_training,
+    seed_table,
     set_threads,
 )
 
@@ -97,7 +98,11 @@ def run_demo(out: Path, *, seed: int = 0, rollout_steps: int = 16, internal_step
         "GRPO": eval_results(out / "grpo", first=False),
         "BuPO": eval_results(out / "bupo", first=False),
     }
-    table = compare_table([(label, r) for label, r in results.items()])
+    seeds_md, _ = seed_table(metrics(results["base"]), {"grpo": [metrics(results["GRPO"])],
+                                                         "bupo": [metrics(results["BuPO"])]})
+    table = (compare_table([(label, r) for label, r in results.items()])
+             + f"\n\nSeeds behind each number: 1 (seed {seed}), so BuPO − GRPO has no confidence interval:\n\n"
+             + seeds_md)
     settings = {"seed": seed, "rollout_steps": rollout_steps, "internal_steps": internal_steps,
                 "internal_layer": k, "internal_layer_paper": k + 1, "analysis_samples": analysis_samples,
                 "eval_problems": eval_problems, "eval_samples": eval_samples, "projection": "raw",

@@ -1,7 +1,9 @@
 """``bupo reproduce``: the paper's claims in miniature on the bundled model, reported as measured.
 
-- Seed study: ``seeds`` x {GRPO, BuPO} with identical budgets; mean ± std per metric and a paired-difference
-  95% confidence interval (Student t over seeds) of BuPO − GRPO. The sign is whatever was measured.
+- Seed study: ``seeds`` x the arms (default {GRPO, BuPO}; ``--arms`` adds the controls of
+  :mod:`bupo.training.arms`: layers-only, one-layer at the middle layer L // 2, random-reward with p = the base
+  model's measured Avg@K) with identical budgets; per arm the seeds behind each number, mean ± std per metric and the
+  paired-difference 95% confidence interval (Student t over seeds) of arm − GRPO. The sign is whatever was measured.
 - Ablations (seed 0), mirroring the paper's Table 2 and Table 3:
   s_inter small / moderate / long (paper: moderate helps, long collapses) and k = boundary layer / middle /
   penultimate.
@@ -33,13 +35,15 @@ from bupo.experiments.steps import (
     check_positive,
     eval_results,
     metrics,
-    paired_ci,
     run_analysis,
     run_training,
-    sd,
+    seed_table,
+    seeds_headline,
     set_threads,
 )
 from bupo.io import atomic_write_json
+
+DEFAULT_ARMS = "grpo,bupo"
 
 
 def register(subparsers: Any) -> None:
@@ -53,6 +57,9 @@ def register(subparsers: Any) -> None:
                    help="a real checkpoint (bupo name such as smollm2-135m-instruct, folder or Hub id): run the real-model experiment (arithmetic in words, "
                         "final_number reward) instead of the bundled-model study")
     r.add_argument("--seeds", type=int, default=None, help="seeds per algorithm (default 5; 1 with --model)")
+    r.add_argument("--arms", default=DEFAULT_ARMS,
+                   help="comma-separated arms of the seed study, grpo included (default grpo,bupo): grpo, bupo, "
+                        "layers-only, one-layer, random-reward (bupo.training.arms; docs/training.md)")
     r.add_argument("--rollout-steps", type=int, default=None, help="default 16 (8 with --model)")
     r.add_argument("--internal-steps", type=int, default=None,
                    help="s_inter in rollout steps: the 'moderate' one (default 4; with --model a quarter of "
@@ -98,6 +105,13 @@ def _reproduce(args: argparse.Namespace) -> int:
     if args.internal_steps is None:
         args.internal_steps = max(1, args.rollout_steps // 4) if real else 4
     check_positive(args, "seeds", "rollout_steps", "eval_problems", "eval_samples")
+    from bupo.training.arms import parse_arms
+
+    arms = parse_arms(args.arms)
+    if "bupo" not in arms:
+        raise ValueError("--arms must include bupo: the ablations and the feature refinement are BuPO's")
+    if real and args.arms != DEFAULT_ARMS:
+        raise ValueError("--arms applies to the bundled-model study; with --model the arms are GRPO and BuPO")
     set_threads(args.threads)
     if real:
         projections = [p.strip() for p in args.projection.split(",") if p.strip()]
@@ -111,7 +125,7 @@ def _reproduce(args: argparse.Namespace) -> int:
         return 0
     run_reproduce(Path(args.out), seeds=args.seeds, rollout_steps=args.rollout_steps,
                   internal_steps=args.internal_steps, eval_problems=args.eval_problems,
-                  eval_samples=args.eval_samples, ablations=not args.no_ablations)
+                  eval_samples=args.eval_samples, ablations=not args.no_ablations, arms=arms)
     return 0
 
 
@@ -233,10 +247,25 @@ def refinement_figure(curves: dict[str, list[dict]], k: int, path: Path) -> Path
 # ---------------------------------------------------------------------------------------------------------------
 
 
+def arm_run(arm: str, *, num_layers: int, base_accuracy: float | None) -> tuple[str, dict[str, Any]]:
+    """``(bupo train algo, config overrides)`` of one arm of the seed study (:data:`bupo.training.arms.ARMS`)."""
+    from bupo.training.arms import ARMS
+
+    algo = ARMS[arm][0]
+    if arm == "layers-only":
+        return algo, {"internal_objective": "full"}
+    if arm == "one-layer":
+        return algo, {"train_layer": num_layers // 2}
+    if arm == "random-reward":
+        return algo, {"random_reward": base_accuracy}
+    return algo, {}
+
+
 def run_reproduce(out: Path, *, seeds: int = 5, rollout_steps: int = 16, internal_steps: int = 4,
-                  eval_problems: int = 100, eval_samples: int = 8, ablations: bool = True) -> dict:
-    """The seed study, the ablations (unless ``ablations=False``) and the feature refinement on the bundled model;
-    writes ``results.json`` and ``report.html``, returns the results."""
+                  eval_problems: int = 100, eval_samples: int = 8, ablations: bool = True,
+                  arms: list[str] | None = None) -> dict:
+    """The seed study over ``arms`` (default GRPO and BuPO), the ablations (unless ``ablations=False``) and the
+    feature refinement on the bundled model; writes ``results.json`` and ``report.html``, returns the results."""
     from bupo.experiments.report import markdown_table_to_html, write_report
 
     t0 = time.time()
@@ -246,21 +275,26 @@ def run_reproduce(out: Path, *, seeds: int = 5, rollout_steps: int = 16, interna
     num_layers = int(summary["num_layers"])
     common = dict(rollout_steps=rollout_steps, eval_problems=eval_problems, eval_samples=eval_samples)
 
-    def train(name, algo, seed, s_inter=internal_steps, layer=k, save_every=0, eval_before=False):
+    def train(name, algo, seed, s_inter=internal_steps, layer=k, save_every=0, eval_before=False, overrides=None):
         print(f"== {name}")
         run_training(out / "runs" / name, algo=algo, seed=seed, internal_steps=s_inter, internal_layer=layer,
-                     eval_before=eval_before, save_every=save_every, **common)
+                     eval_before=eval_before, save_every=save_every, overrides=overrides, **common)
         return metrics(eval_results(out / "runs" / name, first=False))
 
-    # base model: one evaluation (step 0 of the first GRPO run); seed-0 runs keep checkpoints for the refinement
-    per_seed = {"grpo": [], "bupo": []}
+    # base model: one evaluation (step 0 of the first GRPO run), whose Avg@K is the random-reward arm's p;
+    # the seed-0 GRPO and BuPO runs keep checkpoints for the refinement
+    arms = list(arms or DEFAULT_ARMS.split(","))
+    per_seed: dict[str, list[dict]] = {arm: [] for arm in arms}
+    base: dict[str, float] = {}
     for seed in range(seeds):
-        for algo in ("grpo", "bupo"):
-            per_seed[algo].append(train(f"{algo}-seed{seed}", algo, seed,
-                                        save_every=max(1, rollout_steps // 4) if seed == 0 else 0,
-                                        eval_before=(seed == 0 and algo == "grpo")))
-    base = metrics(eval_results(out / "runs" / "grpo-seed0", first=True))
-    seed_table, stats = _seed_table(base, per_seed)
+        for arm in arms:  # grpo first (bupo.training.arms.parse_arms)
+            algo, overrides = arm_run(arm, num_layers=num_layers, base_accuracy=base.get("avg"))
+            per_seed[arm].append(train(f"{arm}-seed{seed}", algo, seed, overrides=overrides,
+                                       save_every=max(1, rollout_steps // 4) if seed == 0 and arm in ("grpo", "bupo")
+                                       else 0, eval_before=(seed == 0 and arm == "grpo")))
+            if not base:
+                base = metrics(eval_results(out / "runs" / "grpo-seed0", first=True))
+    seed_md, stats = seed_table(base, per_seed)
     abl_rows, ablation_results = (_ablations(train, per_seed, list(base), k=k, num_layers=num_layers,
                                              internal_steps=internal_steps, rollout_steps=rollout_steps)
                                   if ablations else ([], {}))
@@ -280,39 +314,28 @@ def run_reproduce(out: Path, *, seeds: int = 5, rollout_steps: int = 16, interna
 
     settings = {"seeds": seeds, "rollout_steps": rollout_steps, "internal_steps": internal_steps,
                 "internal_layer": k, "internal_layer_paper": k + 1, "eval_problems": eval_problems,
-                "eval_samples": eval_samples, "wall_seconds": round(time.time() - t0, 1)}
+                "eval_samples": eval_samples, "arms": arms, "wall_seconds": round(time.time() - t0, 1)}
+    if "one-layer" in arms:
+        settings["one_layer_train_layer"] = num_layers // 2
+    if "random-reward" in arms:
+        settings["random_reward_p"] = base["avg"]
     results = {"settings": settings, "seed_study": stats, "ablations": ablation_results, "refinement": curves}
     atomic_write_json(out / "results.json", results)
     sections = [("Ablations (seed 0)", markdown_table_to_html("\n".join(abl_rows)) if abl_rows else "<p>skipped</p>"),
                 ("Feature refinement (seed 0)", img_tag(fig))]
-    table = (f"Seed study: {seeds} seeds, Avg@{eval_samples} / Pass@K over {eval_problems} held-out problems, "
-             "in %. CI: paired Student t over seeds.\n\n" + seed_table)
+    table = (f"Seed study: {seeds} seed{'s' if seeds > 1 else ''} per arm (column seeds), Avg@{eval_samples} / "
+             f"Pass@K over {eval_problems} held-out problems, in %. CI: each arm − GRPO, paired Student t over "
+             "seeds.\n\n" + seed_md)
     report = write_report(out / "report.html", title="bupo reproduce: BuPO vs GRPO in miniature",
                           analysis_dir=out / "analysis",
                           runs={"GRPO": out / "runs" / "grpo-seed0", "BuPO": out / "runs" / "bupo-seed0"},
-                          table_md=table, settings=settings, extra_sections=sections, summary=summary)
+                          table_md=table, settings=settings, extra_sections=sections, summary=summary,
+                          headline=seeds_headline(seeds, arms))
     print(table)
     if abl_rows:
         print("\n" + "\n".join(abl_rows))
     print(f"\nreport: {report}   ({settings['wall_seconds']:.0f} s)")
     return results
-
-
-def _seed_table(base: dict[str, float], per_seed: dict[str, list[dict]]) -> tuple[str, dict]:
-    """The seed study's markdown table (base, mean ± std per algorithm, BuPO − GRPO paired with its 95% CI) and
-    its numbers per metric."""
-    rows = ["| metric | base | GRPO mean ± std | BuPO mean ± std | BuPO − GRPO (paired) | 95% CI |",
-            "|---|---|---|---|---|---|"]
-    stats = {}
-    for key in base:
-        g = [m[key] for m in per_seed["grpo"]]
-        b = [m[key] for m in per_seed["bupo"]]
-        mean, lo, hi = paired_ci([bi - gi for bi, gi in zip(b, g, strict=True)])
-        stats[key] = {"base": base[key], "grpo": g, "bupo": b, "diff_mean": mean, "diff_ci": [lo, hi]}
-        rows.append(f"| {key} | {100 * base[key]:.2f} | {100 * statistics.fmean(g):.2f} ± {100 * sd(g):.2f} | "
-                    f"{100 * statistics.fmean(b):.2f} ± {100 * sd(b):.2f} | {100 * mean:+.2f} | "
-                    f"[{100 * lo:+.2f}, {100 * hi:+.2f}] |")
-    return "\n".join(rows), stats
 
 
 def _ablations(train, per_seed: dict[str, list[dict]], keys: list[str], *, k: int, num_layers: int,

@@ -147,3 +147,46 @@ def paired_ci(diffs: list[float]) -> tuple[float, float, float]:
 def sd(xs: list[float]) -> float:
     """Sample standard deviation; 0 for a single value."""
     return statistics.stdev(xs) if len(xs) > 1 else 0.0
+
+
+ARM_LABELS = {"grpo": "GRPO", "bupo": "BuPO", "layers-only": "layers-only", "one-layer": "one-layer",
+              "random-reward": "random-reward"}
+
+
+def seed_table(base: dict[str, float], per_arm: dict[str, list[dict]]) -> tuple[str, dict]:
+    """The markdown table of a seed study and its numbers per metric: per arm the seeds behind the number, mean ±
+    std over them and, against GRPO (``per_arm["grpo"]``, same seeds), the paired difference with its 95% CI
+    (Student t over seeds; none from one seed, which the table says). Values are fractions, printed in %."""
+    rows = ["| metric | base | arm | seeds | mean ± std (%) | − GRPO, paired (pp) | 95% CI (pp) |",
+            "|---|---|---|---|---|---|---|"]
+    stats: dict[str, dict] = {}
+    grpo = per_arm["grpo"]
+    for key in base:
+        g = [m[key] for m in grpo]
+        entry: dict[str, Any] = {"base": base[key], "seeds": len(g), "vs_grpo": {}}
+        for arm, runs in per_arm.items():
+            vals = [m[key] for m in runs]
+            entry[arm] = vals
+            spread = f" ± {100 * sd(vals):.2f}" if len(vals) > 1 else ""
+            cells = [f"{100 * statistics.fmean(vals):.2f}{spread}", "—", "—"]
+            if arm != "grpo":
+                mean, lo, hi = paired_ci([a - b for a, b in zip(vals, g, strict=True)])
+                entry["vs_grpo"][arm] = {"diff_mean": mean, "diff_ci": [lo, hi]}
+                ci = f"[{100 * lo:+.2f}, {100 * hi:+.2f}]" if len(vals) > 1 else "none (1 seed)"
+                cells[1:] = [f"{100 * mean:+.2f}", ci]
+            rows.append(f"| {key} | {100 * base[key]:.2f} | {ARM_LABELS.get(arm, arm)} | {len(vals)} | "
+                        + " | ".join(cells) + " |")
+        if "bupo" in entry["vs_grpo"]:  # the seed study's original keys
+            entry.update(entry["vs_grpo"]["bupo"])
+        stats[key] = entry
+    return "\n".join(rows), stats
+
+
+def seeds_headline(seeds: int, arms: list[str]) -> str:
+    """The first sentence of a seed study's report: how many seeds stand behind each number (one: said so)."""
+    others = ", ".join(ARM_LABELS.get(a, a) for a in arms if a != "grpo") or "none"
+    if seeds == 1:
+        return (f"One seed per arm (GRPO; {others}): every number is a single run, so no confidence interval can "
+                "be given and differences of a few points may be noise; rerun with --seeds 5 for paired 95% CIs.")
+    return (f"{seeds} seeds per arm (GRPO; {others}) stand behind every number: mean ± std over seeds, and each arm "
+            f"− GRPO paired over the same seeds with its 95% confidence interval (Student t, {seeds - 1} df).")

@@ -33,7 +33,7 @@ class AdaptiveSwitchMixin:
     ``_make_probe``: :mod:`bupo.training.monitor`)."""
 
     def _bupo_init_switch(self) -> None:
-        from bupo.training.switch import SwitchRule, parse_schedule
+        from bupo.training.switch import SwitchRule, make_switch_rule, parse_schedule
 
         args = self.args
         self._bupo_switch: SwitchRule | None = None
@@ -42,8 +42,7 @@ class AdaptiveSwitchMixin:
         if args.internal_steps <= 0:
             return
         if args.internal_switch == "auto":
-            self._bupo_switch = SwitchRule(cap=args.internal_steps, logp_drop=args.internal_switch_tolerance,
-                                           kl_rise=args.internal_switch_kl_rise)
+            self._bupo_switch = make_switch_rule(args)  # absolute (nats) or relative (x the probe's noise)
         elif args.internal_schedule is not None:
             self._bupo_schedule = parse_schedule(args.internal_schedule)
             n = parts(self.bupo_model).num_layers

@@ -98,6 +98,21 @@ class BuPOConfig(GRPOConfig):
         metadata={"help": "BuPO, internal_steps='auto': or switch once KL(pi^k || pi) on the probe rose this many nats "
                   "above its lowest value so far (bupo.training.switch)."},
     )
+    internal_switch_rule: str = field(
+        default="absolute",
+        metadata={"help": "BuPO, internal_steps='auto': 'absolute' (the nats thresholds above) or 'relative' "
+                  "(scale-free: the probe's moves against its own step-to-step spread; bupo.training.switch)."},
+    )
+    internal_switch_noise_factor: float = field(
+        default=3.0,
+        metadata={"help": "BuPO, internal_switch_rule='relative': switch once the probe log-prob fell, or the KL rose, "
+                  "by more than this many times its step-to-step spread over the first internal steps."},
+    )
+    internal_switch_noise_steps: int = field(
+        default=3,
+        metadata={"help": "BuPO, internal_switch_rule='relative': the first internal rollout steps that measure the "
+                  "probe's spread (no switch before rollout step this + 2)."},
+    )
     internal_schedule: str | None = field(
         default=None,
         metadata={
@@ -110,6 +125,29 @@ class BuPOConfig(GRPOConfig):
         metadata={
             "help": "BuPO: how the internal policy reads the residual stream: 'raw' = lm_head(h) (the paper) or "
             "'final_norm' = lm_head(final_norm(h)) (logit lens)."
+        },
+    )
+    # control arms (bupo.training.arms)
+    internal_objective: str = field(
+        default="layer",
+        metadata={
+            "help": "BuPO: what the internal rollout steps optimise: 'layer' = J_IPA on pi^k (the paper) or 'full' = "
+            "the full policy's GRPO objective with only what the internal phase trains stepped (embeddings, layers "
+            "0..k, lm_head): the layers-only arm, 'which parameters' without 'which policy'."
+        },
+    )
+    train_layer: int | str | None = field(
+        default=None,
+        metadata={
+            "help": "One-layer arm (arXiv 2607.01232): GRPO training only this 0-based decoder layer, or 'middle' "
+            "(L // 2); every other parameter frozen. Needs internal_steps = 0 (--algo grpo)."
+        },
+    )
+    random_reward: float | None = field(
+        default=None,
+        metadata={
+            "help": "Random-reward arm (spurious-reward control, arXiv 2506.10947): every completion scores 1 with "
+            "this probability (the base model's accuracy), else 0, seeded by seed; replaces the reward functions."
         },
     )
     log_policy_entropies: bool = field(
@@ -155,6 +193,7 @@ class BuPOConfig(GRPOConfig):
             raise ValueError(
                 f"internal_projection must be one of {', '.join(PROJECTIONS)}, got {self.internal_projection!r}"
             )
+        self._check_arms()
         if self.internal_steps > 0 and self.internal_layer is None:
             raise ValueError("internal_steps > 0 needs internal_layer (0-based k) or internal_layer='auto'")
         for name in ("probe_every", "probe_size"):
@@ -211,6 +250,22 @@ class BuPOConfig(GRPOConfig):
                     f"({n}) so that checkpoints (and --resume) fall on rollout-step boundaries"
                 )
 
+    def _check_arms(self) -> None:
+        """The control arms' options (bupo.training.arms), one line each."""
+        from bupo.training.arms import OBJECTIVES, check_probability
+
+        if self.internal_objective not in OBJECTIVES:
+            raise ValueError(f"internal_objective must be one of {', '.join(OBJECTIVES)}, got {self.internal_objective!r}")
+        if isinstance(self.train_layer, str):
+            text = self.train_layer.strip().lower()
+            self.train_layer = text if text == "middle" else (int(text) if text.lstrip("-").isdigit() else text)
+        if self.train_layer is not None:
+            j = self.train_layer
+            if j != "middle" and (isinstance(j, bool) or not isinstance(j, int) or j < 0):
+                raise ValueError(f"train_layer must be a 0-based decoder layer (int >= 0) or 'middle', got {j!r}")
+        if self.random_reward is not None:
+            check_probability(self.random_reward)
+
     def _resolve_switch(self) -> None:
         """internal_steps 'auto' -> internal_switch='auto' + the cap; a schedule -> its layer and steps."""
         from bupo.training.switch import parse_schedule
@@ -229,6 +284,8 @@ class BuPOConfig(GRPOConfig):
         cap = self.internal_steps_max
         if cap is not None and (isinstance(cap, bool) or not isinstance(cap, int) or cap < 1):
             raise ValueError(f"internal_steps_max must be an int >= 1 (rollout steps), got {cap!r}")
+        if self.internal_switch_rule not in ("absolute", "relative"):
+            raise ValueError(f"internal_switch_rule must be 'absolute' or 'relative', got {self.internal_switch_rule!r}")
         if self.internal_switch not in ("fixed", "auto"):
             raise ValueError(f"internal_switch must be 'fixed' or 'auto', got {self.internal_switch!r}")
         if steps == "auto":

@@ -47,7 +47,7 @@ class MonitorMixin:
         """
         loss = super()._compute_loss(model, inputs)
         if self.model.training:
-            which = "internal" if self._bupo_internal else "full"
+            which = "internal" if self._bupo_trains_pik() else "full"
             self._metrics["train"][f"bupo/entropy_{which}"].append(self._metrics["train"]["entropy"][-1])
         return loss
 
@@ -142,7 +142,7 @@ class MonitorMixin:
         keep = output["completion_ids"].size(1)
         batch_size = self.args.per_device_train_batch_size
         with disable_gradient_checkpointing(self.model, self.args.gradient_checkpointing_kwargs):
-            if self._bupo_internal:  # GRPO's own method: the full policy
+            if self._bupo_trains_pik():  # GRPO's own method: the full policy
                 _, ent, _ = GRPOTrainer._get_per_token_logps_and_entropies(
                     self, self.model, ids, mask, keep, batch_size=batch_size, compute_entropy=True)
                 which = "full"

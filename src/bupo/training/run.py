@@ -123,6 +123,10 @@ def train(config: BuPOConfig, script: BuPOScriptArguments | None = None, model_a
         trainer.add_callback(make_eval_callback(trainer, evals, script, template, out_dir, records))
 
     summary = _summary(config, script, model_args, model, model_path, template, data, layer_source, policy_check)
+    from bupo.training.arms import arm_of
+
+    summary.update(arm=arm_of(config), internal_objective=config.internal_objective,  # the control arms
+                   train_layer=trainer.bupo_run_identity()["train_layer"], random_reward=config.random_reward)
     trainer.bupo_run = summary  # the model card (bupo.training.card) reads template, data and k's source here
     t0 = time.time()
     result = train_or_finish(trainer, resume)

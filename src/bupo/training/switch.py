@@ -18,6 +18,9 @@ ranks (so every rank takes the same decision), before rollout step ``s`` is gene
   the policy that is sampled and finally used;
 - otherwise switch when the cap is reached: at most ``cap`` internal rollout steps.
 
+:class:`RelativeSwitchRule` (``internal_switch_rule='relative'``) is the same rule with scale-free thresholds: the
+moves must exceed ``factor`` x the probe's own step-to-step spread over the first internal steps.
+
 pi^k's entropy on the probe and the rollout reward are logged alongside (``bupo/switch/...``) but do not decide: see
 docs/training.md for the traces this rule was chosen from.
 """
@@ -107,22 +110,37 @@ class SwitchRule:
             return fixed
         if signals.step == 1:
             return SwitchDecision(1, True)  # the baseline: at least one internal step
-        base = self.trace[0].full_logp
-        drop = base - signals.full_logp
-        after = f"after {signals.step - 1} internal rollout steps"
-        if math.isfinite(drop) and drop >= self.logp_drop:
-            self.reason = (f"full-policy probe log-prob fell {drop:.3f} nats/token below its rollout-step-1 value "
-                           f"({base:.3f} -> {signals.full_logp:.3f}; threshold {self.logp_drop}) {after}")
-        else:
-            low = min(s.kl_internal_full for s in self.trace[:-1])
-            rise = signals.kl_internal_full - low
-            if math.isfinite(rise) and rise >= self.kl_rise:
-                self.reason = (f"KL(pi^k || pi) on the probe rose {rise:.3f} nats above its lowest value so far "
-                               f"({low:.3f} -> {signals.kl_internal_full:.3f}; threshold {self.kl_rise}) {after}")
+        self.reason = self._reason(signals)
         if self.reason:
             self.switch_step = signals.step
             return SwitchDecision(signals.step, False, self.reason)
         return SwitchDecision(signals.step, True)
+
+    def _moves(self, signals: SwitchSignals) -> tuple[float, float, float, float]:
+        """(baseline log-prob, its drop to ``signals``, lowest KL before ``signals``, the KL's rise above it)."""
+        base = self.trace[0].full_logp
+        low = min(s.kl_internal_full for s in self.trace[:-1])
+        return base, base - signals.full_logp, low, signals.kl_internal_full - low
+
+    def _limits(self) -> tuple[float, float, str, str] | None:
+        """(log-prob drop, KL rise) that switch at the next decision, and how each was set; None = no switch yet."""
+        return self.logp_drop, self.kl_rise, f"threshold {self.logp_drop}", f"threshold {self.kl_rise}"
+
+    def _reason(self, signals: SwitchSignals) -> str:
+        """Why rollout step ``signals.step`` (>= 2) is the first on the full policy; "" = it stays internal."""
+        limits = self._limits()
+        if limits is None:
+            return ""
+        logp_limit, kl_limit, logp_how, kl_how = limits
+        base, drop, low, rise = self._moves(signals)
+        after = f"after {signals.step - 1} internal rollout steps"
+        if math.isfinite(drop) and drop > 0 and drop >= logp_limit:
+            return (f"full-policy probe log-prob fell {drop:.3f} nats/token below its rollout-step-1 value "
+                    f"({base:.3f} -> {signals.full_logp:.3f}; {logp_how}) {after}")
+        if math.isfinite(rise) and rise > 0 and rise >= kl_limit:
+            return (f"KL(pi^k || pi) on the probe rose {rise:.3f} nats above its lowest value so far "
+                    f"({low:.3f} -> {signals.kl_internal_full:.3f}; {kl_how}) {after}")
+        return ""
 
     def describe(self) -> str:
         return (f"switch when the full policy's probe log-prob falls >= {self.logp_drop} nats/token below its "
@@ -144,6 +162,67 @@ class SwitchRule:
                       for s in state.get("trace", [])]
         self.switch_step = state.get("switch_step")
         self.reason = state.get("reason", "")
+
+
+def step_spread(values: list[float]) -> float:
+    """The root mean square of the step-to-step changes of ``values``: the probe's own noise (same unit)."""
+    diffs = [b - a for a, b in zip(values, values[1:], strict=False)]
+    return math.sqrt(sum(d * d for d in diffs) / len(diffs)) if diffs else math.nan
+
+
+@dataclass
+class RelativeSwitchRule(SwitchRule):
+    """The adaptive switch with scale-free thresholds: each move is measured against the probe's own noise.
+
+    The first ``noise_steps`` internal rollout steps only measure: the step-to-step spread (RMS of the changes,
+    :func:`step_spread`) of the full policy's probe log-prob and of KL(pi^k || pi) over rollout steps
+    1..noise_steps+1. From then on, switch as soon as the log-prob has fallen more than ``factor`` x its spread below
+    its rollout-step-1 value, or the KL has risen more than ``factor`` x its spread above its lowest value so far;
+    at the latest after ``cap`` internal rollout steps. Scaling (or shifting) a signal by any amount leaves every
+    decision as it is, so one ``factor`` serves models whose probes move on different scales; ``logp_drop`` and
+    ``kl_rise`` are not used.
+    """
+
+    factor: float = 3.0
+    noise_steps: int = 3
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        f, n = self.factor, self.noise_steps
+        if isinstance(f, bool) or not isinstance(f, int | float) or not (math.isfinite(f) and f > 0):
+            raise ValueError(f"the switch's noise factor must be a finite number > 0, got {f!r}")
+        if isinstance(n, bool) or not isinstance(n, int) or n < 1:
+            raise ValueError(f"the switch's noise steps must be an int >= 1 (rollout steps), got {n!r}")
+
+    def _limits(self) -> tuple[float, float, str, str] | None:
+        n = len(self.trace) - 1  # the rollout steps with signals before the one being decided
+        if n <= self.noise_steps:
+            return None  # still measuring the noise
+        window = self.trace[: self.noise_steps + 1]
+        spreads = [step_spread([getattr(s, name) for s in window]) for name in ("full_logp", "kl_internal_full")]
+        how = [f"threshold {self.factor:g} x its step-to-step spread {x:.3g} over rollout steps "
+               f"1..{self.noise_steps + 1}" for x in spreads]
+        return self.factor * spreads[0], self.factor * spreads[1], how[0], how[1]
+
+    def describe(self) -> str:
+        return (f"switch when the full policy's probe log-prob falls, or KL(pi^k || pi) on the probe rises above "
+                f"its lowest value, by more than {self.factor:g} x its own step-to-step spread over the first "
+                f"{self.noise_steps} internal rollout steps; at the latest after {self.cap} internal rollout steps")
+
+    def state_dict(self) -> dict[str, Any]:
+        return {**super().state_dict(), "rule": "relative", "factor": self.factor, "noise_steps": self.noise_steps}
+
+
+SWITCH_RULES = ("absolute", "relative")  # internal_switch_rule: SwitchRule (nats) or RelativeSwitchRule (x noise)
+
+
+def make_switch_rule(args: Any) -> SwitchRule:
+    """The adaptive switch's rule object for a :class:`bupo.training.config.BuPOConfig`."""
+    if args.internal_switch_rule == "relative":
+        return RelativeSwitchRule(cap=args.internal_steps, factor=args.internal_switch_noise_factor,
+                                  noise_steps=args.internal_switch_noise_steps)
+    return SwitchRule(cap=args.internal_steps, logp_drop=args.internal_switch_tolerance,
+                      kl_rise=args.internal_switch_kl_rise)
 
 
 # ---------------------------------------------------------------------------------------------------------------

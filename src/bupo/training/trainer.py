@@ -17,6 +17,11 @@ norm are not part of the trained policy and must not move (Eq. 14-15); :mod:`bup
 optimizer steps them while internal, whatever gradients a launcher hands over (:meth:`BuPOTrainer.create_optimizer`).
 Gradients reach embeddings, layers 0..k and lm_head (tied or not).
 
+The control arms (:mod:`bupo.training.arms`) change one thing each: ``internal_objective='full'`` (layers-only)
+keeps the internal phase's parameters and optimizer holds but trains the full policy's log-probs
+(:meth:`BuPOTrainer._bupo_trains_pik` is then False), ``train_layer`` freezes all but one decoder layer, and
+``random_reward`` swaps the reward callables for seeded Bernoulli draws.
+
 Around it, in their own modules: when the internal phase ends (:mod:`bupo.training.adaptive`: fixed s_inter, the
 adaptive switch, the progressive schedule), what is logged (:mod:`bupo.training.monitor`) and checkpoints that a kill
 cannot tear (:mod:`bupo.training.checkpointing`).
@@ -43,6 +48,7 @@ from trl import GRPOTrainer
 from bupo.internal import internal_policy, parts
 from bupo.internal.policy import check_layer
 from bupo.training.adaptive import AdaptiveSwitchMixin
+from bupo.training.arms import freeze_above, freeze_all_but_layer, resolve_train_layer, with_random_reward
 from bupo.training.checkpointing import (
     CHECKPOINT_MARKER,
     PROBE_FILE,
@@ -54,7 +60,7 @@ from bupo.training.checkpointing import (
 )
 from bupo.training.config import BuPOConfig
 from bupo.training.monitor import MonitorMixin
-from bupo.training.optim import hold_layers_above_k
+from bupo.training.optim import hold_layers_above_k, layer_levels
 from bupo.training.rewards import guard_reward_funcs
 
 __all__ = ["LOG_RATIO_CLAMP", "BuPOTrainer", "CHECKPOINT_MARKER", "PROBE_FILE", "STAGING_DIR", "SWITCH_FILE", "checkpoint_problem",
@@ -100,9 +106,17 @@ class BuPOTrainer(CheckpointMixin, AdaptiveSwitchMixin, MonitorMixin, GRPOTraine
         if args.internal_steps > 0 and args.loss_type == "vespo":
             raise ValueError("loss_type='vespo' weighs by the sampler's log-probs, which BuPO's internal phase "
                              "cannot compare with pi^k; use dapo/bnpo/grpo/dr_grpo")
+        if args.train_layer is not None and args.internal_steps > 0:
+            raise ValueError("train_layer (the one-layer arm) is GRPO on one layer: it needs internal_steps = 0 "
+                             "(--algo grpo)")
+        if args.internal_objective == "full" and args.internal_steps <= 0:
+            raise ValueError("internal_objective='full' (the layers-only arm) needs internal_steps > 0 and an "
+                             "internal_layer k (--algo bupo)")
         if not (isinstance(args.temperature, int | float) and math.isfinite(args.temperature) and args.temperature > 0):
             raise ValueError(f"temperature must be a finite number > 0 (rollouts sample), got {args.temperature!r}")
         self._bupo_internal = False  # phase of the rollout batch being trained on (decided in generation)
+        self._bupo_frozen: list[torch.nn.Parameter] = []  # layers-only: what is frozen while internal
+        reward_funcs = with_random_reward(reward_funcs, args)  # the random-reward arm (bupo.training.arms)
         super().__init__(model, guard_reward_funcs(reward_funcs, reward_timeout), args, *a, **kw)
         self._bupo_layer: int | None = None  # k (for a schedule: the current one)
         if args.internal_layer is not None:
@@ -114,9 +128,22 @@ class BuPOTrainer(CheckpointMixin, AdaptiveSwitchMixin, MonitorMixin, GRPOTraine
             if not p.adapter.truncatable:
                 raise ValueError(f"model_type {p.model.config.model_type!r} cannot run an internal policy by "
                                  "truncation; BuPO supports the families in bupo.internal.supported_model_types()")
+        self._bupo_train_layer = self._freeze_for_one_layer() if args.train_layer is not None else None
         self._init_monitor()
         self._init_checkpointing()
         self._bupo_init_switch()
+
+    def _freeze_for_one_layer(self) -> int:
+        """The one-layer arm: decoder layer j alone stays trainable, before the optimizer is built."""
+        model = self.bupo_model
+        if model is not self.model:
+            raise ValueError("train_layer (the one-layer arm) trains one layer of the model itself; it cannot be "
+                             "combined with PEFT adapters (drop --use_peft)")
+        j = resolve_train_layer(self.args.train_layer, parts(model).num_layers)
+        freeze_all_but_layer(model, j)
+        if self.args.gradient_checkpointing:  # checkpointed layers need an input that requires grad
+            model.enable_input_require_grads()
+        return j
 
     # --- the phase: s_cur <= s_inter (Eq. 10), decided once per rollout batch ---------------------------------
 
@@ -127,17 +154,44 @@ class BuPOTrainer(CheckpointMixin, AdaptiveSwitchMixin, MonitorMixin, GRPOTraine
             # rollout step s_cur = global_step // optimizer_steps_per_rollout + 1 (1-based, like verl's global_steps);
             # internal iff s_cur <= s_inter, or as the adaptive switch / the schedule decide (adaptive.py)
             self._bupo_internal = self._bupo_decide_phase()
-        self._set_phase_flags(training and self._bupo_internal)
+            self._freeze_for_layers_only()
+        self._set_phase_flags(training and self._bupo_trains_pik())
         try:
             # rollouts come from the full model (generate runs outside the internal-policy context); the old
             # log-probs computed in here go through _get_per_token_logps_and_entropies, i.e. pi^k_old when internal
             output = super()._generate_and_score_completions(inputs)
         finally:
-            self._set_phase_flags(self._bupo_internal)  # an eval call must not leak its flags into training
+            self._set_phase_flags(self._bupo_trains_pik())  # an eval call must not leak its flags into training
         if training:
             self._bupo_after_rollout(output)
             self._monitor_rollout(output)
         return output
+
+    def train(self, *args: Any, **kwargs: Any) -> Any:
+        """Trainer.train; the layers-only arm's frozen parameters are thawed when it returns or raises."""
+        try:
+            return super().train(*args, **kwargs)
+        finally:
+            for q in self._bupo_frozen:
+                q.requires_grad_(True)
+            self._bupo_frozen = []
+
+    def _bupo_trains_pik(self) -> bool:
+        """Whether the batch being trained optimises pi^k (BuPO's internal phase; not the layers-only arm's)."""
+        return self._bupo_internal and self.args.internal_objective == "layer"
+
+    def _freeze_for_layers_only(self) -> None:
+        """The layers-only arm: while internal, what pi^k does not depend on takes no gradient (requires_grad off,
+        as it has none under BuPO, where it is not in the graph); the optimizer groups hold it as for BuPO."""
+        if self.args.internal_objective != "full":
+            return
+        for q in self._bupo_frozen:
+            q.requires_grad_(True)
+        self._bupo_frozen = []
+        if self._bupo_internal:
+            model = self.bupo_model
+            self._bupo_frozen = freeze_above(model, layer_levels(model, self.args.internal_projection),
+                                             self._bupo_layer)
 
     def _set_phase_flags(self, internal: bool) -> None:
         # vLLM's importance-sampling correction (ratio pi_old / pi_sampler) and off-policy masking compare the trained
@@ -155,7 +209,7 @@ class BuPOTrainer(CheckpointMixin, AdaptiveSwitchMixin, MonitorMixin, GRPOTraine
         Covers the old log-probs (no-grad, pre-update weights), the trained log-probs and, with beta > 0, the
         reference (the reference model's layer-k policy). Eval (model.eval()) always uses the full policy.
         """
-        if not (self._bupo_internal and self.model.training):
+        if not (self._bupo_trains_pik() and self.model.training):
             out = super()._get_per_token_logps_and_entropies(model, *args, **kwargs)
         else:
             with internal_policy(_hf_model(model, self.accelerator), self._bupo_layer, self.args.internal_projection):
@@ -221,7 +275,9 @@ class BuPOTrainer(CheckpointMixin, AdaptiveSwitchMixin, MonitorMixin, GRPOTraine
         """The settings a resumed run must share with its checkpoint (bupo train adds model and data)."""
         return {"internal_layer": self._bupo_layer, "internal_steps": self.args.internal_steps,
                 "internal_projection": self.args.internal_projection,
-                "optimizer_steps_per_rollout": self.args.optimizer_steps_per_rollout}
+                "optimizer_steps_per_rollout": self.args.optimizer_steps_per_rollout,
+                "internal_objective": self.args.internal_objective, "train_layer": self._bupo_train_layer,
+                "random_reward": self.args.random_reward}
 
     def create_model_card(self, model_name: str | None = None, dataset_name: str | None = None,
                           tags: str | list[str] | None = None) -> None:

@@ -74,6 +74,10 @@ def check_run(train_args: Any, script: BuPOScriptArguments) -> dict[str, Any]:
     """Validate the run once; returns the config values the algorithm fixes (:func:`algo_settings`)."""
     given = script.given is None or "internal_steps" in script.given
     fixed = algo_settings(script.algo, train_args.internal_steps, steps_given=given)
+    if train_args.train_layer is not None and script.algo != "grpo":  # the control arms (bupo.training.arms)
+        raise ValueError("--train_layer (the one-layer arm) is GRPO on one layer: add --algo grpo")
+    if train_args.internal_objective == "full" and script.algo != "bupo":
+        raise ValueError("--internal_objective full (the layers-only arm) needs an internal phase: use --algo bupo")
     validate_run_args(train_args, script)
     return fixed
 
