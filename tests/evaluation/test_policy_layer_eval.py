@@ -14,8 +14,7 @@ from bupo.evaluation import evaluate
 from bupo.evaluation.backends import HFBackend, SamplingSettings
 from bupo.generation import generate_requests
 from bupo.internal import internal_policy, parts
-from test_generation import tiny_qwen3
-from test_templates import char_tokenizer
+from support.chat import char_tokenizer, tiny_qwen3
 
 
 def toy_rows(count: int) -> list[dict]:

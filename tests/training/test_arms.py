@@ -8,7 +8,7 @@ import torch
 
 from bupo.training.arms import ARMS, RandomReward, arm_of, parse_arms, resolve_train_layer
 from bupo.training.rewards import GuardedReward
-from test_training_common import make_config, make_trainer
+from support.training import make_config, make_trainer
 
 pytestmark = pytest.mark.xdist_group("training")
 

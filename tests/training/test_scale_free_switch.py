@@ -9,7 +9,7 @@ import random
 import pytest
 
 from bupo.training.switch import RelativeSwitchRule, SwitchRule, SwitchSignals, make_switch_rule, step_spread
-from test_training_common import make_trainer
+from support.training import make_trainer
 
 
 def sequence(seed: int, *, drift_from: int | None, steps: int = 14, noise: float = 0.01, drift: float = 0.01):
@@ -81,7 +81,7 @@ def test_bad_settings_are_one_line_errors(tmp_path):
         RelativeSwitchRule(cap=3, factor=0)
     with pytest.raises(ValueError, match="noise steps"):
         RelativeSwitchRule(cap=3, noise_steps=0)
-    from test_training_common import make_config
+    from support.training import make_config
 
     with pytest.raises(ValueError, match="internal_switch_rule must be 'absolute' or 'relative'"):
         make_config(tmp_path, internal_switch_rule="noise")
