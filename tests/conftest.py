@@ -28,3 +28,21 @@ def real_model_cache(tmp_path_factory: pytest.TempPathFactory) -> Path:
     path = root / "bupo_cache"
     path.mkdir(exist_ok=True)
     return path
+
+
+def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
+    """Long tests first (``slow``, then ``distributed``), the rest in file order: xdist hands out tests in this order,
+    so the minutes-long ones start at once instead of leaving one worker busy after the other has run out."""
+    def rank(item: pytest.Item) -> int:
+        return 0 if item.get_closest_marker("slow") else 1 if item.get_closest_marker("distributed") else 2
+
+    items.sort(key=rank)  # stable: the file order holds within each rank
+
+
+def pytest_runtest_logreport(report: pytest.TestReport) -> None:
+    """``BUPO_TEST_TIMINGS=FILE`` appends one line per test phase as it ends (seconds, outcome, id): a profile of the
+    suite that survives a run cut short (``--durations`` prints only at the end)."""
+    path = os.environ.get("BUPO_TEST_TIMINGS")
+    if path and (report.when == "call" or report.duration > 1.0 or report.outcome != "passed"):
+        with open(path, "a") as f:
+            f.write(f"{report.duration:.1f}\t{report.when}\t{report.outcome}\t{report.nodeid}\n")
