@@ -11,7 +11,7 @@ few offending tensors and their count:
   (rotary ``inv_freq``) are not in it: transformers already leaves them out.
 - :func:`check_checkpoint_dtypes`: the safetensors headers' dtypes (no tensor is read): integer or bool weights
   are refused unless the config declares a quantisation (its packed integer tensors are expected).
-- :func:`check_finite`: one reduction per parameter (a float64 sum, no copy of the weights): NaN/inf show in it.
+- :func:`check_finite`: one reduction per parameter (its sum, no copy of the weights): NaN/inf show in it.
 - :func:`check_vocab`: a tokenizer with more tokens than the embedding has rows (another model's tokenizer).
 
 :func:`quiet_load_report` keeps transformers' multi-line report off stderr while the one-line error says it.
@@ -101,25 +101,22 @@ def _parameters(model: Any) -> Iterator[tuple[str, Any]]:
 def check_finite(model: Any, where: str) -> None:
     """ValueError (one line) naming the parameters holding NaN or inf.
 
-    One pass over the weights: each parameter is summed in float64 (float32 on MPS), which reads it in place and
-    propagates any NaN/inf; no weight is copied and only a flagged parameter is looked at again."""
+    One pass over the weights: each parameter is summed in its own dtype, which reads it in place (no copy) and
+    propagates any NaN/inf. A sum that overflowed (finite weights, a non-finite total: large fp16 tensors) is told
+    apart by ``isfinite`` on that parameter alone."""
     import torch
 
-    bad = []
+    bad: dict[str, int] = {}
     with torch.no_grad():
         for name, p in _parameters(model):
-            acc = torch.float32 if p.device.type == "mps" else torch.float64
-            if not bool(torch.isfinite(p.sum(dtype=acc))):
-                bad.append(name)
+            if not bool(torch.isfinite(p.sum())):
+                n = int((~torch.isfinite(p)).sum())
+                if n:
+                    bad[name] = n
     if bad:
-        counts = {name: 0 for name in bad}
-        params = dict(model.named_parameters())
-        with torch.no_grad():
-            for name in bad[:3]:
-                counts[name] = int((~torch.isfinite(params[name])).sum())
-        first = bad[0]
+        first = sorted(bad)[0]
         raise ValueError(f"{where}: {len(bad)} weight tensor(s) hold NaN or inf ({few(bad)}; {first!r} has "
-                         f"{counts[first]} non-finite value(s)); accepted: finite weights (re-save or re-download "
+                         f"{bad[first]} non-finite value(s)); accepted: finite weights (re-save or re-download "
                          "the checkpoint)")
 
 
