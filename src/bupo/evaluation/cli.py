@@ -157,13 +157,11 @@ _ENCODER_FAMILIES = {"bert", "roberta", "xlm-roberta", "xlm-roberta-xl", "camemb
 def _check_causal_lm(folder: Path, trust_remote_code: bool = False) -> None:
     """ValueError for an encoder-only (BERT-like) or encoder-decoder model: AutoModelForCausalLM would still load
     BERT (as BertLMHeadModel, bidirectional attention) and sample nonsense without a word."""
-    from transformers import AutoConfig
     from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING_NAMES
 
-    try:
-        config = AutoConfig.from_pretrained(str(folder), trust_remote_code=trust_remote_code)
-    except (OSError, ValueError, KeyError) as exc:
-        raise ValueError(f"--model {folder}: cannot read config.json ({exc})") from None
+    from bupo.models.load import load_config
+
+    config = load_config(folder, trust_remote_code=trust_remote_code)  # one-line ValueError if unreadable
     causal = set(MODEL_FOR_CAUSAL_LM_MAPPING_NAMES.values())
     archs = list(getattr(config, "architectures", None) or [])
     encoder_only = config.model_type in _ENCODER_FAMILIES and not getattr(config, "is_decoder", False)

@@ -34,7 +34,7 @@ from bupo.models.integrity import (
 )
 from bupo.models.registry import MODELS, bundled_model_path, prepare_model
 
-__all__ = ["load_model", "load_tokenizer", "resolve_device", "resolve_model", "validate_model_folder"]
+__all__ = ["load_config", "load_model", "load_tokenizer", "resolve_device", "resolve_model", "validate_model_folder"]
 
 
 def _read_header(path: Path) -> tuple[int, dict[str, Any]]:
@@ -231,17 +231,28 @@ def _unreadable(where: str, what: str, exc: Exception, accepted: str) -> ValueEr
     return ValueError(f"{where}: transformers cannot load its {what} ({_one_line(exc)}); accepted: {accepted}")
 
 
-def _from_pretrained(path: Path, where: str, dtype: Any, trust_remote_code: bool, init_kwargs: dict) -> Any:
-    """The model, loaded and checked against its checkpoint (:mod:`bupo.models.integrity`)."""
-    import torch
-    from transformers import AutoConfig, AutoModelForCausalLM
+def load_config(folder: str | os.PathLike, *, where: str | None = None, trust_remote_code: bool = False,
+                **kwargs: Any) -> Any:
+    """transformers' ``AutoConfig`` of a checkpoint folder, with ``trust_remote_code`` passed explicitly; a config
+    transformers rejects (or one that needs the folder's code without ``--trust-remote-code``) is one ValueError
+    line naming ``where`` (default ``--model FOLDER``)."""
+    from transformers import AutoConfig
 
+    where = where or f"--model {str(folder)!r}"
     try:
-        AutoConfig.from_pretrained(path, trust_remote_code=trust_remote_code,
-                                   **{k: v for k, v in init_kwargs.items() if k in _TOKENIZER_KEYS})
+        return AutoConfig.from_pretrained(folder, trust_remote_code=trust_remote_code, **kwargs)
     except Exception as exc:  # noqa: BLE001 - any config transformers rejects is the user's file: one line
         raise _unreadable(where, "config.json", exc, "a Hugging Face config.json whose model_type and sizes "
                           "transformers reads") from None
+
+
+def _from_pretrained(path: Path, where: str, dtype: Any, trust_remote_code: bool, init_kwargs: dict) -> Any:
+    """The model, loaded and checked against its checkpoint (:mod:`bupo.models.integrity`)."""
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    load_config(path, where=where, trust_remote_code=trust_remote_code,
+                **{k: v for k, v in init_kwargs.items() if k in _TOKENIZER_KEYS})
     check_checkpoint_dtypes(path, where)
     try:
         with quiet_load_report():
