@@ -174,3 +174,11 @@ def test_corrupted_checkpoint_is_one_line_exit_2(tmp_path, command, how, message
         assert "'model.layers.2.mlp.down_proj.weight'" in lines[0]
     assert r.stdout == ""
     assert not (tmp_path / "out").exists()
+
+
+def test_the_env_allowlist_is_documented():
+    from bupo.training.config_env import ENV_ALLOWED, ENV_ALLOWED_PREFIXES
+
+    doc = (SRC.parent / "docs" / "training.md").read_text(encoding="utf-8")
+    for name in (*ENV_ALLOWED, *ENV_ALLOWED_PREFIXES):
+        assert f"`{name}`" in doc, name
