@@ -35,6 +35,12 @@ def add_trust_remote_code(p: argparse.ArgumentParser) -> None:
                         "read that code first")
 
 
+def add_load_flags(p: argparse.ArgumentParser, dtype_extra: str = "") -> None:
+    """The flags of a command that loads a model itself: ``--dtype`` and ``--trust-remote-code``."""
+    add_dtype(p, dtype_extra)
+    add_trust_remote_code(p)
+
+
 def add_template(p: argparse.ArgumentParser, *, none: bool = False) -> None:
     choices = (*TEMPLATE_CHOICES, "none") if none else TEMPLATE_CHOICES
     extra = "; none = the prompt verbatim" if none else ""

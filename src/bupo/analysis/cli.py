@@ -4,14 +4,7 @@ from __future__ import annotations
 
 import argparse
 
-from bupo.cli_common import (
-    add_dtype,
-    add_labels,
-    add_quiet,
-    add_template,
-    add_trust_remote_code,
-    split_labels,
-)
+from bupo.cli_common import add_labels, add_load_flags, add_quiet, add_template, split_labels
 
 # the values of --projection and --delta, as argparse choices: bupo.internal.adapters.PROJECTIONS and the keys of
 # bupo.analysis.summary.CONVENTION_STREAMS (importing them would load torch / numpy at `bupo --help`; a test checks)
@@ -52,9 +45,8 @@ def _default_model() -> str:
 
 def _add_model_args(p: argparse.ArgumentParser, *, projection: bool = True, verbatim: bool = False) -> None:
     p.add_argument("--model", help="a bupo name (`bupo model list`), a local folder or a Hub id (default: tiny, the bundled model)")
-    add_dtype(p, "; entropies and ΔH are computed in fp32 either way")
+    add_load_flags(p, "; entropies and ΔH are computed in fp32 either way")
     p.add_argument("--device", default="auto", help="auto | cpu | cuda[:i] (default auto)")
-    add_trust_remote_code(p)
     if projection:
         p.add_argument("--projection", default="raw", choices=PROJECTION_CHOICES,
                        help="raw = lm_head(h) as in the paper (default); final_norm = lm_head(final_norm(h)) "

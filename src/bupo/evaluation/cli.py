@@ -8,14 +8,7 @@ import sys
 from pathlib import Path
 from typing import Any
 
-from bupo.cli_common import (
-    add_dtype,
-    add_labels,
-    add_quiet,
-    add_template,
-    add_trust_remote_code,
-    split_labels,
-)
+from bupo.cli_common import add_labels, add_load_flags, add_quiet, add_template, split_labels
 from bupo.rewards.api import REWARD_NAMES
 
 DEFAULT_MAX_NEW_TOKENS = 8192  # the paper's Qwen scripts' max response; used when the model folder sets none
@@ -91,8 +84,7 @@ def register(subparsers: Any) -> None:
     )
     p.add_argument("--label", help="row name in the tables (default: the model folder's name)")
     p.add_argument("--device", default="auto", help="hf backend: auto, cpu, cuda, cuda:1, ... (default auto)")
-    add_dtype(p)
-    add_trust_remote_code(p)
+    add_load_flags(p)
     add_quiet(p, "--no-progress")
     p.set_defaults(func=_eval_handler)
 

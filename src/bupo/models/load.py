@@ -301,8 +301,6 @@ def load_model(
     """
     import torch
 
-    if "trust_remote_code" in init_kwargs:
-        raise TypeError("give trust_remote_code as load_model's own keyword")
     path = Path(resolve_model(spec))
     where = f"--model {str(spec if spec is not None else path)!r}"
     if not isinstance(dtype, torch.dtype):
