@@ -234,7 +234,8 @@ def _convert(src: Path, meta: dict[str, Any], arch: str, out: Path, say: Callabl
     sentencepiece_bpe = tok_model == "llama" and "tokenizer.ggml.merges" not in meta and arch.startswith("gemma")
     _check_merges(meta, src)
     try:
-        tok = _sentencepiece_bpe(meta) if sentencepiece_bpe else AutoTokenizer.from_pretrained(folder, gguf_file=name)
+        tok = (_sentencepiece_bpe(meta) if sentencepiece_bpe
+               else AutoTokenizer.from_pretrained(folder, gguf_file=name, trust_remote_code=False))
     except Exception as exc:  # noqa: BLE001 - the GGUF's tokenizer metadata is the user's file: one line
         raise ValueError(f"{src}: transformers cannot build the GGUF's tokenizer ({_first_line(exc)}); accepted: "
                          "tokenizer.ggml.* metadata as llama.cpp's converters write it") from None
@@ -248,7 +249,8 @@ def _convert(src: Path, meta: dict[str, Any], arch: str, out: Path, say: Callabl
 
     t0 = time.perf_counter()
     try:
-        gguf_model = AutoModelForCausalLM.from_pretrained(folder, gguf_file=name, dtype=torch.float32).eval()
+        gguf_model = AutoModelForCausalLM.from_pretrained(folder, gguf_file=name, dtype=torch.float32,
+                                                          trust_remote_code=False).eval()
     except (MemoryError, torch.OutOfMemoryError):
         raise
     except Exception as exc:  # noqa: BLE001 - the GGUF's tensors or hyperparameters are the user's: one line
@@ -285,14 +287,14 @@ def _convert(src: Path, meta: dict[str, Any], arch: str, out: Path, say: Callabl
     # checks on what was written: the weights reload bit-for-bit (same logits) and the tokenizer round-trips
     t0 = time.perf_counter()
     probe = torch.tensor([enc])
-    reloaded = AutoModelForCausalLM.from_pretrained(out, dtype=torch.float32).eval()
+    reloaded = AutoModelForCausalLM.from_pretrained(out, dtype=torch.float32, trust_remote_code=False).eval()
     with torch.no_grad():
         a = gguf_model(probe).logits
         b = reloaded(probe).logits
     diff = float((a - b).abs().max())
     if diff > 1e-5 or not torch.isfinite(b).all():
         raise ValueError(f"GGUF import check failed: reloaded weights give different logits (max |diff| {diff:.2e})")
-    tok2 = AutoTokenizer.from_pretrained(out)
+    tok2 = AutoTokenizer.from_pretrained(out, trust_remote_code=False)
     enc2 = _check_tokenizer(tok2, ids, meta, "saved and reloaded tokenizer")
     if enc2 != enc:
         raise ValueError(f"GGUF import check failed: tokenizer gives {enc2} after save and reload, {enc} before")
