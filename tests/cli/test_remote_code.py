@@ -182,3 +182,13 @@ def test_the_env_allowlist_is_documented():
     doc = (SRC.parent / "docs" / "training.md").read_text(encoding="utf-8")
     for name in (*ENV_ALLOWED, *ENV_ALLOWED_PREFIXES):
         assert f"`{name}`" in doc, name
+
+
+def test_train_refuses_a_corrupted_checkpoint_before_any_work(tmp_path, capsys):
+    folder = _corrupted(tmp_path, "nan")
+    rc = main(["train", "--model", str(folder), "--out", str(tmp_path / "run"), "--internal-layer", "1",
+               "--eval-data", "none", "--max_steps", "2", "--train-limit", "8"])
+    assert rc == 2
+    lines = _error_lines(capsys.readouterr().err, "train")
+    assert len(lines) == 1 and "hold NaN or inf" in lines[0]
+    assert not (tmp_path / "run").exists()
