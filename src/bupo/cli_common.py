@@ -27,6 +27,20 @@ def add_dtype(p: argparse.ArgumentParser, extra: str = "") -> None:
     p.add_argument("--dtype", default="auto", choices=DTYPES, help=DTYPE_HELP + extra)
 
 
+def add_trust_remote_code(p: argparse.ArgumentParser) -> None:
+    """``--trust-remote-code``: the only way to let a model folder's own Python code (config.json ``auto_map``)
+    run (:func:`bupo.models.load.load_model`; a notice goes to stderr)."""
+    p.add_argument("--trust-remote-code", dest="trust_remote_code", action="store_true",
+                   help="run the Python code the model folder ships (config.json auto_map); off by default: "
+                        "read that code first")
+
+
+def add_load_flags(p: argparse.ArgumentParser, dtype_extra: str = "") -> None:
+    """The flags of a command that loads a model itself: ``--dtype`` and ``--trust-remote-code``."""
+    add_dtype(p, dtype_extra)
+    add_trust_remote_code(p)
+
+
 def add_template(p: argparse.ArgumentParser, *, none: bool = False) -> None:
     choices = (*TEMPLATE_CHOICES, "none") if none else TEMPLATE_CHOICES
     extra = "; none = the prompt verbatim" if none else ""

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import argparse
 
-from bupo.cli_common import add_dtype, add_labels, add_quiet, add_template, split_labels
+from bupo.cli_common import add_labels, add_load_flags, add_quiet, add_template, split_labels
 
 # the values of --projection and --delta, as argparse choices: bupo.internal.adapters.PROJECTIONS and the keys of
 # bupo.analysis.summary.CONVENTION_STREAMS (importing them would load torch / numpy at `bupo --help`; a test checks)
@@ -46,7 +46,7 @@ def _default_model() -> str:
 
 def _add_model_args(p: argparse.ArgumentParser, *, projection: bool = True, verbatim: bool = False) -> None:
     p.add_argument("--model", help="a bupo name (`bupo model list`), a local folder or a Hub id (default: tiny, the bundled model)")
-    add_dtype(p, "; entropies and ΔH are computed in fp32 either way")
+    add_load_flags(p, "; entropies and ΔH are computed in fp32 either way")
     p.add_argument("--device", default="auto", help="auto | cpu | cuda[:i] (default auto)")
     if projection:
         p.add_argument("--projection", default="raw", choices=PROJECTION_CHOICES,
@@ -203,7 +203,7 @@ def _analyze(args) -> int:
         backend=backend,
         token_dtype=args.token_dtype, boundary_tol=args.boundary_tol, heatmap_sample=args.heatmap_sample,
         resume=not args.no_resume, overwrite=args.overwrite, progress=not args.quiet, preset=args.preset,
-        positions=args.positions,
+        positions=args.positions, trust_remote_code=args.trust_remote_code,
     )
     s = res.summary
     skipped = {k: v for k, v in s["skipped"].items() if v}
@@ -262,7 +262,8 @@ def _sample(args) -> int:
     from bupo.analysis.sample import format_samples, parse_layers, sample_layer
     from bupo.internal import parts
 
-    model, tokenizer = load_model(args.model or _default_model(), dtype=args.dtype, device=args.device)
+    model, tokenizer = load_model(args.model or _default_model(), dtype=args.dtype, device=args.device,
+                                  trust_remote_code=args.trust_remote_code)
     layers = parse_layers(args.layer, parts(model).num_layers)
     results = [(k, sample_layer(model, tokenizer, args.prompt, layer=k, projection=args.projection,
                                 template=args.template, max_new_tokens=args.max_new_tokens,
@@ -290,7 +291,8 @@ def _lens(args) -> int:
         raise ValueError(f"--position must be comma-separated ints (negative from the end), got {args.position!r}") from None
     if not positions:
         raise ValueError("--position needs at least one position")
-    model, tokenizer = load_model(args.model or _default_model(), dtype=args.dtype, device=args.device)
+    model, tokenizer = load_model(args.model or _default_model(), dtype=args.dtype, device=args.device,
+                                  trust_remote_code=args.trust_remote_code)
     ids = prompt_ids(tokenizer, args.prompt, args.template)
     if args.response:
         ids = ids + list(tokenizer(args.response, add_special_tokens=False)["input_ids"])

@@ -59,6 +59,7 @@ def analyze(
     traces: str | os.PathLike | Sequence[Mapping] | None = None,
     out_dir: str | os.PathLike | None = None,
     config: AnalysisConfig | None = None,
+    trust_remote_code: bool = False,
     **settings: Any,
 ) -> AnalysisResult:
     """Analyse the internal-policy entropy of ``model`` over response tokens (see the module docstring).
@@ -73,6 +74,8 @@ def analyze(
             everything in memory (no files).
         config: an :class:`AnalysisConfig`; or its fields as keyword arguments (``projection="final_norm"``,
             ``max_new_tokens=256``, ...), which override the config's. See :class:`AnalysisConfig` for each one.
+        trust_remote_code: a model path's own Python code may run (only ``--trust-remote-code`` sets it;
+            :func:`bupo.models.load.load_model`).
 
     The model runs in eval mode; a loaded model's training flags are restored when analyze returns or raises.
 
@@ -91,7 +94,7 @@ def analyze(
     model_path = None
     if isinstance(model, str | os.PathLike):
         model_path = str(model)
-        model, tokenizer = load_model(model, dtype=cfg.dtype, device=cfg.device)
+        model, tokenizer = load_model(model, dtype=cfg.dtype, device=cfg.device, trust_remote_code=trust_remote_code)
     elif tokenizer is None:
         raise ValueError("a loaded model needs its tokenizer (analyze(model, tokenizer, ...))")
     from bupo.data.templates import resolve_template

@@ -17,8 +17,10 @@ from __future__ import annotations
 from collections.abc import Sequence
 from typing import Any
 
-__all__ = ["OCTOTHINKER_TEMPLATE", "RECORDED_TEMPLATE_KEY", "TEMPLATES", "record_template", "recorded_template",
-           "render_prompt", "resolve_template", "user_problem"]
+from bupo.data.chat_render import apply_chat_template, check_chat_template
+
+__all__ = ["OCTOTHINKER_TEMPLATE", "RECORDED_TEMPLATE_KEY", "TEMPLATES", "apply_chat_template", "check_chat_template",
+           "record_template", "recorded_template", "render_prompt", "resolve_template", "user_problem"]
 
 OCTOTHINKER_TEMPLATE = (
     "A conversation between User and Assistant. The user asks a question, and the Assistant solves it. "
@@ -76,7 +78,7 @@ def _apply_chat_template(tokenizer: Any, messages: list[dict], template: str, **
             f"template {template!r} needs a tokenizer with a chat template, and this one has none; "
             f"use template 'octothinker' (plain text) or a tokenizer that defines chat_template"
         )
-    text = tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True, **extra)
+    text = apply_chat_template(tokenizer, messages, **extra)
     if not isinstance(text, str):  # some versions return a list for batched input
         raise ValueError(f"apply_chat_template returned {type(text).__name__}, expected str")
     return text

@@ -167,12 +167,13 @@ class VLLMBackend:
         from bupo.engines import load_llm
         from bupo.generation import _eos_ids, context_length, encode_prompt
 
-        tokenizer = tokenizer if tokenizer is not None else AutoTokenizer.from_pretrained(str(path))
+        if tokenizer is None:
+            tokenizer = AutoTokenizer.from_pretrained(str(path), trust_remote_code=False)
         try:
             gen = GenerationConfig.from_pretrained(str(path))
         except OSError:
             gen = None
-        context = context_length(AutoConfig.from_pretrained(str(path)))
+        context = context_length(AutoConfig.from_pretrained(str(path), trust_remote_code=False))
 
         def load(requests: Sequence[tuple[str, int]], max_new_tokens: int) -> Any:
             longest = max(len(encode_prompt(tokenizer, p)) for p in {p for p, _ in requests})

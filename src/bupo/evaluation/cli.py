@@ -8,7 +8,7 @@ import sys
 from pathlib import Path
 from typing import Any
 
-from bupo.cli_common import add_dtype, add_labels, add_quiet, add_template, split_labels
+from bupo.cli_common import add_labels, add_load_flags, add_quiet, add_template, split_labels
 from bupo.rewards.api import REWARD_NAMES
 
 DEFAULT_MAX_NEW_TOKENS = 8192  # the paper's Qwen scripts' max response; used when the model folder sets none
@@ -91,7 +91,7 @@ def register(subparsers: Any) -> None:
     p.add_argument("--label", help="row name in the tables (default: the model folder's name, plus -layerK-PROJECTION "
                    "with --policy-layer)")
     p.add_argument("--device", default="auto", help="hf backend: auto, cpu, cuda, cuda:1, ... (default auto)")
-    add_dtype(p)
+    add_load_flags(p)
     add_quiet(p, "--no-progress")
     p.set_defaults(func=_eval_handler)
 
@@ -160,16 +160,14 @@ _ENCODER_FAMILIES = {"bert", "roberta", "xlm-roberta", "xlm-roberta-xl", "camemb
                      "big_bird", "bert-generation", "modernbert"}
 
 
-def _check_causal_lm(folder: Path) -> None:
+def _check_causal_lm(folder: Path, trust_remote_code: bool = False) -> None:
     """ValueError for an encoder-only (BERT-like) or encoder-decoder model: AutoModelForCausalLM would still load
     BERT (as BertLMHeadModel, bidirectional attention) and sample nonsense without a word."""
-    from transformers import AutoConfig
     from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING_NAMES
 
-    try:
-        config = AutoConfig.from_pretrained(str(folder))
-    except (OSError, ValueError, KeyError) as exc:
-        raise ValueError(f"--model {folder}: cannot read config.json ({exc})") from None
+    from bupo.models.load import load_config
+
+    config = load_config(folder, trust_remote_code=trust_remote_code)  # one-line ValueError if unreadable
     causal = set(MODEL_FOR_CAUSAL_LM_MAPPING_NAMES.values())
     archs = list(getattr(config, "architectures", None) or [])
     encoder_only = config.model_type in _ENCODER_FAMILIES and not getattr(config, "is_decoder", False)
@@ -185,6 +183,7 @@ def _eval_handler(args: argparse.Namespace) -> int:
     from bupo.evaluation.backends import VLLMBackend, path_fingerprint, require_vllm
     from bupo.evaluation.core import evaluate, plan_benchmarks
     from bupo.io import check_output_folder
+    from bupo.models.load import remote_code_notice
     from bupo.rewards import choose_reward
 
     _check_args(args)
@@ -192,7 +191,8 @@ def _eval_handler(args: argparse.Namespace) -> int:
     if backend == "vllm":
         require_vllm()  # not installed: one line, before any model or data is read
     folder = _model_folder(args.model)
-    _check_causal_lm(folder)
+    remote_code_notice(folder, args.trust_remote_code)
+    _check_causal_lm(folder, args.trust_remote_code)
     projection = args.projection or "raw"
     label = args.label or ("bundled" if args.model is None else folder.resolve().name)
     if args.policy_layer is not None and not args.label:
@@ -223,9 +223,9 @@ def _eval_handler(args: argparse.Namespace) -> int:
     )
     if backend == "vllm":
         print(backend_note(args.backend, backend), file=sys.stderr)
-        from transformers import AutoTokenizer
+        from bupo.models import load_tokenizer
 
-        tokenizer = AutoTokenizer.from_pretrained(str(folder))
+        tokenizer = load_tokenizer(folder, trust_remote_code=args.trust_remote_code)
         engine = VLLMBackend.from_path(
             folder,
             seed=args.seed,
@@ -246,7 +246,8 @@ def _eval_handler(args: argparse.Namespace) -> int:
     else:
         from bupo.models import load_model
 
-        model, tokenizer = load_model(folder, dtype=args.dtype, device=args.device)
+        model, tokenizer = load_model(folder, dtype=args.dtype, device=args.device,
+                                      trust_remote_code=args.trust_remote_code)
         results = evaluate(
             model, tokenizer, datasets, backend="hf", batch_size=args.batch_size or 32,
             policy_layer=args.policy_layer, projection=projection, **common

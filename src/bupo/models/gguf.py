@@ -125,6 +125,30 @@ def _fix_specials(tok: Any, meta: dict[str, Any]) -> dict[str, int | None]:
     return ids
 
 
+def _first_line(exc: BaseException) -> str:
+    first = (str(exc).strip().splitlines() or [""])[0][:160]
+    return f"{type(exc).__name__}: {first}" if first else type(exc).__name__
+
+
+def _check_merges(meta: dict[str, Any], src: Path) -> None:
+    """One-line ValueError for a BPE merge list that is not pairs ``"left right"`` of tokens whose concatenation is
+    a token too (tokenizers would fail with a multi-line error, or build a tokenizer that splits nothing)."""
+    merges = meta.get("tokenizer.ggml.merges")
+    if merges is None:
+        return
+    vocab = set(meta.get("tokenizer.ggml.tokens") or ())
+    bad = []
+    for i, m in enumerate(merges):
+        parts = m.split(" ") if isinstance(m, str) else []
+        if len(parts) != 2 or not all(parts) or any(p not in vocab for p in (*parts, "".join(parts))):
+            bad.append(f"#{i} {m!r:.40}")
+    if bad:
+        raise ValueError(f"{src}: {len(bad)} of the {len(merges)} BPE merges in tokenizer.ggml.merges are not two "
+                         f"tokens separated by one space whose concatenation is a token ({', '.join(bad[:3])}"
+                         f"{' ...' if len(bad) > 3 else ''}); accepted: a merge list as llama.cpp's converters write "
+                         "it, of tokens in tokenizer.ggml.tokens")
+
+
 def _check_tokenizer(tok: Any, ids: dict[str, int | None], meta: dict[str, Any], where: str) -> list[int]:
     text = "Hello world"
     enc = tok(text).input_ids
@@ -208,10 +232,13 @@ def _convert(src: Path, meta: dict[str, Any], arch: str, out: Path, say: Callabl
     t0 = time.perf_counter()
     tok_model = meta.get("tokenizer.ggml.model")
     sentencepiece_bpe = tok_model == "llama" and "tokenizer.ggml.merges" not in meta and arch.startswith("gemma")
-    if sentencepiece_bpe:
-        tok = _sentencepiece_bpe(meta)
-    else:
-        tok = AutoTokenizer.from_pretrained(folder, gguf_file=name)
+    _check_merges(meta, src)
+    try:
+        tok = (_sentencepiece_bpe(meta) if sentencepiece_bpe
+               else AutoTokenizer.from_pretrained(folder, gguf_file=name, trust_remote_code=False))
+    except Exception as exc:  # noqa: BLE001 - the GGUF's tokenizer metadata is the user's file: one line
+        raise ValueError(f"{src}: transformers cannot build the GGUF's tokenizer ({_first_line(exc)}); accepted: "
+                         "tokenizer.ggml.* metadata as llama.cpp's converters write it") from None
     ids = _fix_specials(tok, meta)
     template = meta.get("tokenizer.chat_template")
     tok.chat_template = template or None
@@ -221,7 +248,14 @@ def _convert(src: Path, meta: dict[str, Any], arch: str, out: Path, say: Callabl
         f"'Hello world' -> {enc} [{time.perf_counter() - t0:.0f} s]")
 
     t0 = time.perf_counter()
-    gguf_model = AutoModelForCausalLM.from_pretrained(folder, gguf_file=name, dtype=torch.float32).eval()
+    try:
+        gguf_model = AutoModelForCausalLM.from_pretrained(folder, gguf_file=name, dtype=torch.float32,
+                                                          trust_remote_code=False).eval()
+    except (MemoryError, torch.OutOfMemoryError):
+        raise
+    except Exception as exc:  # noqa: BLE001 - the GGUF's tensors or hyperparameters are the user's: one line
+        raise ValueError(f"{src}: transformers cannot load the GGUF's weights ({_first_line(exc)}); accepted: a GGUF "
+                         "whose tensors match its architecture's metadata") from None
     config = gguf_model.config
     # save_pretrained refuses a model whose config says "quantized with GGUF": the weights are dequantised
     # fp32 already, so rebuild a plain model from the config and load them into it (strictly)
@@ -253,14 +287,14 @@ def _convert(src: Path, meta: dict[str, Any], arch: str, out: Path, say: Callabl
     # checks on what was written: the weights reload bit-for-bit (same logits) and the tokenizer round-trips
     t0 = time.perf_counter()
     probe = torch.tensor([enc])
-    reloaded = AutoModelForCausalLM.from_pretrained(out, dtype=torch.float32).eval()
+    reloaded = AutoModelForCausalLM.from_pretrained(out, dtype=torch.float32, trust_remote_code=False).eval()
     with torch.no_grad():
         a = gguf_model(probe).logits
         b = reloaded(probe).logits
     diff = float((a - b).abs().max())
     if diff > 1e-5 or not torch.isfinite(b).all():
         raise ValueError(f"GGUF import check failed: reloaded weights give different logits (max |diff| {diff:.2e})")
-    tok2 = AutoTokenizer.from_pretrained(out)
+    tok2 = AutoTokenizer.from_pretrained(out, trust_remote_code=False)
     enc2 = _check_tokenizer(tok2, ids, meta, "saved and reloaded tokenizer")
     if enc2 != enc:
         raise ValueError(f"GGUF import check failed: tokenizer gives {enc2} after save and reload, {enc} before")

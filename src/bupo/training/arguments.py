@@ -16,6 +16,7 @@ from dataclasses import dataclass, field, fields
 from typing import Any
 
 from bupo.rewards.api import REWARD_NAMES
+from bupo.training.config_env import ENV_ALLOWED_TEXT, env_allowed
 
 ALGOS = ("bupo", "grpo")
 
@@ -113,11 +114,6 @@ FLAG_KEYS = {
     "internal_steps_max": "internal_steps_max", "internal_schedule": "internal_schedule",
     "train_limit": "train_rows", "eval_limit": "eval_rows",  # the shared --train-limit / --eval-limit (docs/cli.md)
 }
-# environment variables that make a process load other code: a config file must not set them
-CODE_LOADING_ENV = ("LD_PRELOAD", "LD_LIBRARY_PATH", "LD_AUDIT", "DYLD_INSERT_LIBRARIES", "DYLD_LIBRARY_PATH",
-                    "PYTHONPATH", "PYTHONHOME", "PYTHONSTARTUP", "PYTHONUSERBASE", "PYTHONEXECUTABLE",
-                    "PYTHONINSPECT", "PYTHONBREAKPOINT", "PYTHONPLATLIBDIR", "PYTHONSAFEPATH", "PATH",
-                    "BASH_ENV", "ENV", "PERL5OPT", "NODE_OPTIONS")
 _COUNT_KEYS = ("per_device_train_batch_size", "num_generations", "steps_per_generation", "generation_batch_size",
                "gradient_accumulation_steps", "num_iterations")
 _TRUE_FALSE = {"true", "false", "yes", "no", "1", "0", "y", "n", "t", "f", "on", "off"}
@@ -141,8 +137,9 @@ def _cuda() -> bool:
 
 
 def read_yaml(path: str) -> dict[str, Any]:
-    """The ``--config`` mapping (a file or a shipped preset's name); its ``env:`` mapping is applied to
-    ``os.environ`` (never variables that make a process load other code) and removed."""
+    """The ``--config`` mapping (a file or a shipped preset's name); its ``env:`` mapping (only the variables of
+    :mod:`bupo.training.config_env`'s allowlist) is applied to ``os.environ`` and removed. ``trust_remote_code``
+    (top level or in ``model_init_kwargs``) is refused: only the command line's ``--trust-remote-code`` sets it."""
     import yaml
 
     from bupo.recipes import resolve_config
@@ -159,13 +156,24 @@ def read_yaml(path: str) -> dict[str, Any]:
     env = cfg.pop("env", None) or {}
     if not isinstance(env, dict):
         raise ValueError(f"{p}: 'env' must be a mapping of environment variables")
-    refused = sorted(str(k) for k in env if str(k).upper() in CODE_LOADING_ENV or str(k).upper().startswith("LD_"))
+    refused = sorted(str(k) for k in env if not env_allowed(str(k)))
     if refused:
-        raise ValueError(f"{p}: 'env' may not set {', '.join(refused)}: they make Python or the loader run other "
-                         "code; set them in the shell if you really mean it")
+        raise ValueError(f"{p}: 'env' may not set {', '.join(refused)}; accepted: {ENV_ALLOWED_TEXT} (set others in "
+                         "the shell if you really mean it)")
+    _refuse_remote_code(cfg, p)
     for k, v in env.items():
         os.environ[str(k)] = str(v)
     return cfg
+
+
+def _refuse_remote_code(cfg: dict[str, Any], path: Any) -> None:
+    from bupo.training.model import REMOTE_CODE_REFUSED
+
+    init = cfg.get("model_init_kwargs")
+    if cfg.get("trust_remote_code") not in (None, False, "false", "False"):
+        raise ValueError(REMOTE_CODE_REFUSED.format(where=f"{path}: the config"))
+    if isinstance(init, dict) and init.get("trust_remote_code") not in (None, False, "false", "False"):
+        raise ValueError(REMOTE_CODE_REFUSED.format(where=f"{path}: model_init_kwargs"))
 
 
 def run_settings(values: dict[str, Any] | None = None, *, cuda: bool | None = None) -> tuple[Any, BuPOScriptArguments]:

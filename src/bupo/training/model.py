@@ -18,6 +18,9 @@ logger = logging.getLogger(__name__)
 LOW_PRECISION_LR = 1e-5
 # ModelConfig / GRPOConfig flags that are from_pretrained keywords, with their defaults (a flag left at its default
 # does not override the same key in --model_init_kwargs)
+# a model folder's own Python code runs only by the command line's flag, never by a config file's key
+REMOTE_CODE_REFUSED = ("{where} may not set trust_remote_code: a model folder's own Python code runs only with "
+                       "--trust-remote-code on the bupo train command line (read that code first)")
 _MODEL_FLAG_DEFAULTS: dict[str, Any] = {"dtype": "float32", "attn_implementation": None, "revision": "main",
                                         "trust_remote_code": False}
 
@@ -40,10 +43,13 @@ def model_init_kwargs(train_args: Any, model_args: Any) -> dict[str, Any]:
     (``--dtype``, ``--attn_implementation``, ``--model_revision``, ``--trust_remote_code``).
 
     A flag left at its default does not override the same key in ``--model_init_kwargs``; the two giving different
-    values is an error. ``dtype`` defaults to ``float32`` (TRL's default): fp32 master weights, with ``bf16``/``fp16``
+    values is an error. ``trust_remote_code`` comes from the command line's ``--trust-remote-code`` only (the YAML
+    is refused at parse time, ``model_init_kwargs`` here). ``dtype`` defaults to ``float32`` (TRL's default): fp32 master weights, with ``bf16``/``fp16``
     as autocast.
     """
     kw = dict(train_args.model_init_kwargs or {})
+    if kw.pop("trust_remote_code", False):
+        raise ValueError(REMOTE_CODE_REFUSED.format(where="--model_init_kwargs"))
     if "torch_dtype" in kw:  # the pre-v5 name
         kw.setdefault("dtype", kw.pop("torch_dtype"))
     flags = {"dtype": model_args.dtype, "attn_implementation": model_args.attn_implementation,
@@ -143,11 +149,12 @@ def policy_model(model_path: str, train_args: Any, model_args: Any | None) -> An
 
 
 def load_tokenizer(model_path: str, train_args: Any, model_args: Any) -> Any:
-    """The model's tokenizer, left-padded and left-truncated, with the model's revision / trust_remote_code."""
-    from transformers import AutoTokenizer
+    """The model's tokenizer (:func:`bupo.models.load_tokenizer`: checked against the model's vocabulary, its chat
+    template rendered once), left-padded and left-truncated, with the model's revision / trust_remote_code."""
+    from bupo.models import load_tokenizer as load_checked
 
     kw = {k: v for k, v in model_init_kwargs(train_args, model_args).items() if k in ("revision", "trust_remote_code")}
-    return AutoTokenizer.from_pretrained(model_path, padding_side="left", truncation_side="left", **kw)
+    return load_checked(model_path, padding_side="left", truncation_side="left", **kw)
 
 
 def peft_config(model_args: Any | None) -> Any:
