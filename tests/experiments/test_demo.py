@@ -162,11 +162,24 @@ def test_reproduce_real_model_end_to_end_on_a_checkpoint_folder(tmp_path, capsys
     argv = ["reproduce", "--model", str(bundled_model_path()), "--out", str(out), "--rollout-steps", "2",
             "--internal-steps", "1", "--internal-layer", "1", "--projection", "raw,final_norm", "--completions", "16",
             "--eval-problems", "3", "--eval-samples", "2", "--max-completion-length", "8", "--temperature", "0.9",
-            "--auto-cap", "1"]
+            "--auto-cap", "1", "--arms", "grpo,bupo,layers-only,one-layer,random-reward"]
     assert main(argv) == 0
     res = json.loads((out / "results.json").read_text())
     assert set(res["runs"]) == {"grpo-seed0", "bupo-raw-seed0", "bupo-final_norm-seed0", "bupo-raw-auto1-seed0",
-                                "bupo-final_norm-auto1-seed0"}
+                                "bupo-final_norm-auto1-seed0", "layers-only-seed0", "one-layer-seed0",
+                                "random-reward-seed0"}
+    # the control arms: what each run was told to train, and the spurious reward at the measured base accuracy
+    arm_runs = {n: json.loads((out / "runs" / n / "bupo_run.json").read_text())
+                for n in ("layers-only-seed0", "one-layer-seed0", "random-reward-seed0")}
+    assert arm_runs["layers-only-seed0"]["arm"] == "layers-only" and arm_runs["layers-only-seed0"]["internal_steps"] == 1
+    assert arm_runs["one-layer-seed0"]["arm"] == "one-layer" and arm_runs["one-layer-seed0"]["train_layer"] == 4
+    assert arm_runs["random-reward-seed0"]["random_reward"] == res["runs"]["grpo-seed0"]["before"]["avg"]
+    assert res["settings"]["arms"] == ["grpo", "bupo", "layers-only", "one-layer", "random-reward"]
+    for run in res["runs"].values():  # format against correctness, from each run's last samples.jsonl
+        shape = run["shape"]
+        assert set(shape) == {"truncated", "answered", "correct_when_answered"}
+        assert all(0.0 <= v <= 1.0 for v in shape.values())
+        assert shape["truncated"] + shape["answered"] <= 1.0 + 1e-9
     assert res["settings"]["internal_layer"] == 1 and res["settings"]["s_inter_fraction"] == 0.5
     assert res["settings"]["temperature"] == 0.9 and res["settings"]["auto_cap"] == 1
     for name in ("bupo-raw-auto1-seed0", "bupo-final_norm-auto1-seed0"):
@@ -184,6 +197,7 @@ def test_reproduce_real_model_end_to_end_on_a_checkpoint_folder(tmp_path, capsys
     assert (out / "figures" / "rewards.png").stat().st_size > 0
     table = (out / "table.md").read_text()
     assert "| base |" in table and "| GRPO |" in table and "| BuPO (final_norm) |" in table
+    assert "| one-layer (layer 4) | 1 |" in table and "correct when answered" in table
     # resumable: a rerun reuses every finished run
     mtime = (out / "runs" / "grpo-seed0" / "bupo_run.json").stat().st_mtime
     assert main(argv) == 0

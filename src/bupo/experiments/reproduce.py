@@ -92,6 +92,9 @@ def register(subparsers: Any) -> None:
                         "steps (the adaptive switch), after the fixed runs (default: none)")
     r.add_argument("--auto-seeds", type=int, default=None,
                    help="--model: the --auto-cap runs for the first N seeds only (default: every seed)")
+    r.add_argument("--use-vllm", action="store_true",
+                   help="--model: rollouts from vLLM in colocate mode (install: bash scripts/setup.sh vllm on a CPU); "
+                        "evaluations stay on transformers")
     r.add_argument("--threads", type=int, default=1, help=THREADS_HELP)
     r.set_defaults(func=_reproduce)
 
@@ -110,8 +113,8 @@ def _reproduce(args: argparse.Namespace) -> int:
     arms = parse_arms(args.arms)
     if "bupo" not in arms:
         raise ValueError("--arms must include bupo: the ablations and the feature refinement are BuPO's")
-    if real and args.arms != DEFAULT_ARMS:
-        raise ValueError("--arms applies to the bundled-model study; with --model the arms are GRPO and BuPO")
+    if args.use_vllm and not real:
+        raise ValueError("--use-vllm applies to --model runs (the bundled model's rollouts are short; HF generates them)")
     set_threads(args.threads)
     if real:
         projections = [p.strip() for p in args.projection.split(",") if p.strip()]
@@ -121,7 +124,7 @@ def _reproduce(args: argparse.Namespace) -> int:
                        eval_problems=args.eval_problems, eval_samples=args.eval_samples,
                        learning_rate=args.learning_rate, max_completion_length=args.max_completion_length,
                        completions_per_rollout=args.completions, temperature=args.temperature,
-                       auto_cap=args.auto_cap, auto_seeds=args.auto_seeds)
+                       auto_cap=args.auto_cap, auto_seeds=args.auto_seeds, arms=arms, use_vllm=args.use_vllm)
         return 0
     run_reproduce(Path(args.out), seeds=args.seeds, rollout_steps=args.rollout_steps,
                   internal_steps=args.internal_steps, eval_problems=args.eval_problems,
