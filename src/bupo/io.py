@@ -28,7 +28,7 @@ def check_output_folder(path: str | os.PathLike, flag: str = "--out", *,
     while not parent.exists() and parent != parent.parent:
         parent = parent.parent
     if not parent.is_dir():
-        raise ValueError(f"{flag} {path}: {parent} is a file, so no folder can be made under it")
+        raise ValueError(f"{flag} {path}: not writable: {parent} is a file, so no folder can be made under it")
     if not os.access(parent, os.W_OK | os.X_OK):
         raise ValueError(f"{flag} {path}: {parent} is not writable")
     real = p.resolve()
