@@ -155,14 +155,16 @@ def _lock_folder(out: Path, command: str, flag: str) -> int:
 @contextlib.contextmanager
 def guard_output(out_dir: str | os.PathLike, *, command: str, flag: str = "--out",
                  inputs: Iterable[str | os.PathLike | None] = (), finished: Iterable[str] = (),
-                 overwrite: bool = False, what: str = "outputs", hint: str = "",
-                 lock: bool = True) -> Iterator[list[Path]]:
+                 overwrite: bool = False, what: str = "outputs", hint: str = "", lock: bool = True,
+                 recover: bool = True) -> Iterator[list[Path]]:
     """The one guard of a command's output folder, held while the command writes it:
 
     - :func:`check_output_folder` (a file, not writable, an ``inputs`` model folder, bupo's model cache);
     - one writer at a time (``lock``): a second process gets a one-line ValueError naming the holder's pid; the
       lock of a killed process is taken over; the same process may enter again (a run and its evaluations);
-    - a publish that a kill interrupted (:class:`Staging`) is completed, so the folder holds a whole output;
+    - ``recover``: a publish that a kill interrupted (:class:`Staging`) is completed, so the folder holds a whole
+      output before ``finished`` is looked for (off where several processes share the folder: the next
+      :class:`Staging` of it completes the publish then);
     - ``finished``: glob patterns of what a finished output holds (``summary.json``, ``checkpoint-*``): when any
       matches and ``overwrite`` is off, ValueError ``{flag} X: already holds {what} (...); {hint}``.
 
@@ -177,7 +179,7 @@ def guard_output(out_dir: str | os.PathLike, *, command: str, flag: str = "--out
     if lock:
         _HELD[key] = _HELD.get(key, 0) + 1
     try:
-        for journal in sorted(out.glob(f".*/{Staging.JOURNAL}")):
+        for journal in sorted(out.glob(f".*/{Staging.JOURNAL}")) if recover and lock else ():
             Staging.finish_publish(out, journal.parent)
         found = sorted({p for pattern in finished for p in out.glob(pattern)})
         if found and not overwrite:

@@ -36,11 +36,13 @@ def claim_output(out_dir: Path, resume: str | None, overwrite: bool, model_path:
     the folder's newest (the newer ones would be replaced). With ``overwrite`` those are removed first. ``--out``
     may never be the ``--model`` folder (nor hold it when overwriting)."""
     main = int(os.environ.get("RANK", "0")) == 0
+    # recover=False: every rank picks the checkpoint here, so none may move one meanwhile; an interrupted checkpoint
+    # publish is completed by the trainer's next save (bupo.training.checkpointing), after the resume
     own = resume == "latest" or (resume is not None and Path(resume).resolve().parent == out_dir.resolve())
     from bupo.io import guard_output
 
     with guard_output(out_dir, command="bupo train", inputs=[model_path], finished=() if own else RUN_MARKERS,
-                      overwrite=overwrite, what="a training run", lock=main,
+                      overwrite=overwrite, what="a training run", lock=main, recover=False,
                       hint="give --resume to continue it, --overwrite to replace it, or another --out"):
         checkpoint = resolve_resume(resume, str(out_dir))
         newer = _newer_checkpoints(checkpoint, out_dir) if own and checkpoint is not None else []
