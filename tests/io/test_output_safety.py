@@ -197,22 +197,23 @@ def test_a_finished_training_run_is_replaced_only_with_overwrite(ws, tmp_path, c
 # ------------------------------------------------------------------------------- outputs whole or not at all
 
 
-def _staged(out: Path, files: dict[str, str]) -> Staging:
-    st = Staging(out, name=".partial", fingerprint="f")
-    for name, text in files.items():
-        (st.output / name).write_text(text)
-    return st
-
-
 OLD = {"summary.json": "old", "tokens.parquet": "old", "report.html": "old", "heatmap.png": "old"}
 NEW = {"summary.json": "new", "tokens.parquet": "new", "traces.jsonl": "new"}
 
 
+def _staged(out: Path) -> Staging:
+    """A finished output OLD in ``out`` and the new output NEW staged, ready to publish."""
+    for name, text in OLD.items():
+        (out / name).write_text(text)
+    st = Staging(out, name=".partial", fingerprint="f")
+    for name, text in NEW.items():
+        (st.output / name).write_text(text)
+    return st
+
+
 @pytest.mark.parametrize("fail_at", range(6))
 def test_a_full_disk_mid_publish_keeps_the_old_output_whole(tmp_path, monkeypatch, fail_at):
-    for name, text in OLD.items():
-        (tmp_path / name).write_text(text)
-    st = _staged(tmp_path, NEW)
+    st = _staged(tmp_path)
     real, calls = os.replace, []
 
     def full_disk(a, b):
@@ -231,9 +232,7 @@ def test_a_full_disk_mid_publish_keeps_the_old_output_whole(tmp_path, monkeypatc
 
 @pytest.mark.parametrize("killed_after", range(7))
 def test_a_kill_mid_publish_is_completed_by_the_next_run(tmp_path, monkeypatch, killed_after):
-    for name, text in OLD.items():
-        (tmp_path / name).write_text(text)
-    st = _staged(tmp_path, NEW)
+    st = _staged(tmp_path)
     real, calls = os.replace, []
 
     class Killed(BaseException):
