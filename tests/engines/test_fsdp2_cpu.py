@@ -156,7 +156,7 @@ def test_bupo_train_fsdp2_cpu_recipe_shards_both_phases_and_resumes(tmp_path):
     assert "Qwen3DecoderLayer" in sharding["fsdp_unit_types"]
 
     # resume from the checkpoint saved while internal: its optimizer has no state for the layers above k
-    proc = _run(tmp_path / "p2", out, "--resume", str(out / "checkpoint-1"))
+    proc = _run(tmp_path / "p2", out, "--resume", str(out / "checkpoint-1"), "--overwrite")  # checkpoint-2 goes
     assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-4000:]
     assert WARNING not in proc.stderr
     for rec, first in zip(read_ranks(tmp_path / "p2"), ranks, strict=True):

@@ -36,7 +36,8 @@ def test_accelerate_ddp_config_runs_both_phases_and_resumes(tmp_path):
     assert summary["global_step"] == 2 and (out / "checkpoint-1").is_dir()
 
     # resume from the checkpoint at the phase boundary: the next rollout step is the full phase
-    proc = launch("cpu.yaml", tmp_path / "p2", [*train_args(out), "--resume", str(out / "checkpoint-1")])
+    proc = launch("cpu.yaml", tmp_path / "p2", [*train_args(out), "--resume", str(out / "checkpoint-1"),
+                                                "--overwrite"])
     assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-4000:]
     for rec in read_ranks(tmp_path / "p2"):
         assert rec["start_step"] == 1 and rec["global_step"] == 2 and rec["world_size"] == 2

@@ -37,11 +37,15 @@ def test_publish_replaces_the_output_as_a_whole_marker_last(tmp_path, monkeypatc
     (tmp_path / "mine.txt").write_text("not an output")  # a user's file: not named in replaces, left alone
     st = Staging(tmp_path, name=".partial", fingerprint="f")
     _assemble(st, {"summary.json": "new", "tokens.parquet": "new"})
-    order = []
+    moves = []
     real = os.replace
-    monkeypatch.setattr(os, "replace", lambda a, b: (order.append(os.path.basename(b)), real(a, b)))
+    monkeypatch.setattr(os, "replace", lambda a, b: (moves.append((os.path.basename(b), os.path.dirname(b))),
+                                                     real(a, b)))
     published = st.publish(last="summary.json", replaces=("summary.json", "tokens.parquet", "figure.png"))
+    order = [name for name, folder in moves if folder == str(tmp_path)]  # what entered the folder, in order
     assert order == ["tokens.parquet", "summary.json"]
+    swaps = [m for m in moves if m[0] != Staging.JOURNAL]  # the journal itself is written atomically first
+    assert moves[0][0] == Staging.JOURNAL and swaps[0] == ("summary.json", str(st.dir / Staging.ASIDE_DIR))
     assert [p.name for p in published] == order
     assert sorted(p.name for p in tmp_path.iterdir()) == ["mine.txt", "summary.json", "tokens.parquet"]
     assert (tmp_path / "summary.json").read_text() == "new"
@@ -49,7 +53,7 @@ def test_publish_replaces_the_output_as_a_whole_marker_last(tmp_path, monkeypatc
         Staging(tmp_path, name=".partial", fingerprint="f").publish(last="summary.json")
 
 
-def test_a_crash_mid_publish_leaves_no_marker_and_the_next_run_resumes(tmp_path, monkeypatch):
+def test_an_error_mid_publish_leaves_the_old_output_whole_and_the_next_run_resumes(tmp_path, monkeypatch):
     (tmp_path / "summary.json").write_text("old")
     st = Staging(tmp_path, name=".partial", fingerprint="f")
     st.write_json("shard.json", [1, 2])
@@ -65,7 +69,9 @@ def test_a_crash_mid_publish_leaves_no_marker_and_the_next_run_resumes(tmp_path,
     with pytest.raises(OSError, match="killed"):
         st.publish(last="summary.json")
     monkeypatch.setattr(os, "replace", real)
-    assert not (tmp_path / "summary.json").exists()  # neither the old output nor a finished-looking mix
+    # the swap was undone: the old output, whole (no new file next to the old marker)
+    assert sorted(p.name for p in tmp_path.iterdir()) == [".partial", "summary.json"]
+    assert (tmp_path / "summary.json").read_text() == "old"
     again = Staging(tmp_path, name=".partial", fingerprint="f")
     assert again.resumed and again.read_json("shard.json") == [1, 2] and list(again.output.iterdir()) == []
 

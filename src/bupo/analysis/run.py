@@ -41,7 +41,7 @@ from bupo.analysis.result import SUMMARY_FILE, TOKENS_FILE, AnalysisResult
 from bupo.analysis.result import suggested_layer as suggested_layer  # bupo.training.run imports it from here
 from bupo.analysis.staging import STAGING_DIR, Shards
 from bupo.analysis.traces import Inputs, collect_traces, read_inputs, select_traces
-from bupo.io import Staging
+from bupo.io import Staging, guard_output
 from bupo.models.load import load_model, resolve_device  # the one loader, re-exported here
 
 __all__ = ["AnalysisConfig", "AnalysisResult", "analyze", "load_model", "resolve_device"]
@@ -89,8 +89,17 @@ def analyze(
     cfg = dataclasses.replace(config or AnalysisConfig(), **settings)
     out = None if out_dir is None else Path(out_dir)
     cfg.validate(out_dir=out)
-    if out is not None:
-        _check_out_dir(out, cfg.overwrite)
+    if out is None:
+        return _load_and_run(model, tokenizer, data, traces, None, cfg, trust_remote_code)
+    # one writer per folder; a finished analysis is replaced only with overwrite (as a whole, at the publish)
+    with guard_output(out, command="bupo analyze", inputs=[model if isinstance(model, str | os.PathLike) else None],
+                      finished=[SUMMARY_FILE], overwrite=cfg.overwrite, what="a finished analysis",
+                      hint="pass overwrite=True (--overwrite) or choose another --out"):
+        return _load_and_run(model, tokenizer, data, traces, out, cfg, trust_remote_code)
+
+
+def _load_and_run(model: Any, tokenizer: Any, data: Any, traces: Any, out: Path | None,
+                  cfg: AnalysisConfig, trust_remote_code: bool = False) -> AnalysisResult:
     model_path = None
     if isinstance(model, str | os.PathLike):
         model_path = str(model)
@@ -155,16 +164,3 @@ def _fingerprint(model: Any, meta: Mapping[str, Any], inputs: Inputs) -> str:
             "max_samples", "num_layers", "positions")
     return fingerprint({**{k: meta[k] for k in keys}, "weights": model_fingerprint(model),
                         "inputs": fingerprint({"rows": inputs.rows, "traces": inputs.trace_rows})})
-
-
-def _check_out_dir(out_dir: Path, overwrite: bool) -> None:
-    try:
-        out_dir.mkdir(parents=True, exist_ok=True)
-        probe = out_dir / ".bupo_write_probe"
-        probe.write_text("ok")
-        probe.unlink()
-    except OSError as exc:
-        raise ValueError(f"output directory {str(out_dir)!r} is not writable: {exc.strerror or exc}") from None
-    if (out_dir / SUMMARY_FILE).exists() and not overwrite:
-        raise ValueError(f"{str(out_dir)!r} already holds a finished analysis ({SUMMARY_FILE}); pass overwrite=True "
-                         "(--overwrite) or choose another --out")

@@ -179,12 +179,11 @@ def _check_causal_lm(folder: Path, trust_remote_code: bool = False) -> None:
 
 
 def _eval_handler(args: argparse.Namespace) -> int:
-    from bupo.engines import backend_note, resolve_backend
-    from bupo.evaluation.backends import VLLMBackend, path_fingerprint, require_vllm
-    from bupo.evaluation.core import evaluate, plan_benchmarks
-    from bupo.io import check_output_folder
+    from bupo.engines import resolve_backend
+    from bupo.evaluation.backends import require_vllm
+    from bupo.evaluation.core import plan_benchmarks
+    from bupo.io import guard_output
     from bupo.models.load import remote_code_notice
-    from bupo.rewards import choose_reward
 
     _check_args(args)
     backend = "hf" if args.policy_layer is not None else resolve_backend(args.backend)
@@ -195,6 +194,9 @@ def _eval_handler(args: argparse.Namespace) -> int:
     _check_causal_lm(folder, args.trust_remote_code)
     projection = args.projection or "raw"
     label = args.label or ("bundled" if args.model is None else folder.resolve().name)
+    if not args.out and (label in ("", ".", "..") or "/" in label or "\\" in label or label != label.strip()):
+        raise ValueError(f"--label {label!r}: without --out it names the folder runs/eval/<label>, so it must be one "
+                         "plain folder name (no '/', '\\', '..', leading or trailing spaces); give --out as well")
     if args.policy_layer is not None and not args.label:
         label += f"-layer{args.policy_layer}-{projection}"
     datasets = _datasets(args)
@@ -204,7 +206,18 @@ def _eval_handler(args: argparse.Namespace) -> int:
 
         hf_logging.disable_progress_bar()
     out = Path(args.out) if args.out else Path("runs") / "eval" / label
-    check_output_folder(out)
+    with guard_output(out, command="bupo eval", inputs=[folder]):  # one writer: samples.jsonl, results.json
+        return _evaluate_into(args, folder, backend, datasets, label, out)
+
+
+def _evaluate_into(args: argparse.Namespace, folder: Path, backend: str, datasets: dict[str, list[dict]],
+                   label: str, out: Path) -> int:
+    """The evaluation itself, once ``out`` is held."""
+    from bupo.engines import backend_note
+    from bupo.evaluation.backends import VLLMBackend, path_fingerprint
+    from bupo.evaluation.core import evaluate
+    from bupo.rewards import choose_reward
+
     max_new = args.max_new_tokens if args.max_new_tokens is not None else _default_max_new_tokens(folder, args.model)
     reward, reward_source = choose_reward(args.reward, folder)
     common = dict(
@@ -250,7 +263,7 @@ def _eval_handler(args: argparse.Namespace) -> int:
                                       trust_remote_code=args.trust_remote_code)
         results = evaluate(
             model, tokenizer, datasets, backend="hf", batch_size=args.batch_size or 32,
-            policy_layer=args.policy_layer, projection=projection, **common
+            policy_layer=args.policy_layer, projection=args.projection or "raw", **common
         )
     from bupo.evaluation.report import add_pass_at_k_curve
 
@@ -266,7 +279,10 @@ def _eval_handler(args: argparse.Namespace) -> int:
 
 def _compare_handler(args: argparse.Namespace) -> int:
     from bupo.evaluation.report import compare_table, load_results
+    from bupo.io import check_output_file
 
+    if args.out:
+        check_output_file(args.out)  # a folder or an unwritable place: one line, before any run is read
     runs = [load_results(d) for d in args.dirs]
     args.labels = split_labels(args.labels)
     if args.labels is not None and len(args.labels) != len(runs):

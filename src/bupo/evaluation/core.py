@@ -25,6 +25,7 @@ score (:func:`generate_and_score`, here), aggregate (:mod:`bupo.evaluation.resul
 
 from __future__ import annotations
 
+import contextlib
 import time
 from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
@@ -43,6 +44,7 @@ from bupo.evaluation.plan import (
 from bupo.evaluation.results import BenchmarkResult, EvalResults, aggregate
 from bupo.evaluation.samples import SAMPLES_FILE, SampleLog
 from bupo.generation import Completion
+from bupo.io import guard_output
 from bupo.rewards import DEFAULT_TIMEOUT, REWARDS, RewardStats, extract_boxed, score_batch
 
 __all__ = [
@@ -209,29 +211,31 @@ def evaluate(
     gen_hash = settings_hash(gen_settings)
 
     out_path = Path(out_dir) if out_dir is not None else None
-    log = SampleLog(out_path / SAMPLES_FILE if out_path else None)
-    stored, bad_lines = log.read()
-    work = plan_samples(plan, tokenizer, template, seed=seed, gen_hash=gen_hash, reward=reward, stored=stored)
-    stats = RewardStats()
-    with log:
-        generate_and_score(backend_obj, sampling, work, make_scorer(reward, timeout=reward_timeout, stats=stats), log)
-
-    settings = {
-        **gen_settings,
-        "policy": policy,
-        "reward": reward,
-        "gen_hash": gen_hash,
-        "n": {name: p[1] for name, p in plan.items()},
-        "ks": {name: p[2] for name, p in plan.items()},
-        "skipped_unreadable_sample_lines": bad_lines,
-    }
-    results = EvalResults(
-        benchmarks=aggregate(plan, work.records, work.reused),
-        settings=settings,
-        label=label,
-        reward_stats=stats.as_dict(),
-        seconds=time.monotonic() - t0,
-    )
-    if out_path is not None:
-        results.save(out_path)
+    # one writer per folder (its sample log and results); `bupo eval` holds it already (the lock is re-entrant)
+    with guard_output(out_path, command="bupo eval") if out_path is not None else contextlib.nullcontext():
+        log = SampleLog(out_path / SAMPLES_FILE if out_path else None)
+        stored, bad_lines = log.read()
+        work = plan_samples(plan, tokenizer, template, seed=seed, gen_hash=gen_hash, reward=reward, stored=stored)
+        stats = RewardStats()
+        with log:
+            generate_and_score(backend_obj, sampling, work, make_scorer(reward, timeout=reward_timeout, stats=stats),
+                               log)
+        settings = {
+            **gen_settings,
+            "policy": policy,
+            "reward": reward,
+            "gen_hash": gen_hash,
+            "n": {name: p[1] for name, p in plan.items()},
+            "ks": {name: p[2] for name, p in plan.items()},
+            "skipped_unreadable_sample_lines": bad_lines,
+        }
+        results = EvalResults(
+            benchmarks=aggregate(plan, work.records, work.reused),
+            settings=settings,
+            label=label,
+            reward_stats=stats.as_dict(),
+            seconds=time.monotonic() - t0,
+        )
+        if out_path is not None:
+            results.save(out_path)
     return results

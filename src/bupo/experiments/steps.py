@@ -99,6 +99,8 @@ def run_training(out_dir: Path, *, algo: str, seed: int, rollout_steps: int, int
         # keep every checkpoint when they are wanted for metrics over training (None would not override the default)
         "save_total_limit": rollout_steps if save_every else 1,
         "steps_per_generation": per, "per_device_train_batch_size": COMPLETIONS_PER_ROLLOUT // per,
+        # a run killed after a checkpoint continues from it (bupo train refuses a started folder without --resume)
+        "resume": "latest" if any(out_dir.glob("checkpoint-*")) else None,
         **(overrides or {}),
     }
     train_args, script = run_settings(merged)

@@ -22,9 +22,7 @@ from __future__ import annotations
 
 import contextlib
 import os
-import shutil
 import sys
-import tempfile
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -198,29 +196,30 @@ def import_gguf(
             f"loader (supported: {', '.join(sorted(GGUF_SUPPORTED_ARCHITECTURES))})"
         )
     if _overwrite_tmp:
-        work, final = out, None
-    else:
-        out.parent.mkdir(parents=True, exist_ok=True)
-        work, final = Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp-", dir=out.parent)), out
-        os.chmod(work, 0o755)
-    try:
-        record = _convert(src, meta, arch, work, say)
-        record.update(_marker_extra or {})
-        for p in work.iterdir():
-            os.chmod(p, 0o644)  # safetensors writes 0600; a cache entry is meant to be shared like any output
-        files = {p.name: p.stat().st_size for p in sorted(work.iterdir()) if p.is_file() and p.name != MARKER}
-        record.update(version=MARKER_VERSION, files=files, source=src.name, source_bytes=src.stat().st_size)
-        from bupo.io import atomic_write_json
+        return _convert_into(src, meta, arch, out, None, say, _marker_extra)
+    from bupo.io import temp_folder  # removed at the end; one a kill -9 left behind goes on the next import
 
-        atomic_write_json(work / MARKER, record)
-        if final is not None:
-            if final.exists():
-                final.rmdir()  # empty (checked above)
-            os.replace(work, final)
-    except BaseException:
-        if final is not None:
-            shutil.rmtree(work, ignore_errors=True)
-        raise
+    with temp_folder(out.parent, out.name) as work:
+        return _convert_into(src, meta, arch, work, out, say, _marker_extra)
+
+
+def _convert_into(src: Path, meta: dict[str, Any], arch: str, work: Path, final: Path | None,
+                  say: Callable[[str], None], marker_extra: dict | None) -> dict:
+    """Convert into ``work``, write the marker, then rename ``work`` to ``final`` (when given; the caller's
+    temporary folder removes ``work`` on an error)."""
+    record = _convert(src, meta, arch, work, say)
+    record.update(marker_extra or {})
+    for p in work.iterdir():
+        os.chmod(p, 0o644)  # safetensors writes 0600; a cache entry is meant to be shared like any output
+    files = {p.name: p.stat().st_size for p in sorted(work.iterdir()) if p.is_file() and p.name != MARKER}
+    record.update(version=MARKER_VERSION, files=files, source=src.name, source_bytes=src.stat().st_size)
+    from bupo.io import atomic_write_json
+
+    atomic_write_json(work / MARKER, record)
+    if final is not None:
+        if final.exists():
+            final.rmdir()  # empty (checked above)
+        os.replace(work, final)
     return record
 
 

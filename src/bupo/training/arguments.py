@@ -73,6 +73,9 @@ class BuPOScriptArguments:
     force_resume: bool = field(default=False, metadata={
         "help": "resume even when internal_layer / internal_steps / projection / optimizer steps per rollout / model "
         "/ data differ from the checkpoint's run (refused otherwise)"})
+    overwrite: bool = field(default=False, metadata={
+        "help": "replace the run in the output folder (its model, checkpoints, evaluations), or with resume the "
+        "checkpoints newer than the one resumed from (refused otherwise)"})
 
 
 # A run that finishes in a few minutes on 2 CPU cores with the bundled model and task. TRL settings equal to
@@ -110,7 +113,7 @@ FLAG_KEYS = {
     "model": "model_name_or_path", "data": "data", "eval_data": "eval_data", "algo": "algo",
     "internal_layer": "internal_layer", "internal_steps": "internal_steps", "out": "output_dir",
     "template": "template", "reward": "reward", "analysis": "analysis", "resume": "resume",
-    "force_resume": "force_resume", "verbose": "verbose",
+    "force_resume": "force_resume", "overwrite": "overwrite", "verbose": "verbose",
     "internal_steps_max": "internal_steps_max", "internal_schedule": "internal_schedule",
     "train_limit": "train_rows", "eval_limit": "eval_rows",  # the shared --train-limit / --eval-limit (docs/cli.md)
 }

@@ -106,6 +106,9 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--force-resume", action="store_true", default=None,
                    help="resume even when the layer, internal steps, projection, optimizer steps per rollout, model "
                    "or data differ from the checkpoint's run (refused otherwise)")
+    p.add_argument("--overwrite", action="store_true", default=None,
+                   help="replace the run already in --out (model, checkpoints, evaluations); with --resume "
+                   "CHECKPOINT, discard the checkpoints newer than it (refused otherwise)")
     p.add_argument("--verbose", action="store_true", default=None,
                    help="print TRL's raw log dicts instead of bupo's progress bar (switch and end lines stay), and keep "
                    "the libraries' own progress bars and warnings (also BUPO_VERBOSE=1)")

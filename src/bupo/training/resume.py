@@ -1,16 +1,90 @@
-"""``bupo train --resume``: which checkpoint, whether the run still matches it, and a run that had already finished.
+"""``bupo train --resume``: the output folder's guard, which checkpoint, whether the run still matches it, and a
+run that had already finished.
 
 Checkpoints are written and marked complete by the trainer (:mod:`bupo.training.checkpointing`); here they are chosen
-and compared against the run being started.
+and compared against the run being started. :func:`claim_output` holds the output folder (:func:`bupo.io.guard_output`)
+and refuses to replace a run's model or checkpoints without ``--overwrite``.
 """
 
 from __future__ import annotations
 
+import contextlib
 import logging
+import os
+import shutil
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
 logger = logging.getLogger(__name__)
+
+RUN_FILE = "bupo_run.json"
+#: what a training run leaves in its folder (a started or finished one): another run there needs --resume or --overwrite
+RUN_MARKERS = (RUN_FILE, "checkpoint-*", "config.json", "adapter_config.json")
+#: what --overwrite removes before a new run, so that nothing of the old one mixes in (no user file is named here)
+RUN_OUTPUTS = (*RUN_MARKERS, "log_history.json", "evals", "analysis", "README.md", "generation_config.json",
+               "*.safetensors", "model.safetensors.index.json", "adapter_model.bin", "pytorch_model*.bin",
+               "training_args.bin", "tokenizer*", "special_tokens_map.json", "added_tokens.json", "chat_template.jinja",
+               "vocab.json", "merges.txt")
+
+
+@contextlib.contextmanager
+def claim_output(out_dir: Path, resume: str | None, overwrite: bool, model_path: str) -> Iterator[str | None]:
+    """Hold ``out_dir`` for this run (the main process locks it; a second run there gets a one-line error) and yield
+    the checkpoint to resume from (:func:`resolve_resume`). Refused without ``overwrite``: a folder holding a run
+    (:data:`RUN_MARKERS`) unless resuming from one of its checkpoints, and a resume from an older checkpoint than
+    the folder's newest (the newer ones would be replaced). With ``overwrite`` those are removed first. ``--out``
+    may never be the ``--model`` folder (nor hold it when overwriting)."""
+    main = int(os.environ.get("RANK", "0")) == 0
+    # recover=False: every rank picks the checkpoint here, so none may move one meanwhile; an interrupted checkpoint
+    # publish is completed by the trainer's next save (bupo.training.checkpointing), after the resume
+    own = resume == "latest" or (resume is not None and Path(resume).resolve().parent == out_dir.resolve())
+    from bupo.io import guard_output
+
+    with guard_output(out_dir, command="bupo train", inputs=[model_path], finished=() if own else RUN_MARKERS,
+                      overwrite=overwrite, what="a training run", lock=main, recover=False,
+                      hint="give --resume to continue it, --overwrite to replace it, or another --out"):
+        checkpoint = resolve_resume(resume, str(out_dir))
+        newer = _newer_checkpoints(checkpoint, out_dir) if own and checkpoint is not None else []
+        if newer and not overwrite:
+            raise ValueError(f"--resume {resume}: {out_dir} holds newer checkpoints ({', '.join(newer)}), which "
+                             "resuming from it would replace; give --resume alone for the newest, or --overwrite to "
+                             "discard the newer ones")
+        doomed = [out_dir / n for n in newer] if own else (
+            sorted({p for pattern in RUN_OUTPUTS for p in out_dir.glob(pattern)}) if overwrite else [])
+        if any(p.resolve() == Path(model_path).resolve() or p.resolve() in Path(model_path).resolve().parents
+               for p in doomed):
+            raise ValueError(f"--overwrite: --model {model_path} lies in {out_dir}, whose run it would remove; "
+                             "copy the model elsewhere or choose another --out")
+        if doomed and main:
+            print(f"bupo train: --overwrite: removing {', '.join(p.name for p in doomed)} from {out_dir}", flush=True)
+            for p in doomed:
+                if p.is_dir() and not p.is_symlink():
+                    shutil.rmtree(p)
+                else:
+                    p.unlink()
+        yield checkpoint
+
+
+def _newer_checkpoints(checkpoint: str, out_dir: Path) -> list[str]:
+    """The complete checkpoint-* folders of ``out_dir`` past ``checkpoint``'s step."""
+    from bupo.training.checkpointing import checkpoint_problem
+
+    step = _checkpoint_step(checkpoint)
+    return [d.name for s, d in _checkpoint_folders(out_dir) if s > step and checkpoint_problem(d) is None]
+
+
+def _checkpoint_folders(out: Path) -> list[tuple[int, Path]]:
+    """``(step, folder)`` of every checkpoint-N folder in ``out``, newest first."""
+    from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR
+
+    found = []
+    if out.is_dir():
+        for d in out.iterdir():
+            tail = d.name[len(PREFIX_CHECKPOINT_DIR) + 1:]
+            if d.is_dir() and d.name.startswith(PREFIX_CHECKPOINT_DIR + "-") and tail.isdigit():
+                found.append((int(tail), d))
+    return sorted(found, reverse=True)
 
 
 def resolve_resume(resume: str | None, output_dir: str) -> str | None:
@@ -21,17 +95,8 @@ def resolve_resume(resume: str | None, output_dir: str) -> str | None:
     from bupo.training.checkpointing import checkpoint_problem
 
     if resume == "latest":
-        from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR
-
-        out = Path(output_dir)
-        found = []
-        if out.is_dir():
-            for d in out.iterdir():
-                tail = d.name[len(PREFIX_CHECKPOINT_DIR) + 1:]
-                if d.is_dir() and d.name.startswith(PREFIX_CHECKPOINT_DIR + "-") and tail.isdigit():
-                    found.append((int(tail), d))
         skipped = []
-        for _, d in sorted(found, reverse=True):
+        for _, d in _checkpoint_folders(Path(output_dir)):
             problem = checkpoint_problem(d)
             if problem is None:
                 if skipped:

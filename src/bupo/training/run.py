@@ -40,13 +40,19 @@ from bupo.training.model import (
     peft_config,
     policy_model,
 )
-from bupo.training.resume import check_resume_matches, data_fingerprint, resolve_resume, train_or_finish
+from bupo.training.resume import (
+    RUN_FILE,
+    check_resume_matches,
+    claim_output,
+    data_fingerprint,
+    resolve_resume,
+    train_or_finish,
+)
 from bupo.training.validation import check_environment, check_run
 
 if TYPE_CHECKING:
     from bupo.training.config import BuPOConfig
 
-RUN_FILE = "bupo_run.json"
 __all__ = ["RUN_FILE", "parse_train_args", "run_cli", "train"]
 
 
@@ -59,25 +65,36 @@ def train(config: BuPOConfig, script: BuPOScriptArguments | None = None, model_a
     model). ``config`` is never changed: the run trains on one new config that holds the resolved layer and the
     internal steps the algorithm fixes, validated like any other (``BuPOConfig.resolved``).
     """
-    from bupo.data.templates import record_template
-    from bupo.evaluation import resolve_template
-    from bupo.generation import context_length
     from bupo.models import resolve_model
-    from bupo.training.console import install_console
-    from bupo.training.trainer import BuPOTrainer
 
     script = script if script is not None else BuPOScriptArguments()
     model_args = model_args or script.model_args or default_model_args()
     fixed = check_run(config, script)  # the settings, once, before anything is loaded or written
     check_model_flags(config, model_args)  # what this machine cannot honour: vLLM, peft, attention kernels
     check_environment(config)
-    from bupo.training.launcher import complete_fused_lm_head, enable_cpu_fsdp2
+    from bupo.training.launcher import enable_cpu_fsdp2
 
     enable_cpu_fsdp2()  # an FSDP2 launcher on CPU processes: real FSDP2 over gloo, not DDP (docs/training.md)
     out_dir = Path(config.output_dir)
-    resume = resolve_resume(script.resume, str(out_dir))
+    if script.resume is not None and script.resume != "latest":
+        resolve_resume(script.resume, str(out_dir))  # a bad checkpoint folder: one line before the model resolves
     model_path = resolve_model(model_args.model_name_or_path or script.model_name_or_path)  # one-line errors
+    # held until the run ends: one writer, no finished run or newer checkpoint replaced without --overwrite
+    with claim_output(out_dir, script.resume, script.overwrite, model_path) as resume:
+        return _train(config, script, model_args, model_path, resume, fixed)
 
+
+def _train(config: BuPOConfig, script: BuPOScriptArguments, model_args: Any, model_path: str, resume: str | None,
+           fixed: dict[str, Any]) -> dict[str, Any]:
+    """:func:`train` once its inputs are checked and its output folder is held."""
+    from bupo.data.templates import record_template
+    from bupo.evaluation import resolve_template
+    from bupo.generation import context_length
+    from bupo.training.console import install_console
+    from bupo.training.launcher import complete_fused_lm_head
+    from bupo.training.trainer import BuPOTrainer
+
+    out_dir = Path(config.output_dir)
     # fp32 master weights unless a low-precision dtype is asked for; bf16/fp16 are autocast (TRL's default)
     model = policy_model(model_path, config, model_args)
     tokenizer = load_tokenizer(model_path, config, model_args)

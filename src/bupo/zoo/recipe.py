@@ -24,7 +24,6 @@ import math
 import os
 import random
 import shutil
-import tempfile
 import time
 from collections.abc import Iterator
 from dataclasses import asdict, dataclass
@@ -365,9 +364,9 @@ def build(out_dir: str | os.PathLike, cfg: RecipeConfig, log: Any = print) -> di
         "transformers": transformers.__version__,
     }
     log(json.dumps({k: record[k] for k in ("train", "eval_heldout_t1", "eval_heldout_greedy_pass@1")}))
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=".tmp-", dir=out.parent))
-    try:
+    from bupo.io import temp_folder  # removed at the end; one a kill -9 left behind goes on the next build
+
+    with temp_folder(out.parent, out.name) as tmp:
         model.save_pretrained(tmp, safe_serialization=True)
         tok.save_pretrained(tmp)
         with open(tmp / "recipe.json", "w") as f:
@@ -375,14 +374,9 @@ def build(out_dir: str | os.PathLike, cfg: RecipeConfig, log: Any = print) -> di
         from bupo.zoo.card import write_card
 
         write_card(tmp, record)
-        # mkdtemp makes a private folder; the model folder is ordinary shared data
-        os.chmod(tmp, 0o755)
         for f in tmp.iterdir():
-            os.chmod(f, 0o644)
+            os.chmod(f, 0o644)  # the model folder is ordinary shared data
         if out.exists():
             shutil.rmtree(out)
         os.replace(tmp, out)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
     return record
