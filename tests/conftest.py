@@ -43,6 +43,8 @@ def pytest_runtest_logreport(report: pytest.TestReport) -> None:
     """``BUPO_TEST_TIMINGS=FILE`` appends one line per test phase as it ends (seconds, outcome, id): a profile of the
     suite that survives a run cut short (``--durations`` prints only at the end)."""
     path = os.environ.get("BUPO_TEST_TIMINGS")
+    if getattr(report, "node", None) is not None:  # xdist's controller echoing a worker's report: logged there
+        return
     if path and (report.when == "call" or report.duration > 1.0 or report.outcome != "passed"):
         with open(path, "a") as f:
             f.write(f"{report.duration:.1f}\t{report.when}\t{report.outcome}\t{report.nodeid}\n")
