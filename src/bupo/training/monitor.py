@@ -112,17 +112,33 @@ class MonitorMixin:
             self._stop_non_finite(f"the gradient norm is {_as_float(grad_norm)}")
         return grad_norm
 
-    def save_model(self, output_dir: str | None = None, _internal_call: bool = False) -> None:
-        """transformers' save (checkpoints and the final model), refused when any weight is NaN/inf."""
+    def _weights_finite(self) -> bool:
+        """Whether every weight of every rank is finite (one pass over the local shards, one all-reduce)."""
         bad = torch.zeros((), device=self.accelerator.device)
         with torch.no_grad():
             for p in self.model.parameters():
                 local = p.to_local() if hasattr(p, "to_local") else p
                 if local.numel() and local.is_floating_point():
                     bad += (~torch.isfinite(local)).any().to(bad.device, bad.dtype)
-        if self.accelerator.reduce(bad, reduction="sum").item() > 0:
+        return self.accelerator.reduce(bad, reduction="sum").item() == 0
+
+    def save_model(self, output_dir: str | None = None, _internal_call: bool = False) -> None:
+        """transformers' save (checkpoints and the final model), refused when any weight is NaN/inf."""
+        if not self._weights_finite():
             self._stop_non_finite("some weights are NaN/inf", saving=True)
         super().save_model(output_dir, _internal_call)
+
+    def _generate_and_score_completions(self, inputs: list[dict[str, Any]]) -> dict[str, Any]:
+        """TRL's rollout; when it fails on weights an update made NaN/inf (sampling from NaN probabilities), the
+        run stops with :class:`NonFiniteTraining` instead of the sampler's error (checked only on failure)."""
+        try:
+            return super()._generate_and_score_completions(inputs)
+        except NonFiniteTraining:
+            raise
+        except Exception:
+            if self._weights_finite():
+                raise
+            self._stop_non_finite(f"the weights are NaN/inf after step {self.state.global_step}", saving=True)
 
     def _stop_non_finite(self, what: str, saving: bool = False) -> None:
         """Raise :class:`NonFiniteTraining` with the step, what was seen, the likely causes and the last good
