@@ -265,7 +265,7 @@ def unrecognised_message(rest: list[str], parser: Any) -> str:
 def _yaml_shapes(parser: Any, cfg: dict[str, Any], path: str) -> dict[str, Any]:
     """The YAML's values in the shape their fields take: one item for a list field becomes a list of one
     (``eval_data: none`` is the list ``[none]``, never iterated letter by letter), a list of reward names becomes
-    ``"a,b"``; a list for a one-value field and an empty (null) list field are a ValueError (one line)."""
+    ``"a,b"``; a list for a one-value text field and an empty (null) list field are a ValueError (one line)."""
     actions = {a.dest: a for a in parser._actions}
     out = dict(cfg)
     for key, value in cfg.items():
@@ -280,8 +280,8 @@ def _yaml_shapes(parser: Any, cfg: dict[str, Any], path: str) -> dict[str, Any]:
                 out[key] = [value]
         elif key == "reward" and isinstance(value, list):
             out[key] = ",".join(str(v) for v in value)  # the names, summed (parse_rewards checks each)
-        elif isinstance(value, list | dict) and a.type in (str, int, float):
-            raise ValueError(f"{path}: key {key!r} takes one value, got a {type(value).__name__} ({value!r:.60})")
+        elif isinstance(value, list) and a.type is str:  # (numbers: _check_config_types says "not a number")
+            raise ValueError(f"{path}: key {key!r} takes one value, got a list ({value!r:.60})")
     return out
 
 

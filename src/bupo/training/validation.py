@@ -57,11 +57,12 @@ def check_numbers(*configs: Any) -> None:
 def check_precision(train_args: Any, model_args: Any) -> None:
     """float16 on the CPU is refused (weights or autocast): CPU training in fp16 overflows to NaN weights, and
     ``fp16`` autocast does not run on the CPU at all. bf16 or fp32 are the CPU's options."""
+    from bupo.training.model import model_init_kwargs
+
     if train_args.device.type != "cpu":
         return
-    init = train_args.model_init_kwargs or {}
-    dtypes = [getattr(model_args, "dtype", None), init.get("dtype"), init.get("torch_dtype")]
-    if any(str(d) in _FP16 for d in dtypes if d is not None):
+    dtype = model_init_kwargs(train_args, model_args)["dtype"]  # the one resolution of --dtype/--model_init_kwargs
+    if str(dtype) in _FP16:
         raise ValueError("dtype float16 cannot train on the CPU (the weights overflow to NaN); use --dtype float32 "
                          "(default) or bfloat16")
     if train_args.fp16:
@@ -133,7 +134,10 @@ def check_run(train_args: Any, script: BuPOScriptArguments, model_args: Any = No
     given = script.given is None or "internal_steps" in script.given
     fixed = algo_settings(script.algo, train_args.internal_steps, steps_given=given)
     validate_run_args(train_args, script)  # the checks with a field's own words first, then the generic ones
-    model_args = model_args if model_args is not None else script.model_args
+    if model_args is None:
+        from bupo.training.model import default_model_args
+
+        model_args = script.model_args or default_model_args()
     check_numbers(train_args, script, model_args)
     check_precision(train_args, model_args)
     _warn_no_full_phase(train_args, script)  # only once every check passed
