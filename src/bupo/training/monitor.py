@@ -21,7 +21,6 @@ from __future__ import annotations
 
 import logging
 import math
-from pathlib import Path
 from typing import Any
 
 import torch
@@ -41,13 +40,6 @@ class NonFiniteTraining(FloatingPointError):
 def _as_float(x: Any) -> float:
     full = getattr(x, "full_tensor", None)  # an FSDP2 DTensor
     return float(full() if full is not None else x)
-
-
-def last_checkpoint(output_dir: str) -> str | None:
-    """The newest ``checkpoint-N`` folder under ``output_dir`` (None when there is none)."""
-    steps = [(int(p.name.split("-")[1]), p) for p in Path(output_dir).glob("checkpoint-*")
-             if p.is_dir() and p.name.split("-")[1].isdigit()]
-    return str(max(steps)[1]) if steps else None
 
 
 class MonitorMixin:
@@ -125,7 +117,7 @@ class MonitorMixin:
     def save_model(self, output_dir: str | None = None, _internal_call: bool = False) -> None:
         """transformers' save (checkpoints and the final model), refused when any weight is NaN/inf."""
         if not self._weights_finite():
-            self._stop_non_finite("some weights are NaN/inf", saving=True)
+            self._stop_non_finite("some weights are NaN/inf", step_done=True)
         super().save_model(output_dir, _internal_call)
 
     def _generate_and_score_completions(self, inputs: list[dict[str, Any]]) -> dict[str, Any]:
@@ -138,13 +130,18 @@ class MonitorMixin:
         except Exception:
             if self._weights_finite():
                 raise
-            self._stop_non_finite(f"the weights are NaN/inf after step {self.state.global_step}", saving=True)
+            self._stop_non_finite(f"the weights are NaN/inf after step {self.state.global_step}", step_done=True)
 
-    def _stop_non_finite(self, what: str, saving: bool = False) -> None:
-        """Raise :class:`NonFiniteTraining` with the step, what was seen, the likely causes and the last good
-        checkpoint."""
-        good = last_checkpoint(self.args.output_dir)
-        step = self.state.global_step if saving else self.state.global_step + 1
+    def _stop_non_finite(self, what: str, step_done: bool = False) -> None:
+        """Raise :class:`NonFiniteTraining` with the step (``step_done``: the one just counted, else the one under
+        way), what was seen, the likely causes and the last good (complete) checkpoint."""
+        from bupo.training.resume import resolve_resume
+
+        try:
+            good = resolve_resume("latest", self.args.output_dir)
+        except ValueError:  # none, or none complete
+            good = None
+        step = self.state.global_step if step_done else self.state.global_step + 1
         kept = f"the last good checkpoint {good} is kept" if good else "no checkpoint was saved before it"
         raise NonFiniteTraining(
             f"training diverged at optimizer step {step}: {what} (a learning rate too high, now "
@@ -156,7 +153,7 @@ class MonitorMixin:
         NaN/inf training loss stops the run (:class:`NonFiniteTraining`)."""
         loss = logs.get("loss")
         if self.model.training and isinstance(loss, int | float) and not math.isfinite(loss):
-            self._stop_non_finite(f"the training loss is {loss}", saving=True)
+            self._stop_non_finite(f"the training loss is {loss}", step_done=True)
         grad_norm = logs.get("grad_norm")
         if self.model.training and isinstance(grad_norm, int | float):
             self._bupo_zero_grad = self._bupo_zero_grad + 1 if grad_norm == 0 else 0
