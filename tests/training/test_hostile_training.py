@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import errno
 import json
+import math
 import os
 from pathlib import Path
 
@@ -72,6 +73,7 @@ def no_loading(monkeypatch):
     (["--reward_weights", "1", "nan"], "reward_weights[1] must be a finite number"),
     (["--lora_dropout", "-0.5"], "lora_dropout must be >= 0"),
     (["--learning_rate", "inf"], "learning_rate must be a finite number"),
+    (["--learning_rate", "10"], "learning_rate 10 is above 1: AdamW moves every weight"),
     (["--dtype", "float16"], "dtype float16 cannot train on the CPU"),
     (["--fp16", "true"], "fp16 mixed precision needs a GPU"),
     (["--model_init_kwargs", '{"dtype": "float16"}'], "dtype float16 cannot train on the CPU"),
@@ -228,7 +230,10 @@ def test_nan_weights_stop_the_next_rollout_in_one_line(tmp_path):
         trainer.train()
 
 
-def test_a_diverging_learning_rate_is_one_line_exit_1_and_no_final_model(ws, tmp_path, capsys):
+def test_a_diverging_learning_rate_is_one_line_exit_1_and_no_final_model(ws, tmp_path, capsys, monkeypatch):
+    import bupo.training.validation as validation
+
+    monkeypatch.setattr(validation, "MAX_LEARNING_RATE", math.inf)  # past the pre-flight bound: the run diverges
     out = tmp_path / "run"
     rc = _train(ws, out, "--learning_rate", "1e38", "--max_steps", "8", "--save_steps", "2", "--probe_every", "0")
     line = _one_line(capsys, rc, "training diverged at optimizer step", code=1)

@@ -16,6 +16,8 @@ from bupo.training.arguments import ALGOS, BuPOScriptArguments
 LEAST_VALUE = {"max_steps": -1, "local_rank": -1, "top_k": -1}
 #: the numeric fields whose values may have either sign (a reward weight of -1 subtracts that reward)
 SIGNED = frozenset({"reward_weights"})
+#: AdamW moves each weight by about the learning rate per step: above this, every step overwrites the model
+MAX_LEARNING_RATE = 1.0
 #: the settings that ask for float16 arithmetic, which the CPU cannot train in (AdamW steps overflow to NaN)
 _FP16 = ("float16", "fp16", "half", "torch.float16")
 
@@ -117,6 +119,10 @@ def validate_run_args(train_args: Any, script: BuPOScriptArguments) -> None:
         raise ValueError(f"reward_timeout must be a finite number of seconds > 0, got {script.reward_timeout!r}")
     if not _finite(train_args.learning_rate) or train_args.learning_rate < 0:
         raise ValueError(f"learning_rate must be a finite number >= 0, got {train_args.learning_rate!r}")
+    if train_args.learning_rate > MAX_LEARNING_RATE:
+        raise ValueError(f"learning_rate {train_args.learning_rate:g} is above {MAX_LEARNING_RATE:g}: AdamW moves every "
+                         "weight by about the learning rate each step (and decays it by learning_rate x weight_decay), "
+                         "which overwrites the model; the paper's runs use 1e-6, the bundled run 2e-4")
 
 
 def _warn_no_full_phase(train_args: Any, script: BuPOScriptArguments) -> None:
