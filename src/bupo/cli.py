@@ -7,6 +7,7 @@ heavy imports (torch, transformers, trl) happen inside their handlers.
 from __future__ import annotations
 
 import argparse
+import errno
 import importlib
 import os
 import sys
@@ -69,6 +70,34 @@ def main(argv: list[str] | None = None) -> int:
         raise
 
 
+#: the OSErrors that mean "this folder cannot take the files" (full disk, quota, file size limit, read-only mount)
+_NO_ROOM = {errno.ENOSPC: "no space left on the device", errno.EDQUOT: "the disk quota is exceeded",
+            errno.EFBIG: "the file is too large for the file system", errno.EROFS: "the file system is read-only"}
+EXIT_DIVERGED = 1  # training stopped on NaN/inf (not bad input: the settings were possible, the run diverged)
+
+
+def no_room(exc: BaseException) -> OSError | None:
+    """The full-disk OSError behind ``exc`` (itself, or its cause/context chain), or None. Libraries that wrap it
+    (safetensors, torch.save) keep its words: "No space left on device" then counts as ENOSPC."""
+    seen: set[int] = set()
+    e: BaseException | None = exc
+    while e is not None and id(e) not in seen:
+        seen.add(id(e))
+        if isinstance(e, OSError) and e.errno in _NO_ROOM:
+            return e
+        if "No space left on device" in str(e) or "StorageFull" in str(e):
+            return OSError(errno.ENOSPC, _NO_ROOM[errno.ENOSPC])
+        e = e.__cause__ or e.__context__
+    return None
+
+
+def _no_room_message(err: OSError, args: argparse.Namespace) -> str:
+    where = err.filename or next((getattr(args, a) for a in ("out", "compare_out", "output_dir")
+                                  if isinstance(getattr(args, a, None), str)), None)
+    place = f"writing {where}" if where else "writing its outputs"
+    return f"{_NO_ROOM[err.errno]} ({place}): free space there or pick another --out, then rerun"
+
+
 def _run(argv: list[str] | None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
@@ -82,6 +111,15 @@ def _run(argv: list[str] | None) -> int:
     except (ValueError, FileNotFoundError, PermissionError) as exc:
         # bad input: one clear line, no traceback
         print(f"bupo {args.command}: error: {exc}", file=sys.stderr)
+        return 2
+    except FloatingPointError as exc:  # training diverged (bupo.training.monitor.NonFiniteTraining)
+        print(f"bupo {args.command}: error: {exc}", file=sys.stderr)
+        return EXIT_DIVERGED
+    except Exception as exc:
+        err = no_room(exc)
+        if err is None:
+            raise
+        print(f"bupo {args.command}: error: {_no_room_message(err, args)}", file=sys.stderr)
         return 2
     return int(result or 0)
 

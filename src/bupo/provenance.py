@@ -63,3 +63,25 @@ def model_fingerprint(model: Any) -> str:
                 f"{name}|{tuple(p.shape)}|{float(sample.sum()):.17g}|{float(sample.abs().sum()):.17g}".encode()
             )
     return h.hexdigest()[:16]
+
+
+#: what identifies a model across artefacts (an analysis, a run, an evaluation): the fields a reuse must share
+IDENTITY_KEYS = ("model_type", "num_layers", "vocab_size")
+
+
+def model_identity(model: Any, name: str | None = None) -> dict[str, Any]:
+    """``{"model", "model_type", "num_layers", "vocab_size"}`` of an HF decoder LM (what an analysis summary records)."""
+    from bupo.internal.adapters import parts
+
+    p = parts(model)
+    return {"model": name or getattr(model.config, "_name_or_path", None) or type(model).__name__,
+            "model_type": model.config.model_type, "num_layers": p.num_layers,
+            "vocab_size": int(p.lm_head.weight.shape[0])}
+
+
+def identity_mismatch(recorded: dict[str, Any], current: dict[str, Any]) -> str | None:
+    """None when ``recorded`` (an artefact's) and ``current`` (this model's) agree on every :data:`IDENTITY_KEYS`
+    both give; else what differs, in words (``num_layers 8 vs 30; vocab_size 100 vs 49152``)."""
+    diffs = [f"{k} {recorded[k]} vs {current[k]}" for k in IDENTITY_KEYS
+             if recorded.get(k) is not None and current.get(k) is not None and recorded[k] != current[k]]
+    return "; ".join(diffs) or None

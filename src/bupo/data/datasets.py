@@ -18,6 +18,7 @@ the evaluation inside ``bupo train``, so the same name always means the same pro
 from __future__ import annotations
 
 import json
+import math
 import os
 import re
 from pathlib import Path
@@ -110,6 +111,19 @@ def _expected_message() -> str:
     )
 
 
+def number_text(x: int | float, where: str = "ground_truth") -> str:
+    """A numeric ground truth as the text a model writes: ``2`` and ``2.0`` -> ``"2"`` (a parquet column of ints
+    with a gap is read as floats; ``"2.0"`` would score ``\\boxed{2}`` as wrong), ``0.5`` -> ``"0.5"``. NaN/inf
+    (a missing answer) is a ValueError naming ``where``."""
+    if isinstance(x, float):
+        if not math.isfinite(x):
+            raise ValueError(f"{where}: ground_truth is {x} (a missing answer?); every row needs a finite reference "
+                             "answer")
+        if x.is_integer():
+            return str(int(x))
+    return str(x)
+
+
 def validate_rows(rows: list[dict], source: str = "rows") -> list[dict]:
     """Check the row contract; returns the rows (ground truths given as numbers become strings).
 
@@ -161,7 +175,7 @@ def validate_rows(rows: list[dict], source: str = "rows") -> list[dict]:
         if isinstance(gt, bool) or not isinstance(gt, str | int | float):
             raise ValueError(f"{source}: row {i}: ground_truth must be a string, got {type(gt).__name__}")
         if not isinstance(gt, str):
-            row["reward_model"] = {**rm, "ground_truth": str(gt)}
+            row["reward_model"] = {**rm, "ground_truth": number_text(gt, f"{source}: row {i}")}
         elif not gt.strip():
             # an empty answer would make "\\boxed{}" score 1.0
             raise ValueError(f"{source}: row {i}: ground_truth is empty; every row needs the reference answer")

@@ -119,11 +119,33 @@ def load_results(path: str | Path) -> dict[str, Any]:
     return data
 
 
+def check_comparable(runs: Sequence[tuple[str, dict[str, Any]]]) -> None:
+    """ValueError (one line) when two runs scored one benchmark on different problems: another problem count, or
+    other prompts / ground truths (the ``data`` fingerprint, when both results record it). Their Avg@K would not
+    measure the same thing, and the table's averages would mix them."""
+    first: dict[str, tuple[str, dict[str, Any]]] = {}
+    for label, r in runs:
+        for name, b in r["benchmarks"].items():
+            if name not in first:
+                first[name] = (label, b)
+                continue
+            label0, b0 = first[name]
+            if b.get("problems") != b0.get("problems"):
+                raise ValueError(f"{name}: {label0!r} was evaluated on {b0.get('problems')} problems, {label!r} on "
+                                 f"{b.get('problems')}: Avg@K over different problems does not compare; evaluate "
+                                 "both on the same data and --limit")
+            if b.get("data") and b0.get("data") and b["data"] != b0["data"]:
+                raise ValueError(f"{name}: {label0!r} and {label!r} were evaluated on different problems (prompts or "
+                                 "ground truths differ, same count): Avg@K does not compare; evaluate both on the "
+                                 "same data file")
+
+
 def compare_table(runs: Sequence[tuple[str, dict[str, Any]]], figure: str | None = None) -> str:
     """One Table-1-style table across runs (one row per run), then each run's settings and Pass@K; ``figure``
     (a path relative to the markdown file) links the Pass@K curves."""
     if not runs:
         raise ValueError("nothing to compare: give one or more result folders")
+    check_comparable(runs)
     cols = column_order([c for _, r in runs for c in r["benchmarks"]])
     lines = [f"Avg@K in % ({_k_note([r for _, r in runs], cols)}; – = not evaluated).", "", *_header(cols)]
     for label, r in runs:

@@ -34,6 +34,7 @@ class BenchmarkResult:
     truncated: float  # fraction of responses cut at max_new_tokens
     mean_response_tokens: float
     reused: int = 0  # samples taken from an earlier run's samples.jsonl
+    data: str | None = None  # fingerprint of the problems (prompts + ground truths): runs compare only on equal ones
 
     @property
     def display(self) -> str:
@@ -51,6 +52,7 @@ class BenchmarkResult:
             "truncated": self.truncated,
             "mean_response_tokens": self.mean_response_tokens,
             "reused": self.reused,
+            "data": self.data,
         }
 
 
@@ -102,8 +104,15 @@ class EvalResults:
         return out
 
 
+def data_fingerprint(rows: Sequence[dict]) -> str:
+    """The identity of a benchmark's problems: their prompts and ground truths, in order."""
+    from bupo.provenance import fingerprint
+
+    return fingerprint([[r.get("prompt"), (r.get("reward_model") or {}).get("ground_truth")] for r in rows])
+
+
 def benchmark_result(name: str, grid: Sequence[Sequence[dict]], n: int, ks: Sequence[int],
-                     reused: int = 0) -> BenchmarkResult:
+                     reused: int = 0, data: str | None = None) -> BenchmarkResult:
     """Avg@n and Pass@k (k in ``ks``) of one benchmark from its scored records, ``grid[i][j]`` = sample ``j`` of
     problem ``i`` (``n`` samples each); a sample counts as correct when its ``correct`` verdict is 1."""
     verdicts = [[r["correct"] for r in row] for row in grid]
@@ -119,6 +128,7 @@ def benchmark_result(name: str, grid: Sequence[Sequence[dict]], n: int, ks: Sequ
         truncated=sum(r["finish_reason"] == "length" for r in flat) / len(flat),
         mean_response_tokens=sum(r["num_tokens"] for r in flat) / len(flat),
         reused=reused,
+        data=data,
     )
 
 
@@ -128,6 +138,6 @@ def aggregate(plan: Mapping[str, tuple[list[dict], int, list[int]]], records: Ma
     keyed (benchmark, problem, sample)."""
     return {
         name: benchmark_result(name, [[records[(name, i, j)] for j in range(nb)] for i in range(len(rows))], nb, kb,
-                               reused.get(name, 0))
+                               reused.get(name, 0), data_fingerprint(rows))
         for name, (rows, nb, kb) in plan.items()
     }

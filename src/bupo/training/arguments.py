@@ -225,7 +225,7 @@ def parse_train_args(
     explicit = {k for k, v in (overrides or {}).items() if v is not None}
     explicit |= {a[2:].split("=")[0].replace("-", "_") for a in (trl_args or []) if a.startswith("--")}
     if config is not None:
-        cfg = read_yaml(config)
+        cfg = _yaml_shapes(parser, read_yaml(config), config)
         _check_config_types(parser, cfg, config)
         merged.update(cfg)
         explicit |= set(cfg)
@@ -271,6 +271,29 @@ def unrecognised_message(rest: list[str], parser: Any) -> str:
     if typed_dashes and "_" in hints:  # pointed at a TRL field: say how TRL writes them
         msg += "; TRL arguments are written with underscores (--learning_rate 1e-5)"
     return msg
+
+
+def _yaml_shapes(parser: Any, cfg: dict[str, Any], path: str) -> dict[str, Any]:
+    """The YAML's values in the shape their fields take: one item for a list field becomes a list of one
+    (``eval_data: none`` is the list ``[none]``, never iterated letter by letter), a list of reward names becomes
+    ``"a,b"``; a list for a one-value text field and an empty (null) list field are a ValueError (one line)."""
+    actions = {a.dest: a for a in parser._actions}
+    out = dict(cfg)
+    for key, value in cfg.items():
+        a = actions.get(key)
+        if a is None:
+            continue
+        if a.nargs in ("+", "*"):
+            if value is None:
+                raise ValueError(f"{path}: key {key!r} is empty (null); give a list or one value"
+                                 + (" ('none' turns evaluation off)" if key == "eval_data" else ""))
+            if not isinstance(value, list):
+                out[key] = [value]
+        elif key == "reward" and isinstance(value, list):
+            out[key] = ",".join(str(v) for v in value)  # the names, summed (parse_rewards checks each)
+        elif isinstance(value, list) and a.type is str:  # (numbers: _check_config_types says "not a number")
+            raise ValueError(f"{path}: key {key!r} takes one value, got a list ({value!r:.60})")
+    return out
 
 
 def _check_config_types(parser: Any, cfg: dict[str, Any], path: str) -> None:

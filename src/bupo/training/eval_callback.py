@@ -21,6 +21,8 @@ def eval_sets(specs: list[str] | None, train_spec: str | None, rows_limit: int |
 
     if specs is None:
         specs = [BUNDLED] if (train_spec in (None, BUNDLED)) else []
+    elif isinstance(specs, str):  # one path, not its letters
+        specs = [specs]
     if not specs or [s.lower() for s in specs] == ["none"]:
         return {}
     return load_benchmarks(specs, rows_limit)
@@ -92,6 +94,7 @@ def make_eval_callback(trainer: Any, sets: dict[str, list[dict]], script: BuPOSc
         from bupo.evaluation import evaluate
         from bupo.evaluation.backends import HFBackend
         from bupo.provenance import model_fingerprint
+        from bupo.rewards.api import parse_rewards
 
         t0 = time.time()
         main = trainer.accelerator.is_main_process
@@ -104,7 +107,7 @@ def make_eval_callback(trainer: Any, sets: dict[str, list[dict]], script: BuPOSc
             res = evaluate(m, trainer.processing_class, sets, n=script.eval_samples,
                            max_new_tokens=script.eval_max_new_tokens or args.max_completion_length,
                            temperature=args.temperature, top_p=args.top_p, template=template,
-                           reward=script.reward.split(",")[0], seed=args.seed,
+                           reward=parse_rewards(script.reward)[0], seed=args.seed,
                            batch_size=script.eval_batch_size, label=f"step {step}", backend=backend,
                            model_id=model_fingerprint(m) if main else "not-saved",  # as evaluate() keys samples
                            out_dir=(out_dir / "evals" / f"step-{step:06d}") if main else None)

@@ -12,6 +12,36 @@ from bupo.training.gather import full_params
 logger = logging.getLogger(__name__)
 
 
+def config_num_layers(model_path: str) -> int | None:
+    """The decoder layer count L from the model's ``config.json`` (no weights read); None when it cannot be read."""
+    try:
+        from transformers import AutoConfig
+
+        config = AutoConfig.from_pretrained(model_path)
+        return int(config.get_text_config().num_hidden_layers)
+    except Exception:  # a format AutoConfig cannot read: the check after loading (check_internal_policy) covers it
+        return None
+
+
+def check_layers(config: Any, num_layers: int | None) -> None:
+    """Every layer the run names (``internal_layer``, each layer of ``internal_schedule``) is one of the model's
+    ``num_layers``: ValueError (one line, the valid range 0..L-1) before anything is loaded; None: not known yet."""
+    from bupo.internal.policy import check_layer
+    from bupo.training.switch import parse_schedule
+
+    if num_layers is None:
+        return
+    if config.internal_schedule:
+        named = [("--internal-schedule", k) for k, _ in parse_schedule(config.internal_schedule)]
+    else:
+        named = [("--internal-layer", config.internal_layer)] if isinstance(config.internal_layer, int) else []
+    for flag, k in named:
+        try:
+            check_layer(k, num_layers)
+        except ValueError as exc:
+            raise ValueError(f"{flag}: {exc}") from None
+
+
 def find_analysis(model_path: str | None, output_dir: str | None) -> Path | None:
     """An existing analysis for --internal-layer auto: <model>/analysis or <out>/analysis (with summary.json)."""
     for base in (model_path, output_dir):
@@ -51,6 +81,7 @@ def resolve_internal_layer(
 
     given = analysis or find_analysis(model_path, output_dir)
     if given is not None:
+        check_analysis_model(given, model, model_path)
         return suggested_layer(given, projection=projection), f"analysis {given}"
     # no analysis yet: run a short one (the paper: 0.44% of the training cost) and keep it next to the run
     from bupo.analysis.run import analyze
@@ -68,6 +99,21 @@ def resolve_internal_layer(
                     progress=True)  # minutes on a real model: show it
     _barrier()
     return suggested_layer(out, projection=projection), f"analysis {out} (run by bupo train, {samples} responses)"
+
+
+def check_analysis_model(analysis: str | Path, model: Any, model_path: str | None) -> None:
+    """An analysis is reused only for the model it measured: ValueError (one line) when its summary's model type,
+    layer count or vocabulary differ from ``model``'s (its layer k would name another network's layer)."""
+    from bupo.analysis.result import load_summary
+    from bupo.provenance import identity_mismatch, model_identity
+
+    summary = load_summary(analysis)
+    current = model_identity(model, model_path)
+    diff = identity_mismatch(summary, current)
+    if diff:
+        raise ValueError(f"the analysis at {str(analysis)!r} was made on another model ({summary.get('model')!r}, "
+                         f"{summary.get('num_layers')} layers) than {current['model']!r} ({current['num_layers']} "
+                         f"layers): {diff}; analyse this model (bupo analyze --model ...) or give --internal-layer K")
 
 
 def _check_prompts(tokenizer: Any, rows: list[dict], template: str, n: int = 4) -> list[str]:
@@ -108,9 +154,12 @@ def check_internal_policy(model: Any, tokenizer: Any, rows: list[dict], template
                           projection: str) -> dict[str, Any] | None:
     """Before any training step: is pi^layer readable? Logs a warning with the numbers when it is not, and one for
     k = L-1 under projection raw (:func:`last_layer_raw_warning`)."""
-    from bupo.analysis.health import check_layer, quick_health
+    from bupo.analysis.health import check_layer as layer_warning
+    from bupo.analysis.health import quick_health
     from bupo.internal import parts
+    from bupo.internal.policy import check_layer
 
+    check_layer(layer, parts(model).num_layers)  # before any forward: one line naming 0..L-1, never an IndexError
     last = last_layer_raw_warning(layer, parts(model).num_layers, projection)
     if last:
         logger.warning("%s", last)
@@ -119,7 +168,7 @@ def check_internal_policy(model: Any, tokenizer: Any, rows: list[dict], template
         return None
     with full_params(model):
         health = quick_health(model, tokenizer, prompts, projection=projection)
-    warning = check_layer(health, layer)
+    warning = layer_warning(health, layer)
     if warning:
         logger.warning("degenerate internal policy: %s", warning)
     L = len(health["layer_entropy"])

@@ -10,11 +10,17 @@ A run that cannot learn says so, once, in one warning line: when every group's r
 ``frac_reward_zero_std`` = 1, so every advantage is 0 and the policy-gradient loss has no gradient) for
 :data:`CANNOT_LEARN_AFTER` rollout steps in a row, or the logged gradient norm was 0 that many times in a row. The line
 gives the numbers (mean reward, the fraction of completions clipped at ``max_completion_length``) and the likely causes.
+
+A run that diverges stops: a non-finite gradient norm (checked every optimizer step, before the weights move: it is
+computed for clipping and logging anyway), a non-finite logged loss, or non-finite weights when a checkpoint or the
+final model is about to be saved raise :class:`NonFiniteTraining` (one line: the step, the value, the last good
+checkpoint, which stays as it was).
 """
 
 from __future__ import annotations
 
 import logging
+import math
 from typing import Any
 
 import torch
@@ -25,6 +31,15 @@ from bupo.training.rewards import GuardedReward
 logger = logging.getLogger(__name__)
 
 CANNOT_LEARN_AFTER = 3  # rollout steps (or logged gradient norms) in a row without a learning signal before the warning
+
+
+class NonFiniteTraining(FloatingPointError):
+    """The loss, the gradients or the weights became NaN/inf: the run stops before it saves or steps on them."""
+
+
+def _as_float(x: Any) -> float:
+    full = getattr(x, "full_tensor", None)  # an FSDP2 DTensor
+    return float(full() if full is not None else x)
 
 
 class MonitorMixin:
@@ -81,8 +96,64 @@ class MonitorMixin:
             self._warn_cannot_learn(f"the rewards were equal within every group for {self._bupo_no_signal} rollout "
                                     "steps in a row (frac_reward_zero_std 1.00: every advantage 0, no gradient)")
 
+    def _get_grad_norm(self, model: Any, grad_norm: Any = None) -> Any:
+        """transformers' gradient norm (every optimizer step, before ``optimizer.step()``); a NaN/inf one stops the
+        run before it reaches the weights (the norm is global: every rank stops at the same step)."""
+        grad_norm = super()._get_grad_norm(model, grad_norm=grad_norm)
+        if grad_norm is not None and not math.isfinite(_as_float(grad_norm)):
+            self._stop_non_finite(f"the gradient norm is {_as_float(grad_norm)}")
+        return grad_norm
+
+    def _weights_finite(self) -> bool:
+        """Whether every weight of every rank is finite (one pass over the local shards, one all-reduce)."""
+        bad = torch.zeros((), device=self.accelerator.device)
+        with torch.no_grad():
+            for p in self.model.parameters():
+                local = p.to_local() if hasattr(p, "to_local") else p
+                if local.numel() and local.is_floating_point():
+                    bad += (~torch.isfinite(local)).any().to(bad.device, bad.dtype)
+        return self.accelerator.reduce(bad, reduction="sum").item() == 0
+
+    def save_model(self, output_dir: str | None = None, _internal_call: bool = False) -> None:
+        """transformers' save (checkpoints and the final model), refused when any weight is NaN/inf."""
+        if not self._weights_finite():
+            self._stop_non_finite("some weights are NaN/inf", step_done=True)
+        super().save_model(output_dir, _internal_call)
+
+    def _generate_and_score_completions(self, inputs: list[dict[str, Any]]) -> dict[str, Any]:
+        """TRL's rollout; when it fails on weights an update made NaN/inf (sampling from NaN probabilities), the
+        run stops with :class:`NonFiniteTraining` instead of the sampler's error (checked only on failure)."""
+        try:
+            return super()._generate_and_score_completions(inputs)
+        except NonFiniteTraining:
+            raise
+        except Exception:
+            if self._weights_finite():
+                raise
+            self._stop_non_finite(f"the weights are NaN/inf after step {self.state.global_step}", step_done=True)
+
+    def _stop_non_finite(self, what: str, step_done: bool = False) -> None:
+        """Raise :class:`NonFiniteTraining` with the step (``step_done``: the one just counted, else the one under
+        way), what was seen, the likely causes and the last good (complete) checkpoint."""
+        from bupo.training.resume import resolve_resume
+
+        try:
+            good = resolve_resume("latest", self.args.output_dir)
+        except ValueError:  # none, or none complete
+            good = None
+        step = self.state.global_step if step_done else self.state.global_step + 1
+        kept = f"the last good checkpoint {good} is kept" if good else "no checkpoint was saved before it"
+        raise NonFiniteTraining(
+            f"training diverged at optimizer step {step}: {what} (a learning rate too high, now "
+            f"{self.args.learning_rate:g}, or low-precision overflow); nothing was saved from it, {kept}"
+            + (" (resume with --resume and a lower --learning_rate)" if good else ""))
+
     def log(self, logs: dict[str, float], start_time: float | None = None) -> None:
-        """TRL's log, after counting logged gradient norms of 0 in a row (warn at :data:`CANNOT_LEARN_AFTER`)."""
+        """TRL's log, after counting logged gradient norms of 0 in a row (warn at :data:`CANNOT_LEARN_AFTER`); a
+        NaN/inf training loss stops the run (:class:`NonFiniteTraining`)."""
+        loss = logs.get("loss")
+        if self.model.training and isinstance(loss, int | float) and not math.isfinite(loss):
+            self._stop_non_finite(f"the training loss is {loss}", step_done=True)
         grad_norm = logs.get("grad_norm")
         if self.model.training and isinstance(grad_norm, int | float):
             self._bupo_zero_grad = self._bupo_zero_grad + 1 if grad_norm == 0 else 0

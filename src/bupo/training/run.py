@@ -32,7 +32,7 @@ from bupo.provenance import versions
 from bupo.training.arguments import FLAG_KEYS, BuPOScriptArguments, parse_train_args
 from bupo.training.data import BUNDLED, TrainingData, training_data
 from bupo.training.eval_callback import check_eval_context, eval_sets, make_eval_callback
-from bupo.training.layer import check_internal_policy, resolve_internal_layer
+from bupo.training.layer import check_internal_policy, check_layers, config_num_layers, resolve_internal_layer
 from bupo.training.model import (
     check_model_flags,
     default_model_args,
@@ -69,7 +69,7 @@ def train(config: BuPOConfig, script: BuPOScriptArguments | None = None, model_a
 
     script = script if script is not None else BuPOScriptArguments()
     model_args = model_args or script.model_args or default_model_args()
-    fixed = check_run(config, script)  # the settings, once, before anything is loaded or written
+    fixed = check_run(config, script, model_args)  # the settings, once, before anything is loaded or written
     check_model_flags(config, model_args)  # what this machine cannot honour: vLLM, peft, attention kernels
     check_environment(config)
     from bupo.training.launcher import enable_cpu_fsdp2
@@ -79,6 +79,7 @@ def train(config: BuPOConfig, script: BuPOScriptArguments | None = None, model_a
     if script.resume is not None and script.resume != "latest":
         resolve_resume(script.resume, str(out_dir))  # a bad checkpoint folder: one line before the model resolves
     model_path = resolve_model(model_args.model_name_or_path or script.model_name_or_path)  # one-line errors
+    check_layers(config, config_num_layers(model_path))  # --internal-layer / --internal-schedule in 0..L-1, now
     # held until the run ends: one writer, no finished run or newer checkpoint replaced without --overwrite
     with claim_output(out_dir, script.resume, script.overwrite, model_path) as resume:
         return _train(config, script, model_args, model_path, resume, fixed)

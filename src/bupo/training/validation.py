@@ -3,15 +3,72 @@ what is accepted. :func:`algo_settings` is the one home of the algo / internal-s
 
 from __future__ import annotations
 
+import dataclasses
 import math
+from collections.abc import Iterator
 from typing import Any
 
 from bupo.rewards.api import parse_rewards
 from bupo.training.arguments import ALGOS, BuPOScriptArguments
 
+#: the numeric fields that may go below 0, with their least value (every other number of the config is >= 0):
+#: max_steps -1 = num_train_epochs, local_rank -1 = no launcher, top_k -1 = off (vLLM's spelling)
+LEAST_VALUE = {"max_steps": -1, "local_rank": -1, "top_k": -1}
+#: the numeric fields whose values may have either sign (a reward weight of -1 subtracts that reward)
+SIGNED = frozenset({"reward_weights"})
+#: AdamW moves each weight by about the learning rate per step: above this, every step overwrites the model
+MAX_LEARNING_RATE = 1.0
+#: the settings that ask for float16 arithmetic, which the CPU cannot train in (AdamW steps overflow to NaN)
+_FP16 = ("float16", "fp16", "half", "torch.float16")
+
 
 def _finite(x: Any) -> bool:
     return isinstance(x, int | float) and not isinstance(x, bool) and math.isfinite(x)
+
+
+def _numbers(value: Any, path: str) -> Iterator[tuple[str, float]]:
+    """``(where, number)`` for every int/float in ``value`` (lists and dicts walked; bools are not numbers)."""
+    if isinstance(value, bool):
+        return
+    if isinstance(value, int | float):
+        yield path, value
+    elif isinstance(value, list | tuple):
+        for i, v in enumerate(value):
+            yield from _numbers(v, f"{path}[{i}]")
+    elif isinstance(value, dict):
+        for k, v in value.items():
+            yield from _numbers(v, f"{path}.{k}")
+
+
+def check_numbers(*configs: Any) -> None:
+    """Every number of every field of ``configs`` (dataclasses: BuPOConfig, BuPOScriptArguments, ModelConfig) is
+    finite, and >= 0 unless the field may be negative (:data:`LEAST_VALUE`, :data:`SIGNED`): the one place where
+    impossible values are refused, whichever flag, YAML key or Python field they came from."""
+    for config in configs:
+        if config is None:
+            continue
+        for f in dataclasses.fields(config):
+            for where, x in _numbers(getattr(config, f.name, None), f.name):
+                if not math.isfinite(x):
+                    raise ValueError(f"{where} must be a finite number, got {x!r}")
+                least = LEAST_VALUE.get(f.name, 0)
+                if f.name not in SIGNED and x < least:
+                    raise ValueError(f"{where} must be >= {least}, got {x!r}")
+
+
+def check_precision(train_args: Any, model_args: Any) -> None:
+    """float16 on the CPU is refused (weights or autocast): CPU training in fp16 overflows to NaN weights, and
+    ``fp16`` autocast does not run on the CPU at all. bf16 or fp32 are the CPU's options."""
+    from bupo.training.model import model_init_kwargs
+
+    if train_args.device.type != "cpu":
+        return
+    dtype = model_init_kwargs(train_args, model_args)["dtype"]  # the one resolution of --dtype/--model_init_kwargs
+    if str(dtype) in _FP16:
+        raise ValueError("dtype float16 cannot train on the CPU (the weights overflow to NaN); use --dtype float32 "
+                         "(default) or bfloat16")
+    if train_args.fp16:
+        raise ValueError("fp16 mixed precision needs a GPU; on the CPU use --bf16 true or neither (fp32)")
 
 
 def algo_settings(algo: str, internal_steps: int, *, steps_given: bool = True) -> dict[str, Any]:
@@ -62,6 +119,14 @@ def validate_run_args(train_args: Any, script: BuPOScriptArguments) -> None:
         raise ValueError(f"reward_timeout must be a finite number of seconds > 0, got {script.reward_timeout!r}")
     if not _finite(train_args.learning_rate) or train_args.learning_rate < 0:
         raise ValueError(f"learning_rate must be a finite number >= 0, got {train_args.learning_rate!r}")
+    if train_args.learning_rate > MAX_LEARNING_RATE:
+        raise ValueError(f"learning_rate {train_args.learning_rate:g} is above {MAX_LEARNING_RATE:g}: AdamW moves every "
+                         "weight by about the learning rate each step (and decays it by learning_rate x weight_decay), "
+                         "which overwrites the model; the paper's runs use 1e-6, the bundled run 2e-4")
+
+
+def _warn_no_full_phase(train_args: Any, script: BuPOScriptArguments) -> None:
+    """A warning (not an error) when the internal phase covers every rollout step of the run."""
     if script.algo == "bupo" and train_args.max_steps > 0 and train_args.internal_steps > 0:
         rollouts = math.ceil(train_args.max_steps / train_args.optimizer_steps_per_rollout)
         if train_args.internal_steps >= rollouts:
@@ -70,7 +135,7 @@ def validate_run_args(train_args: Any, script: BuPOScriptArguments) -> None:
                   "no full-policy (GRPO) phase will run", flush=True)
 
 
-def check_run(train_args: Any, script: BuPOScriptArguments) -> dict[str, Any]:
+def check_run(train_args: Any, script: BuPOScriptArguments, model_args: Any = None) -> dict[str, Any]:
     """Validate the run once; returns the config values the algorithm fixes (:func:`algo_settings`)."""
     given = script.given is None or "internal_steps" in script.given
     fixed = algo_settings(script.algo, train_args.internal_steps, steps_given=given)
@@ -78,7 +143,14 @@ def check_run(train_args: Any, script: BuPOScriptArguments) -> dict[str, Any]:
         raise ValueError("--train_layer (the one-layer arm) is GRPO on one layer: add --algo grpo")
     if train_args.internal_objective == "full" and script.algo != "bupo":
         raise ValueError("--internal_objective full (the layers-only arm) needs an internal phase: use --algo bupo")
-    validate_run_args(train_args, script)
+    validate_run_args(train_args, script)  # the checks with a field's own words first, then the generic ones
+    if model_args is None:
+        from bupo.training.model import default_model_args
+
+        model_args = script.model_args or default_model_args()
+    check_numbers(train_args, script, model_args)
+    check_precision(train_args, model_args)
+    _warn_no_full_phase(train_args, script)  # only once every check passed
     return fixed
 
 
