@@ -94,7 +94,10 @@ def register(subparsers: Any) -> None:
     add_load_flags(p)
     add_quiet(p, "--no-progress")
     p.set_defaults(func=_eval_handler)
+    _register_compare(p)
 
+
+def _register_compare(p: argparse.ArgumentParser) -> None:
     sub = p.add_subparsers(dest="eval_command", title="subcommands", metavar="compare")
     c = sub.add_parser(
         "compare",

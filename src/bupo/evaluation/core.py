@@ -220,22 +220,18 @@ def evaluate(
         with log:
             generate_and_score(backend_obj, sampling, work, make_scorer(reward, timeout=reward_timeout, stats=stats),
                                log)
-        settings = {
-            **gen_settings,
-            "policy": policy,
-            "reward": reward,
-            "gen_hash": gen_hash,
-            "n": {name: p[1] for name, p in plan.items()},
-            "ks": {name: p[2] for name, p in plan.items()},
-            "skipped_unreadable_sample_lines": bad_lines,
-        }
-        results = EvalResults(
-            benchmarks=aggregate(plan, work.records, work.reused),
-            settings=settings,
-            label=label,
-            reward_stats=stats.as_dict(),
-            seconds=time.monotonic() - t0,
-        )
+        settings = {**gen_settings, "policy": policy, "reward": reward, "gen_hash": gen_hash}
+        results = _results(plan, work, settings, bad_lines, label, stats, time.monotonic() - t0)
         if out_path is not None:
             results.save(out_path)
     return results
+
+
+def _results(plan: Mapping[str, tuple[list[dict], int, list[int]]], work: SampleWork, settings: dict[str, Any],
+             bad_lines: int, label: str, stats: RewardStats, seconds: float) -> EvalResults:
+    """The aggregated results of a finished evaluation; settings gain each benchmark's n and K values and the count
+    of unreadable sample-log lines skipped."""
+    settings = {**settings, "n": {name: p[1] for name, p in plan.items()},
+                "ks": {name: p[2] for name, p in plan.items()}, "skipped_unreadable_sample_lines": bad_lines}
+    return EvalResults(benchmarks=aggregate(plan, work.records, work.reused), settings=settings, label=label,
+                       reward_stats=stats.as_dict(), seconds=seconds)

@@ -223,28 +223,38 @@ def _convert_into(src: Path, meta: dict[str, Any], arch: str, work: Path, final:
     return record
 
 
+def _convert_tokenizer(src: Path, meta: dict[str, Any], sentencepiece_bpe: bool,
+                       say: Callable[[str], None]) -> tuple[Any, dict, list[int]]:
+    """The GGUF's tokenizer (transformers', or SentencePiece BPE rebuilt for Gemma), its special ids fixed from the
+    metadata, its chat template set, checked on 'Hello world': ``(tokenizer, special ids, encoding)``."""
+    from transformers import AutoTokenizer
+
+    t0 = time.perf_counter()
+    _check_merges(meta, src)
+    try:
+        tok = (_sentencepiece_bpe(meta) if sentencepiece_bpe
+               else AutoTokenizer.from_pretrained(str(src.parent), gguf_file=src.name, trust_remote_code=False))
+    except Exception as exc:  # noqa: BLE001 - the GGUF's tokenizer metadata is the user's file: one line
+        raise ValueError(f"{src}: transformers cannot build the GGUF's tokenizer ({_first_line(exc)}); accepted: "
+                         "tokenizer.ggml.* metadata as llama.cpp's converters write it") from None
+    ids = _fix_specials(tok, meta)
+    tok.chat_template = meta.get("tokenizer.chat_template") or None
+    tok.clean_up_tokenization_spaces = False  # destructive for BPE (transformers warns and ignores it anyway)
+    enc = _check_tokenizer(tok, ids, meta, "converted tokenizer")
+    say(f"bupo: tokenizer ({'rebuilt SentencePiece BPE' if sentencepiece_bpe else meta.get('tokenizer.ggml.model')}) "
+        f"'Hello world' -> {enc} [{time.perf_counter() - t0:.0f} s]")
+    return tok, ids, enc
+
+
 def _convert(src: Path, meta: dict[str, Any], arch: str, out: Path, say: Callable[[str], None]) -> dict:
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer, GenerationConfig
 
     folder, name = str(src.parent), src.name
-    t0 = time.perf_counter()
     tok_model = meta.get("tokenizer.ggml.model")
     sentencepiece_bpe = tok_model == "llama" and "tokenizer.ggml.merges" not in meta and arch.startswith("gemma")
-    _check_merges(meta, src)
-    try:
-        tok = (_sentencepiece_bpe(meta) if sentencepiece_bpe
-               else AutoTokenizer.from_pretrained(folder, gguf_file=name, trust_remote_code=False))
-    except Exception as exc:  # noqa: BLE001 - the GGUF's tokenizer metadata is the user's file: one line
-        raise ValueError(f"{src}: transformers cannot build the GGUF's tokenizer ({_first_line(exc)}); accepted: "
-                         "tokenizer.ggml.* metadata as llama.cpp's converters write it") from None
-    ids = _fix_specials(tok, meta)
-    template = meta.get("tokenizer.chat_template")
-    tok.chat_template = template or None
-    tok.clean_up_tokenization_spaces = False  # destructive for BPE (transformers warns and ignores it anyway)
-    enc = _check_tokenizer(tok, ids, meta, "converted tokenizer")
-    say(f"bupo: tokenizer ({'rebuilt SentencePiece BPE' if sentencepiece_bpe else tok_model}) "
-        f"'Hello world' -> {enc} [{time.perf_counter() - t0:.0f} s]")
+    tok, ids, enc = _convert_tokenizer(src, meta, sentencepiece_bpe, say)
+    template = tok.chat_template
 
     t0 = time.perf_counter()
     try:
