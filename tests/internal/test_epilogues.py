@@ -73,7 +73,7 @@ def test_triton_kernel_matches_fp64_in_the_interpreter(tmp_path):
     script = tmp_path / "run.py"
     script.write_text(textwrap.dedent(f"""
         import sys, torch
-        sys.path.insert(0, {str(Path(__file__).parent)!r})
+        sys.path[:0] = [{str(Path(__file__).parent)!r}, {str(Path(__file__).parents[1])!r}]  # this file, support/
         from test_epilogues import hard_logits, check, masked
         from bupo.internal import triton_entropy
         assert triton_entropy.AVAILABLE, "Triton is not installed (pip install -e .[dev])"
