@@ -100,6 +100,7 @@ def test_train_drops_and_counts_prompts_over_the_context_from_a_datasets_folder(
     # the template is recorded with the saved model: bupo eval --template auto picks it up
     assert json.loads((out / "tokenizer_config.json").read_text())["bupo_template"] == s["template"]
     capsys.readouterr()
+    common[common.index(str(out))] = str(tmp_path / "fresh")  # the bad inputs below, not the finished run, refused
     assert main(["train", *common, "--max_completion_length", "512"]) == 2
     assert "leaves no room" in capsys.readouterr().err
     assert main(["train", *common[:-2], "--dataset_name", str(tmp_path / "missing")]) == 2
