@@ -48,6 +48,9 @@ def test_overridden_method_signatures():
     assert list(inspect.signature(GRPOTrainer._get_output_dir).parameters) == ["self", "trial"]
     assert list(inspect.signature(GRPOTrainer._finalize_training).parameters) == [
         "self", "trial", "num_train_samples", "start_time"]
+    # the non-finite stop (bupo.training.monitor): transformers' per-step gradient norm, called from its loop
+    assert list(inspect.signature(GRPOTrainer._get_grad_norm).parameters) == ["self", "model", "grad_norm"]
+    assert "self._get_grad_norm(model, grad_norm=grad_norm)" in inspect.getsource(GRPOTrainer._run_epoch)
     src = inspect.getsource(GRPOTrainer._finalize_training)
     assert "self._total_loss_scalar += self._tr_loss.item()" in src and "self._total_loss_scalar /" in src
     from transformers import Trainer
