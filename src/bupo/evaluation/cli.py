@@ -210,11 +210,11 @@ def _eval_handler(args: argparse.Namespace) -> int:
         hf_logging.disable_progress_bar()
     out = Path(args.out) if args.out else Path("runs") / "eval" / label
     with guard_output(out, command="bupo eval", inputs=[folder]):  # one writer: samples.jsonl, results.json
-        return _evaluate_into(args, folder, backend, datasets, label, out)
+        return _evaluate_into(args, folder, backend, datasets, label, out, projection)
 
 
 def _evaluate_into(args: argparse.Namespace, folder: Path, backend: str, datasets: dict[str, list[dict]],
-                   label: str, out: Path) -> int:
+                   label: str, out: Path, projection: str) -> int:
     """The evaluation itself, once ``out`` is held."""
     from bupo.engines import backend_note
     from bupo.evaluation.backends import VLLMBackend, path_fingerprint
@@ -266,7 +266,7 @@ def _evaluate_into(args: argparse.Namespace, folder: Path, backend: str, dataset
                                       trust_remote_code=args.trust_remote_code)
         results = evaluate(
             model, tokenizer, datasets, backend="hf", batch_size=args.batch_size or 32,
-            policy_layer=args.policy_layer, projection=args.projection or "raw", **common
+            policy_layer=args.policy_layer, projection=projection, **common
         )
     from bupo.evaluation.report import add_pass_at_k_curve
 

@@ -171,8 +171,9 @@ def run_real_model(out: Path, *, model: str | Path, seeds: int = 1, rollout_step
         "temperature": temperature,
     }
     extra = [a for a in (arms or []) if a not in ("grpo", "bupo")]
-    plan = _plan(seeds, projections, auto_cap, auto_seeds, extra, _num_layers(model))
-    runs = _train_arms(out, plan, rollout_steps=rollout_steps,
+    num_layers = _num_layers(model)
+    plan = _plan(seeds, projections, auto_cap, auto_seeds, extra, num_layers)
+    runs = _train_arms(out, plan, num_layers=num_layers, rollout_steps=rollout_steps,
                        internal_steps=internal_steps, k=k, eval_problems=eval_problems, eval_samples=eval_samples,
                        overrides=overrides, auto_cap=auto_cap)
     head = (f"Avg@{eval_samples} / Pass@K (%) on {eval_problems} held-out {difficulty}-operation problems, "
@@ -241,9 +242,11 @@ def _plan(seeds: int, projections: list[str] | tuple[str, ...], auto_cap: int | 
             + [(f"BuPO ({p})", "bupo", p, f"bupo-{p}-seed{seed}", "bupo") for p in projections]]
     labels = {"layers-only": f"layers-only ({projections[0]})", "one-layer": f"one-layer (layer {num_layers // 2})",
               "random-reward": "random-reward"}
+    from bupo.training.arms import ARMS
+
     for arm in extra_arms or []:  # after GRPO and BuPO of every seed: a short budget still finishes the comparison
-        algo = "bupo" if arm == "layers-only" else "grpo"
-        proj = projections[0] if arm == "layers-only" else "raw"
+        algo, internal = ARMS[arm]
+        proj = projections[0] if internal else "raw"
         plan += [(seed, labels[arm], algo, proj, f"{arm}-seed{seed}", arm) for seed in range(seeds)]
     if auto_cap is not None:  # after every fixed run, so that a short budget still finishes the main comparison
         plan += [(seed, f"BuPO auto ≤ {auto_cap} ({p})", "bupo", p, f"bupo-{p}-auto{auto_cap}-seed{seed}", "bupo")
@@ -268,7 +271,7 @@ def response_shape(run_dir: Path) -> dict[str, float]:
                                       if answered else 0.0)}
 
 
-def _train_arms(out: Path, plan: list[Planned], *, rollout_steps: int, internal_steps: int,
+def _train_arms(out: Path, plan: list[Planned], *, num_layers: int, rollout_steps: int, internal_steps: int,
                 k: int, eval_problems: int, eval_samples: int, overrides: dict[str, Any],
                 auto_cap: int | None) -> dict[str, dict[str, Any]]:
     """Train (or reuse) every planned run; its label, seed, evaluations, phase statistics and reward curve by name."""
@@ -282,7 +285,7 @@ def _train_arms(out: Path, plan: list[Planned], *, rollout_steps: int, internal_
         base = runs.get(f"grpo-seed{seed}", {}).get("before", {}).get("avg")
         if arm == "random-reward" and base is None:
             raise RuntimeError(f"{name}: the random-reward arm needs grpo-seed{seed}'s base accuracy")
-        _, arm_overrides = arm_run(arm, num_layers=_num_layers(overrides["model_name_or_path"]), base_accuracy=base)
+        _, arm_overrides = arm_run(arm, num_layers=num_layers, base_accuracy=base)
         run_training(run_dir, algo=algo, seed=seed, rollout_steps=rollout_steps,
                      internal_steps="auto" if auto else internal_steps,  # type: ignore[arg-type]
                      internal_layer=k, eval_problems=eval_problems, eval_samples=eval_samples,
