@@ -43,6 +43,19 @@ def _bupo(*argv: str, env: dict[str, str] | None = None, cwd: Path | None = None
     return proc
 
 
+def test_gguf_dequantisation_bar_is_off_unless_asked_for(tmp_path) -> None:
+    from support.gguf import tiny_llama_gguf
+
+    src = tmp_path / "tiny.gguf"
+    tiny_llama_gguf(src)
+    bar = "de-quantizing GGUF tensors"
+    quiet = _bupo("model", "import-gguf", str(src), "--out", str(tmp_path / "quiet"))
+    assert quiet.stdout.strip().splitlines()[-1] == str(tmp_path / "quiet")  # converted
+    assert bar not in quiet.stderr and "bupo:" in quiet.stderr, quiet.stderr  # bupo's own progress lines stay
+    verbose = _bupo("model", "import-gguf", str(src), "--out", str(tmp_path / "verbose"), env={VERBOSE_ENV: "1"})
+    assert bar in verbose.stderr  # the bar exists: the quiet run really turned it off
+
+
 def test_verbose_asks_for_the_library_output(monkeypatch) -> None:
     monkeypatch.delenv(VERBOSE_ENV, raising=False)
     assert not wants_library_output(Namespace(verbose=None)) and not wants_library_output(Namespace())

@@ -21,10 +21,11 @@ library is imported at top level.
 from __future__ import annotations
 
 import contextlib
+import functools
 import os
 import sys
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -246,6 +247,25 @@ def _convert_tokenizer(src: Path, meta: dict[str, Any], sentencepiece_bpe: bool,
     return tok, ids, enc
 
 
+@contextlib.contextmanager
+def _dequant_bar_follows_hub_bars() -> Iterator[None]:
+    """transformers draws its "de-quantizing GGUF tensors" bar with a plain ``tqdm``, which the Hub's progress-bar
+    switch does not reach: off too while ``HF_HUB_DISABLE_PROGRESS_BARS`` is set (bupo's commands set it unless
+    ``--verbose`` / ``BUPO_VERBOSE=1``, see :mod:`bupo.cli_quiet`)."""
+    from transformers import modeling_gguf_pytorch_utils as gguf_utils
+
+    bar = getattr(gguf_utils, "tqdm", None)
+    quiet = os.environ.get("HF_HUB_DISABLE_PROGRESS_BARS", "").strip().lower() in ("1", "true", "yes", "on")
+    if bar is None or not quiet:
+        yield
+        return
+    gguf_utils.tqdm = functools.partial(bar, disable=True)
+    try:
+        yield
+    finally:
+        gguf_utils.tqdm = bar
+
+
 def _convert(src: Path, meta: dict[str, Any], arch: str, out: Path, say: Callable[[str], None]) -> dict:
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer, GenerationConfig
@@ -258,8 +278,9 @@ def _convert(src: Path, meta: dict[str, Any], arch: str, out: Path, say: Callabl
 
     t0 = time.perf_counter()
     try:
-        gguf_model = AutoModelForCausalLM.from_pretrained(folder, gguf_file=name, dtype=torch.float32,
-                                                          trust_remote_code=False).eval()
+        with _dequant_bar_follows_hub_bars():
+            gguf_model = AutoModelForCausalLM.from_pretrained(folder, gguf_file=name, dtype=torch.float32,
+                                                              trust_remote_code=False).eval()
     except (MemoryError, torch.OutOfMemoryError):
         raise
     except Exception as exc:  # noqa: BLE001 - the GGUF's tensors or hyperparameters are the user's: one line
