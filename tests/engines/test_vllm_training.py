@@ -125,15 +125,26 @@ def test_engine_follows_the_trained_weights_through_both_phases(tmp_path):
     # the engine holds the weights synced before the last rollout; the model has taken one more step since
     stale = (engine_logps(llm, probe) - model_logps(tr.model, probe)).abs().max()
     assert stale > 10 * TOL, f"control: the last optimizer step changed nothing the engine could miss ({stale})"
-    tr.vllm_generation.sync_weights()
+    # the in-training evaluation takes this engine as its backend and syncs it to the trained weights first
+    from bupo.evaluation.backends import VLLMBackend
+    from bupo.training.arguments import BuPOScriptArguments
+    from bupo.training.eval_callback import engine_backend
+
+    sets = {"toy": make_examples("test", 4, seed=0)}
+    backend = engine_backend(tr, sets, template, BuPOScriptArguments())
+    assert isinstance(backend, VLLMBackend) and backend.llm is llm
+    assert tr._last_loaded_step == tr.state.global_step  # TRL's marker: its next rollout need not sync again
     synced = (engine_logps(llm, probe) - model_logps(tr.model, probe)).abs().max()
     assert synced < TOL, f"after a sync the engine's log-probs differ by {synced} nats"
+    # prompts the engine's context cannot hold: transformers evaluates them instead (None), nothing is cut
+    assert engine_backend(tr, sets, template, BuPOScriptArguments(eval_max_new_tokens=10**6)) is None
 
 
-def _train(out: Path, *extra: str) -> subprocess.CompletedProcess:
+def _train(out: Path, *extra: str, eval_data: str = "none", eval_rows: str = "4") -> subprocess.CompletedProcess:
     cmd = [sys.executable, "-m", "bupo", "train", "--model", str(_bundled()), "--algo", "bupo", "--internal-layer",
            str(K), "--internal-steps", "1", "--per_device_train_batch_size", "8", "--num_generations", "4",
-           "--max_completion_length", "16", "--use_vllm", "true", "--vllm_mode", "colocate", "--eval_data", "none",
+           "--max_completion_length", "16", "--use_vllm", "true", "--vllm_mode", "colocate", "--eval_data", eval_data,
+           "--eval_rows", eval_rows, "--eval_samples", "4",
            "--save_strategy", "steps", "--save_steps", "2", "--logging_steps", "1", "--probe_every", "0",
            "--seed", "0", "--out", str(out), *extra]
     # a fresh single-process run: not this test process's rendezvous (an in-process trainer here may hold its port)
@@ -145,9 +156,14 @@ def _train(out: Path, *extra: str) -> subprocess.CompletedProcess:
 
 def test_bupo_train_use_vllm_colocate_end_to_end_and_resume(tmp_path):
     out = tmp_path / "run"
-    first = _train(out, "--max_steps", "2")
+    first = _train(out, "--max_steps", "2", eval_data="bundled", eval_rows="4")
     assert first.returncode == 0, first.stderr[-3000:]
     run = json.loads((out / "bupo_run.json").read_text())
+    # the evaluations before and after training ran on the run's own engine (4 problems x 4 samples each)
+    assert [(e["step"], e["generation"]) for e in run["evals"]] == [(0, "vllm"), (2, "vllm")], run["evals"]
+    for step in (0, 2):
+        results = json.loads((out / "evals" / f"step-{step:06d}" / "results.json").read_text())
+        assert results["settings"]["backend"] == "vllm", results["settings"]
     gen = run["generation"]
     assert gen["engine"] == "vllm" and gen["mode"] == "colocate" and gen["vllm"]
     # bupo's CPU settings reached TRL: eager, a fixed KV cache, the trained model's fp32

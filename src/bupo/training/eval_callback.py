@@ -82,6 +82,37 @@ def _report_line(line: str) -> None:
     tqdm.write(line, file=sys.stderr)
 
 
+def engine_backend(trainer: Any, sets: dict[str, list[dict]], template: str, script: BuPOScriptArguments) -> Any:
+    """The training run's own colocated vLLM engine as the evaluation backend, its weights synced to the trained
+    model first; None (evaluate with transformers) unless the run generates with ``use_vllm`` in colocate mode in one
+    process without sleep mode and the eval prompts fit the engine's context.
+
+    Same per-sample seeds and scoring as the HF backend; the texts differ (another engine's kernels and random
+    streams), so an evaluation's samples are keyed by the backend's name. With several processes every rank would
+    have to drive its engine in step (tensor-parallel groups), so those evaluate with transformers, as before."""
+    args = trainer.args
+    gen = getattr(trainer, "vllm_generation", None)
+    if not (getattr(args, "use_vllm", False) and args.vllm_mode == "colocate" and gen is not None
+            and trainer.accelerator.num_processes == 1 and not args.vllm_enable_sleep_mode):
+        return None
+    from bupo.data.templates import render_prompt
+    from bupo.evaluation.backends import VLLMBackend
+    from bupo.generation import check_context, encode_prompt
+
+    tok, config = trainer.processing_class, gen.llm.llm_engine.model_config
+    max_new = script.eval_max_new_tokens or args.max_completion_length
+    lengths = [len(encode_prompt(tok, render_prompt(tok, r["prompt"], template))) for rows in sets.values()
+               for r in rows]
+    try:
+        check_context(lengths, max_new, getattr(config, "max_model_len", None))
+    except ValueError:
+        return None  # the engine was sized for the rollouts; transformers takes the longer eval requests
+    if trainer.state.global_step != trainer._last_loaded_step:  # TRL's own "synced at this step" marker
+        gen.sync_weights()
+        trainer._last_loaded_step = trainer.state.global_step
+    return VLLMBackend(gen.llm, tokenizer=tok, batch_size=max(script.eval_batch_size, 256))
+
+
 def make_eval_callback(trainer: Any, sets: dict[str, list[dict]], script: BuPOScriptArguments, template: str,
                        out_dir: Path, records: list[dict]) -> Any:
     """A TrainerCallback running :func:`bupo.evaluation.evaluate` every ``eval_every`` rollout steps and at the end."""
@@ -102,8 +133,9 @@ def make_eval_callback(trainer: Any, sets: dict[str, list[dict]], script: BuPOSc
         # every rank evaluates the same seeded samples (sharded backends need all ranks in the forward); main writes.
         # Generation (bupo.generation) runs in eval mode under inference_mode and restores the training flags.
         with full_params(trainer.model_wrapped, trainer.accelerator) as m:
-            backend = ProgressLines(HFBackend(m, trainer.processing_class, batch_size=script.eval_batch_size), what,
-                                    _report_line if main else (lambda line: None))
+            inner = engine_backend(trainer, sets, template, script) or HFBackend(
+                m, trainer.processing_class, batch_size=script.eval_batch_size)
+            backend = ProgressLines(inner, what, _report_line if main else (lambda line: None))
             res = evaluate(m, trainer.processing_class, sets, n=script.eval_samples,
                            max_new_tokens=script.eval_max_new_tokens or args.max_completion_length,
                            temperature=args.temperature, top_p=args.top_p, template=template,
@@ -113,7 +145,8 @@ def make_eval_callback(trainer: Any, sets: dict[str, list[dict]], script: BuPOSc
                            out_dir=(out_dir / "evals" / f"step-{step:06d}") if main else None)
         metrics = res.metrics("eval")
         metrics["eval/seconds"] = time.time() - t0
-        records.append({"step": step, "rollout_step": step // args.optimizer_steps_per_rollout, **metrics})
+        records.append({"step": step, "rollout_step": step // args.optimizer_steps_per_rollout, **metrics,
+                        "generation": inner.name})  # hf or vllm (the run's colocated engine: engine_backend)
         Trainer.log(trainer, dict(metrics))  # bypass GRPOTrainer.log: it would flush the train metric window
 
     class EvalCallback(TrainerCallback):

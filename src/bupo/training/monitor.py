@@ -204,12 +204,18 @@ class MonitorMixin:
 
     @torch.no_grad()
     def _log_other_policy_entropy(self, output: dict[str, Any]) -> None:
-        """Entropy of the policy NOT being trained on this rollout batch: one extra no-grad forward."""
+        """Entropy of the policy NOT being trained on this rollout batch: one extra no-grad forward over
+        ``policy_entropy_rows`` of its sequences, spread evenly over the batch (all of them when 0)."""
         from trl import GRPOTrainer
         from trl.models.utils import disable_gradient_checkpointing
 
         ids = torch.cat([output["prompt_ids"], output["completion_ids"]], dim=1)
         mask = torch.cat([output["prompt_mask"], output["completion_mask"]], dim=1)
+        cm = output["completion_mask"]
+        rows = self.args.policy_entropy_rows
+        if 0 < rows < ids.size(0):  # the same count on every rank: sharded forwards stay in step
+            pick = torch.linspace(0, ids.size(0) - 1, rows, device=ids.device).round().long()
+            ids, mask, cm = ids[pick], mask[pick], cm[pick]
         keep = output["completion_ids"].size(1)
         batch_size = self.args.per_device_train_batch_size
         with disable_gradient_checkpointing(self.model, self.args.gradient_checkpointing_kwargs):
@@ -222,7 +228,7 @@ class MonitorMixin:
                     _, ent, _ = GRPOTrainer._get_per_token_logps_and_entropies(
                         self, self.model, ids, mask, keep, batch_size=batch_size, compute_entropy=True)
                 which = "internal"
-        cm = output["completion_mask"].to(ent.dtype)
+        cm = cm.to(ent.dtype)
         t = self.accelerator.reduce(torch.stack([(ent * cm).sum(), cm.sum()]).float(), reduction="sum")
         self._metrics["train"][f"bupo/entropy_{which}"].append((t[0] / t[1].clamp(min=1.0)).item())
 
