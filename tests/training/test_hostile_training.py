@@ -343,3 +343,25 @@ def test_eval_sets_take_one_path_as_one_path(tmp_path):
     assert len(eval_sets(["bundled"], None, 3)["bundled_test"]) == 3
     with pytest.raises(FileNotFoundError):
         eval_sets(str(Path(tmp_path) / "missing.jsonl"), None, None)
+
+
+def test_deepspeed_config_with_its_own_optimizer_is_refused_for_bupo(ws, tmp_path, monkeypatch, capsys):
+    """DeepSpeed would build that optimizer and bypass BuPO's parameter groups (ZeRO-3's zero gradients would then
+    decay and step the layers above k while internal): one line before loading; GRPO, or a config without the
+    block, is not refused for it."""
+    ds = tmp_path / "ds.json"
+    ds.write_text(json.dumps({"zero_optimization": {"stage": 3},
+                              "optimizer": {"type": "AdamW", "params": {"lr": 1e-5}}}))
+    monkeypatch.setenv("ACCELERATE_DEEPSPEED_CONFIG_FILE", str(ds))
+    assert _train(ws, tmp_path / "run") == 2
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and 'defines its own "optimizer"' in err and str(ds) in err, err
+    assert not (tmp_path / "run").exists()  # nothing loaded or written
+
+    from bupo.training.arguments import BuPOScriptArguments
+    from bupo.training.validation import check_deepspeed_optimizer
+    from support.training import make_config
+
+    check_deepspeed_optimizer(make_config(tmp_path / "g"), BuPOScriptArguments(algo="grpo"))  # GRPO: no groups
+    ds.write_text(json.dumps({"zero_optimization": {"stage": 3}}))
+    check_deepspeed_optimizer(make_config(tmp_path / "b"), BuPOScriptArguments(algo="bupo"))  # no block: fine

@@ -150,8 +150,44 @@ def check_run(train_args: Any, script: BuPOScriptArguments, model_args: Any = No
         model_args = script.model_args or default_model_args()
     check_numbers(train_args, script, model_args)
     check_precision(train_args, model_args)
+    check_deepspeed_optimizer(train_args, script)
     _warn_no_full_phase(train_args, script)  # only once every check passed
     return fixed
+
+
+def _deepspeed_configs(train_args: Any) -> Iterator[tuple[str, Any]]:
+    """(where from, the parsed config) of every DeepSpeed config the run would use: ``--deepspeed`` (a JSON file or a
+    dict) and an accelerate config's ``deepspeed_config_file`` (``ACCELERATE_DEEPSPEED_CONFIG_FILE``)."""
+    import json
+    import os
+
+    given = getattr(train_args, "deepspeed", None)
+    sources = [("--deepspeed", given)] if given else []
+    if os.environ.get("ACCELERATE_DEEPSPEED_CONFIG_FILE"):
+        sources.append(("deepspeed_config_file", os.environ["ACCELERATE_DEEPSPEED_CONFIG_FILE"]))
+    for flag, value in sources:
+        if isinstance(value, dict):
+            yield flag, value
+            continue
+        try:
+            with open(value, encoding="utf-8") as f:
+                yield f"{flag} {value}", json.load(f)
+        except (OSError, ValueError):
+            continue  # unreadable: DeepSpeed / accelerate say so themselves
+
+
+def check_deepspeed_optimizer(train_args: Any, script: BuPOScriptArguments) -> None:
+    """BuPO holds the layers above k out of the optimizer's steps while internal through its own parameter groups
+    (:mod:`bupo.training.optim`); a DeepSpeed config with an ``optimizer`` block has DeepSpeed build the optimizer
+    instead, and ZeRO-3's zero gradients then decay and step those layers (docs/training.md): refused, in one line."""
+    if script.algo != "bupo":
+        return
+    for source, config in _deepspeed_configs(train_args):
+        if isinstance(config, dict) and "optimizer" in config:
+            raise ValueError(f'the DeepSpeed config ({source}) defines its own "optimizer": DeepSpeed would build it '
+                             "and bypass BuPO's parameter groups (layers above k would take weight decay and AdamW "
+                             "steps while internal); remove that block (bupo builds AdamW from --learning_rate, "
+                             "--weight_decay, --adam_beta1/2) or use --algo grpo")
 
 
 def check_environment(train_args: Any) -> None:
