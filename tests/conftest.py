@@ -40,11 +40,17 @@ def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item
 
 
 def pytest_runtest_logreport(report: pytest.TestReport) -> None:
-    """``BUPO_TEST_TIMINGS=FILE`` appends one line per test phase as it ends (seconds, outcome, id): a profile of the
-    suite that survives a run cut short (``--durations`` prints only at the end)."""
+    """``BUPO_TEST_TIMINGS=FILE`` appends one line per test phase as it ends (seconds, outcome, id, then the worker,
+    torch's thread count and the worker's peak RSS in MB): a profile of the suite that survives a run cut short
+    (``--durations`` prints only at the end), with what a test that runs far slower than usual needs looking at."""
     path = os.environ.get("BUPO_TEST_TIMINGS")
     if getattr(report, "node", None) is not None:  # xdist's controller echoing a worker's report: logged there
         return
     if path and (report.when == "call" or report.duration > 1.0 or report.outcome != "passed"):
+        import resource
+
+        peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss // 1024
+        worker = os.environ.get("PYTEST_XDIST_WORKER", "main")
         with open(path, "a") as f:
-            f.write(f"{report.duration:.1f}\t{report.when}\t{report.outcome}\t{report.nodeid}\n")
+            f.write(f"{report.duration:.1f}\t{report.when}\t{report.outcome}\t{report.nodeid}\t{worker}\t"
+                    f"{torch.get_num_threads()}\t{peak}\n")
