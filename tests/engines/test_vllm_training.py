@@ -194,9 +194,9 @@ def test_no_engine_or_trainer_outlives_its_run(tmp_path):
     from bupo.training.run import train
     from bupo.training.trainer import BuPOTrainer
 
-    def live_engines() -> int:
+    def live_engines() -> set[int]:
         gc.collect()
-        return sum(isinstance(o, (vllm.LLM, BuPOTrainer)) for o in gc.get_objects())
+        return {id(o) for o in gc.get_objects() if isinstance(o, (vllm.LLM, BuPOTrainer))}
 
     before = live_engines()
     for i in range(2):
@@ -208,4 +208,5 @@ def test_no_engine_or_trainer_outlives_its_run(tmp_path):
             "seed": i})
         summary = train(args, script)
         assert summary["generation"]["engine"] == "vllm" and summary["global_step"] == 2
-        assert live_engines() == before, f"run {i}: its vLLM engine or trainer is alive after train() returned"
+        # an earlier test's trainer may still be collectable later: only this run's objects count
+        assert live_engines() <= before, f"run {i}: its vLLM engine or trainer is alive after train() returned"
