@@ -29,6 +29,11 @@ def wants_library_output(args: Any) -> bool:
     return bool(getattr(args, "verbose", None)) or os.environ.get(VERBOSE_ENV, "").strip().lower() in _TRUE
 
 
+def hub_bars_off() -> bool:
+    """Whether the Hub's (and so transformers') progress bars are switched off in this process's environment."""
+    return os.environ.get("HF_HUB_DISABLE_PROGRESS_BARS", "").strip().lower() in _TRUE
+
+
 def quiet_libraries() -> None:
     """Turn the libraries' progress bars off for this process (the environment variables they read at import, and
     for a library imported already - ``bupo`` used in-process - its own switch) and their checkpointing-rename
@@ -36,7 +41,7 @@ def quiet_libraries() -> None:
     warnings.filterwarnings("ignore", message=CHECKPOINTING_DEPRECATIONS, category=FutureWarning)
     for name in BAR_ENVS:
         os.environ.setdefault(name, "1")
-    if os.environ["HF_HUB_DISABLE_PROGRESS_BARS"].strip().lower() in _TRUE:
+    if hub_bars_off():
         if "huggingface_hub" in sys.modules:
             from huggingface_hub.utils import disable_progress_bars
 

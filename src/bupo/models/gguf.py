@@ -254,9 +254,10 @@ def _dequant_bar_follows_hub_bars() -> Iterator[None]:
     ``--verbose`` / ``BUPO_VERBOSE=1``, see :mod:`bupo.cli_quiet`)."""
     from transformers import modeling_gguf_pytorch_utils as gguf_utils
 
+    from bupo.cli_quiet import hub_bars_off
+
     bar = getattr(gguf_utils, "tqdm", None)
-    quiet = os.environ.get("HF_HUB_DISABLE_PROGRESS_BARS", "").strip().lower() in ("1", "true", "yes", "on")
-    if bar is None or not quiet:
+    if bar is None or not hub_bars_off():
         yield
         return
     gguf_utils.tqdm = functools.partial(bar, disable=True)

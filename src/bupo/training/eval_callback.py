@@ -34,13 +34,20 @@ def check_eval_context(sets: dict[str, list[dict]], tokenizer: Any, template: st
     context now (:mod:`bupo.generation` would reject them at the first evaluation)."""
     if not sets or context is None:
         return
-    from bupo.data.templates import render_prompt
-    from bupo.generation import check_context, encode_prompt
+    from bupo.generation import check_context
 
     max_new = script.eval_max_new_tokens or train_args.max_completion_length
     for name, rows in sets.items():
-        lengths = [len(encode_prompt(tokenizer, render_prompt(tokenizer, r["prompt"], template))) for r in rows]
-        check_context(lengths, max_new, context, what=f"eval prompts of {name} (eval_max_new_tokens)")
+        check_context(prompt_lengths(rows, tokenizer, template), max_new, context,
+                      what=f"eval prompts of {name} (eval_max_new_tokens)")
+
+
+def prompt_lengths(rows: list[dict], tokenizer: Any, template: str) -> list[int]:
+    """Token counts of the rows' prompts as evaluation renders and encodes them."""
+    from bupo.data.templates import render_prompt
+    from bupo.generation import encode_prompt
+
+    return [len(encode_prompt(tokenizer, render_prompt(tokenizer, r["prompt"], template))) for r in rows]
 
 
 class ProgressLines:
@@ -82,27 +89,28 @@ def _report_line(line: str) -> None:
     tqdm.write(line, file=sys.stderr)
 
 
-def engine_backend(trainer: Any, sets: dict[str, list[dict]], template: str, script: BuPOScriptArguments) -> Any:
+def engine_backend(trainer: Any, sets: dict[str, list[dict]], template: str, script: BuPOScriptArguments,
+                   lengths: list[int] | None = None) -> Any:
     """The training run's own colocated vLLM engine as the evaluation backend, its weights synced to the trained
     model first; None (evaluate with transformers) unless the run generates with ``use_vllm`` in colocate mode in one
     process without sleep mode and the eval prompts fit the engine's context.
 
     Same per-sample seeds and scoring as the HF backend; the texts differ (another engine's kernels and random
     streams), so an evaluation's samples are keyed by the backend's name. With several processes every rank would
-    have to drive its engine in step (tensor-parallel groups), so those evaluate with transformers, as before."""
+    have to drive its engine in step (tensor-parallel groups), so those evaluate with transformers, as before.
+    ``lengths``: the eval prompts' token counts when already known (:func:`prompt_lengths`)."""
     args = trainer.args
     gen = getattr(trainer, "vllm_generation", None)
     if not (getattr(args, "use_vllm", False) and args.vllm_mode == "colocate" and gen is not None
             and trainer.accelerator.num_processes == 1 and not args.vllm_enable_sleep_mode):
         return None
-    from bupo.data.templates import render_prompt
     from bupo.evaluation.backends import VLLMBackend
-    from bupo.generation import check_context, encode_prompt
+    from bupo.generation import check_context
 
     tok, config = trainer.processing_class, gen.llm.llm_engine.model_config
     max_new = script.eval_max_new_tokens or args.max_completion_length
-    lengths = [len(encode_prompt(tok, render_prompt(tok, r["prompt"], template))) for rows in sets.values()
-               for r in rows]
+    if lengths is None:
+        lengths = [n for rows in sets.values() for n in prompt_lengths(rows, tok, template)]
     try:
         check_context(lengths, max_new, getattr(config, "max_model_len", None))
     except ValueError:
@@ -120,6 +128,12 @@ def make_eval_callback(trainer: Any, sets: dict[str, list[dict]], script: BuPOSc
 
     args = trainer.args
     every = script.eval_every * args.optimizer_steps_per_rollout
+    lengths: list[int] = []  # the eval prompts' token counts, for the engine's context check: once per run
+
+    def engine_or_none() -> Any:
+        if getattr(args, "use_vllm", False) and not lengths:
+            lengths.extend(n for rows in sets.values() for n in prompt_lengths(rows, trainer.processing_class, template))
+        return engine_backend(trainer, sets, template, script, lengths or None)
 
     def run_eval(step: int) -> None:
         from bupo.evaluation import evaluate
@@ -133,7 +147,7 @@ def make_eval_callback(trainer: Any, sets: dict[str, list[dict]], script: BuPOSc
         # every rank evaluates the same seeded samples (sharded backends need all ranks in the forward); main writes.
         # Generation (bupo.generation) runs in eval mode under inference_mode and restores the training flags.
         with full_params(trainer.model_wrapped, trainer.accelerator) as m:
-            inner = engine_backend(trainer, sets, template, script) or HFBackend(
+            inner = engine_or_none() or HFBackend(
                 m, trainer.processing_class, batch_size=script.eval_batch_size)
             backend = ProgressLines(inner, what, _report_line if main else (lambda line: None))
             res = evaluate(m, trainer.processing_class, sets, n=script.eval_samples,
