@@ -210,3 +210,28 @@ def test_no_engine_or_trainer_outlives_its_run(tmp_path):
         assert summary["generation"]["engine"] == "vllm" and summary["global_step"] == 2
         # an earlier test's trainer may still be collectable later: only this run's objects count
         assert live_engines() <= before, f"run {i}: its vLLM engine or trainer is alive after train() returned"
+
+
+def test_isolated_runs_train_in_their_own_processes(tmp_path, monkeypatch):
+    """``run_training(isolate=True)`` (what ``bupo reproduce --use-vllm`` uses for every run): each run trains with
+    its own engine in a spawned child, so this process's ``train`` never runs (it is broken here and both runs
+    still finish), one run after another, each recording the vLLM engine; a child that fails is one RuntimeError."""
+    import bupo.training.run as run_mod
+    from bupo.experiments.steps import run_training
+
+    def broken(*a, **k):
+        raise AssertionError("trained in the parent process")
+
+    monkeypatch.setattr(run_mod, "train", broken)
+    settings = {"model_name_or_path": str(_bundled()), "use_vllm": True, "vllm_mode": "colocate",
+                "num_generations": 4, "max_completion_length": 8, "probe_every": 0}
+    for seed in range(2):
+        out = tmp_path / f"run{seed}"
+        summary = run_training(out, algo="bupo", seed=seed, rollout_steps=1, internal_steps=1, internal_layer=K,
+                               eval_problems=2, eval_samples=2, eval_before=False, overrides=settings, isolate=True)
+        assert summary["generation"]["engine"] == "vllm" and summary["global_step"] == 2
+        assert [e["generation"] for e in summary["evals"]] == ["vllm"]
+    with pytest.raises(RuntimeError, match=r"failed in its child process \(exit code 1"):
+        run_training(tmp_path / "bad", algo="bupo", seed=0, rollout_steps=1, internal_steps=1, internal_layer=K,
+                     eval_problems=2, eval_samples=2, eval_before=False, isolate=True,
+                     overrides={**settings, "data": str(tmp_path / "missing.jsonl")})

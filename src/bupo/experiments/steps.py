@@ -76,13 +76,18 @@ def run_analysis(out_dir: Path, *, samples: int, seed: int, model: str | Path | 
 
 def run_training(out_dir: Path, *, algo: str, seed: int, rollout_steps: int, internal_steps: int,
                  internal_layer: int | None, eval_problems: int, eval_samples: int, eval_before: bool,
-                 save_every: int = 0, overrides: dict[str, Any] | None = None) -> dict:
+                 save_every: int = 0, overrides: dict[str, Any] | None = None, isolate: bool = False) -> dict:
     """One ``bupo train`` run (default: the bundled model and task); reused when ``bupo_run.json`` already exists.
 
     Everything not set here is ``bupo train``'s calibrated small-run default (lr 2e-4 as in the bundled model's
     GRPO proof, 8 samples per prompt, dapo loss, no KL). ``save_every`` counts rollout steps (0: at the end only).
     ``overrides``: further ``bupo train`` config keys (model, data, reward, lengths, ...), applied last; they may
     change the rollout shape (``steps_per_generation`` must then keep its value, which the step counts assume).
+    ``isolate``: train in a fresh child process (spawned; the settings are still checked here first), so that what
+    a run leaves behind below Python dies with it: a colocated vLLM engine's memory is not given back to the
+    process when the run ends (five SmolLM2 runs in one process filled 24 GB), and a second engine in the same
+    process cannot reuse the first one's process group. RuntimeError when the child fails (its traceback is printed
+    above); a rerun resumes from the run's last checkpoint as usual.
     """
     from bupo.training.arguments import run_settings
     from bupo.training.run import RUN_FILE, train
@@ -107,7 +112,38 @@ def run_training(out_dir: Path, *, algo: str, seed: int, rollout_steps: int, int
     if train_args.optimizer_steps_per_rollout != per:  # the step counts above assume it
         raise RuntimeError(f"expected {per} optimizer steps per rollout step, the training defaults give "
                            f"{train_args.optimizer_steps_per_rollout}")
+    if isolate:
+        return _train_in_child(out_dir, merged)
     return train(train_args, script)
+
+
+def _train_in_child(out_dir: Path, settings: dict[str, Any]) -> dict:
+    """:func:`run_training`'s run in a spawned child process with this process's torch thread count; its summary
+    (``bupo_run.json``), or RuntimeError naming the exit code."""
+    import multiprocessing
+
+    import torch
+
+    from bupo.training.run import RUN_FILE
+
+    child = multiprocessing.get_context("spawn").Process(target=_child_train, args=(settings, torch.get_num_threads()),
+                                                         name=f"bupo-train-{out_dir.name}")
+    child.start()
+    child.join()
+    done = out_dir / RUN_FILE
+    if child.exitcode != 0 or not done.is_file():
+        raise RuntimeError(f"training {out_dir} failed in its child process (exit code {child.exitcode}; its error "
+                           "is printed above); rerun to resume from its last checkpoint")
+    return json.loads(done.read_text())
+
+
+def _child_train(settings: dict[str, Any], threads: int) -> None:
+    """The child's side of :func:`_train_in_child` (a top-level function: spawn imports it by name)."""
+    from bupo.training.arguments import run_settings
+    from bupo.training.run import train
+
+    set_threads(threads)
+    train(*run_settings(settings))
 
 
 def eval_results(run_dir: Path, *, first: bool) -> dict:
