@@ -11,6 +11,15 @@ probe moves on another scale): the absolute rule (nats thresholds 0.05 / 0.01) m
 
     nice -n 5 python benchmarks/switch_scale_free.py --out /tmp/sf --seeds 0 1 \
         --json benchmarks/measured/switch_scale_free.json
+
+``--model NAME --internal-layer K`` records the trace on a real checkpoint instead, with ``bupo reproduce --model``'s
+task and settings (the arithmetic task at 1 operation through the chat template, reward ``final_number``, lr 2e-5,
+T = 0.7, 32 completions of ``--max-completion-length`` tokens per rollout step, the ``final_norm`` projection;
+``--use-vllm`` generates with a colocated engine in a child process), ``--cap`` rollout steps (default 12):
+
+    .venv-vllm/bin/python benchmarks/switch_scale_free.py --out /tmp/sf-smol --model smollm2-135m-instruct \
+        --internal-layer 22 --cap 8 --max-completion-length 64 --use-vllm \
+        --json benchmarks/measured/switch_scale_free_smollm2.json
 """
 
 from __future__ import annotations
@@ -27,11 +36,38 @@ SCALES = (0.1, 1.0, 10.0)
 CAP = 12
 
 
-def recorded_trace(out: Path, seed: int, k: int) -> list[dict]:
+def recorded_trace(out: Path, seed: int, k: int, cap: int = CAP) -> list[dict]:
     from study_switch import run_arm
 
-    run = run_arm(out / f"trace-seed{seed}", f"auto{CAP}", seed, k, rollout_steps=CAP,
+    run = run_arm(out / f"trace-seed{seed}", f"auto{cap}", seed, k, rollout_steps=cap,
                   extra={"internal_switch_tolerance": 1e9, "internal_switch_kl_rise": 1e9, "eval_data": ["none"]})
+    return run["switch"]["trace"]
+
+
+def real_trace(out: Path, seed: int, k: int, *, model: str, cap: int, max_completion_length: int,
+               use_vllm: bool) -> list[dict]:
+    """The all-internal trace of ``cap`` rollout steps on a real checkpoint, ``bupo reproduce --model``'s settings."""
+    from bupo.data.task import make_examples
+    from bupo.experiments.real_model import REAL_DEFAULTS
+    from bupo.experiments.steps import run_training
+    from bupo.io import atomic_write_text
+    from bupo.models import resolve_model
+
+    data = out / "data" / "arith_train.jsonl"
+    if not data.is_file():
+        rows = make_examples("train", REAL_DEFAULTS["train_rows"], seed=0, difficulty=REAL_DEFAULTS["difficulty"])
+        atomic_write_text(data, "".join(json.dumps(r) + "\n" for r in rows))
+    settings = {
+        **({"use_vllm": True, "vllm_mode": "colocate"} if use_vllm else {}),
+        "model_name_or_path": str(resolve_model(model)), "data": str(data), "reward": "final_number",
+        "template": "chat", "max_completion_length": max_completion_length, "learning_rate": 2e-5,
+        "temperature": 0.7, "num_generations": 8, "probe_every": 0, "internal_projection": "final_norm",
+        "internal_steps_max": cap, "internal_switch_tolerance": 1e9, "internal_switch_kl_rise": 1e9,
+        "eval_data": ["none"],
+    }
+    run = run_training(out / f"trace-seed{seed}", algo="bupo", seed=seed, rollout_steps=cap,
+                       internal_steps="auto", internal_layer=k, eval_problems=1, eval_samples=1,  # type: ignore[arg-type]
+                       eval_before=False, overrides=settings, isolate=use_vllm)
     return run["switch"]["trace"]
 
 
@@ -55,17 +91,30 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--out", required=True)
     ap.add_argument("--seeds", type=int, nargs="+", default=[0])
     ap.add_argument("--json", help="write the traces and decisions here")
+    ap.add_argument("--model", help="a real checkpoint (bupo name, folder); needs --internal-layer")
+    ap.add_argument("--internal-layer", type=int, help="k (0-based) for --model")
+    ap.add_argument("--cap", type=int, default=CAP, help=f"rollout steps recorded (default {CAP})")
+    ap.add_argument("--max-completion-length", type=int, default=64, help="--model only (default 64)")
+    ap.add_argument("--use-vllm", action="store_true", help="--model only: rollouts from a colocated vLLM engine")
     args = ap.parse_args(argv)
     out = Path(args.out)
-    k = boundary_layer(out)
-    rules = {"absolute (0.05 / 0.01 nats)": lambda: SwitchRule(cap=CAP),
-             "relative (3 x spread, 3 steps)": lambda: RelativeSwitchRule(cap=CAP)}
-    result = {"settings": {"model": "bundled", "internal_layer": k, "cap": CAP, "scales": list(SCALES),
+    if (args.model is None) != (args.internal_layer is None):
+        ap.error("--model and --internal-layer go together")
+    k = boundary_layer(out) if args.model is None else args.internal_layer
+    cap = args.cap
+    rules = {"absolute (0.05 / 0.01 nats)": lambda: SwitchRule(cap=cap),
+             "relative (3 x spread, 3 steps)": lambda: RelativeSwitchRule(cap=cap)}
+    result = {"settings": {"model": args.model or "bundled", "internal_layer": k, "cap": cap, "scales": list(SCALES),
+                           **({"max_completion_length": args.max_completion_length, "use_vllm": args.use_vllm,
+                               "projection": "final_norm", "completions_per_rollout_step": 32}
+                              if args.model else {}),
                            "note": "switch step = the first rollout step on the full policy (None: never before the "
                                    "cap); replayed on the recorded all-internal trace"}, "seeds": {}}
     lines = ["| seed | rule | " + " | ".join(f"x{s:g}" for s in SCALES) + " |", "|---|---|" + "---|" * len(SCALES)]
     for seed in args.seeds:
-        trace = recorded_trace(out, seed, k)
+        trace = (recorded_trace(out, seed, k, cap) if args.model is None else
+                 real_trace(out, seed, k, model=args.model, cap=cap, max_completion_length=args.max_completion_length,
+                            use_vllm=args.use_vllm))
         decisions = {name: {str(s): replay(make(), trace, s) for s in SCALES} for name, make in rules.items()}
         result["seeds"][str(seed)] = {"trace": trace, "switch_step": decisions}
         for name, by_scale in decisions.items():
