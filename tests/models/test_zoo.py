@@ -205,6 +205,19 @@ def test_recipe_smoke_run_is_deterministic(tmp_path):
     assert m.config.model_type == "qwen3" and t.eos_token == "<|im_end|>"
     assert (tmp_path / "a" / "README.md").is_file()
     assert not list(tmp_path.glob(".tmp-*"))  # atomic write left nothing behind
+    # an existing folder is never replaced unasked, and a folder the recipe did not build never at all
+    mine = tmp_path / "mine"
+    mine.mkdir()
+    (mine / "notes.txt").write_text("keep me")
+    for out, flags, msg in ((mine, [], "holds files this build did not make"),
+                            (mine, ["--overwrite"], "not a model folder built by the recipe"),
+                            (tmp_path / "a", [], "holds an earlier build")):
+        res = _cli("model", "build", "--smoke", "--out", str(out), *flags)
+        assert res.returncode == 2 and msg in res.stderr and len(res.stderr.strip().splitlines()) == 1, res.stderr
+    assert (mine / "notes.txt").read_text() == "keep me" and _state(tmp_path / "a").keys() == a.keys()
+    rec4 = build(tmp_path / "a", RecipeConfig.smoke_config(seed=1), log=logs.append, overwrite=True)
+    assert rec4["train"]["final_loss"] == rec3["train"]["final_loss"]  # an earlier build replaced when asked
+    assert all(torch.equal(_state(tmp_path / "a")[k], c[k]) for k in c)
 
 
 def test_noisy_demonstrations_slip_at_the_requested_rate():

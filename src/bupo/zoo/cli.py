@@ -48,6 +48,8 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     build.add_argument(
         "--out", default="runs/tiny_reasoner", help="output folder (default: runs/tiny_reasoner)"
     )
+    build.add_argument("--overwrite", action="store_true",
+                       help="replace --out when it holds an earlier build (never any other folder)")
     build.add_argument("--seed", type=int, default=0, help="recipe seed (default: 0, the shipped model)")
     build.add_argument("--smoke", action="store_true", help="a few steps only (checks the recipe runs)")
     build.add_argument("--steps", type=int, default=None, help="override the number of training steps")
@@ -125,7 +127,7 @@ def _build(args: argparse.Namespace) -> int:
     # replace() re-runs RecipeConfig's checks (--threads, --steps >= 1) on the overridden values
     overrides = {"threads": args.threads} | ({} if args.steps is None else {"steps": args.steps})
     cfg = replace(cfg, **overrides)
-    record = build(args.out, cfg, log=lambda s: print(s, file=sys.stderr, flush=True))
+    record = build(args.out, cfg, log=lambda s: print(s, file=sys.stderr, flush=True), overwrite=args.overwrite)
     print(
         json.dumps({"out": args.out, **{k: record[k] for k in ("train", "eval_heldout_t1", "total_seconds")}})
     )

@@ -332,13 +332,29 @@ def _train(cfg: RecipeConfig, log: Any) -> tuple[Any, Any, dict[str, Any]]:
     return model, tok, stats
 
 
-def build(out_dir: str | os.PathLike, cfg: RecipeConfig, log: Any = print) -> dict[str, Any]:
-    """Run the recipe and write the model folder atomically to ``out_dir``. Returns the record."""
+def check_build_out(out_dir: str | os.PathLike, overwrite: bool = False) -> None:
+    """ValueError (one line) when ``out_dir`` holds anything but an earlier build and ``overwrite`` is off; an earlier
+    build (``recipe.json``) is replaced only with ``overwrite``. Checked before the recipe trains."""
+    out = Path(out_dir)
+    if out.exists() and (not out.is_dir() or any(out.iterdir())) and not overwrite:
+        what = "an earlier build" if (out / "recipe.json").is_file() else "files this build did not make"
+        raise ValueError(f"--out {str(out)!r} already exists and holds {what}; choose a new folder, or pass "
+                         "--overwrite to replace it")
+    if overwrite and out.is_dir() and any(out.iterdir()) and not (out / "recipe.json").is_file():
+        raise ValueError(f"--out {str(out)!r} is not a model folder built by the recipe (no recipe.json); "
+                         "--overwrite replaces only an earlier build: choose a new folder")
+
+
+def build(out_dir: str | os.PathLike, cfg: RecipeConfig, log: Any = print, *, overwrite: bool = False) -> dict[str, Any]:
+    """Run the recipe and write the model folder atomically to ``out_dir``. Returns the record. An existing
+    non-empty ``out_dir`` is refused before training (:func:`check_build_out`), an earlier build replaced only with
+    ``overwrite``."""
     import torch
     import transformers
 
     from bupo.data.task import make_examples
 
+    check_build_out(out_dir, overwrite)
     out = Path(out_dir)
     t0 = time.perf_counter()
     with torch_threads(cfg.threads):
