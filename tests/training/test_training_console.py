@@ -28,10 +28,14 @@ def _run(ws, out, *extra):
                  "--logging_steps", "1", "--save_strategy", "no", *extra])
 
 
-def test_console_shows_a_bar_the_switch_and_the_end_without_raw_dicts(ws, tmp_path, capsys):
+def test_console_shows_a_bar_the_switch_and_the_end_without_raw_dicts(ws, tmp_path, capsys, monkeypatch):
+    import sys
+
+    monkeypatch.setattr(sys.stdout, "isatty", lambda: True)  # a terminal: the bar is redrawn in place
     assert _run(ws, tmp_path / "run") == 0
     out = capsys.readouterr().out
     print(out)
+    assert "\r" in out
     bar = [seg for seg in out.replace("\r", "\n").splitlines() if seg.startswith("rollout ")]
     assert bar and bar[-1].startswith("rollout 3/3 ")  # the bar's final state: rollout steps, not optimizer steps
     assert "full | reward " in bar[-1] and "H(pi^k) " in bar[-1] and " s/step" in bar[-1]
@@ -44,6 +48,21 @@ def test_console_shows_a_bar_the_switch_and_the_end_without_raw_dicts(ws, tmp_pa
     assert len(done) == 1 and "3 rollout steps (6 optimizer steps)" in done[0]
     assert "k=1 (paper layer 2), internal rollout steps 1..1" in done[0]
     assert "{'loss'" not in out and "'reward'" not in out and "bupo/entropy_full" not in out  # no raw TRL dicts
+
+
+def test_into_a_log_the_progress_is_one_line_per_rollout_step(ws, tmp_path, capsys):
+    assert _run(ws, tmp_path / "run") == 0  # captured stdout is not a terminal, like a log file or CI
+    out = capsys.readouterr().out
+    assert "\r" not in out  # no redraws in the log
+    lines = [ln for ln in out.splitlines() if ln.startswith("rollout ")]
+    assert [ln.split(" [")[0] for ln in lines] == ["rollout 1/3", "rollout 2/3", "rollout 3/3"], out
+    assert "internal k=1 |" in lines[0] and all("full | reward " in ln for ln in lines[1:])
+    logged = [h for h in json.loads((tmp_path / "run" / "log_history.json").read_text()) if "reward" in h]
+    # each rollout step's line carries the last reward logged by its end (2 optimizer steps per rollout step)
+    want = [f"reward {[h for h in logged if h['step'] <= 2 * r][-1]['reward']:.3f} " for r in (1, 2, 3)]
+    assert want == [ln.split("| ")[1].split("|")[0] for ln in lines]
+    assert out.index("internal k=1 -> full") > out.index("rollout 1/3") and out.index("bupo: done:") > out.index(
+        "rollout 3/3")
 
 
 def test_verbose_prints_the_raw_dicts(ws, tmp_path, capsys):

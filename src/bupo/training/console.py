@@ -27,8 +27,10 @@ class TrainingConsole(TrainerCallback):
     """Progress bar (rollout step / total, phase and k, reward, H(pi^k), H(pi), step time) and summary lines.
 
     ``trainer``: the :class:`bupo.training.trainer.BuPOTrainer` (its phase, layer and switch are read, never
-    changed); ``bar``: draw the bar (off with ``--verbose``, where TRL's own printing stays); ``file``: where to
-    write (stdout, with bupo's other result lines).
+    changed); ``bar``: show progress (off with ``--verbose``, where TRL's own printing stays); ``file``: where to
+    write (stdout, with bupo's other result lines). On a terminal the progress is a bar redrawn in place; into a
+    file or pipe (a log, CI, ``nohup``) it is one plain line per rollout step, so that no redraws pile up in the
+    log and other lines (evaluations, warnings) do not land inside the bar's.
     """
 
     def __init__(self, trainer: Any, *, bar: bool = True, file: TextIO | None = None) -> None:
@@ -43,6 +45,9 @@ class TrainingConsole(TrainerCallback):
         self.rollout_t0 = time.time()
         self.step_time: float | None = None
         self.t0 = time.time()
+        self.lines = False  # progress as one line per rollout step (not a terminal)
+        self.total: int | None = None
+        self.pending: int | None = None  # a rollout step whose line waits for its logged reward
 
     # --- helpers --------------------------------------------------------------------------------------------
 
@@ -78,7 +83,10 @@ class TrainingConsole(TrainerCallback):
         self.t0 = self.rollout_t0 = time.time()
         total = math.ceil(state.max_steps / self.n_per) if state.max_steps > 0 else None
         done = state.global_step // self.n_per
-        if self.show_bar:
+        self.total = total
+        isatty = getattr(self.out, "isatty", None)
+        self.lines = self.show_bar and not (callable(isatty) and isatty())
+        if self.show_bar and not self.lines:
             from tqdm.auto import tqdm
 
             self.bar = tqdm(total=total, initial=done, desc="rollout", unit="step", file=self.out,
@@ -99,6 +107,10 @@ class TrainingConsole(TrainerCallback):
         elif self.phase is None and not current[0] and self.trainer.args.internal_steps > 0 and step > 1:
             self._switch_line(step, current)  # resumed past the switch: say where the full phase started
         self.phase = current
+        if self.lines:
+            self.pending = step
+            if not control.should_log:  # else on_log prints it with this step's reward and entropies
+                self._progress_line()
         if self.bar is not None:
             self.bar.n = step
             self.bar.set_postfix_str(self._postfix(), refresh=False)
@@ -127,6 +139,15 @@ class TrainingConsole(TrainerCallback):
                     self.first_reward = float(x)
         if self.bar is not None and "reward" in logs:
             self.bar.set_postfix_str(self._postfix())
+        if self.pending is not None and "reward" in logs:
+            self._progress_line()
+
+    def _progress_line(self) -> None:
+        elapsed = int(time.time() - self.t0)
+        total = "?" if self.total is None else self.total
+        print(f"rollout {self.pending}/{total} [{elapsed // 60:02d}:{elapsed % 60:02d}] {self._postfix()}",
+              file=self.out, flush=True)
+        self.pending = None
 
     def on_train_end(self, args: Any, state: Any, control: Any, **kw: Any) -> None:
         if not self._main(state):
@@ -135,6 +156,8 @@ class TrainingConsole(TrainerCallback):
             self.bar.set_postfix_str(self._postfix(), refresh=False)
             self.bar.close()
             self.bar = None
+        if self.pending is not None:  # its log never came (a run stopped between the step and its log)
+            self._progress_line()
         switch = self.trainer.bupo_switch
         if switch.get("mode") == "none":
             phases = "GRPO (full policy)"
