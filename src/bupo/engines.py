@@ -156,6 +156,14 @@ def engine_kwargs(on_cpu: bool | None = None) -> dict[str, Any]:
     return {"enforce_eager": True, "kv_cache_memory_bytes": gib << 30}
 
 
+def _quiet_kwargs() -> dict[str, Any]:
+    """vLLM's "Loading safetensors checkpoint shards" bar follows the libraries' bar switch (off in a ``bupo`` command
+    unless ``--verbose`` / ``BUPO_VERBOSE=1``: :mod:`bupo.cli_quiet`)."""
+    from bupo.cli_quiet import hub_bars_off
+
+    return {"use_tqdm_on_load": False} if hub_bars_off() else {}
+
+
 @contextlib.contextmanager
 def _engine_start() -> Iterator[None]:
     """Around building an engine: torch's threads kept (vLLM's CPU worker sets one thread and swaps
@@ -195,7 +203,7 @@ def load_llm(path: str | Path, *, dtype: str = "auto", seed: int = 0, max_model_
     """A vLLM ``LLM`` for a model folder, in-process, with bupo's CPU settings and torch's threads kept."""
     vllm = require_vllm()
     dtype = checkpoint_dtype(path) if dtype == "auto" else dtype
-    kw = {**engine_kwargs(), **kwargs}
+    kw = {**engine_kwargs(), **_quiet_kwargs(), **kwargs}
     if max_model_len is not None:
         kw["max_model_len"] = int(max_model_len)
     with _engine_start():
@@ -326,7 +334,7 @@ def trl_colocate_defaults(train_args: Any, model: Any = None) -> Iterator[None]:
     extra = _colocate_kwargs(model)
 
     def llm(*args: Any, **kw: Any) -> Any:
-        return real_llm(*args, **{**kw, **extra})
+        return real_llm(*args, **{**kw, **extra, **_quiet_kwargs()})
 
     vllm_generation.LLM = llm
     if extra:  # a CPU
