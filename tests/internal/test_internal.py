@@ -250,3 +250,29 @@ def test_entropy_is_accurate_for_large_raw_logits():
     h = torch.randn(64, m.config.hidden_size) * 400
     s = token_stats(m, h, chunk_size=16)
     assert (s.entropy.double() - _dense_entropy(_ref_head(p, h))).abs().max() < 2e-5
+
+
+def test_parts_unwraps_wrappers_that_forward_attributes_like_deepspeed_engine():
+    """DeepSpeedEngine keeps the model under ``.module`` and forwards unknown attributes (``config``, ``model``) to it;
+    ``parts`` must still resolve the HF model itself, not the wrapper, as for DDP's plain ``.module``."""
+
+    class ForwardingWrapper(torch.nn.Module):  # DeepSpeedEngine's attribute behaviour, without DeepSpeed
+        def __init__(self, module):
+            super().__init__()
+            self.module = module
+
+        def __getattr__(self, name):
+            try:
+                return super().__getattr__(name)
+            except AttributeError:
+                return getattr(super().__getattr__("module"), name)
+
+    class PlainWrapper(torch.nn.Module):  # DDP's: no forwarding
+        def __init__(self, module):
+            super().__init__()
+            self.module = module
+
+    model = tiny_model("llama")
+    for wrapped in (ForwardingWrapper(model), PlainWrapper(model), PlainWrapper(ForwardingWrapper(model))):
+        p = parts(wrapped)
+        assert p.model is model and p.lm_head is model.lm_head and p.num_layers == model.config.num_hidden_layers

@@ -137,8 +137,9 @@ def _get(root: nn.Module, path: str | None) -> nn.Module | None:
 
 
 def _unwrap(model: nn.Module) -> nn.Module:
-    # DDP / DeepSpeed / accelerate wrappers keep the HF model under .module
-    while not hasattr(model, "config") and hasattr(model, "module"):
+    # DDP / DeepSpeed / accelerate wrappers keep the HF model under .module; DeepSpeedEngine also forwards unknown
+    # attributes (config, model, ...) to it, so "has no config" cannot tell a wrapper: a model class has config_class
+    while isinstance(getattr(model, "module", None), nn.Module) and not hasattr(type(model), "config_class"):
         model = model.module
     return model
 
