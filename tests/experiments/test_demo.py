@@ -198,6 +198,9 @@ def test_reproduce_real_model_end_to_end_on_a_checkpoint_folder(tmp_path, capsys
     table = (out / "table.md").read_text()
     assert "| base |" in table and "| GRPO |" in table and "| BuPO (final_norm) |" in table
     assert "| one-layer (layer 4) | 1 |" in table and "correct when answered" in table
+    # the base model's format too (GRPO's evaluation before training), and one seed said in the headline
+    assert set(res["runs"]["grpo-seed0"]["before_shape"]) == {"truncated", "answered", "correct_when_answered"}
+    assert "| base | 1 |" in table and table.startswith("One seed per arm")
     # resumable: a rerun reuses every finished run
     mtime = (out / "runs" / "grpo-seed0" / "bupo_run.json").stat().st_mtime
     assert main(argv) == 0

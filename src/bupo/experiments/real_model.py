@@ -24,6 +24,7 @@ from bupo.experiments.steps import (
     run_analysis,
     run_training,
     sd,
+    seeds_headline,
 )
 from bupo.io import atomic_write_json
 
@@ -178,7 +179,8 @@ def run_real_model(out: Path, *, model: str | Path, seeds: int = 1, rollout_step
     runs = _train_arms(out, plan, num_layers=num_layers, rollout_steps=rollout_steps,
                        internal_steps=internal_steps, k=k, eval_problems=eval_problems, eval_samples=eval_samples,
                        overrides=overrides, auto_cap=auto_cap)
-    head = (f"Avg@{eval_samples} / Pass@K (%) on {eval_problems} held-out {difficulty}-operation problems, "
+    head = (seeds_headline(seeds, ["grpo", "bupo", *extra]) + "\n\n"
+            f"Avg@{eval_samples} / Pass@K (%) on {eval_problems} held-out {difficulty}-operation problems, "
             f"{seeds} seed(s); k = {k}; s_inter = {internal_steps}/{rollout_steps} rollout steps.")
     table = _real_table(runs, head)
     fig = reward_figure({n: r["reward_curve"] for n, r in runs.items()}, out / "figures" / "rewards.png",
@@ -256,14 +258,15 @@ def _plan(seeds: int, projections: list[str] | tuple[str, ...], auto_cap: int | 
     return plan
 
 
-def response_shape(run_dir: Path) -> dict[str, float]:
-    """Format against correctness in a run's last evaluation (samples.jsonl): ``truncated`` = responses cut at the
-    token limit, ``answered`` = responses that end (not cut) and state a number (``final_number`` can read an
-    answer), ``correct_when_answered`` = correct among those."""
+def response_shape(run_dir: Path, *, first: bool = False) -> dict[str, float]:
+    """Format against correctness in a run's last evaluation (its first with ``first``: the base model's when it was
+    evaluated before training) from samples.jsonl: ``truncated`` = responses cut at the token limit, ``answered`` =
+    responses that end (not cut) and state a number (``final_number`` can read an answer), ``correct_when_answered``
+    = correct among those."""
     import re
 
     logs = sorted((run_dir / "evals").glob("step-*/samples.jsonl"))
-    recs = [json.loads(line) for line in logs[-1].read_text().splitlines() if line.strip()] if logs else []
+    recs = [json.loads(line) for line in logs[0 if first else -1].read_text().splitlines() if line.strip()] if logs else []
     if not recs:
         return {}
     answered = [r for r in recs if r.get("finish_reason") != "length" and re.search(r"\d", r.get("response", ""))]
@@ -304,6 +307,7 @@ def _train_arms(out: Path, plan: list[Planned], *, num_layers: int, rollout_step
             runs[name]["switch"] = bupo_run.get("switch", {})
         if arm == "grpo":
             runs[name]["before"] = metrics(eval_results(run_dir, first=True))
+            runs[name]["before_shape"] = response_shape(run_dir, first=True)
     return runs
 
 
@@ -346,7 +350,8 @@ def _real_table(runs: dict[str, dict[str, Any]], head: str) -> str:
         lines += ["", "Format against correctness after training (last evaluation, mean over seeds, %):", "",
                   "| run | seeds | truncated | answered (ends, states a number) | correct when answered |",
                   "|---|---|---|---|---|"]
-        for label, sh in shapes.items():
+        base_shapes = [r["before_shape"] for r in runs.values() if r.get("before_shape")]
+        for label, sh in {**({"base": base_shapes} if base_shapes else {}), **shapes}.items():
             if sh:
                 lines.append(f"| {label} | {len(sh)} | " + " | ".join(
                     f"{100 * statistics.fmean(s[key] for s in sh):.1f}"
