@@ -36,7 +36,12 @@ installed() {  # installed NAME: 0 when that background install succeeded; else 
 }
 
 rc=0
-.venv/bin/python -m pytest -n 2 --dist loadgroup || rc=$?
+timings=${BUPO_TEST_TIMINGS:-$logs/timings.tsv}
+BUPO_TEST_TIMINGS=$timings .venv/bin/python -m pytest -n 2 --dist loadgroup || rc=$?
+# the slowest test phases and what their worker did meanwhile (tests/conftest.py): a rare stall leaves its evidence
+echo "== slowest test phases: seconds, phase, outcome, test, worker, threads, peak MB, then since the test started:"
+echo "   CPU s, major page faults, voluntary / involuntary context switches, steal s"
+sort -rn "$timings" 2>/dev/null | head -n 8 || true
 
 old_rc=0
 if [ "${BUPO_TEST_OLDEST:-1}" = 0 ]; then
