@@ -14,7 +14,8 @@ probe moves on another scale): the absolute rule (nats thresholds 0.05 / 0.01) m
 
 ``--model NAME --internal-layer K`` records the trace on a real checkpoint instead, with ``bupo reproduce --model``'s
 task and settings (the arithmetic task at 1 operation through the chat template, reward ``final_number``, lr 2e-5,
-T = 0.7, 32 completions of ``--max-completion-length`` tokens per rollout step, the ``final_norm`` projection;
+T = 0.7, ``--completions`` (default 32) of ``--max-completion-length`` tokens per rollout step, the ``final_norm``
+projection;
 ``--use-vllm`` generates with a colocated engine in a child process), ``--cap`` rollout steps (default 12):
 
     .venv-vllm/bin/python benchmarks/switch_scale_free.py --out /tmp/sf-smol --model smollm2-135m-instruct \
@@ -45,7 +46,7 @@ def recorded_trace(out: Path, seed: int, k: int, cap: int = CAP) -> list[dict]:
 
 
 def real_trace(out: Path, seed: int, k: int, *, model: str, cap: int, max_completion_length: int,
-               use_vllm: bool) -> list[dict]:
+               use_vllm: bool, completions: int = 32) -> list[dict]:
     """The all-internal trace of ``cap`` rollout steps on a real checkpoint, ``bupo reproduce --model``'s settings."""
     from bupo.data.task import make_examples
     from bupo.experiments.real_model import REAL_DEFAULTS
@@ -63,7 +64,7 @@ def real_trace(out: Path, seed: int, k: int, *, model: str, cap: int, max_comple
         "template": "chat", "max_completion_length": max_completion_length, "learning_rate": 2e-5,
         "temperature": 0.7, "num_generations": 8, "probe_every": 0, "internal_projection": "final_norm",
         "internal_steps_max": cap, "internal_switch_tolerance": 1e9, "internal_switch_kl_rise": 1e9,
-        "eval_data": ["none"],
+        "eval_data": ["none"], "per_device_train_batch_size": completions // 2,  # 2 optimizer steps per rollout step
     }
     run = run_training(out / f"trace-seed{seed}", algo="bupo", seed=seed, rollout_steps=cap,
                        internal_steps="auto", internal_layer=k, eval_problems=1, eval_samples=1,  # type: ignore[arg-type]
@@ -96,6 +97,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--cap", type=int, default=CAP, help=f"rollout steps recorded (default {CAP})")
     ap.add_argument("--max-completion-length", type=int, default=64, help="--model only (default 64)")
     ap.add_argument("--use-vllm", action="store_true", help="--model only: rollouts from a colocated vLLM engine")
+    ap.add_argument("--completions", type=int, default=32, help="--model only: completions per rollout step (x16)")
     args = ap.parse_args(argv)
     out = Path(args.out)
     if (args.model is None) != (args.internal_layer is None):
@@ -106,7 +108,7 @@ def main(argv: list[str] | None = None) -> int:
              "relative (3 x spread, 3 steps)": lambda: RelativeSwitchRule(cap=cap)}
     result = {"settings": {"model": args.model or "bundled", "internal_layer": k, "cap": cap, "scales": list(SCALES),
                            **({"max_completion_length": args.max_completion_length, "use_vllm": args.use_vllm,
-                               "projection": "final_norm", "completions_per_rollout_step": 32}
+                               "projection": "final_norm", "completions_per_rollout_step": args.completions}
                               if args.model else {}),
                            "note": "switch step = the first rollout step on the full policy (None: never before the "
                                    "cap); replayed on the recorded all-internal trace"}, "seeds": {}}
@@ -114,7 +116,7 @@ def main(argv: list[str] | None = None) -> int:
     for seed in args.seeds:
         trace = (recorded_trace(out, seed, k, cap) if args.model is None else
                  real_trace(out, seed, k, model=args.model, cap=cap, max_completion_length=args.max_completion_length,
-                            use_vllm=args.use_vllm))
+                            use_vllm=args.use_vllm, completions=args.completions))
         decisions = {name: {str(s): replay(make(), trace, s) for s in SCALES} for name, make in rules.items()}
         result["seeds"][str(seed)] = {"trace": trace, "switch_step": decisions}
         for name, by_scale in decisions.items():
