@@ -201,6 +201,11 @@ def test_reproduce_real_model_end_to_end_on_a_checkpoint_folder(tmp_path, capsys
     # the base model's format too (GRPO's evaluation before training), and one seed said in the headline
     assert set(res["runs"]["grpo-seed0"]["before_shape"]) == {"truncated", "answered", "correct_when_answered"}
     assert "| base | 1 |" in table and table.startswith("One seed per arm")
+    # 2 samples per problem: Pass@2 (any sample right) next to Avg@2, from each problem's correct count
+    counts = json.loads(sorted((out / "runs" / "grpo-seed0" / "evals").glob("step-*/results.json"))[-1].read_text())
+    counts = counts["benchmarks"]["arith_d1_test"]["correct_counts"]
+    assert res["runs"]["grpo-seed0"]["after"]["pass@2"] == sum(c >= 1 for c in counts) / len(counts)
+    assert "| run | avg | pass@1 | pass@2 |" in table
     # resumable: a rerun reuses every finished run
     mtime = (out / "runs" / "grpo-seed0" / "bupo_run.json").stat().st_mtime
     assert main(argv) == 0

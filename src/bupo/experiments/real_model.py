@@ -205,6 +205,19 @@ def run_real_model(out: Path, *, model: str | Path, seeds: int = 1, rollout_step
     return results
 
 
+def run_metrics(results: dict) -> dict[str, float]:
+    """:func:`~bupo.experiments.steps.metrics` plus Pass@n (n = samples per problem, i.e. any sample right) where
+    the paper's K grid stops below n (n = 2 gives only Pass@1 = Avg@2 there)."""
+    from bupo.evaluation.metrics import mean_pass_at_k
+
+    out = metrics(results)
+    benches = list(results["benchmarks"].values())
+    n = min(int(b["n"]) for b in benches)
+    if n > 1 and f"pass@{n}" not in out:
+        out[f"pass@{n}"] = statistics.fmean(mean_pass_at_k(int(b["n"]), b["correct_counts"], n) for b in benches)
+    return out
+
+
 def _check_real_args(projections: list[str] | tuple[str, ...], completions_per_rollout: int, temperature: float,
                      auto_cap: int | None, auto_seeds: int | None, internal_steps: int, rollout_steps: int) -> None:
     """One-line ValueErrors for settings :func:`run_real_model` cannot run, before anything is resolved or loaded."""
@@ -300,13 +313,13 @@ def _train_arms(out: Path, plan: list[Planned], *, num_layers: int, rollout_step
                      isolate=bool(overrides.get("use_vllm")))  # each engine's memory dies with its own process
         log = json.loads((run_dir / "log_history.json").read_text())
         runs[name] = {"label": label, "seed": seed, "algo": algo, "arm": arm, "projection": proj,
-                      "after": metrics(eval_results(run_dir, first=False)), "shape": response_shape(run_dir),
+                      "after": run_metrics(eval_results(run_dir, first=False)), "shape": response_shape(run_dir),
                       "phases": _phase_stats(log, STEPS_PER_ROLLOUT), "reward_curve": _reward_curve(log)}
         if auto:
             bupo_run = json.loads((run_dir / "bupo_run.json").read_text())
             runs[name]["switch"] = bupo_run.get("switch", {})
         if arm == "grpo":
-            runs[name]["before"] = metrics(eval_results(run_dir, first=True))
+            runs[name]["before"] = run_metrics(eval_results(run_dir, first=True))
             runs[name]["before_shape"] = response_shape(run_dir, first=True)
     return runs
 
