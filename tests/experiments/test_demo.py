@@ -182,6 +182,8 @@ def test_reproduce_real_model_end_to_end_on_a_checkpoint_folder(tmp_path, capsys
         assert shape["truncated"] + shape["answered"] <= 1.0 + 1e-9
     assert res["settings"]["internal_layer"] == 1 and res["settings"]["s_inter_fraction"] == 0.5
     assert res["settings"]["temperature"] == 0.9 and res["settings"]["auto_cap"] == 1
+    assert res["settings"]["runs_seconds"] == pytest.approx(sum(
+        json.loads((out / "runs" / n / "bupo_run.json").read_text())["seconds"] for n in res["runs"]), abs=0.1)
     for name in ("bupo-raw-auto1-seed0", "bupo-final_norm-auto1-seed0"):
         run = json.loads((out / "runs" / name / "bupo_run.json").read_text())
         assert run["switch"]["step"] == 2 and "cap reached" in run["switch"]["reason"]  # cap 1: rollout step 2 is full

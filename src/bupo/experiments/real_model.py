@@ -194,7 +194,9 @@ def run_real_model(out: Path, *, model: str | Path, seeds: int = 1, rollout_step
                 "reward": "final_number", "completions_per_rollout_step": completions_per_rollout,
                 "temperature": temperature, "auto_cap": auto_cap, "auto_seeds": auto_seeds,
                 "arms": ["grpo", "bupo", *extra], "use_vllm": use_vllm,
-                "wall_seconds": round(time.time() - t0, 1)}
+                "wall_seconds": round(time.time() - t0, 1),  # this invocation (a rerun reuses finished runs)
+                # every run's own time (training and its evaluations), whichever invocation trained it
+                "runs_seconds": round(sum(r.get("seconds") or 0.0 for r in runs.values()), 1)}
     results = {"settings": settings, "runs": runs, "table": table, "figure": str(fig)}
     atomic_write_json(out / "results.json", results)
     from bupo.io import atomic_write_text
@@ -312,7 +314,8 @@ def _train_arms(out: Path, plan: list[Planned], *, num_layers: int, rollout_step
                                 **({"internal_steps_max": auto_cap} if auto else {})},
                      isolate=bool(overrides.get("use_vllm")))  # each engine's memory dies with its own process
         log = json.loads((run_dir / "log_history.json").read_text())
-        runs[name] = {"label": label, "seed": seed, "algo": algo, "arm": arm, "projection": proj,
+        seconds = json.loads((run_dir / "bupo_run.json").read_text()).get("seconds")
+        runs[name] = {"label": label, "seed": seed, "algo": algo, "arm": arm, "projection": proj, "seconds": seconds,
                       "after": run_metrics(eval_results(run_dir, first=False)), "shape": response_shape(run_dir),
                       "phases": _phase_stats(log, STEPS_PER_ROLLOUT), "reward_curve": _reward_curve(log)}
         if auto:
