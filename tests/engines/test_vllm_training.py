@@ -215,14 +215,38 @@ def test_no_engine_or_trainer_outlives_its_run(tmp_path):
 def test_isolated_runs_train_in_their_own_processes(tmp_path, monkeypatch):
     """``run_training(isolate=True)`` (what ``bupo reproduce --use-vllm`` uses for every run): each run trains with
     its own engine in a spawned child, so this process's ``train`` never runs (it is broken here and both runs
-    still finish), one run after another, each recording the vLLM engine; a child that fails is one RuntimeError."""
+    still finish), one run after another, each recording the vLLM engine; a child that fails is one RuntimeError.
+    The parent's rendezvous of an earlier in-process run (its MASTER_PORT still held) is not inherited."""
+    import socket
+
     import bupo.training.run as run_mod
-    from bupo.experiments.steps import run_training
 
     def broken(*a, **k):
         raise AssertionError("trained in the parent process")
 
     monkeypatch.setattr(run_mod, "train", broken)
+    own_group = not torch.distributed.is_initialized()
+    if own_group:  # what an earlier in-process colocate run leaves: its one-rank group, holding MASTER_PORT
+        with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+            s.bind(("127.0.0.1", 0))
+            port = str(s.getsockname()[1])
+        for key, value in {"MASTER_ADDR": "127.0.0.1", "MASTER_PORT": port, "RANK": "0", "LOCAL_RANK": "0",
+                           "WORLD_SIZE": "1"}.items():
+            monkeypatch.setenv(key, value)
+        torch.distributed.init_process_group("gloo", rank=0, world_size=1)
+    try:
+        _two_isolated_runs_and_a_failing_one(tmp_path)
+    finally:
+        if own_group:
+            from accelerate.state import AcceleratorState
+
+            torch.distributed.destroy_process_group()
+            AcceleratorState._reset_state(reset_partial_state=True)
+
+
+def _two_isolated_runs_and_a_failing_one(tmp_path):
+    from bupo.experiments.steps import run_training
+
     settings = {"model_name_or_path": str(_bundled()), "use_vllm": True, "vllm_mode": "colocate",
                 "num_generations": 4, "max_completion_length": 8, "probe_every": 0}
     for seed in range(2):

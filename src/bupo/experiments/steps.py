@@ -137,8 +137,19 @@ def _train_in_child(out_dir: Path, settings: dict[str, Any]) -> dict:
     return json.loads(done.read_text())
 
 
+#: the rendezvous a one-process run inherits from an earlier in-process run in its parent (TRL's colocated vLLM sets
+#: RANK / WORLD_SIZE, bupo a free MASTER_PORT): that port may still be held by the parent's process group
+_RENDEZVOUS_ENV = ("MASTER_ADDR", "MASTER_PORT", "RANK", "LOCAL_RANK", "WORLD_SIZE", "LOCAL_WORLD_SIZE")
+
+
 def _child_train(settings: dict[str, Any], threads: int) -> None:
-    """The child's side of :func:`_train_in_child` (a top-level function: spawn imports it by name)."""
+    """The child's side of :func:`_train_in_child` (a top-level function: spawn imports it by name): a fresh
+    one-process run, with its own rendezvous unless the parent is one rank of several."""
+    import os
+
+    if os.environ.get("WORLD_SIZE", "1") == "1":
+        for key in _RENDEZVOUS_ENV:
+            os.environ.pop(key, None)
     from bupo.training.arguments import run_settings
     from bupo.training.run import train
 
