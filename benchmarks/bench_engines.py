@@ -46,7 +46,7 @@ def _timed(fn: Any) -> tuple[float, Any]:
 
 
 def tokens_per_second(model: Any, tok: Any, path: Path, lengths: list[int], batch: int,
-                      compiled: bool = False) -> list[dict]:
+                      compiled: bool = False, dtype: str = "float32") -> list[dict]:
     import torch
     from transformers import GenerationConfig
 
@@ -62,7 +62,7 @@ def tokens_per_second(model: Any, tok: Any, path: Path, lengths: list[int], batc
     width, pad = max(map(len, enc)), tok.pad_token_id if tok.pad_token_id is not None else 0
     ids = torch.tensor([[pad] * (width - len(e)) + e for e in enc])
     mask = torch.tensor([[0] * (width - len(e)) + [1] * len(e) for e in enc])
-    start, llm = _timed(lambda: load_llm(path, dtype="float32", max_model_len=width + max(lengths)))
+    start, llm = _timed(lambda: load_llm(path, dtype=dtype, max_model_len=width + max(lengths)))
     engine = VLLMBackend(llm, tokenizer=tok, eos_ids=[], batch_size=batch)
     saved_eos, rows = model.generation_config.eos_token_id, []
 
@@ -84,8 +84,9 @@ def tokens_per_second(model: Any, tok: Any, path: Path, lengths: list[int], batc
             model.generation_config.eos_token_id = saved_eos
 
     def hf(n: int) -> int:
+        # min_new_tokens: EOS masked, as vLLM's ignore_eos (eos_token_id=None alone falls back to the model's EOS)
         cfg = GenerationConfig(do_sample=True, top_k=0, top_p=1.0, temperature=1.0, max_new_tokens=n,
-                               eos_token_id=None, pad_token_id=pad)
+                               min_new_tokens=n, eos_token_id=None, pad_token_id=pad)
         with torch.inference_mode():
             return int(model.generate(input_ids=ids, attention_mask=mask, generation_config=cfg).shape[1] - width) * batch
 
@@ -112,7 +113,7 @@ def tokens_per_second(model: Any, tok: Any, path: Path, lengths: list[int], batc
     close_llm(engine.llm)
     head = {"vllm_start_s": start}
     if compiled:  # vLLM's graph mode (inductor) instead of bupo's CPU default enforce_eager=True: same requests
-        head["vllm_compiled_start_s"], llm = _timed(lambda: load_llm(path, dtype="float32", enforce_eager=False,
+        head["vllm_compiled_start_s"], llm = _timed(lambda: load_llm(path, dtype=dtype, enforce_eager=False,
                                                                       max_model_len=width + max(lengths)))
         engine = VLLMBackend(llm, tokenizer=tok, eos_ids=[], batch_size=batch)
         vllm(4)
@@ -206,6 +207,8 @@ def main() -> int:
     ap.add_argument("--skip-wall", action="store_true", help="tokens/s only")
     ap.add_argument("--compiled", action="store_true",
                     help="also vLLM in graph mode (enforce_eager=False; its compile time reported apart)")
+    ap.add_argument("--dtype", choices=("float32", "bfloat16"), default="float32",
+                    help="weights dtype of every engine (default float32, the checkpoint's own); tokens/s only")
     ap.add_argument("--json", default=str(Path(__file__).parent / "measured" / "engines_cpu.json"))
     args = ap.parse_args()
     threads = args.threads or _free_cores()
@@ -221,13 +224,15 @@ def main() -> int:
 
     torch.set_num_threads(threads)
     path = Path(resolve_model(MODEL))
-    model = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32).eval()
+    if args.dtype != "float32" and not args.skip_wall:
+        ap.error("--dtype bfloat16 measures tokens/s only: add --skip-wall")
+    model = AutoModelForCausalLM.from_pretrained(path, dtype=getattr(torch, args.dtype)).eval()
     tok = AutoTokenizer.from_pretrained(path)
-    print(f"SmolLM2-135M-Instruct fp32, {threads} threads, load {load_before[0]:.2f}, vLLM {vllm_version()}",
+    print(f"SmolLM2-135M-Instruct {args.dtype}, {threads} threads, load {load_before[0]:.2f}, vLLM {vllm_version()}",
           flush=True)
-    result: dict[str, Any] = {"model": MODEL, "dtype": "float32", "threads": threads, "vllm": vllm_version(),
+    result: dict[str, Any] = {"model": MODEL, "dtype": args.dtype, "threads": threads, "vllm": vllm_version(),
                               "torch": torch.__version__, "loadavg_before": load_before}
-    result["generation"] = tokens_per_second(model, tok, path, args.lengths, args.batch, args.compiled)
+    result["generation"] = tokens_per_second(model, tok, path, args.lengths, args.batch, args.compiled, args.dtype)
     longest = result["generation"][-1]
     result["goal_generation_4x_at_16x512"] = longest["new_tokens"] == 512 and longest["vllm_over_hf"] >= 4
     del model
