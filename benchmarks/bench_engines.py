@@ -211,6 +211,8 @@ def main() -> int:
                     help="weights dtype of every engine (default float32, the checkpoint's own); tokens/s only")
     ap.add_argument("--json", default=str(Path(__file__).parent / "measured" / "engines_cpu.json"))
     args = ap.parse_args()
+    if args.dtype != "float32" and not args.skip_wall:
+        ap.error("--dtype bfloat16 measures tokens/s only: add --skip-wall")
     threads = args.threads or _free_cores()
     os.environ["OMP_NUM_THREADS"] = str(threads)  # before torch starts; vLLM then keeps torch's threads
     os.environ.setdefault("VLLM_ENABLE_V1_MULTIPROCESSING", "0")
@@ -224,8 +226,6 @@ def main() -> int:
 
     torch.set_num_threads(threads)
     path = Path(resolve_model(MODEL))
-    if args.dtype != "float32" and not args.skip_wall:
-        ap.error("--dtype bfloat16 measures tokens/s only: add --skip-wall")
     model = AutoModelForCausalLM.from_pretrained(path, dtype=getattr(torch, args.dtype)).eval()
     tok = AutoTokenizer.from_pretrained(path)
     print(f"SmolLM2-135M-Instruct {args.dtype}, {threads} threads, load {load_before[0]:.2f}, vLLM {vllm_version()}",

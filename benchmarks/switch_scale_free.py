@@ -48,23 +48,16 @@ def recorded_trace(out: Path, seed: int, k: int, cap: int = CAP) -> list[dict]:
 def real_trace(out: Path, seed: int, k: int, *, model: str, cap: int, max_completion_length: int,
                use_vllm: bool, completions: int = 32) -> list[dict]:
     """The all-internal trace of ``cap`` rollout steps on a real checkpoint, ``bupo reproduce --model``'s settings."""
-    from bupo.data.task import make_examples
-    from bupo.experiments.real_model import REAL_DEFAULTS
+    from bupo.experiments.real_model import real_run_settings, write_train_rows
     from bupo.experiments.steps import run_training
-    from bupo.io import atomic_write_text
     from bupo.models import resolve_model
 
-    data = out / "data" / "arith_train.jsonl"
-    if not data.is_file():
-        rows = make_examples("train", REAL_DEFAULTS["train_rows"], seed=0, difficulty=REAL_DEFAULTS["difficulty"])
-        atomic_write_text(data, "".join(json.dumps(r) + "\n" for r in rows))
     settings = {
-        **({"use_vllm": True, "vllm_mode": "colocate"} if use_vllm else {}),
-        "model_name_or_path": str(resolve_model(model)), "data": str(data), "reward": "final_number",
-        "template": "chat", "max_completion_length": max_completion_length, "learning_rate": 2e-5,
-        "temperature": 0.7, "num_generations": 8, "probe_every": 0, "internal_projection": "final_norm",
-        "internal_steps_max": cap, "internal_switch_tolerance": 1e9, "internal_switch_kl_rise": 1e9,
-        "eval_data": ["none"], "per_device_train_batch_size": completions // 2,  # 2 optimizer steps per rollout step
+        **real_run_settings(resolve_model(model), write_train_rows(out), ["none"],
+                            max_completion_length=max_completion_length, learning_rate=2e-5,
+                            completions_per_rollout=completions, temperature=0.7, use_vllm=use_vllm),
+        "internal_projection": "final_norm", "internal_steps_max": cap,
+        "internal_switch_tolerance": 1e9, "internal_switch_kl_rise": 1e9,  # never fires: all cap steps recorded
     }
     run = run_training(out / f"trace-seed{seed}", algo="bupo", seed=seed, rollout_steps=cap,
                        internal_steps="auto", internal_layer=k, eval_problems=1, eval_samples=1,  # type: ignore[arg-type]

@@ -49,6 +49,30 @@ def _write_rows(path: Path, rows: list[dict]) -> str:
     return str(path)
 
 
+def real_run_settings(model: str | Path, train_file: str, eval_files: list[str], *, max_completion_length: int,
+                      learning_rate: float, completions_per_rollout: int, temperature: float,
+                      use_vllm: bool) -> dict[str, Any]:
+    """The ``bupo train`` keys every run of :func:`run_real_model` shares (the chat template, reward
+    ``final_number``, 8 samples per prompt, 2 optimizer steps per rollout step, no probe; vLLM colocate when asked);
+    ``eval_files`` may be ``["none"]``."""
+    return {
+        **({"use_vllm": True, "vllm_mode": "colocate"} if use_vllm else {}),
+        "model_name_or_path": str(model), "data": train_file, "eval_data": eval_files, "reward": "final_number",
+        "template": "chat", "max_completion_length": max_completion_length, "learning_rate": learning_rate,
+        "eval_batch_size": 32, "logging_steps": 2, "probe_every": 0,
+        "num_generations": 8, "per_device_train_batch_size": completions_per_rollout // 2,
+        "temperature": temperature,
+    }
+
+
+def write_train_rows(out: Path, difficulty: int = REAL_DEFAULTS["difficulty"]) -> str:
+    """The training split of the arithmetic task at ``difficulty`` as ``out/data/arith_train.jsonl`` (its path)."""
+    from bupo.data.task import make_examples
+
+    rows = make_examples("train", REAL_DEFAULTS["train_rows"], seed=0, difficulty=difficulty)
+    return _write_rows(out / "data" / "arith_train.jsonl", rows)
+
+
 def _resolve_real_k(out: Path, model: str, internal_layer: int | None, analysis: str | None, rows: list[dict],
                     projection: str, max_new_tokens: int) -> tuple[int, str]:
     """(k, where it came from): the given k, else the analysis' suggestion; ValueError with the reason if none."""
@@ -157,22 +181,16 @@ def run_real_model(out: Path, *, model: str | Path, seeds: int = 1, rollout_step
     model = resolve_model(str(model))  # a bupo name, folder or Hub id, with the same one-line errors as every --model
     t0 = time.time()
     out.mkdir(parents=True, exist_ok=True)
-    train_rows = make_examples("train", REAL_DEFAULTS["train_rows"], seed=0, difficulty=difficulty)
     test_rows = make_examples("test", eval_problems, seed=0, difficulty=difficulty)
-    train_file = _write_rows(out / "data" / "arith_train.jsonl", train_rows)
+    train_file = write_train_rows(out, difficulty)
     test_file = _write_rows(out / "data" / f"arith_d{difficulty}_test.jsonl", test_rows)
     k, k_source = _resolve_real_k(out, str(model), internal_layer, analysis, test_rows, projections[0],
                                   max_completion_length)
     print(f"== k = {k} (0-based, paper layer {k + 1}) from {k_source}; s_inter = {internal_steps} of "
           f"{rollout_steps} rollout steps ({internal_steps / rollout_steps:.0%})")
-    overrides = {
-        **({"use_vllm": True, "vllm_mode": "colocate"} if use_vllm else {}),
-        "model_name_or_path": str(model), "data": train_file, "eval_data": [test_file], "reward": "final_number",
-        "template": "chat", "max_completion_length": max_completion_length, "learning_rate": learning_rate,
-        "eval_batch_size": 32, "logging_steps": 2, "probe_every": 0,
-        "num_generations": 8, "per_device_train_batch_size": completions_per_rollout // 2,
-        "temperature": temperature,
-    }
+    overrides = real_run_settings(model, train_file, [test_file], max_completion_length=max_completion_length,
+                                  learning_rate=learning_rate, completions_per_rollout=completions_per_rollout,
+                                  temperature=temperature, use_vllm=use_vllm)
     extra = [a for a in (arms or []) if a not in ("grpo", "bupo")]
     num_layers = _num_layers(model)
     plan = _plan(seeds, projections, auto_cap, auto_seeds, extra, num_layers)
@@ -306,21 +324,20 @@ def _train_arms(out: Path, plan: list[Planned], *, num_layers: int, rollout_step
         if arm == "random-reward" and base is None:
             raise RuntimeError(f"{name}: the random-reward arm needs grpo-seed{seed}'s base accuracy")
         _, arm_overrides = arm_run(arm, num_layers=num_layers, base_accuracy=base)
-        run_training(run_dir, algo=algo, seed=seed, rollout_steps=rollout_steps,
-                     internal_steps="auto" if auto else internal_steps,  # type: ignore[arg-type]
-                     internal_layer=k, eval_problems=eval_problems, eval_samples=eval_samples,
-                     eval_before=(arm == "grpo"),
-                     overrides={**overrides, "internal_projection": proj, **arm_overrides,
-                                **({"internal_steps_max": auto_cap} if auto else {})},
-                     isolate=bool(overrides.get("use_vllm")))  # each engine's memory dies with its own process
+        summary = run_training(run_dir, algo=algo, seed=seed, rollout_steps=rollout_steps,
+                               internal_steps="auto" if auto else internal_steps,  # type: ignore[arg-type]
+                               internal_layer=k, eval_problems=eval_problems, eval_samples=eval_samples,
+                               eval_before=(arm == "grpo"),
+                               overrides={**overrides, "internal_projection": proj, **arm_overrides,
+                                          **({"internal_steps_max": auto_cap} if auto else {})},
+                               isolate=bool(overrides.get("use_vllm")))  # each engine's memory dies with its process
         log = json.loads((run_dir / "log_history.json").read_text())
-        seconds = json.loads((run_dir / "bupo_run.json").read_text()).get("seconds")
-        runs[name] = {"label": label, "seed": seed, "algo": algo, "arm": arm, "projection": proj, "seconds": seconds,
+        runs[name] = {"label": label, "seed": seed, "algo": algo, "arm": arm, "projection": proj,
+                      "seconds": summary.get("seconds"),  # bupo_run.json, as trained or as reused
                       "after": run_metrics(eval_results(run_dir, first=False)), "shape": response_shape(run_dir),
                       "phases": _phase_stats(log, STEPS_PER_ROLLOUT), "reward_curve": _reward_curve(log)}
         if auto:
-            bupo_run = json.loads((run_dir / "bupo_run.json").read_text())
-            runs[name]["switch"] = bupo_run.get("switch", {})
+            runs[name]["switch"] = summary.get("switch", {})
         if arm == "grpo":
             runs[name]["before"] = run_metrics(eval_results(run_dir, first=True))
             runs[name]["before_shape"] = response_shape(run_dir, first=True)

@@ -336,11 +336,14 @@ def check_build_out(out_dir: str | os.PathLike, overwrite: bool = False) -> None
     """ValueError (one line) when ``out_dir`` holds anything but an earlier build and ``overwrite`` is off; an earlier
     build (``recipe.json``) is replaced only with ``overwrite``. Checked before the recipe trains."""
     out = Path(out_dir)
-    if out.exists() and (not out.is_dir() or any(out.iterdir())) and not overwrite:
-        what = "an earlier build" if (out / "recipe.json").is_file() else "files this build did not make"
+    if not out.exists() or (out.is_dir() and not any(out.iterdir())):
+        return
+    built = (out / "recipe.json").is_file()
+    if not overwrite:
+        what = "an earlier build" if built else "files this build did not make"
         raise ValueError(f"--out {str(out)!r} already exists and holds {what}; choose a new folder, or pass "
                          "--overwrite to replace it")
-    if overwrite and out.is_dir() and any(out.iterdir()) and not (out / "recipe.json").is_file():
+    if not built:  # a file, or a folder the recipe did not write
         raise ValueError(f"--out {str(out)!r} is not a model folder built by the recipe (no recipe.json); "
                          "--overwrite replaces only an earlier build: choose a new folder")
 
