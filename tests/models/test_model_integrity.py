@@ -189,6 +189,9 @@ def test_rendering_is_bounded_off_the_main_thread_too(tmp_path, monkeypatch):
     t.start()
     t.join(30)
     assert not t.is_alive() and seen and "did not finish rendering" in seen[0]
+    # and the render itself was stopped: a runaway render left behind held the GIL for the rest of the process
+    # (the rare 150-200 s stalls of later tests in the same xdist worker)
+    assert not [x for x in threading.enumerate() if x.name == "bupo-chat-template"]
 
 
 def test_a_timer_of_the_caller_survives_a_render(monkeypatch):

@@ -7,7 +7,8 @@ template's syntax or runtime error into one ValueError line; :func:`check_chat_t
 probe when a tokenizer is loaded, so that a broken template is refused before any work.
 
 The limit: on the main thread (Unix) a ``SIGALRM`` timer interrupts the render (the previous handler and timer are
-restored); elsewhere the render runs in a daemon thread that is abandoned when the limit passes.
+restored); elsewhere the render runs in a daemon thread, stopped by an exception raised inside it when the limit
+passes.
 Only the standard library is imported at top level.
 """
 
@@ -59,10 +60,22 @@ def _in_thread(fn: Callable[[], Any], seconds: float) -> Any:
     t.start()
     t.join(seconds)
     if t.is_alive():
+        _stop_thread(t)
         raise _RenderTimeout
     if "error" in box:
         raise box["error"]
     return box["value"]
+
+
+def _stop_thread(t: threading.Thread, grace: float = 2.0) -> None:
+    """Raise :class:`_RenderTimeout` inside ``t`` (CPython's ``PyThreadState_SetAsyncExc``; a Jinja render is Python
+    code, so it stops at its next bytecode) and wait up to ``grace`` s. Left running, an abandoned render holds the
+    GIL half the time for the rest of the process and slows every other thread's Python many times over."""
+    import ctypes
+
+    if t.ident is not None:
+        ctypes.pythonapi.PyThreadState_SetAsyncExc(ctypes.c_ulong(t.ident), ctypes.py_object(_RenderTimeout))
+        t.join(grace)
 
 
 def _bounded(fn: Callable[[], Any], seconds: float) -> Any:
