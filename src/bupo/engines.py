@@ -16,8 +16,14 @@ no ``if __name__ == "__main__"`` guard is needed and TRL's colocate mode can rea
 machine without CUDA bupo also sets:
 
 - ``enforce_eager=True``: vLLM's CPU graph compilation (inductor) takes minutes before the first token;
+- chunked prefill off (``enable_chunked_prefill=False``, the token budget raised to the context where a caller set
+  a smaller one): after a prefill cut in chunks vLLM 0.31 rewinds the request's generator with ``set_offset``, which
+  a CPU generator does not have, so any batch of seeded requests whose prompts passed the 4,096-token budget stopped
+  the engine with ``RuntimeError: CPU Generator does not use offset``;
 - a fixed KV cache of ``VLLM_CPU_KVCACHE_SPACE`` GiB (default 1) instead of vLLM's default reservation of 92% of the
   machine's memory (``gpu_memory_utilization`` means a fraction of *CPU* memory there);
+- seeded requests (all of bupo's own) sampled in one pass of ``uniform_`` instead of two of ``exponential_`` over the
+  batch's vocabulary (:mod:`bupo.seeded_sampling`: a third of vLLM's CPU decode step on SmolLM2);
 - torch's thread count is kept: vLLM's CPU worker drops torch to one thread and replaces ``torch.set_num_threads``
   by a no-op for the whole process; bupo restores both after building the engine (the engine then uses the
   process's threads, as HF ``generate`` does).
@@ -153,7 +159,18 @@ def engine_kwargs(on_cpu: bool | None = None) -> dict[str, Any]:
     if not (_on_cpu() if on_cpu is None else on_cpu):
         return {}
     gib = int(os.environ.get("VLLM_CPU_KVCACHE_SPACE") or DEFAULT_CPU_KV_GIB)
-    return {"enforce_eager": True, "kv_cache_memory_bytes": gib << 30}
+    return {"enforce_eager": True, "kv_cache_memory_bytes": gib << 30, "enable_chunked_prefill": False}
+
+
+def _whole_prefills(kw: dict[str, Any], context: int | None) -> dict[str, Any]:
+    """``LLM`` keyword arguments with chunked prefill off made valid: vLLM then needs a token budget of at least the
+    engine's context (TRL's colocate passes ``max_num_batched_tokens=4096``, less than e.g. SmolLM2's 8,192)."""
+    if kw.get("enable_chunked_prefill") is not False:
+        return kw
+    needed = kw.get("max_model_len") or context
+    if needed is None:  # vLLM's own default budget, which it sizes for whole prefills
+        return {k: v for k, v in kw.items() if k != "max_num_batched_tokens"}
+    return {**kw, "max_num_batched_tokens": max(int(kw.get("max_num_batched_tokens") or 0), int(needed))}
 
 
 def _quiet_kwargs() -> dict[str, Any]:
@@ -207,7 +224,12 @@ def load_llm(path: str | Path, *, dtype: str = "auto", seed: int = 0, max_model_
     if max_model_len is not None:
         kw["max_model_len"] = int(max_model_len)
     with _engine_start():
-        return vllm.LLM(model=str(path), dtype=dtype, seed=seed, **kw)
+        llm = vllm.LLM(model=str(path), dtype=dtype, seed=seed, **kw)
+    if engine_kwargs():  # a CPU: seeded requests sampled in one pass (bupo.seeded_sampling)
+        from bupo import seeded_sampling
+
+        seeded_sampling.install(llm)
+    return llm
 
 
 def close_llm(llm: Any) -> None:
@@ -333,8 +355,17 @@ def trl_colocate_defaults(train_args: Any, model: Any = None) -> Iterator[None]:
     real_llm, real_generation = vllm_generation.LLM, grpo_trainer.VLLMGeneration
     extra = _colocate_kwargs(model)
 
+    from bupo.generation import context_length
+
+    context = context_length(model) if model is not None else None
+
     def llm(*args: Any, **kw: Any) -> Any:
-        return real_llm(*args, **{**kw, **extra, **_quiet_kwargs()})
+        engine = real_llm(*args, **_whole_prefills({**kw, **extra, **_quiet_kwargs()}, context))
+        if extra:  # a CPU: the in-training evaluation's seeded requests sampled in one pass (bupo.seeded_sampling)
+            from bupo import seeded_sampling
+
+            seeded_sampling.install(engine)
+        return engine
 
     vllm_generation.LLM = llm
     if extra:  # a CPU

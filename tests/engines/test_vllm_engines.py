@@ -9,7 +9,9 @@ smollm2-135m-instruct``, fp32) for the HF/vLLM agreement. What is checked:
 - both backends score alike: greedy eval gives the same responses and the same table under hf and vllm;
 - HF ``generate`` and vLLM agree token for token on greedy decoding (prompts sent as bupo's token ids, same EOS ids);
 - ``bupo analyze --backend vllm`` generates the traces (recorded in the summary) that HF generates greedily;
-- ``--backend auto`` picks vLLM where it is installed and says so.
+- ``--backend auto`` picks vLLM where it is installed and says so;
+- seeded requests go through bupo's one-pass sampler (:mod:`bupo.seeded_sampling`) and sample the model's
+  distribution.
 """
 
 from __future__ import annotations
@@ -129,6 +131,48 @@ def test_engine_generation_is_reproducible_and_seeded_per_sample(tiny):
     b = generate("vllm", model, tok, prompts[::-1], prompt_keys=[3, 2, 1, 0], **kw)  # another order, same keys
     assert [[c.token_ids for c in row] for row in a] == [[c.token_ids for c in row] for row in b[::-1]]
     assert len({tuple(c.token_ids) for row in a for c in row}) > 4  # per-sample seeds: different samples
+
+
+def test_seeded_requests_sample_the_models_distribution(tiny):
+    """bupo's one-pass seeded sampler is what the engine runs (the pin on vLLM 0.31's private sampler objects:
+    bupo.seeded_sampling) and samples the model's next-token distribution: 800 seeds of one token at temperature 2
+    against HF's fp32 softmax, chi-square over the tokens expected 10 times or more (the rest pooled)."""
+    from bupo.engines import close_llm, load_llm
+
+    path, model, tok = tiny
+    llm = load_llm(path, dtype="float32")  # its own engine: another test's engine closed vLLM's process groups
+    try:
+        _sample_the_distribution(llm, model, tok)
+    finally:
+        close_llm(llm)
+
+
+def _sample_the_distribution(llm, model, tok):
+    import vllm
+
+    from bupo.data.task import make_examples
+    from bupo.data.templates import render_prompt, resolve_template
+    from bupo.generation import encode_prompt
+
+    sampler = llm.llm_engine.model_executor.driver_worker.model_runner.sampler.topk_topp_sampler
+    assert getattr(sampler.forward, "bupo_seeded", False), "bupo.seeded_sampling.install found no vLLM CPU sampler"
+
+    row = make_examples("test", 1, seed=0)[0]
+    ids = encode_prompt(tok, render_prompt(tok, list(row["prompt"]), resolve_template(tok, "auto")))
+    with torch.no_grad():
+        ids = model.generate(torch.tensor([ids]), max_new_tokens=10, do_sample=False)[0].tolist()  # mid-answer
+        probs = torch.softmax(model(torch.tensor([ids])).logits[0, -1].double() / 2.0, dim=-1)
+    assert probs.max() < 0.7  # a spread distribution: the test can tell samplers apart
+    n = 800  # 800 x 72-token prompts: far past the 4,096-token budget, whole prefills only (bupo.engines)
+    params = [vllm.SamplingParams(temperature=2.0, top_p=1.0, top_k=0, max_tokens=1, seed=s) for s in range(n)]
+    out = llm.generate([{"prompt_token_ids": ids}] * n, params, use_tqdm=False)
+    counts = torch.bincount(torch.tensor([o.outputs[0].token_ids[0] for o in out]), minlength=probs.numel()).double()
+    big = probs * n >= 10
+    observed = torch.cat([counts[big], counts[~big].sum().view(1)])
+    expected = torch.cat([probs[big] * n, (probs[~big] * n).sum().view(1)])
+    chi2 = float(((observed - expected) ** 2 / expected).sum())
+    assert 3 <= int(big.sum()) <= 12
+    assert chi2 < 45, (observed.tolist(), expected.tolist())  # <= 13 degrees of freedom: P(chi2 > 45) < 2e-5
 
 
 def test_analyze_backend_vllm_generates_the_greedy_traces_hf_does(tiny, tmp_path, capsys):

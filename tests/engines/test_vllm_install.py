@@ -104,10 +104,21 @@ def test_engine_settings_and_dtype(monkeypatch):
 
     monkeypatch.delenv("VLLM_CPU_KVCACHE_SPACE", raising=False)
     assert engines.engine_kwargs(on_cpu=False) == {}
-    assert engines.engine_kwargs(on_cpu=True) == {"enforce_eager": True, "kv_cache_memory_bytes": 1 << 30}
+    assert engines.engine_kwargs(on_cpu=True) == {"enforce_eager": True, "kv_cache_memory_bytes": 1 << 30,
+                                                  "enable_chunked_prefill": False}
     monkeypatch.setenv("VLLM_CPU_KVCACHE_SPACE", "3")
     assert engines.engine_kwargs(on_cpu=True)["kv_cache_memory_bytes"] == 3 << 30
     assert engines.checkpoint_dtype(bundled_model_path()) == "float32"
+
+
+def test_whole_prefills_get_a_budget_that_holds_the_context():
+    trl_kw = {"max_model_len": None, "max_num_batched_tokens": 4096, "seed": 0}
+    off = {**trl_kw, "enable_chunked_prefill": False}
+    assert engines._whole_prefills(off, 8192)["max_num_batched_tokens"] == 8192  # SmolLM2's context > TRL's 4096
+    assert engines._whole_prefills({**off, "max_model_len": 1024}, 8192)["max_num_batched_tokens"] == 4096
+    assert engines._whole_prefills({**off, "max_model_len": 6000}, 8192)["max_num_batched_tokens"] == 6000
+    assert "max_num_batched_tokens" not in engines._whole_prefills(off, None)  # vLLM sizes its own default
+    assert engines._whole_prefills(trl_kw, 8192) == trl_kw  # a GPU: chunked prefill as TRL configures it
 
 
 def test_training_engine_record():

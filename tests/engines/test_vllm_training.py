@@ -106,6 +106,12 @@ def test_engine_follows_the_trained_weights_through_both_phases(tmp_path):
         tr = Recorder(model=model, reward_funcs=reward, args=cfg, train_dataset=ds, processing_class=tok)
     tr.add_callback(Snap())
     llm = tr.vllm_generation.llm
+    # TRL's engine with bupo's CPU settings: whole prefills (a seeded evaluation request cut in chunks would stop it)
+    # in a budget that holds the context TRL asked for, and bupo's one-pass seeded sampler
+    sched = llm.llm_engine.vllm_config.scheduler_config
+    assert sched.enable_chunked_prefill is False and sched.max_num_batched_tokens >= llm.llm_engine.model_config.max_model_len
+    sampler = llm.llm_engine.model_executor.driver_worker.model_runner.sampler.topk_topp_sampler
+    assert getattr(sampler.forward, "bupo_seeded", False)
     probe = tok(prompts[0] + " 12 + 30 = 42")["input_ids"]
     assert (engine_logps(llm, probe) - model_logps(tr.model, probe)).abs().max() < TOL  # the same weights at start
 
