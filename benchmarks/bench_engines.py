@@ -3,7 +3,8 @@
 One run, the same torch threads for every engine (``--threads``, default: the cores the load average leaves free;
 vLLM runs in-process on torch's thread pool, ``OMP_NUM_THREADS`` set before torch starts):
 
-1. tokens/s at 16 prompts x {64, 256, 512} new tokens, EOS off so every row generates exactly that many:
+1. tokens/s at 16 prompts x {64, 256, 512} new tokens, EOS off so every row generates exactly that many
+   (``--repeats R``: R interleaved rounds of every engine at every length, medians and every round's ratio):
    ``hf`` = ``model.generate(do_sample=True, top_k=0)``; ``bupo`` = :func:`bupo.generation.generate_requests`
    (per-sample seeded streams); ``vllm`` = :class:`bupo.evaluation.backends.VLLMBackend` with ``ignore_eos``.
    Goal: vLLM >= 4x HF at 16 x 512. ``--compiled`` adds vLLM's graph mode (``enforce_eager=False``, inductor; bupo's
@@ -46,7 +47,7 @@ def _timed(fn: Any) -> tuple[float, Any]:
 
 
 def tokens_per_second(model: Any, tok: Any, path: Path, lengths: list[int], batch: int,
-                      compiled: bool = False, dtype: str = "float32") -> list[dict]:
+                      compiled: bool = False, dtype: str = "float32", repeats: int = 1) -> list[dict]:
     import torch
     from transformers import GenerationConfig
 
@@ -64,7 +65,7 @@ def tokens_per_second(model: Any, tok: Any, path: Path, lengths: list[int], batc
     mask = torch.tensor([[0] * (width - len(e)) + [1] * len(e) for e in enc])
     start, llm = _timed(lambda: load_llm(path, dtype=dtype, max_model_len=width + max(lengths)))
     engine = VLLMBackend(llm, tokenizer=tok, eos_ids=[], batch_size=batch)
-    saved_eos, rows = model.generation_config.eos_token_id, []
+    saved_eos = model.generation_config.eos_token_id
 
     class NoEos:  # bupo's sampler stops at the tokenizer's EOS: hide it, as HF's side and vLLM's ignore_eos do
         eos_token_id = None
@@ -99,34 +100,51 @@ def tokens_per_second(model: Any, tok: Any, path: Path, lengths: list[int], batc
         return sum(len(o.outputs[0].token_ids) for o in out)
 
     hf(4), bupo(4), vllm(4)  # warm-up: first-call allocations
-    for n in lengths:
-        row: dict[str, Any] = {"batch": batch, "new_tokens": n, "seconds": {}, "tokens_per_s": {}}
-        for name, fn in (("hf", hf), ("bupo", bupo), ("vllm", vllm)):
-            sec, made = _timed(lambda fn=fn, n=n: fn(n))
-            assert made == batch * n, (name, made)  # the same work on every side
-            row["seconds"][name], row["tokens_per_s"][name] = sec, batch * n / sec
-        t = row["tokens_per_s"]
-        row["vllm_over_hf"], row["bupo_over_hf"] = t["vllm"] / t["hf"], t["bupo"] / t["hf"]
-        print(f"{batch}x{n:<4} tok/s  hf {t['hf']:7.1f}  bupo {t['bupo']:7.1f} ({row['bupo_over_hf']:.2f}x)  "
-              f"vllm {t['vllm']:7.1f} ({row['vllm_over_hf']:.2f}x)", flush=True)
-        rows.append(row)
+    rows = _rounds(lengths, batch, repeats, {"hf": hf, "bupo": bupo, "vllm": vllm})
     close_llm(engine.llm)
-    head = {"vllm_start_s": start}
+    head = {"vllm_start_s": start, "repeats": repeats}
     if compiled:  # vLLM's graph mode (inductor) instead of bupo's CPU default enforce_eager=True: same requests
         head["vllm_compiled_start_s"], llm = _timed(lambda: load_llm(path, dtype=dtype, enforce_eager=False,
                                                                       max_model_len=width + max(lengths)))
         engine = VLLMBackend(llm, tokenizer=tok, eos_ids=[], batch_size=batch)
         vllm(4)
-        for row in rows:
-            n = row["new_tokens"]
-            sec, made = _timed(lambda n=n: vllm(n))
-            assert made == batch * n
-            row["seconds"]["vllm_compiled"], row["tokens_per_s"]["vllm_compiled"] = sec, batch * n / sec
+        for row, extra in zip(rows, _rounds(lengths, batch, repeats, {"vllm_compiled": vllm}), strict=True):
+            row["seconds"] |= extra["seconds"]
+            row["rounds"] |= extra["rounds"]
+            row["tokens_per_s"] |= extra["tokens_per_s"]
             row["vllm_compiled_over_hf"] = row["tokens_per_s"]["vllm_compiled"] / row["tokens_per_s"]["hf"]
-            print(f"{batch}x{n:<4} tok/s  vllm compiled {batch * n / sec:7.1f} ({row['vllm_compiled_over_hf']:.2f}x)",
-                  flush=True)
+            print(f"{batch}x{row['new_tokens']:<4} tok/s  vllm compiled {row['tokens_per_s']['vllm_compiled']:7.1f} "
+                  f"({row['vllm_compiled_over_hf']:.2f}x)", flush=True)
         close_llm(llm)
     return [head, *rows]
+
+
+def _rounds(lengths: list[int], batch: int, repeats: int, engines: dict[str, Any]) -> list[dict]:
+    """``repeats`` rounds, each timing every engine at every length in turn (so a slow spell of the machine hits all
+    engines alike); per length the median seconds of each engine, every round's seconds and vLLM's ratio per round."""
+    import statistics
+
+    rows = [{"batch": batch, "new_tokens": n, "rounds": {name: [] for name in engines}} for n in lengths]
+    for _ in range(repeats):
+        for row in rows:
+            n = row["new_tokens"]
+            for name, fn in engines.items():
+                sec, made = _timed(lambda fn=fn, n=n: fn(n))
+                assert made == batch * n, (name, made)  # the same work on every side
+                row["rounds"][name].append(sec)
+    for row in rows:
+        n = row["new_tokens"]
+        row["seconds"] = {name: statistics.median(secs) for name, secs in row["rounds"].items()}
+        row["tokens_per_s"] = {name: batch * n / sec for name, sec in row["seconds"].items()}
+        t = row["tokens_per_s"]
+        if "hf" in t:
+            row["vllm_over_hf"], row["bupo_over_hf"] = t["vllm"] / t["hf"], t["bupo"] / t["hf"]
+            row["vllm_over_hf_per_round"] = [h / v for h, v in zip(row["rounds"]["hf"], row["rounds"]["vllm"],
+                                                                    strict=True)]
+            spread = ", ".join(f"{r:.2f}" for r in row["vllm_over_hf_per_round"])
+            print(f"{batch}x{n:<4} tok/s  hf {t['hf']:7.1f}  bupo {t['bupo']:7.1f} ({row['bupo_over_hf']:.2f}x)  "
+                  f"vllm {t['vllm']:7.1f} ({row['vllm_over_hf']:.2f}x; per round {spread})", flush=True)
+    return rows
 
 
 def wall_times(path: Path, threads: int) -> dict[str, Any]:
@@ -204,6 +222,8 @@ def main() -> int:
     ap.add_argument("--threads", type=int, default=None, help="torch threads for every engine (default: free cores)")
     ap.add_argument("--lengths", type=int, nargs="+", default=[64, 256, 512])
     ap.add_argument("--batch", type=int, default=16)
+    ap.add_argument("--repeats", type=int, default=1,
+                    help="rounds of every engine at every length, interleaved; medians reported (default 1)")
     ap.add_argument("--skip-wall", action="store_true", help="tokens/s only")
     ap.add_argument("--compiled", action="store_true",
                     help="also vLLM in graph mode (enforce_eager=False; its compile time reported apart)")
@@ -211,6 +231,8 @@ def main() -> int:
                     help="weights dtype of every engine (default float32, the checkpoint's own); tokens/s only")
     ap.add_argument("--json", default=str(Path(__file__).parent / "measured" / "engines_cpu.json"))
     args = ap.parse_args()
+    if args.repeats < 1:
+        ap.error(f"--repeats must be >= 1, got {args.repeats}")
     if args.dtype != "float32" and not args.skip_wall:
         ap.error("--dtype bfloat16 measures tokens/s only: add --skip-wall")
     threads = args.threads or _free_cores()
@@ -232,7 +254,8 @@ def main() -> int:
           flush=True)
     result: dict[str, Any] = {"model": MODEL, "dtype": args.dtype, "threads": threads, "vllm": vllm_version(),
                               "torch": torch.__version__, "loadavg_before": load_before}
-    result["generation"] = tokens_per_second(model, tok, path, args.lengths, args.batch, args.compiled, args.dtype)
+    result["generation"] = tokens_per_second(model, tok, path, args.lengths, args.batch, args.compiled, args.dtype,
+                                             args.repeats)
     longest = result["generation"][-1]
     result["goal_generation_4x_at_16x512"] = longest["new_tokens"] == 512 and longest["vllm_over_hf"] >= 4
     del model
