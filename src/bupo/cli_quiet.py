@@ -4,7 +4,10 @@ transformers draws a "Loading weights" bar at every model load, datasets one per
 per download; in a ``bupo train`` / ``eval`` / ``analyze`` / ``demo`` run they bury bupo's own lines (its
 ``generate`` / ``analyze`` bars and the training console stay; ``--quiet`` turns those off). TRL 1.16 also reads
 transformers 5's deprecated ``is_gradient_checkpointing`` at every rollout, a FutureWarning addressed to TRL, not
-to the user. ``--verbose`` (where a command has it) or ``BUPO_VERBOSE=1`` keeps all of it; a variable the user set
+to the user. vLLM logs ~50 INFO / WARNING lines at every engine start (its configuration, its CPU tuning advice, a
+generic warning that chunked prefill is off - bupo turns it off on a CPU, see :mod:`bupo.engines`): only its errors
+are shown (``VLLM_LOGGING_LEVEL=ERROR``), and torch's FutureWarning for ``torch.distributed.reduce_op`` that vLLM
+0.31 triggers at import is dropped. ``--verbose`` (where a command has it) or ``BUPO_VERBOSE=1`` keeps all of it; a variable the user set
 (e.g. ``HF_HUB_DISABLE_PROGRESS_BARS=0``) wins. Standard library only at top level (``bupo --help`` stays fast).
 """
 
@@ -20,6 +23,10 @@ VERBOSE_ENV = "BUPO_VERBOSE"
 #: read by huggingface_hub (and through it transformers) and by datasets when they are imported
 BAR_ENVS = ("HF_HUB_DISABLE_PROGRESS_BARS", "HF_DATASETS_DISABLE_PROGRESS_BARS")
 _TRUE = ("1", "true", "yes", "on")
+#: torch's FutureWarning for a name vLLM 0.31 reads at import, addressed to vLLM
+REDUCE_OP_DEPRECATION = r"`torch\.distributed\.reduce_op` is deprecated"
+#: read by vLLM when it is imported: the level of its own log lines
+VLLM_LEVEL_ENV = "VLLM_LOGGING_LEVEL"
 #: transformers 5's FutureWarnings for the old names of activation checkpointing, which TRL still uses
 CHECKPOINTING_DEPRECATIONS = r"`(is_)?gradient_checkpointing(_kwargs)?` is deprecated"
 
@@ -35,12 +42,18 @@ def hub_bars_off() -> bool:
 
 
 def quiet_libraries() -> None:
-    """Turn the libraries' progress bars off for this process (the environment variables they read at import, and
-    for a library imported already - ``bupo`` used in-process - its own switch) and their checkpointing-rename
-    FutureWarnings."""
+    """Turn the libraries' progress bars and vLLM's log lines below ERROR off for this process (the environment
+    variables they read at import, and for a library imported already - ``bupo`` used in-process - its own switch)
+    and their checkpointing-rename FutureWarnings."""
     warnings.filterwarnings("ignore", message=CHECKPOINTING_DEPRECATIONS, category=FutureWarning)
+    warnings.filterwarnings("ignore", message=REDUCE_OP_DEPRECATION, category=FutureWarning)
     for name in BAR_ENVS:
         os.environ.setdefault(name, "1")
+    os.environ.setdefault(VLLM_LEVEL_ENV, "ERROR")
+    if "vllm" in sys.modules and os.environ[VLLM_LEVEL_ENV].strip().upper() == "ERROR":  # imported already
+        import logging
+
+        logging.getLogger("vllm").setLevel(logging.ERROR)
     if hub_bars_off():
         if "huggingface_hub" in sys.modules:
             from huggingface_hub.utils import disable_progress_bars

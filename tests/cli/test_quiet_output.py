@@ -1,5 +1,6 @@
 """A ``bupo`` command's stderr holds bupo's own lines, not the libraries' progress bars (transformers' "Loading
-weights", datasets' map bars) nor transformers' ``gradient_checkpointing`` FutureWarning; ``BUPO_VERBOSE=1`` /
+weights", datasets' map bars) nor transformers' ``gradient_checkpointing`` FutureWarning nor vLLM's log lines below
+ERROR; ``BUPO_VERBOSE=1`` /
 ``--verbose`` keeps the bars. The evaluation before training reports its progress instead of sitting silent."""
 
 from __future__ import annotations
@@ -54,6 +55,27 @@ def test_gguf_dequantisation_bar_is_off_unless_asked_for(tmp_path) -> None:
     assert bar not in quiet.stderr and "bupo:" in quiet.stderr, quiet.stderr  # bupo's own progress lines stay
     verbose = _bupo("model", "import-gguf", str(src), "--out", str(tmp_path / "verbose"), env={VERBOSE_ENV: "1"})
     assert bar in verbose.stderr  # the bar exists: the quiet run really turned it off
+
+
+def test_vllm_logs_only_its_errors_unless_asked_for(monkeypatch) -> None:
+    import logging
+
+    from bupo.cli_quiet import VLLM_LEVEL_ENV, quiet_libraries
+
+    monkeypatch.delenv(VLLM_LEVEL_ENV, raising=False)
+    for name in BAR_ENVS:
+        monkeypatch.setenv(name, "1")
+    quiet_libraries()  # before vLLM is imported: the variable it reads at import
+    assert os.environ[VLLM_LEVEL_ENV] == "ERROR"
+    monkeypatch.setenv(VLLM_LEVEL_ENV, "DEBUG")
+    quiet_libraries()
+    assert os.environ[VLLM_LEVEL_ENV] == "DEBUG"  # the user's own setting wins
+    vllm_logger = logging.getLogger("vllm")
+    monkeypatch.setattr(vllm_logger, "level", logging.INFO)
+    monkeypatch.setenv(VLLM_LEVEL_ENV, "ERROR")
+    monkeypatch.setitem(sys.modules, "vllm", sys.modules.get("vllm") or object())  # imported already (in-process)
+    quiet_libraries()
+    assert vllm_logger.level == logging.ERROR
 
 
 def test_verbose_asks_for_the_library_output(monkeypatch) -> None:

@@ -207,3 +207,29 @@ def test_eval_cli_auto_picks_vllm_and_says_so(tiny, tmp_path, capsys):
                  "--out", str(out), "--quiet"]) == 0
     assert json.loads((out / "results.json").read_text())["benchmarks"]["bundled_test"]["reused"] == 6
     assert (out / "samples.jsonl").read_text() == (tmp_path / "before.jsonl").read_text()
+
+
+def test_a_bupo_command_shows_vllms_errors_only_unless_verbose(tiny, tmp_path):
+    """vLLM logs ~50 lines at every engine start (configuration, CPU tuning advice, a generic warning about the
+    chunked prefill bupo turns off): a ``bupo`` command shows only its errors; ``BUPO_VERBOSE=1`` shows all."""
+    import os
+    import subprocess
+    import sys
+
+    src = str(Path(__file__).resolve().parents[2] / "src")
+    env = {k: v for k, v in os.environ.items() if k not in ("VLLM_LOGGING_LEVEL", "BUPO_VERBOSE")}
+    env.update(PYTHONPATH=src, OMP_NUM_THREADS="1")
+    argv = [sys.executable, "-m", "bupo", "eval", "--model", str(tiny[0]), "--limit", "2", "--n", "2", "--k", "1",
+            "--max-new-tokens", "8", "--backend", "vllm", "--quiet"]
+
+    def run(out: str, **extra: str) -> str:
+        proc = subprocess.run([*argv, "--out", str(tmp_path / out)], capture_output=True, text=True,
+                              env={**env, **extra}, timeout=600)
+        assert proc.returncode == 0, proc.stderr[-3000:]
+        return proc.stdout + proc.stderr
+
+    quiet = run("q")
+    assert "generation: vLLM" in quiet and "non-default args" not in quiet and "chunked prefill" not in quiet, quiet
+    assert "reduce_op` is deprecated" not in quiet
+    verbose = run("v", BUPO_VERBOSE="1")
+    assert "non-default args" in verbose and "reduce_op` is deprecated" in verbose  # they exist: the quiet run hid them
