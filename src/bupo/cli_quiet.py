@@ -50,9 +50,11 @@ def quiet_libraries() -> None:
     for name in BAR_ENVS:
         os.environ.setdefault(name, "1")
     os.environ.setdefault(VLLM_LEVEL_ENV, "ERROR")
-    if "vllm" in sys.modules and os.environ[VLLM_LEVEL_ENV].strip().upper() == "ERROR":  # imported already
+    if os.environ[VLLM_LEVEL_ENV].strip().upper() == "ERROR":
         import logging
 
+        # vLLM's logger itself: vLLM warns about Triton at import, before it configures its logger from the variable,
+        # and an in-process vLLM may have configured it already
         logging.getLogger("vllm").setLevel(logging.ERROR)
     if hub_bars_off():
         if "huggingface_hub" in sys.modules:
