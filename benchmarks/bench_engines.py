@@ -12,8 +12,8 @@ vLLM runs in-process on torch's thread pool, ``OMP_NUM_THREADS`` set before torc
    its own seeded sampling instead of :mod:`bupo.seeded_sampling` (bupo's CPU default).
 2. wall time of ``bupo analyze`` (16 bundled-task rows, 256 new tokens), ``bupo eval`` (4 problems x 4 samples,
    256 new tokens) and one BuPO rollout step (k = 22, 16 completions of 256 tokens: ``min_new_tokens`` / vLLM
-   ``min_tokens``) with ``--backend hf`` / ``vllm`` (``use_vllm`` colocate for the step), start-up included and
-   reported apart. Goal: the rollout step >= 1.5x faster end to end with vLLM. ``--steps-only``: only the rollout
+   ``min_tokens``) with ``--backend hf`` / ``vllm`` (``use_vllm`` colocate for the step, each engine's step in its
+   own process), start-up included and reported apart. Goal: the rollout step >= 1.5x faster end to end with vLLM. ``--steps-only``: only the rollout
    step, with each engine in fp32 and in bf16 mixed precision (``--bf16 true``), side by side.
 
 Writes ``benchmarks/measured/engines_cpu.json`` (``--json``) with the machine's load average before and after.
@@ -197,11 +197,9 @@ def wall_times(path: Path, threads: int) -> dict[str, Any]:
                                          model_id="smollm2", **run))
         out["eval_vllm_s"] = sec
         print(f"bupo eval (4 problems x 4 samples x 256 tokens): hf {out['eval_hf_s']:.1f} s, vllm {sec:.1f} s")
-        for backend in ("hf", "vllm"):
-            out |= rollout_step(path, backend, f"{tmp}/t-{backend}")
-    for what in ("analyze", "eval", "rollout_step"):
+    for what in ("analyze", "eval"):
         out[f"{what}_vllm_speedup"] = out[f"{what}_hf_s"] / out[f"{what}_vllm_s"]
-    return out
+    return out | rollout_steps(path, precisions=(False,))
 
 
 def rollout_step(path: Path, backend: str, out_dir: str, bf16: bool = False) -> dict[str, float]:
@@ -246,15 +244,15 @@ def _step_child(queue: Any, *args: Any) -> None:
     queue.put(rollout_step(*args))
 
 
-def rollout_steps(path: Path) -> dict[str, float]:
-    """The rollout step with each engine in fp32 and in bf16 mixed precision, one after the other, each in a fresh
-    process (one colocated vLLM engine per process; OMP_NUM_THREADS is inherited)."""
+def rollout_steps(path: Path, precisions: tuple[bool, ...] = (False, True)) -> dict[str, float]:
+    """The rollout step with each engine, in fp32 and / or (``True``) bf16 mixed precision, one after the other, each
+    in a fresh process (one colocated vLLM engine per process; OMP_NUM_THREADS is inherited); vLLM's speedups."""
     import multiprocessing
 
     ctx = multiprocessing.get_context("spawn")
     out: dict[str, float] = {}
     with tempfile.TemporaryDirectory() as tmp:
-        for bf16 in (False, True):
+        for bf16 in precisions:
             for backend in ("hf", "vllm"):
                 queue = ctx.Queue()
                 child = ctx.Process(target=_step_child, args=(queue, path, backend,
@@ -262,7 +260,7 @@ def rollout_steps(path: Path) -> dict[str, float]:
                 child.start()
                 out |= queue.get()
                 child.join()
-    for tag in ("", "_bf16"):
+    for tag in ("_bf16" if bf16 else "" for bf16 in precisions):
         out[f"rollout_step{tag}_vllm_speedup"] = out[f"rollout_step{tag}_hf_s"] / out[f"rollout_step{tag}_vllm_s"]
     return out
 

@@ -224,8 +224,12 @@ def load_llm(path: str | Path, *, dtype: str = "auto", seed: int = 0, max_model_
     if max_model_len is not None:
         kw["max_model_len"] = int(max_model_len)
     with _engine_start():
-        llm = vllm.LLM(model=str(path), dtype=dtype, seed=seed, **kw)
-    if engine_kwargs():  # a CPU: seeded requests sampled in one pass (bupo.seeded_sampling)
+        return _cpu_sampling(vllm.LLM(model=str(path), dtype=dtype, seed=seed, **kw))
+
+
+def _cpu_sampling(llm: Any) -> Any:
+    """``llm``, on a CPU with its seeded requests sampled in one pass (:mod:`bupo.seeded_sampling`)."""
+    if engine_kwargs():
         from bupo import seeded_sampling
 
         seeded_sampling.install(llm)
@@ -306,6 +310,12 @@ def training_engine(train_args: Any, model: Any = None) -> dict[str, Any]:
     return info
 
 
+def model_runner(llm: Any) -> Any:
+    """An in-process engine's model runner (vLLM 0.31's private objects; pinned by the vLLM tests): where its weights
+    and its sampler live."""
+    return llm.llm_engine.model_executor.driver_worker.model_runner
+
+
 def reload_engine_weights(llm: Any, weights: Iterator[tuple[str, Any]]) -> None:
     """Load ``weights`` ((name, tensor) in the checkpoint's naming) into a running in-process engine.
 
@@ -314,7 +324,7 @@ def reload_engine_weights(llm: Any, weights: Iterator[tuple[str, Any]]) -> None:
     ``reload_weights`` re-creates the parameters, loads and re-packs them; a tied ``lm_head`` shares the embedding's
     parameter but keeps its own packed copy, so it is re-packed here too. Then the prefix cache is reset.
     """
-    runner = llm.llm_engine.model_executor.driver_worker.model_runner
+    runner = model_runner(llm)
     runner.reload_weights(weights_iterator=weights, is_checkpoint_format=True)
     model = runner.get_model()
     head, embed = getattr(model, "lm_head", None), getattr(getattr(model, "model", None), "embed_tokens", None)
@@ -360,12 +370,8 @@ def trl_colocate_defaults(train_args: Any, model: Any = None) -> Iterator[None]:
     context = context_length(model) if model is not None else None
 
     def llm(*args: Any, **kw: Any) -> Any:
-        engine = real_llm(*args, **_whole_prefills({**kw, **extra, **_quiet_kwargs()}, context))
-        if extra:  # a CPU: the in-training evaluation's seeded requests sampled in one pass (bupo.seeded_sampling)
-            from bupo import seeded_sampling
-
-            seeded_sampling.install(engine)
-        return engine
+        # the in-training evaluation's requests are seeded (bupo.seeded_sampling); TRL's rollouts are not
+        return _cpu_sampling(real_llm(*args, **_whole_prefills({**kw, **extra, **_quiet_kwargs()}, context)))
 
     vllm_generation.LLM = llm
     if extra:  # a CPU

@@ -30,7 +30,7 @@ from typing import Any
 
 import torch
 
-__all__ = ["U_FLOOR", "exponential_race", "install"]
+__all__ = ["U_FLOOR", "exponential_race", "install", "topk_topp_sampler"]
 
 U_FLOOR = 2.0**-25  # below the smallest nonzero float32 uniform_ (2^-24): only U = 0 is raised to it
 
@@ -69,11 +69,18 @@ def _seeded_forward(sampler: Any, original: Callable[..., Any], logits: torch.Te
     return exponential_race(probs, generators), processed
 
 
+def topk_topp_sampler(llm: Any) -> Any:
+    """The sampler object of an in-process engine whose ``forward`` :func:`install` replaces (vLLM 0.31)."""
+    from bupo.engines import model_runner
+
+    return model_runner(llm).sampler.topk_topp_sampler
+
+
 def install(llm: Any) -> bool:
     """Route an in-process CPU engine's fully seeded batches through :func:`exponential_race`. True when installed
     (also when it already was); False, with one warning, when vLLM's sampler is not where vLLM 0.31 keeps it."""
     try:
-        sampler = llm.llm_engine.model_executor.driver_worker.model_runner.sampler.topk_topp_sampler
+        sampler = topk_topp_sampler(llm)
         original = sampler.forward
         bound_to = getattr(original, "__func__", None)
     except AttributeError:

@@ -30,6 +30,7 @@ from bupo.cli import main  # noqa: E402
 from bupo.data.datasets import BUNDLED, load_benchmarks  # noqa: E402
 from bupo.evaluation import evaluate  # noqa: E402
 from bupo.evaluation.backends import VLLMBackend  # noqa: E402
+from bupo.seeded_sampling import topk_topp_sampler  # noqa: E402
 
 
 @pytest.fixture(scope="module")
@@ -154,7 +155,7 @@ def _sample_the_distribution(llm, model, tok):
     from bupo.data.templates import render_prompt, resolve_template
     from bupo.generation import encode_prompt
 
-    sampler = llm.llm_engine.model_executor.driver_worker.model_runner.sampler.topk_topp_sampler
+    sampler = topk_topp_sampler(llm)
     assert getattr(sampler.forward, "bupo_seeded", False), "bupo.seeded_sampling.install found no vLLM CPU sampler"
 
     row = make_examples("test", 1, seed=0)[0]

