@@ -24,7 +24,7 @@ from pathlib import Path
 
 import pytest
 
-from support.launchers import ACCELERATE, launch, launcher_env, read_ranks, train_args
+from support.launchers import accelerate_cmd, launch, launcher_env, read_ranks, train_args
 
 pytestmark = [pytest.mark.distributed, pytest.mark.xdist_group("training")]
 
@@ -102,8 +102,7 @@ def _worker(out: str) -> None:
 
 
 def test_sharded_library_paths_equal_unsharded_and_read_no_shard(tmp_path):
-    cmd = [*ACCELERATE, "--config_file", str(ROOT / "src" / "bupo" / "recipes" / "accelerate" / RECIPE),
-           str(Path(__file__)), str(tmp_path)]
+    cmd = [*accelerate_cmd(RECIPE), str(Path(__file__)), str(tmp_path)]
     proc = subprocess.run(cmd, env=launcher_env(), capture_output=True, text=True, timeout=300, cwd=ROOT)
     assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-4000:]
     for rec in read_ranks(tmp_path, "worker"):

@@ -5,12 +5,26 @@ from __future__ import annotations
 
 import json
 import os
+import socket
 import subprocess
 import sys
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[2]
-ACCELERATE = [sys.executable, "-m", "accelerate.commands.launch"]
+
+
+def free_port() -> int:
+    """A local port nobody listens on now: each launch its own rendezvous port, so two launches in a row do not meet
+    the previous one's port 29500 in TIME_WAIT (``EADDRINUSE``), nor two at once each other."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def accelerate_cmd(config: str) -> list[str]:
+    """``accelerate launch`` with a shipped accelerate recipe, on a free port."""
+    return [sys.executable, "-m", "accelerate.commands.launch", "--config_file",
+            str(ROOT / "src" / "bupo" / "recipes" / "accelerate" / config), "--main_process_port", str(free_port())]
 
 
 def launcher_env(**extra: str) -> dict[str, str]:
@@ -33,8 +47,7 @@ def train_args(out: Path, completion_tokens: int = 64) -> list[str]:
 
 def launch(config: str, probe_dir: Path, args: list[str], *extra: str, env: dict[str, str] | None = None,
             timeout: float = 300) -> subprocess.CompletedProcess:
-    cmd = [*ACCELERATE, "--config_file", str(ROOT / "src" / "bupo" / "recipes" / "accelerate" / config), *extra,
-           str(ROOT / "tests" / "support" / "launch_probe.py"), str(probe_dir), *args]
+    cmd = [*accelerate_cmd(config), *extra, str(ROOT / "tests" / "support" / "launch_probe.py"), str(probe_dir), *args]
     return subprocess.run(cmd, env=env or launcher_env(), capture_output=True, text=True, timeout=timeout, cwd=ROOT)
 
 

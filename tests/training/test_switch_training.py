@@ -19,7 +19,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from bupo.training.checkpointing import SWITCH_FILE
+from bupo.training.checkpointing import PROBE_FILE, SWITCH_FILE
 from bupo.training.trainer import BuPOTrainer
 from support.training import make_model, make_trainer
 
@@ -142,7 +142,7 @@ DDP_SCRIPT = textwrap.dedent(
     torch.set_num_threads(1)
     from support.training import letter_reward, make_model, make_trainer
 
-    out = sys.argv[1]
+    out, resume = sys.argv[1], (sys.argv[2] if len(sys.argv) > 2 else None)
     rank = int(os.environ.get("RANK", 0))
     phases = {{}}
 
@@ -151,7 +151,8 @@ DDP_SCRIPT = textwrap.dedent(
 
     tr = make_trainer(out, model=make_model(tie=True), reward=[solved, letter_reward], internal_steps="auto",
                       internal_steps_max=5, internal_switch_tolerance=1e-4, max_steps=6, probe_every=0,
-                      per_device_train_batch_size=4, num_generations=4, learning_rate=3e-2)
+                      per_device_train_batch_size=4, num_generations=4, learning_rate=3e-2, save_strategy="steps",
+                      save_steps=2)
     orig = tr._bupo_decide_phase
 
     def spy():
@@ -160,9 +161,9 @@ DDP_SCRIPT = textwrap.dedent(
         return internal
 
     tr._bupo_decide_phase = spy
-    tr.train()
+    tr.train(resume_from_checkpoint=resume)
     rec = {{"phases": phases, "switch": tr.bupo_switch, "probe": tr.bupo_probe["input_ids"].tolist()}}
-    with open(os.path.join(out, f"rank{{rank}}.json"), "w") as f:
+    with open(os.path.join(out, f"rank{{rank}}{{'_resumed' if resume else ''}}.json"), "w") as f:
         json.dump(rec, f)
     tr.accelerator.wait_for_everyone()
     sys.stdout.flush()
@@ -172,20 +173,33 @@ DDP_SCRIPT = textwrap.dedent(
 )
 
 
-@pytest.mark.distributed
-def test_two_gloo_ranks_take_the_same_switch_decision(tmp_path):
-    script = tmp_path / "ddp_switch.py"
-    script.write_text(DDP_SCRIPT.format(tests=str(TESTS)))
+def _torchrun(script: Path, *args: str) -> None:
     env = {**os.environ, "OMP_NUM_THREADS": "1", "GLOO_SOCKET_IFNAME": "lo", "HF_HUB_OFFLINE": "1",
            "TOKENIZERS_PARALLELISM": "false",
            "PYTHONPATH": os.pathsep.join([str(TESTS), os.environ.get("PYTHONPATH", "")])}
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2", str(script),
-           str(tmp_path)]
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2", str(script), *args]
     proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-5000:]
+
+
+@pytest.mark.distributed
+def test_two_gloo_ranks_take_the_same_switch_decision_and_resume_it(tmp_path):
+    script = tmp_path / "ddp_switch.py"
+    script.write_text(DDP_SCRIPT.format(tests=str(TESTS)))
+    _torchrun(script, str(tmp_path))
     r0, r1 = (json.loads((tmp_path / f"rank{r}.json").read_text()) for r in (0, 1))
     assert r0["probe"] != r1["probe"]  # each rank's probe is its own first batch: only reduced values can agree
     assert r0["phases"] == r1["phases"] and len(r0["phases"]) == 6
     assert r0["switch"] == r1["switch"]  # the same switch step, reason and the bitwise same signal trace
     assert r0["phases"]["1"] is True and r0["switch"]["step"] is not None
     assert r0["phases"] == {str(s): s < r0["switch"]["step"] for s in range(1, 7)}
+    # resumed from step 2 on the same 2 ranks: each rank gets its own probe back (not rank 0's), so the signals,
+    # all-reduced over both probes, continue the uninterrupted run's trace and the switch lands where it did
+    saved = torch.load(tmp_path / "checkpoint-2" / PROBE_FILE, weights_only=True)
+    assert [p["input_ids"].tolist() for p in saved] == [r0["probe"], r1["probe"]]
+    _torchrun(script, str(tmp_path), str(tmp_path / "checkpoint-2"))
+    for r, uninterrupted in enumerate((r0, r1)):
+        resumed = json.loads((tmp_path / f"rank{r}_resumed.json").read_text())
+        assert resumed["probe"] == uninterrupted["probe"]
+        assert resumed["switch"] == uninterrupted["switch"]
+        assert resumed["phases"] == {s: i for s, i in uninterrupted["phases"].items() if int(s) > 2}

@@ -194,6 +194,18 @@ def test_resume_inside_internal_phase_continues_with_the_right_phase(tmp_path):
     assert second.state.global_step == 6
 
 
+def test_rank_probe_picks_each_ranks_own_probe(caplog):
+    from bupo.training.checkpointing import rank_probe
+
+    probes = [{"input_ids": torch.full((1, 2), r)} for r in range(2)]
+    assert [rank_probe(probes, r, 2)["input_ids"][0, 0].item() for r in range(2)] == [0, 1]
+    legacy = {"input_ids": torch.zeros(1, 2)}  # one dict: what checkpoints held before probes were per rank
+    assert all(rank_probe(legacy, r, 2) is legacy for r in range(2))
+    with caplog.at_level("WARNING", logger="bupo.training.checkpointing"):
+        assert [rank_probe(probes, r, 4)["input_ids"][0, 0].item() for r in range(4)] == [0, 1, 0, 1]
+    assert caplog.text.count("come from 2 ranks, this run has 4") == 1
+
+
 def test_save_steps_must_fall_on_rollout_boundaries(tmp_path):
     with pytest.raises(ValueError, match="save_steps"):
         make_config(tmp_path, steps_per_generation=2, save_strategy="steps", save_steps=3)

@@ -3,7 +3,8 @@
 Every file (all ranks) is written into a staging folder (:class:`bupo.io.Staging`, the same partial-folder mechanism
 as ``bupo analyze`` and evaluation), described by a completion marker written last, made durable (fsync) and only
 then renamed into place as ``checkpoint-N``: a kill mid-save leaves no partial ``checkpoint-N``. BuPO's
-own state travels with it: the probe batch (the probe curves stay continuous) and the adaptive switch's state. The
+own state travels with it: every rank's probe batch (each rank's is its own first rollout batch: the probe curves
+and the adaptive switch's signals, all-reduced over ranks, stay continuous) and the adaptive switch's state. The
 phase itself needs nothing: it follows from ``global_step``, which TRL restores.
 """
 
@@ -11,6 +12,7 @@ from __future__ import annotations
 
 import contextlib
 import json
+import logging
 import os
 from collections.abc import Iterator
 from pathlib import Path
@@ -18,7 +20,9 @@ from typing import Any
 
 import torch
 
-PROBE_FILE = "bupo_probe.pt"
+logger = logging.getLogger(__name__)
+
+PROBE_FILE = "bupo_probe.pt"  # a list: rank r's probe batch at index r (a bare dict: one probe, older checkpoints)
 SWITCH_FILE = "bupo_switch.json"  # the adaptive switch's state, next to the probe in each checkpoint
 CHECKPOINT_MARKER = "bupo_checkpoint.json"  # written last: a checkpoint folder without it is incomplete
 STAGING_DIR = ".checkpoint-staging"  # not matched by checkpoint-*, so never taken for a checkpoint
@@ -85,6 +89,20 @@ def _file_sizes(folder: Path) -> dict[str, int]:
     return {f.name: f.stat().st_size for f in sorted(folder.iterdir()) if f.is_file()}
 
 
+def rank_probe(saved: Any, rank: int, world_size: int) -> dict[str, torch.Tensor] | None:
+    """Rank ``rank``'s probe batch from a checkpoint's :data:`PROBE_FILE`: its own entry of the per-rank list (the
+    file of a checkpoint saved before probes were per rank holds one dict, which every rank then takes). Resumed on a
+    different number of ranks, rank r takes entry r mod the saved count (one warning: the probe curves, a mean over
+    ranks, shift there)."""
+    if isinstance(saved, dict):
+        return saved
+    if len(saved) != world_size and rank == 0:
+        logger.warning("the checkpoint's probe batches come from %d ranks, this run has %d: rank r uses saved probe "
+                       "r mod %d, so the probe curves (a mean over ranks) shift at the resume", len(saved), world_size,
+                       len(saved))
+    return saved[rank % len(saved)]
+
+
 class CheckpointMixin:
     """Staged, fsynced, marked checkpoints and their resume (for :class:`bupo.training.trainer.BuPOTrainer`).
 
@@ -120,10 +138,11 @@ class CheckpointMixin:
             super()._save_checkpoint(model, trial)
         finally:
             self._bupo_staging = False
+        probes = self._gathered_probes()  # a collective: every rank, before rank 0 writes
         self.accelerator.wait_for_everyone()
         if staging is not None:
             folder = staging.output / name
-            self._write_bupo_state(str(folder))
+            self._write_bupo_state(str(folder), probes)
             pending = getattr(self, "_tr_loss", None)  # the loss since the last log (transformers' accumulator)
             loss_sum = (self._bupo_resumed_loss + getattr(self, "_total_loss_scalar", 0.0)
                         + (float(pending.item()) if pending is not None else 0.0))
@@ -136,11 +155,19 @@ class CheckpointMixin:
                                best_model_checkpoint=self.state.best_model_checkpoint, use_mtime=True)
         self.accelerator.wait_for_everyone()
 
-    def _write_bupo_state(self, folder: str) -> None:
+    def _gathered_probes(self) -> list[dict[str, torch.Tensor] | None]:
+        """Every rank's probe batch, in rank order (on every rank; one element in a single process)."""
+        if self.accelerator.num_processes == 1:
+            return [self.bupo_probe]
+        from accelerate.utils import gather_object
+
+        return list(gather_object([self.bupo_probe]))
+
+    def _write_bupo_state(self, folder: str, probes: list[dict[str, torch.Tensor] | None]) -> None:
         from bupo.io import atomic_write_json
 
-        if self.bupo_probe is not None:
-            torch.save(self.bupo_probe, os.path.join(folder, PROBE_FILE))
+        if any(p is not None for p in probes):
+            torch.save(probes, os.path.join(folder, PROBE_FILE))
         state = self._switch_state()
         if state is not None:  # the adaptive switch must survive a resume
             atomic_write_json(os.path.join(folder, SWITCH_FILE), state)
@@ -153,7 +180,8 @@ class CheckpointMixin:
         if checkpoint is None:
             return
         if os.path.exists(os.path.join(checkpoint, PROBE_FILE)):
-            self._bupo_probe = torch.load(os.path.join(checkpoint, PROBE_FILE), weights_only=True)
+            saved = torch.load(os.path.join(checkpoint, PROBE_FILE), weights_only=True)
+            self._bupo_probe = rank_probe(saved, self.accelerator.process_index, self.accelerator.num_processes)
         if self._switch_state() is not None:
             path = os.path.join(checkpoint, SWITCH_FILE)
             if not os.path.exists(path):
