@@ -100,7 +100,14 @@ def _check_attn_implementation(name: str | None) -> None:
 def check_model_flags(train_args: Any, model_args: Any) -> None:
     """Reject, in one line each, model/engine flags this machine cannot honour (see docs/training.md)."""
     if train_args.use_vllm:
+        import torch
+
         from bupo.engines import require_vllm
+
+        if train_args.vllm_mode == "server" and not torch.cuda.is_available():
+            raise ValueError("--vllm_mode server needs CUDA GPUs: TRL 1.16 sends the trained weights to the server "
+                             "through vLLM's NCCL weight-transfer engine; without a GPU use --vllm_mode colocate (the "
+                             "engine in this process)")
 
         require_vllm("--use_vllm true", instead="drop --use_vllm (rollouts then use transformers' generate)")
     lora_flags = [f for f in ("lora_r", "lora_alpha", "lora_dropout", "lora_target_modules", "lora_target_parameters",
