@@ -7,7 +7,9 @@ transformers 5's deprecated ``is_gradient_checkpointing`` at every rollout, a Fu
 to the user. vLLM logs ~50 INFO / WARNING lines at every engine start (its configuration, its CPU tuning advice, a
 generic warning that chunked prefill is off - bupo turns it off on a CPU, see :mod:`bupo.engines`): only its errors
 are shown (``VLLM_LOGGING_LEVEL=ERROR``), and torch's FutureWarning for ``torch.distributed.reduce_op`` that vLLM
-0.31 triggers at import is dropped. ``--verbose`` (where a command has it) or ``BUPO_VERBOSE=1`` keeps all of it; a variable the user set
+0.31 triggers at import is dropped. DeepSpeed (imported by TRL where it is installed) prints "Setting accelerator to
+CPU. If you have GPU or other accelerator, we were unable to detect it." on every machine without CUDA: that one line
+is dropped too (on a GPU machine DeepSpeed finds CUDA and never prints it). ``--verbose`` (where a command has it) or ``BUPO_VERBOSE=1`` keeps all of it; a variable the user set
 (e.g. ``HF_HUB_DISABLE_PROGRESS_BARS=0``) wins. Standard library only at top level (``bupo --help`` stays fast).
 """
 
@@ -27,8 +29,15 @@ _TRUE = ("1", "true", "yes", "on")
 REDUCE_OP_DEPRECATION = r"`torch\.distributed\.reduce_op` is deprecated"
 #: read by vLLM when it is imported: the level of its own log lines
 VLLM_LEVEL_ENV = "VLLM_LOGGING_LEVEL"
+#: DeepSpeed's warning at import on a machine without CUDA (its logger, "DeepSpeed", writes to stdout)
+DEEPSPEED_CPU_FALLBACK = "Setting accelerator to CPU"
 #: transformers 5's FutureWarnings for the old names of activation checkpointing, which TRL still uses
 CHECKPOINTING_DEPRECATIONS = r"`(is_)?gradient_checkpointing(_kwargs)?` is deprecated"
+
+
+def _not_deepspeed_cpu_fallback(record: Any) -> bool:
+    """A ``logging`` filter: False (drop) for DeepSpeed's "Setting accelerator to CPU" line."""
+    return not str(record.msg).startswith(DEEPSPEED_CPU_FALLBACK)
 
 
 def wants_library_output(args: Any) -> bool:
@@ -47,12 +56,14 @@ def quiet_libraries() -> None:
     and their checkpointing-rename FutureWarnings."""
     warnings.filterwarnings("ignore", message=CHECKPOINTING_DEPRECATIONS, category=FutureWarning)
     warnings.filterwarnings("ignore", message=REDUCE_OP_DEPRECATION, category=FutureWarning)
+    import logging
+
+    # a filter, not a level: DeepSpeed sets its logger's level itself when it is imported (addFilter adds it once)
+    logging.getLogger("DeepSpeed").addFilter(_not_deepspeed_cpu_fallback)
     for name in BAR_ENVS:
         os.environ.setdefault(name, "1")
     os.environ.setdefault(VLLM_LEVEL_ENV, "ERROR")
     if os.environ[VLLM_LEVEL_ENV].strip().upper() == "ERROR":
-        import logging
-
         # vLLM's logger itself: vLLM warns about Triton at import, before it configures its logger from the variable,
         # and an in-process vLLM may have configured it already
         logging.getLogger("vllm").setLevel(logging.ERROR)

@@ -14,7 +14,7 @@ from pathlib import Path
 
 import pytest
 
-from bupo.cli_quiet import BAR_ENVS, VERBOSE_ENV, wants_library_output
+from bupo.cli_quiet import BAR_ENVS, DEEPSPEED_CPU_FALLBACK, VERBOSE_ENV, wants_library_output
 from bupo.training.eval_callback import ProgressLines
 from support.training import char_tokenizer, make_model
 
@@ -79,6 +79,21 @@ def test_vllm_logs_only_its_errors_unless_asked_for(monkeypatch) -> None:
     monkeypatch.setenv(VLLM_LEVEL_ENV, "ERROR")
     quiet_libraries()  # vLLM's logger itself: its import-time warnings come before it reads the variable
     assert vllm_logger.level == logging.ERROR
+
+
+def test_deepspeed_cpu_fallback_line_is_dropped_unless_asked_for() -> None:
+    pytest.importorskip("deepspeed")  # installed with the dev extra (CI's main suite)
+    code = ("import sys, torch; assert not torch.cuda.is_available(); from bupo.cli_quiet import quiet_libraries\n"
+            "if sys.argv[1] == 'quiet': quiet_libraries()\n"
+            "import deepspeed; from deepspeed.utils import logger; logger.warning('still here')")
+    out = {}
+    for mode in ("quiet", "verbose"):
+        proc = subprocess.run([sys.executable, "-c", code, mode], capture_output=True, text=True, timeout=300,
+                              env={**os.environ, "PYTHONPATH": SRC})
+        assert proc.returncode == 0, proc.stderr[-2000:]
+        out[mode] = proc.stdout + proc.stderr
+    assert DEEPSPEED_CPU_FALLBACK in out["verbose"]  # DeepSpeed prints it here: the quiet run really dropped it
+    assert DEEPSPEED_CPU_FALLBACK not in out["quiet"] and "still here" in out["quiet"], out["quiet"]
 
 
 def test_verbose_asks_for_the_library_output(monkeypatch) -> None:
