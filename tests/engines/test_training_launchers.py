@@ -34,6 +34,7 @@ def test_accelerate_ddp_config_runs_both_phases_and_resumes(tmp_path):
     assert ranks[0]["logs"] == ranks[1]["logs"] and [h["bupo/phase"] for h in ranks[0]["logs"]] == [1.0, 0.0]
     summary = json.loads((out / "bupo_run.json").read_text())
     assert summary["global_step"] == 2 and (out / "checkpoint-1").is_dir()
+    assert proc.stdout.count(f"outputs in {out}") == 1, proc.stdout[-2000:]  # the run's last line, from rank 0 only
 
     # resume from the checkpoint at the phase boundary: the next rollout step is the full phase
     proc = launch("cpu.yaml", tmp_path / "p2", [*train_args(out), "--resume", str(out / "checkpoint-1"),

@@ -239,6 +239,8 @@ def run_cli(args: Any) -> int:
     overrides = {key: getattr(args, flag, None) for flag, key in FLAG_KEYS.items()}
     train_args, script = parse_train_args(args.trl_args, config=args.config, overrides=overrides)
     summary = train(train_args, script)
+    if int(os.environ.get("RANK", "0")) != 0:  # under a launcher the run's lines come once, from rank 0
+        return 0
     if summary.get("evals"):
         first, last = summary["evals"][0], summary["evals"][-1]
         print(f"eval/avg: {first['eval/avg']:.4f} (step {first['step']}) -> {last['eval/avg']:.4f} "
