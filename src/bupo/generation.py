@@ -21,7 +21,8 @@ Conventions:
   ``max_new_tokens``. ``Completion.token_ids`` include the EOS token when one was generated
   (``finish_reason="stop"``; ``"length"`` = truncated); ``text`` is decoded with
   ``skip_special_tokens=True``.
-- The model is put in eval mode for the call (and restored), under ``torch.inference_mode``.
+- The model is put in eval mode for the call (and restored), under ``torch.inference_mode`` (``torch.no_grad`` for an
+  FSDP2 / ZeRO-3 model: :func:`bupo.internal.sharding.inference`).
 - Length against context: a prompt plus ``max_new_tokens`` beyond the model's ``max_position_embeddings``
   (:func:`context_length`) is an error here (:func:`check_context`); callers that prefer to drop such prompts
   (training, analysis) filter them first with :func:`fits_context` and count what they drop.
@@ -268,6 +269,8 @@ def generate_requests(
     import torch
     from transformers import GenerationConfig, LogitsProcessorList
 
+    from bupo.internal.sharding import inference
+
     validate_sampling(max_new_tokens=max_new_tokens, temperature=temperature, top_p=top_p, top_k=top_k)
     if not isinstance(batch_size, int) or batch_size < 1:
         raise ValueError(f"batch_size must be an integer >= 1, got {batch_size!r}")
@@ -297,7 +300,7 @@ def generate_requests(
     saved_config = getattr(model, "generation_config", None)
     model.generation_config = GenerationConfig(eos_token_id=eos_ids or None, pad_token_id=pad_id)
     try:
-        with eval_mode(model), torch.inference_mode():
+        with eval_mode(model), inference(model):  # torch.no_grad() on a sharded model (FSDP2 reuses its buffers)
             for start in range(0, len(order), batch_size):
                 idx = order[start : start + batch_size]
                 ids = [encoded[requests[i][0]] for i in idx]

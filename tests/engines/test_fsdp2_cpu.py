@@ -24,7 +24,7 @@ from pathlib import Path
 
 import pytest
 
-from support.launchers import accelerate_cmd, launch, launcher_env, read_ranks, train_args
+from support.launchers import accelerate_cmd, launch, launcher_env, read_ranks, run_group, train_args
 
 pytestmark = [pytest.mark.distributed, pytest.mark.xdist_group("training")]
 
@@ -103,7 +103,7 @@ def _worker(out: str) -> None:
 
 def test_sharded_library_paths_equal_unsharded_and_read_no_shard(tmp_path):
     cmd = [*accelerate_cmd(RECIPE), str(Path(__file__)), str(tmp_path)]
-    proc = subprocess.run(cmd, env=launcher_env(), capture_output=True, text=True, timeout=300, cwd=ROOT)
+    proc = run_group(cmd, env=launcher_env(), timeout=300)
     assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-4000:]
     for rec in read_ranks(tmp_path, "worker"):
         assert rec["distributed_type"] == "DistributedType.FSDP" and rec["param_type"] == "DTensor"
@@ -123,9 +123,12 @@ def test_sharded_library_paths_equal_unsharded_and_read_no_shard(tmp_path):
 
 def _run(probe_dir: Path, out: Path, *extra: str) -> subprocess.CompletedProcess:
     # the bundled model (tied embeddings: the tail unit is [final norm, embedding, lm_head]), k = 3 of 8 layers;
-    # 0/1 alternating rewards: every group has non-zero advantages, so every step updates
-    return launch(RECIPE, probe_dir, [*train_args(out, completion_tokens=32), *extra], timeout=400,
-                   env=launcher_env(BUPO_PROBE_ALTERNATING_REWARD="1"))
+    # 0/1 alternating rewards: every group has non-zero advantages, so every step updates; an evaluation before
+    # training and after every step (generation under no_grad: FSDP2 reuses the full-parameter buffers it allocates
+    # first, and ones allocated under inference mode stopped the next training forward)
+    args = [a if a != "none" else "bundled" for a in train_args(out, completion_tokens=32)]  # --eval-data bundled
+    return launch(RECIPE, probe_dir, [*args, "--eval_rows", "4", "--eval_samples", "2", "--eval_every", "1", *extra],
+                  timeout=400, env=launcher_env(BUPO_PROBE_ALTERNATING_REWARD="1"))
 
 
 def test_bupo_train_fsdp2_cpu_recipe_shards_both_phases_and_resumes(tmp_path):
@@ -153,6 +156,7 @@ def test_bupo_train_fsdp2_cpu_recipe_shards_both_phases_and_resumes(tmp_path):
     assert sharding["launcher"] == "fsdp2" and sharding["world_size"] == 2 and sharding["device"] == "cpu"
     assert sharding["param_type"] == "DTensor" and sharding["fsdp_units"] == 8 + 4  # layers, embed, norm, head, root
     assert "Qwen3DecoderLayer" in sharding["fsdp_unit_types"]
+    assert [e["step"] for e in summary["evals"]] == [0, 1, 2]
 
     # resume from the checkpoint saved while internal: its optimizer has no state for the layers above k
     proc = _run(tmp_path / "p2", out, "--resume", str(out / "checkpoint-1"), "--overwrite")  # checkpoint-2 goes
@@ -162,9 +166,10 @@ def test_bupo_train_fsdp2_cpu_recipe_shards_both_phases_and_resumes(tmp_path):
         assert rec["start_step"] == 1 and rec["global_step"] == 2 and list(rec["steps"]) == ["2"]
         assert not rec["steps"]["2"]["internal"] and not rec["steps"]["2"]["upper_same"]
         assert rec["first_full_update"]["median_update_over_lr"] == pytest.approx(1.0, abs=0.02)
-        # the same full step as without the interruption (log_history holds the checkpoint's step 1 too); not the
-        # layer-entropy probe: a checkpoint keeps rank 0's probe batch only, which rank 1 then uses after a resume
-        step2 = {k: v for k, v in first["logs"][-1].items() if not k.startswith("bupo/layer_entropy")}
+        # the same full step as without the interruption (log_history holds the checkpoint's step 1 too), the
+        # layer-entropy probe included: each rank resumes with its own probe batch
+        step2 = first["logs"][-1]
+        assert "bupo/layer_entropy/final" in step2
         assert {k: rec["logs"][-1][k] for k in step2} == pytest.approx(step2, rel=1e-4, abs=1e-6)
     assert json.loads((out / "bupo_run.json").read_text())["resumed_from"] == str(out / "checkpoint-1")
 

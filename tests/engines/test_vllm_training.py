@@ -269,3 +269,36 @@ def _two_isolated_runs_and_a_failing_one(tmp_path):
         run_training(tmp_path / "bad", algo="bupo", seed=0, rollout_steps=1, internal_steps=1, internal_layer=K,
                      eval_problems=2, eval_samples=2, eval_before=False, isolate=True,
                      overrides={**settings, "data": str(tmp_path / "missing.jsonl")})
+
+
+@pytest.mark.distributed
+@pytest.mark.parametrize("recipe, launcher", [("cpu.yaml", "ddp"), ("fsdp2-cpu.yaml", "fsdp2")])
+def test_colocate_under_two_rank_launchers_keeps_every_engine_in_sync(tmp_path, recipe, launcher):
+    """vLLM colocate as GPU runs use it, on 2 gloo ranks through accelerate launch (DDP, and FSDP2 with real
+    sharding), with the adaptive switch (its probe forward runs right before each rollout) and an evaluation after
+    every step: each rank's own engine generates its rollouts, both phases run, and after every rollout each engine
+    gives exactly the log-probs of the trained model at that step's start (FSDP2: TRL gathers the shards to sync)."""
+    from support.launchers import launch, launcher_env, read_ranks, train_args
+
+    out = tmp_path / "run"
+    args = train_args(out, completion_tokens=16)
+    args[args.index("--internal-steps") + 1] = "auto"  # the cap (1) decides; the signals are measured anyway
+    args[args.index("--eval-data") + 1] = "bundled"
+    args += ["--internal-steps-max", "1", "--eval_rows", "4", "--eval_samples", "2", "--eval_every", "1",
+             "--learning_rate", "1e-3", "--use_vllm", "true", "--vllm_mode", "colocate"]
+    proc = launch(recipe, tmp_path / "p", args, env=launcher_env(BUPO_PROBE_ALTERNATING_REWARD="1"))
+    assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-4000:]
+    run = json.loads((out / "bupo_run.json").read_text())
+    assert run["generation"]["engine"] == "vllm" and run["generation"]["mode"] == "colocate"
+    assert run["sharding"]["launcher"] == launcher and run["sharding"]["world_size"] == 2
+    assert run["switch"]["mode"] == "auto" and run["switch"]["step"] == 2
+    assert [e["step"] for e in run["evals"]] == [0, 1, 2]
+    ranks = read_ranks(tmp_path / "p")
+    for rec in ranks:
+        steps = rec["steps"]
+        assert steps["1"]["internal"] and not steps["2"]["internal"]
+        assert steps["1"]["upper_same"] and not steps["2"]["upper_same"]  # internal: only <= k moves
+        assert all(s["engine"]["max_abs_vs_step_start"] < TOL for s in steps.values()), steps
+        assert steps["2"]["engine"]["max_abs_vs_init"] > 100 * TOL  # step 1's update reached the engine
+        assert rec["first_full_update"]["median_update_over_lr"] == pytest.approx(1.0, abs=0.02)  # fresh AdamW
+    assert ranks[0]["logs"] == ranks[1]["logs"] and [h["bupo/phase"] for h in ranks[0]["logs"]] == [1.0, 0.0]

@@ -17,6 +17,10 @@ OUT/probe-rank{r}.json (rewritten after every event: a run stopped by a timeout 
 - ``first_full_update``: at the first full-phase step this process runs, the median of |w_after - w_before| / lr over the fp32 master
   weights of layer k+1, the last layer and the final norm: ~1 when their AdamW is fresh (step 1: m/sqrt(v) =
   g/|g|); a counter advanced while internal with zero moments gives less (bias correction of a later step).
+- ``engine``: with ``--use_vllm true --vllm_mode colocate``, per step, the largest difference between this rank's vLLM
+  engine's log-probs of a fixed sequence after the step's rollout and the trained model's at the step's start (TRL
+  syncs the weights before the rollout; FSDP2 parameters gathered in full), and the engine's largest change since the
+  start (vLLM's CPU linear layers keep their weights packed, so log-probs, not parameters, are compared).
 - ``missed_forward``: per step, the FSDP2 units with a module that did not run its forward (torch 2.13 completes
   such a unit from the root's post-forward; torch <= 2.12 warns "did not run forward before backward").
 
@@ -41,6 +45,30 @@ def _local(p: torch.Tensor) -> torch.Tensor:
     if hasattr(p, "ds_tensor"):  # DeepSpeed ZeRO-3: this rank's partition
         return p.ds_tensor.detach().clone()
     return (p.to_local() if hasattr(p, "to_local") else p).detach().clone()
+
+
+#: the sequence whose next-token log-probs are compared between the trained model and a colocated vLLM engine
+ENGINE_IDS = [5 + (7 * i) % 90 for i in range(24)]
+
+
+@torch.no_grad()
+def model_logps(model: torch.nn.Module) -> torch.Tensor:
+    """log p(ENGINE_IDS[t] | ENGINE_IDS[:t]), t >= 1, from the (possibly sharded: every rank calls it) model."""
+    from bupo.internal.sharding import resharded
+
+    ids = torch.tensor([ENGINE_IDS], device=next(model.parameters()).device)
+    with resharded(model):  # as bupo's own forwards outside the step: the sync before the rollout reads shards
+        logits = model(input_ids=ids, use_cache=False).logits[0, :-1].float().cpu()
+    return torch.log_softmax(logits, -1).gather(-1, ids[0, 1:].cpu().unsqueeze(-1)).squeeze(-1)
+
+
+def engine_logps(llm) -> torch.Tensor:
+    """The same log-probs from a vLLM engine (the prompt log-probs of one request)."""
+    from vllm import SamplingParams
+
+    out = llm.generate([{"prompt_token_ids": ENGINE_IDS}],
+                       SamplingParams(max_tokens=1, temperature=1.0, prompt_logprobs=0), use_tqdm=False)[0]
+    return torch.tensor([pos[t].logprob for pos, t in zip(out.prompt_logprobs[1:], ENGINE_IDS[1:], strict=True)])
 
 
 def _master(p: torch.Tensor) -> torch.Tensor:
@@ -188,6 +216,9 @@ class Probe(TrainerCallback):
 
     def on_step_begin(self, args, state, control, **kw):
         self.lr = float(self.trainer.lr_scheduler.get_last_lr()[0])
+        if args.use_vllm:  # the policy this step's rollout must be generated with
+            self.step_start = model_logps(self._model())
+            self.model_init = getattr(self, "model_init", self.step_start)
         if "first_full_update" not in self.record:
             self.before = {n: _master(p) for n, p in self._watched().items()}
 
@@ -205,6 +236,11 @@ class Probe(TrainerCallback):
             "upper_within_decay": decay, "n_upper": len(u), "n_lower": len(lo), "lr": self.lr,
             "watched_master_same": all(torch.equal(w, self.init_master[n]) for n, w in watched.items()),
             "missed_forward": self.missed.take()}
+        if args.use_vllm:
+            engine = engine_logps(self.trainer.vllm_generation.llm)
+            self.record["steps"][state.global_step]["engine"] = {
+                "max_abs_vs_step_start": float((engine - self.step_start).abs().max()),
+                "max_abs_vs_init": float((engine - self.model_init).abs().max())}
         if not internal and "first_full_update" not in self.record:
             after = watched
             ratio = torch.cat([((after[n] - self.before[n]).abs() / self.lr).flatten() for n in after])

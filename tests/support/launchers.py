@@ -48,7 +48,23 @@ def train_args(out: Path, completion_tokens: int = 64) -> list[str]:
 def launch(config: str, probe_dir: Path, args: list[str], *extra: str, env: dict[str, str] | None = None,
             timeout: float = 300) -> subprocess.CompletedProcess:
     cmd = [*accelerate_cmd(config), *extra, str(ROOT / "tests" / "support" / "launch_probe.py"), str(probe_dir), *args]
-    return subprocess.run(cmd, env=env or launcher_env(), capture_output=True, text=True, timeout=timeout, cwd=ROOT)
+    return run_group(cmd, env=env or launcher_env(), timeout=timeout)
+
+
+def run_group(cmd: list[str], env: dict[str, str], timeout: float) -> subprocess.CompletedProcess:
+    """``subprocess.run`` in a session of its own: on a timeout the launcher's workers are killed with it (a hung
+    rank would otherwise outlive the test, holding its memory and a CPU)."""
+    import signal
+
+    proc = subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, cwd=ROOT,
+                            start_new_session=True)
+    try:
+        out, err = proc.communicate(timeout=timeout)
+    except subprocess.TimeoutExpired:
+        os.killpg(proc.pid, signal.SIGKILL)
+        proc.communicate()
+        raise
+    return subprocess.CompletedProcess(cmd, proc.returncode, out, err)
 
 
 def read_ranks(probe_dir: Path, stem: str = "probe") -> list[dict]:

@@ -65,6 +65,16 @@ def test_train_evaluates_checkpoints_and_resumes_with_the_right_phase(workspace,
     assert saved_tok("What is 2 + 2?")["input_ids"] == char_tokenizer()("What is 2 + 2?")["input_ids"]
 
 
+def test_an_evaluation_leaves_the_steps_training_log_in_place(workspace, tmp_path):
+    out = tmp_path / "run"
+    # 2 optimizer steps per rollout step, logged every 2; an evaluation after every rollout step
+    assert _train(workspace, out, "--internal-layer", "1", "--internal-steps", "1", "--max_steps", "4",
+                  "--eval_every", "1", "--save_strategy", "no") == 0
+    history = json.loads((out / "log_history.json").read_text())
+    assert {h["step"]: h["bupo/phase"] for h in history if "bupo/phase" in h} == {2: 1.0, 4: 0.0}
+    assert [h["step"] for h in history if "eval/avg" in h] == [0, 2, 4]
+
+
 def test_grpo_baseline_and_auto_layer_from_an_analysis(workspace, tmp_path):
     out = tmp_path / "grpo"
     assert _train(workspace, out, "--algo", "grpo", "--max_steps", "2", "--eval-data", "none") == 0

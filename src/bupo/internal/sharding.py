@@ -25,7 +25,7 @@ from collections.abc import Iterator
 import torch
 from torch import nn
 
-__all__ = ["full_parameters", "full_shape", "gathered_model", "is_sharded"]
+__all__ = ["full_parameters", "full_shape", "gathered_model", "inference", "is_sharded", "resharded"]
 
 
 def _zero3(p: torch.Tensor) -> bool:
@@ -130,3 +130,37 @@ def gathered_model(model: nn.Module) -> Iterator[nn.Module]:
         return
     with _zero3_gathered(zero3):
         yield model
+
+
+@contextlib.contextmanager
+def resharded(model: nn.Module) -> Iterator[nn.Module]:
+    """Yield ``model``; on exit, every FSDP2 unit in it is sharded again (``FSDPModule.reshard``; a no-op for a unit
+    that is sharded, and on plain, DDP and ZeRO-3 models).
+
+    FSDP2's root unit keeps its parameters unsharded after its forward, for the backward that follows in training. A
+    no-grad forward bupo runs outside the training step (the probes, the adaptive switch's signals, an evaluation)
+    has no backward, so the root's parameters stayed plain full tensors where the next reader expects the sharded
+    ``DTensor``: TRL's weight sync into a colocated vLLM engine (``full_tensor()``) then failed with "'Tensor' object
+    has no attribute 'full_tensor'" when such a forward came right before a rollout (the adaptive switch's). Not a
+    collective: each rank frees its own full copies.
+    """
+    try:
+        yield model
+    finally:
+        fsdp = _fsdp_module_type()
+        if fsdp is not None:
+            for m in model.modules():
+                if isinstance(m, fsdp):
+                    m.reshard()
+
+
+def inference(model: nn.Module) -> contextlib.AbstractContextManager:
+    """The no-grad mode for a read-only pass over ``model``: ``torch.inference_mode()``, but ``torch.no_grad()`` for a
+    sharded model (FSDP2, ZeRO-3), as TRL's own generation uses.
+
+    FSDP2 allocates a unit's full-parameter buffers the first time it unshards and reuses them for every later
+    forward; allocated under inference mode (an evaluation before the first training step) they are inference
+    tensors, and the next training forward's all-gather into them failed with "Inplace update to inference tensor
+    outside InferenceMode is not allowed".
+    """
+    return torch.no_grad() if is_sharded(model) else torch.inference_mode()

@@ -104,6 +104,7 @@ class AdaptiveSwitchMixin:
         from trl.models import unwrap_model_for_generation
 
         from bupo.internal import Projector, capture_streams
+        from bupo.internal.sharding import resharded
         from bupo.training.switch import SwitchSignals
 
         dev = self.accelerator.device
@@ -111,8 +112,9 @@ class AdaptiveSwitchMixin:
         pos = probe["positions"]
         k = self._bupo_layer
         try:
+            # resharded: this forward runs right before the rollout, whose vLLM weight sync reads FSDP2's shards
             with unwrap_model_for_generation(self.model_wrapped, self.accelerator,
-                                             gather_deepspeed3_params=True) as unwrapped:
+                                             gather_deepspeed3_params=True) as unwrapped, resharded(unwrapped):
                 model = unwrapped.get_base_model() if hasattr(unwrapped, "get_base_model") else unwrapped
                 was_training = model.training
                 model.eval()  # no dropout: the signals compare weights, not noise

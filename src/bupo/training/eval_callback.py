@@ -3,6 +3,7 @@ TrainerCallback that scores Avg@K / Pass@K on them every ``eval_every`` rollout 
 
 from __future__ import annotations
 
+import shutil
 import sys
 import time
 from collections import Counter
@@ -146,6 +147,11 @@ def make_eval_callback(trainer: Any, sets: dict[str, list[dict]], script: BuPOSc
         what = "eval before training" if step == 0 else f"eval at step {step}"
         # every rank evaluates the same seeded samples (sharded backends need all ranks in the forward); main writes.
         # Generation (bupo.generation) runs in eval mode under inference_mode and restores the training flags.
+        step_dir = out_dir / "evals" / f"step-{step:06d}"
+        if main and trainer.accelerator.num_processes > 1 and step_dir.exists():
+            # written before a resume: main regenerates it like the other ranks instead of reusing it (FSDP2's
+            # forwards are collectives: main skipping them left the others waiting forever); same weights and seeds
+            shutil.rmtree(step_dir)
         with full_params(trainer.model_wrapped, trainer.accelerator) as m:
             inner = engine_or_none() or HFBackend(
                 m, trainer.processing_class, batch_size=script.eval_batch_size)
@@ -156,12 +162,16 @@ def make_eval_callback(trainer: Any, sets: dict[str, list[dict]], script: BuPOSc
                            reward=parse_rewards(script.reward)[0], seed=args.seed,
                            batch_size=script.eval_batch_size, label=f"step {step}", backend=backend,
                            model_id=model_fingerprint(m) if main else "not-saved",  # as evaluate() keys samples
-                           out_dir=(out_dir / "evals" / f"step-{step:06d}") if main else None)
+                           out_dir=step_dir if main else None)
         metrics = res.metrics("eval")
         metrics["eval/seconds"] = time.time() - t0
         records.append({"step": step, "rollout_step": step // args.optimizer_steps_per_rollout, **metrics,
                         "generation": inner.name})  # hf or vllm (the run's colocated engine: engine_backend)
+        should_log = trainer.control.should_log  # set for this step's training log, which runs after callbacks
         Trainer.log(trainer, dict(metrics))  # bypass GRPOTrainer.log: it would flush the train metric window
+        # Trainer.log's on_log clears should_log: without this the step's training metrics went unlogged and were
+        # averaged into the next logged step's (bupo/phase 0.5 where an eval fell on the last internal step)
+        trainer.control.should_log = should_log
 
     class EvalCallback(TrainerCallback):
         def on_train_begin(self, a, state, control, **kw):

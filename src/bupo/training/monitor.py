@@ -209,6 +209,8 @@ class MonitorMixin:
         from trl import GRPOTrainer
         from trl.models.utils import disable_gradient_checkpointing
 
+        from bupo.internal.sharding import resharded
+
         ids = torch.cat([output["prompt_ids"], output["completion_ids"]], dim=1)
         mask = torch.cat([output["prompt_mask"], output["completion_mask"]], dim=1)
         cm = output["completion_mask"]
@@ -218,7 +220,8 @@ class MonitorMixin:
             ids, mask, cm = ids[pick], mask[pick], cm[pick]
         keep = output["completion_ids"].size(1)
         batch_size = self.args.per_device_train_batch_size
-        with disable_gradient_checkpointing(self.model, self.args.gradient_checkpointing_kwargs):
+        with disable_gradient_checkpointing(self.model, self.args.gradient_checkpointing_kwargs), \
+                resharded(self.model):  # no backward follows this forward: FSDP2's root would stay unsharded
             if self._bupo_trains_pik():  # GRPO's own method: the full policy
                 _, ent, _ = GRPOTrainer._get_per_token_logps_and_entropies(
                     self, self.model, ids, mask, keep, batch_size=batch_size, compute_entropy=True)
@@ -249,6 +252,7 @@ class MonitorMixin:
         the probe batch, at the current weights (all-reduced mean over ranks)."""
         from trl.models import unwrap_model_for_generation
 
+        from bupo.internal.sharding import resharded
         from bupo.internal.streams import stream_stats
 
         dev = self.accelerator.device
@@ -256,7 +260,7 @@ class MonitorMixin:
         try:
             # ZeRO-3 gathers the parameters (as for generation); DDP/FSDP2 just unwrap
             with unwrap_model_for_generation(self.model_wrapped, self.accelerator,
-                                             gather_deepspeed3_params=True) as unwrapped:
+                                             gather_deepspeed3_params=True) as unwrapped, resharded(unwrapped):
                 model = unwrapped.get_base_model() if hasattr(unwrapped, "get_base_model") else unwrapped
                 st = stream_stats(model, probe["input_ids"], probe["attention_mask"], streams=("resid_post",),
                                   positions=probe["positions"], projection=self.args.internal_projection)
