@@ -515,8 +515,9 @@ def _launch_verdicts(checks: Checks, name: str, recs: list[dict], rc: object, st
 def section_launchers(small: bool, out_dir: Path) -> dict:
     """``accelerate launch --config_file src/bupo/recipes/accelerate/{zero3,fsdp2}.yaml --num_processes 1`` running
     ``bupo train`` (tests/support/launch_probe.py records each rank's shards) on a random-init Qwen3-0.6B shape: 1 internal
-    + 1 full rollout step at k = 13 (paper layer 14), each run under its own timeout, the whole section under 5
-    minutes. Verdicts, printed per run even when it timed out (the probe writes after every event): the internal
+    + 1 full rollout step at k = 13 (paper layer 14) with the adaptive switch (capped at 1: its signals' forward runs
+    before rollout 2) and an evaluation before training and after each step, each run under its own timeout, the
+    whole section under 5 minutes. Verdicts, printed per run even when it timed out (the probe writes after every event): the internal
     log-probs through the wrapped model equal an unsharded reference, layers above k and the final norm bitwise
     unchanged while internal (ZeRO-3: the fp32 masters), moved after the switch, no FSDP unit missed a forward
     (the lm_head warning), the first full-phase update a fresh AdamW step 1, bupo_run.json's sharding. ``--small``:
@@ -558,7 +559,8 @@ def section_launchers(small: bool, out_dir: Path) -> dict:
                str(root / "src" / "bupo" / "recipes" / "accelerate" / config),
                *(["--num_processes", "1"] if cuda else []), str(root / "tests" / "support" / "launch_probe.py"),
                str(probe_dir), "train", "--model", str(model_dir), "--algo", "bupo", "--internal-layer", str(k),
-               "--internal-steps", "1", "--out", str(run_dir), "--eval-data", "none", "--max_steps", "2",
+               "--internal-steps", "auto", "--internal-steps-max", "1", "--out", str(run_dir),
+               "--eval-data", "bundled", "--eval_rows", "4", "--eval_samples", "2", "--eval_every", "1", "--max_steps", "2",
                "--steps_per_generation", "1", "--per_device_train_batch_size", "8", "--num_generations", "8",
                "--max_completion_length", "64" if cuda else "16", "--learning_rate", "1e-5", "--weight_decay", "0.01",
                "--save_strategy", "no", "--probe_every", "1", "--logging_steps", "1", "--disable_tqdm", "true",
@@ -577,6 +579,10 @@ def section_launchers(small: bool, out_dir: Path) -> dict:
         want = {"zero3": ("deepspeed", "zero_stage", 3), "fsdp2": ("fsdp2", "param_type", "DTensor")}[name]
         checks.add(f"{name}: bupo_run.json records the sharding", sharding.get("launcher") == want[0]
                    and sharding.get(want[1]) == want[2], sharding=sharding or None)
+        evals, switch = [e.get("step") for e in summary.get("evals", [])], summary.get("switch") or {}
+        checks.add(f"{name}: evaluations at steps 0, 1, 2 and the adaptive switch (cap 1) at rollout step 2",
+                   evals == [0, 1, 2] and switch.get("mode") == "auto" and switch.get("step") == 2,
+                   evals=evals, switch_step=switch.get("step"))
         if summary:
             checks.add(f"{name}: fp32 master weights, {summary['mixed_precision']} autocast",
                        summary["weights_dtype"] == "float32", weights=summary["weights_dtype"])
