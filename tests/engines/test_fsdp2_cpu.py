@@ -174,6 +174,24 @@ def test_bupo_train_fsdp2_cpu_recipe_shards_both_phases_and_resumes(tmp_path):
     assert json.loads((out / "bupo_run.json").read_text())["resumed_from"] == str(out / "checkpoint-1")
 
 
+def test_bupo_train_fsdp2_cpu_with_lora_measures_its_probes(tmp_path):
+    """LoRA under FSDP2: the root unit is PEFT's PeftModel, and the probes run the HF model inside it (no root hooks):
+    the root's own parameters must be unsharded for them (they stayed shards: "mixed torch.Tensor and DTensor", the
+    layer-entropy probe and the adaptive switch's signals disabled themselves)."""
+    out = tmp_path / "run"
+    args = train_args(out, completion_tokens=16)
+    args[args.index("--internal-steps") + 1] = "auto"
+    proc = launch(RECIPE, tmp_path / "p", [*args, "--internal-steps-max", "1", "--use_peft", "true", "--lora_r", "8"],
+                  timeout=400, env=launcher_env(BUPO_PROBE_ALTERNATING_REWARD="1"))
+    assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-4000:]
+    assert "probe disabled" not in proc.stderr, proc.stderr[-3000:]
+    run = json.loads((out / "bupo_run.json").read_text())
+    assert run["peft"] == "lora" and run["sharding"]["launcher"] == "fsdp2"
+    assert run["switch"]["step"] == 2 and len(run["switch"]["trace"]) == 2  # the signals measured at both steps
+    for rec in read_ranks(tmp_path / "p"):
+        assert [("bupo/layer_entropy/final" in h) for h in rec["logs"]] == [True, True]
+
+
 if __name__ == "__main__":
     _worker(sys.argv[1])
     sys.stdout.flush()

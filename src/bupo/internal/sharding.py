@@ -134,20 +134,27 @@ def gathered_model(model: nn.Module) -> Iterator[nn.Module]:
 
 @contextlib.contextmanager
 def resharded(model: nn.Module) -> Iterator[nn.Module]:
-    """Yield ``model``; on exit, every FSDP2 unit in it is sharded again (``FSDPModule.reshard``; a no-op for a unit
-    that is sharded, and on plain, DDP and ZeRO-3 models).
+    """Yield ``model`` ready for a forward outside the training step: if ``model`` is itself an FSDP2 unit (the root),
+    its own parameters are unsharded for the block (``FSDPModule.unshard``, a collective: every rank enters), and on
+    exit every FSDP2 unit in it is sharded again (``FSDPModule.reshard``). Plain, DDP and ZeRO-3 models: nothing.
+
+    The unshard on entry: a forward through a submodule does not run the root's hooks. bupo's probes call the HF model
+    inside PEFT's ``PeftModel`` (``get_base_model()``), whose root unit under FSDP2 is the ``PeftModel``: its own
+    parameters stayed DTensor shards, and the probe failed with "aten.mul.Tensor got mixed torch.Tensor and DTensor"
+    (the layer-entropy probe and the adaptive switch's signals disabled themselves under FSDP2 + LoRA).
 
     FSDP2's root unit keeps its parameters unsharded after its forward, for the backward that follows in training. A
     no-grad forward bupo runs outside the training step (the probes, the adaptive switch's signals, an evaluation)
     has no backward, so the root's parameters stayed plain full tensors where the next reader expects the sharded
     ``DTensor``: TRL's weight sync into a colocated vLLM engine (``full_tensor()``) then failed with "'Tensor' object
-    has no attribute 'full_tensor'" when such a forward came right before a rollout (the adaptive switch's). Not a
-    collective: each rank frees its own full copies.
+    has no attribute 'full_tensor'" when such a forward came right before a rollout (the adaptive switch's).
     """
+    fsdp = _fsdp_module_type()
+    if fsdp is not None and isinstance(model, fsdp):
+        model.unshard()
     try:
         yield model
     finally:
-        fsdp = _fsdp_module_type()
         if fsdp is not None:
             for m in model.modules():
                 if isinstance(m, fsdp):
