@@ -32,7 +32,7 @@ VLLM_LEVEL_ENV = "VLLM_LOGGING_LEVEL"
 #: DeepSpeed's warning at import on a machine without CUDA (its logger, "DeepSpeed", writes to stdout)
 DEEPSPEED_CPU_FALLBACK = "Setting accelerator to CPU"
 #: transformers 5's FutureWarnings for the old names of activation checkpointing, which TRL still uses
-CHECKPOINTING_DEPRECATIONS = r"`(is_)?gradient_checkpointing(_kwargs)?` is deprecated"
+CHECKPOINTING_DEPRECATIONS = r"`(is_)?gradient_checkpointing(_kwargs|_enable|_disable)?` is deprecated"
 
 
 def _not_deepspeed_cpu_fallback(record: Any) -> bool:
