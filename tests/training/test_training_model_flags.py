@@ -51,6 +51,7 @@ def test_model_init_kwargs_reach_the_saved_model(tmp_path):
 @pytest.mark.parametrize("argv, needle", [
     (["--use_vllm", "true"], "pip install 'bupo[vllm]'"),
     (["--use_vllm", "true", "--vllm_mode", "server"], "without a GPU use --vllm_mode colocate"),
+    (["--use_vllm", "true", "--vllm_enable_sleep_mode", "true"], "sleep mode frees GPU memory"),
     (["--attn_implementation", "flash_attention_2"], "use --attn_implementation sdpa"),
     (["--model_init_kwargs", '{"attn_implementation": "flash_attention_2"}'], "use --attn_implementation sdpa"),
     (["--attn_implementation", "nope"], "accepted: eager"),

@@ -108,6 +108,9 @@ def check_model_flags(train_args: Any, model_args: Any) -> None:
             raise ValueError("--vllm_mode server needs CUDA GPUs: TRL 1.16 sends the trained weights to the server "
                              "through vLLM's NCCL weight-transfer engine; without a GPU use --vllm_mode colocate (the "
                              "engine in this process)")
+        if getattr(train_args, "vllm_enable_sleep_mode", False) and not torch.cuda.is_available():
+            raise ValueError("--vllm_enable_sleep_mode needs a CUDA GPU: vLLM's sleep mode frees GPU memory and is not "
+                             "supported on a CPU; drop it")
 
         require_vllm("--use_vllm true", instead="drop --use_vllm (rollouts then use transformers' generate)")
     lora_flags = [f for f in ("lora_r", "lora_alpha", "lora_dropout", "lora_target_modules", "lora_target_parameters",
