@@ -75,6 +75,36 @@ def test_an_evaluation_leaves_the_steps_training_log_in_place(workspace, tmp_pat
     assert [h["step"] for h in history if "eval/avg" in h] == [0, 2, 4]
 
 
+def test_a_resumed_run_lists_the_evaluations_before_its_checkpoint(workspace, tmp_path, capsys):
+    out = tmp_path / "run"
+    assert _train(workspace, out, "--internal-layer", "1", "--internal-steps", "1", "--max_steps", "2",
+                  "--save_steps", "2") == 0
+    first = json.loads((out / "bupo_run.json").read_text())["evals"]
+    assert [e["step"] for e in first] == [0, 2]
+    capsys.readouterr()
+    assert _train(workspace, out, "--internal-layer", "1", "--internal-steps", "1", "--max_steps", "4",
+                  "--save_steps", "2", "--resume") == 0
+    evals = json.loads((out / "bupo_run.json").read_text())["evals"]
+    assert [e["step"] for e in evals] == [0, 2, 4]
+    assert evals[:2] == first  # the same records, rebuilt from the checkpoint's log history
+    assert f"(step 0) -> {evals[-1]['eval/avg']:.4f} (step 4)" in capsys.readouterr().out
+
+
+def test_earlier_evals_come_from_the_last_summary_and_the_log_history(tmp_path):
+    from bupo.training.eval_callback import earlier_evals
+
+    history = [{"eval/avg": 0.1, "eval/x/avg@2": 0.1, "step": 0}, {"loss": 1.0, "step": 2},
+               {"eval/avg": 0.3, "step": 4}, {"eval/avg": 0.5, "step": 6}]
+    # a run stopped before it wrote bupo_run.json: the log history up to the checkpoint's step
+    assert earlier_evals(history, 2, tmp_path, upto=4) == [
+        {"step": 0, "rollout_step": 0, "eval/avg": 0.1, "eval/x/avg@2": 0.1, "generation": None},
+        {"step": 4, "rollout_step": 2, "eval/avg": 0.3, "generation": None}]
+    # a finished run's summary holds the end-of-training eval too, which its last checkpoint's history lacks
+    (tmp_path / "bupo_run.json").write_text(json.dumps({"evals": [{"step": 5, "eval/avg": 0.4, "generation": "hf"},
+                                                                  {"step": 8, "eval/avg": 0.9}]}))
+    assert [e["step"] for e in earlier_evals(history, 2, tmp_path, upto=6)] == [0, 4, 5, 6]
+
+
 def test_grpo_baseline_and_auto_layer_from_an_analysis(workspace, tmp_path):
     out = tmp_path / "grpo"
     assert _train(workspace, out, "--algo", "grpo", "--max_steps", "2", "--eval-data", "none") == 0

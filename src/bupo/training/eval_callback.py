@@ -122,6 +122,26 @@ def engine_backend(trainer: Any, sets: dict[str, list[dict]], template: str, scr
     return VLLMBackend(gen.llm, tokenizer=tok, batch_size=max(script.eval_batch_size, 256))
 
 
+def earlier_evals(history: list[dict], steps_per_rollout: int, out_dir: Path, upto: int) -> list[dict]:
+    """The evaluation records, up to optimizer step ``upto``, of the run a resume continues: those its last
+    ``bupo_run.json`` lists (the one at the end of training happens after the last checkpoint) and those of the
+    checkpoint's log history (a run stopped before it wrote ``bupo_run.json``); ``generation`` None where unknown."""
+    import json
+
+    found: dict[int, dict] = {}
+    try:
+        previous = json.loads((out_dir / "bupo_run.json").read_text(encoding="utf-8")).get("evals") or []
+        found = {int(e["step"]): e for e in previous if int(e["step"]) <= upto}
+    except (OSError, ValueError, KeyError, TypeError, AttributeError):
+        pass
+    for h in history:
+        step = int(h.get("step", -1))
+        if "eval/avg" in h and 0 <= step <= upto and step not in found:
+            found[step] = {"step": step, "rollout_step": step // steps_per_rollout,
+                           **{k: v for k, v in h.items() if k.startswith("eval/")}, "generation": None}
+    return [found[s] for s in sorted(found)]
+
+
 def make_eval_callback(trainer: Any, sets: dict[str, list[dict]], script: BuPOScriptArguments, template: str,
                        out_dir: Path, records: list[dict]) -> Any:
     """A TrainerCallback running :func:`bupo.evaluation.evaluate` every ``eval_every`` rollout steps and at the end."""
@@ -175,6 +195,9 @@ def make_eval_callback(trainer: Any, sets: dict[str, list[dict]], script: BuPOSc
 
     class EvalCallback(TrainerCallback):
         def on_train_begin(self, a, state, control, **kw):
+            if state.global_step > 0 and not records:  # resumed: bupo_run.json lists the earlier evaluations too
+                records.extend(earlier_evals(state.log_history, args.optimizer_steps_per_rollout, out_dir,
+                                             state.global_step))
             if script.eval_before_train and state.global_step == 0:
                 run_eval(0)
 
