@@ -192,6 +192,20 @@ def test_bupo_train_fsdp2_cpu_with_lora_measures_its_probes(tmp_path):
         assert [("bupo/layer_entropy/final" in h) for h in rec["logs"]] == [True, True]
 
 
+def test_layers_only_arm_under_fsdp2_holds_the_upper_shards_while_internal(tmp_path):
+    """The layers-only control arm (``internal_objective='full'``: the full policy's loss, the internal phase's holds)
+    freezes parameters after FSDP2 wrapped them: while internal, every rank's shards above k stay bitwise unchanged,
+    after the switch they move with a fresh AdamW step."""
+    proc = launch(RECIPE, tmp_path / "p", [*train_args(tmp_path / "run", completion_tokens=16), "--internal_objective",
+                                           "full"], timeout=400, env=launcher_env(BUPO_PROBE_ALTERNATING_REWARD="1"))
+    assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-4000:]
+    for rec in read_ranks(tmp_path / "p"):
+        s1, s2 = rec["steps"]["1"], rec["steps"]["2"]
+        assert s1["internal"] and s1["upper_same"] and not s1["lower_same"]
+        assert not s2["internal"] and not s2["upper_same"]
+        assert rec["first_full_update"]["median_update_over_lr"] == pytest.approx(1.0, abs=0.02)
+
+
 if __name__ == "__main__":
     _worker(sys.argv[1])
     sys.stdout.flush()
