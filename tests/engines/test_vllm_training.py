@@ -272,12 +272,14 @@ def _two_isolated_runs_and_a_failing_one(tmp_path):
 
 
 @pytest.mark.distributed
-@pytest.mark.parametrize("recipe, launcher", [("cpu.yaml", "ddp"), ("fsdp2-cpu.yaml", "fsdp2")])
-def test_colocate_under_two_rank_launchers_keeps_every_engine_in_sync(tmp_path, recipe, launcher):
+@pytest.mark.parametrize("recipe, launcher, lora", [("cpu.yaml", "ddp", False), ("fsdp2-cpu.yaml", "fsdp2", False),
+                                                   ("fsdp2-cpu.yaml", "fsdp2", True)])
+def test_colocate_under_two_rank_launchers_keeps_every_engine_in_sync(tmp_path, recipe, launcher, lora):
     """vLLM colocate as GPU runs use it, on 2 gloo ranks through accelerate launch (DDP, and FSDP2 with real
     sharding), with the adaptive switch (its probe forward runs right before each rollout) and an evaluation after
     every step: each rank's own engine generates its rollouts, both phases run, and after every rollout each engine
-    gives exactly the log-probs of the trained model at that step's start (FSDP2: TRL gathers the shards to sync)."""
+    gives exactly the log-probs of the trained model at that step's start (FSDP2: TRL gathers the shards to sync;
+    LoRA: it merges the adapters into the weights it sends)."""
     from support.launchers import launch, launcher_env, read_ranks, train_args
 
     out = tmp_path / "run"
@@ -286,6 +288,7 @@ def test_colocate_under_two_rank_launchers_keeps_every_engine_in_sync(tmp_path, 
     args[args.index("--eval-data") + 1] = "bundled"
     args += ["--internal-steps-max", "1", "--eval_rows", "4", "--eval_samples", "2", "--eval_every", "1",
              "--learning_rate", "1e-3", "--use_vllm", "true", "--vllm_mode", "colocate"]
+    args += ["--use_peft", "true", "--lora_r", "8"] if lora else []
     proc = launch(recipe, tmp_path / "p", args, env=launcher_env(BUPO_PROBE_ALTERNATING_REWARD="1"))
     assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-4000:]
     run = json.loads((out / "bupo_run.json").read_text())
@@ -300,5 +303,7 @@ def test_colocate_under_two_rank_launchers_keeps_every_engine_in_sync(tmp_path, 
         assert steps["1"]["upper_same"] and not steps["2"]["upper_same"]  # internal: only <= k moves
         assert all(s["engine"]["max_abs_vs_step_start"] < TOL for s in steps.values()), steps
         assert steps["2"]["engine"]["max_abs_vs_init"] > 100 * TOL  # step 1's update reached the engine
-        assert rec["first_full_update"]["median_update_over_lr"] == pytest.approx(1.0, abs=0.02)  # fresh AdamW
+        if not lora:  # (with LoRA the watched base weights are frozen)
+            assert rec["first_full_update"]["median_update_over_lr"] == pytest.approx(1.0, abs=0.02)  # fresh AdamW
     assert ranks[0]["logs"] == ranks[1]["logs"] and [h["bupo/phase"] for h in ranks[0]["logs"]] == [1.0, 0.0]
+    assert run["peft"] == ("lora" if lora else None)

@@ -57,8 +57,13 @@ def model_logps(model: torch.nn.Module) -> torch.Tensor:
     from bupo.internal.sharding import resharded
 
     ids = torch.tensor([ENGINE_IDS], device=next(model.parameters()).device)
-    with resharded(model):  # as bupo's own forwards outside the step: the sync before the rollout reads shards
-        logits = model(input_ids=ids, use_cache=False).logits[0, :-1].float().cpu()
+    was_training = model.training
+    model.eval()  # no dropout (LoRA's): the policy itself
+    try:
+        with resharded(model):  # as bupo's own forwards outside the step: the sync before the rollout reads shards
+            logits = model(input_ids=ids, use_cache=False).logits[0, :-1].float().cpu()
+    finally:
+        model.train(was_training)
     return torch.log_softmax(logits, -1).gather(-1, ids[0, 1:].cpu().unsqueeze(-1)).squeeze(-1)
 
 
