@@ -191,6 +191,17 @@ def test_bupo_train_use_vllm_colocate_end_to_end_and_resume(tmp_path):
     assert [(h["bupo/rollout_step"], h["bupo/phase"]) for h in history if "bupo/phase" in h] == [(1.0, 1.0), (2.0, 0.0)]
     assert max(h.get("step", 0) for h in history) == 4
 
+    # resume-exact: the in-process engine draws TRL's unseeded rollouts from torch's global generator, whose state
+    # the checkpoint restores, so the resumed run ends on the uninterrupted run's weights, bit for bit
+    whole = tmp_path / "whole"
+    third = _train(whole, "--max_steps", "4")
+    assert third.returncode == 0, third.stderr[-3000:]
+    from safetensors.torch import load_file
+
+    resumed, uninterrupted = load_file(out / "model.safetensors"), load_file(whole / "model.safetensors")
+    assert resumed.keys() == uninterrupted.keys()
+    assert all(torch.equal(resumed[k], uninterrupted[k]) for k in resumed)
+
 
 def test_no_engine_or_trainer_outlives_its_run(tmp_path):
     """Studies train many runs in one process (``bupo reproduce --use-vllm``): no vLLM engine and no trainer of a
