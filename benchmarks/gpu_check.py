@@ -462,19 +462,17 @@ LM_HEAD_WARNING = "did not run forward before backward"
 
 def _run_launch(cmd: list[str], env: dict, cwd: Path, timeout: float) -> tuple[object, str, str]:
     """(rc or "timeout", stdout, stderr) of one launch; a timeout kills the launcher's whole process group (its
-    ranks hold the GPU) and keeps what they printed."""
-    import signal
+    ranks hold the GPU) and keeps what they printed (tests/support/launchers.py ``run_group``)."""
     import subprocess
 
-    proc = subprocess.Popen(cmd, env=env, cwd=cwd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
-                            start_new_session=True)
+    sys.path.insert(0, str(cwd / "tests"))
+    from support.launchers import run_group
+
     try:
-        out, err = proc.communicate(timeout=timeout)
-        return proc.returncode, out, err
-    except subprocess.TimeoutExpired:
-        os.killpg(proc.pid, signal.SIGKILL)
-        out, err = proc.communicate()
-        return "timeout", out or "", err or ""
+        proc = run_group(cmd, env=env, timeout=timeout, cwd=cwd)
+    except subprocess.TimeoutExpired as exc:
+        return "timeout", exc.output or "", exc.stderr or ""
+    return proc.returncode, proc.stdout, proc.stderr
 
 
 def _launch_verdicts(checks: Checks, name: str, recs: list[dict], rc: object, stderr: str) -> None:

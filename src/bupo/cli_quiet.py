@@ -9,8 +9,9 @@ generic warning that chunked prefill is off - bupo turns it off on a CPU, see :m
 are shown (``VLLM_LOGGING_LEVEL=ERROR``), and torch's FutureWarning for ``torch.distributed.reduce_op`` that vLLM
 0.31 triggers at import is dropped. DeepSpeed (imported by TRL where it is installed) prints "Setting accelerator to
 CPU. If you have GPU or other accelerator, we were unable to detect it." on every machine without CUDA: that one line
-is dropped too (on a GPU machine DeepSpeed finds CUDA and never prints it). ``--verbose`` (where a command has it) or ``BUPO_VERBOSE=1`` keeps all of it; a variable the user set
-(e.g. ``HF_HUB_DISABLE_PROGRESS_BARS=0``) wins. Standard library only at top level (``bupo --help`` stays fast).
+is dropped too (on a GPU machine DeepSpeed finds CUDA and never prints it). ``--verbose`` (where a command has
+it) or ``BUPO_VERBOSE=1`` keeps all of it; a variable the user set (e.g. ``HF_HUB_DISABLE_PROGRESS_BARS=0``) wins.
+Standard library only at top level (``bupo --help`` stays fast).
 """
 
 from __future__ import annotations

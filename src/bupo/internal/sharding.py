@@ -25,7 +25,7 @@ from collections.abc import Iterator
 import torch
 from torch import nn
 
-__all__ = ["full_parameters", "full_shape", "gathered_model", "inference", "is_sharded", "resharded"]
+__all__ = ["full_parameters", "full_shape", "gathered_model", "inference", "is_sharded", "outside_step"]
 
 
 def _zero3(p: torch.Tensor) -> bool:
@@ -133,7 +133,7 @@ def gathered_model(model: nn.Module) -> Iterator[nn.Module]:
 
 
 @contextlib.contextmanager
-def resharded(model: nn.Module) -> Iterator[nn.Module]:
+def outside_step(model: nn.Module) -> Iterator[nn.Module]:
     """Yield ``model`` ready for a forward outside the training step: if ``model`` is itself an FSDP2 unit (the root),
     its own parameters are unsharded for the block (``FSDPModule.unshard``, a collective: every rank enters), and on
     exit every FSDP2 unit in it is sharded again (``FSDPModule.reshard``). Plain, DDP and ZeRO-3 models: nothing.

@@ -101,10 +101,8 @@ class AdaptiveSwitchMixin:
     def _bupo_signals(self, step: int, reward: float | None = None):
         """:class:`bupo.training.switch.SwitchSignals` on the fixed probe batch, all-reduced (mean); None (and the
         cap decides alone from then on) when the probe forward fails."""
-        from trl.models import unwrap_model_for_generation
-
         from bupo.internal import Projector, capture_streams
-        from bupo.internal.sharding import resharded
+        from bupo.training.gather import full_params
         from bupo.training.switch import SwitchSignals
 
         dev = self.accelerator.device
@@ -112,9 +110,8 @@ class AdaptiveSwitchMixin:
         pos = probe["positions"]
         k = self._bupo_layer
         try:
-            # resharded: this forward runs right before the rollout, whose vLLM weight sync reads FSDP2's shards
-            with unwrap_model_for_generation(self.model_wrapped, self.accelerator,
-                                             gather_deepspeed3_params=True) as unwrapped, resharded(unwrapped):
+            # full_params reshards FSDP2 after: this forward runs right before the rollout, whose vLLM sync reads shards
+            with full_params(self.model_wrapped, self.accelerator) as unwrapped:
                 model = unwrapped.get_base_model() if hasattr(unwrapped, "get_base_model") else unwrapped
                 was_training = model.training
                 model.eval()  # no dropout: the signals compare weights, not noise

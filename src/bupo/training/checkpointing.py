@@ -157,8 +157,6 @@ class CheckpointMixin:
 
     def _gathered_probes(self) -> list[dict[str, torch.Tensor] | None]:
         """Every rank's probe batch, in rank order (on every rank; one element in a single process)."""
-        if self.accelerator.num_processes == 1:
-            return [self.bupo_probe]
         from accelerate.utils import gather_object
 
         return list(gather_object([self.bupo_probe]))

@@ -166,7 +166,8 @@ def make_eval_callback(trainer: Any, sets: dict[str, list[dict]], script: BuPOSc
         main = trainer.accelerator.is_main_process
         what = "eval before training" if step == 0 else f"eval at step {step}"
         # every rank evaluates the same seeded samples (sharded backends need all ranks in the forward); main writes.
-        # Generation (bupo.generation) runs in eval mode under inference_mode and restores the training flags.
+        # Generation (bupo.generation) runs in eval mode (no_grad on a sharded model, else inference_mode) and
+        # restores the training flags.
         step_dir = out_dir / "evals" / f"step-{step:06d}"
         if main and trainer.accelerator.num_processes > 1 and step_dir.exists():
             # written before a resume: main regenerates it like the other ranks instead of reusing it (FSDP2's

@@ -104,11 +104,12 @@ def check_model_flags(train_args: Any, model_args: Any) -> None:
 
         from bupo.engines import require_vllm
 
-        if train_args.vllm_mode == "server" and not torch.cuda.is_available():
+        cuda = torch.cuda.is_available()
+        if train_args.vllm_mode == "server" and not cuda:
             raise ValueError("--vllm_mode server needs CUDA GPUs: TRL 1.16 sends the trained weights to the server "
                              "through vLLM's NCCL weight-transfer engine; without a GPU use --vllm_mode colocate (the "
                              "engine in this process)")
-        if getattr(train_args, "vllm_enable_sleep_mode", False) and not torch.cuda.is_available():
+        if getattr(train_args, "vllm_enable_sleep_mode", False) and not cuda:
             raise ValueError("--vllm_enable_sleep_mode needs a CUDA GPU: vLLM's sleep mode frees GPU memory and is not "
                              "supported on a CPU; drop it")
 

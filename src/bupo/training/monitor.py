@@ -209,7 +209,7 @@ class MonitorMixin:
         from trl import GRPOTrainer
         from trl.models.utils import disable_gradient_checkpointing
 
-        from bupo.internal.sharding import resharded
+        from bupo.internal.sharding import outside_step
 
         ids = torch.cat([output["prompt_ids"], output["completion_ids"]], dim=1)
         mask = torch.cat([output["prompt_mask"], output["completion_mask"]], dim=1)
@@ -221,7 +221,7 @@ class MonitorMixin:
         keep = output["completion_ids"].size(1)
         batch_size = self.args.per_device_train_batch_size
         with disable_gradient_checkpointing(self.model, self.args.gradient_checkpointing_kwargs), \
-                resharded(self.model):  # no backward follows this forward: FSDP2's root would stay unsharded
+                outside_step(self.model):  # no backward follows this forward: FSDP2's root would stay unsharded
             if self._bupo_trains_pik():  # GRPO's own method: the full policy
                 _, ent, _ = GRPOTrainer._get_per_token_logps_and_entropies(
                     self, self.model, ids, mask, keep, batch_size=batch_size, compute_entropy=True)
@@ -250,17 +250,14 @@ class MonitorMixin:
     def run_probe(self) -> None:
         """Log bupo/layer_entropy/L{k} (0-based k; resid_post of every layer, projection as configured) and /final on
         the probe batch, at the current weights (all-reduced mean over ranks)."""
-        from trl.models import unwrap_model_for_generation
-
-        from bupo.internal.sharding import resharded
         from bupo.internal.streams import stream_stats
+        from bupo.training.gather import full_params
 
         dev = self.accelerator.device
         probe = {k: v.to(dev) for k, v in self._bupo_probe.items()}
         try:
-            # ZeRO-3 gathers the parameters (as for generation); DDP/FSDP2 just unwrap
-            with unwrap_model_for_generation(self.model_wrapped, self.accelerator,
-                                             gather_deepspeed3_params=True) as unwrapped, resharded(unwrapped):
+            # ZeRO-3 gathers the parameters (as for generation); DDP/FSDP2 unwrap (FSDP2 resharded after)
+            with full_params(self.model_wrapped, self.accelerator) as unwrapped:
                 model = unwrapped.get_base_model() if hasattr(unwrapped, "get_base_model") else unwrapped
                 st = stream_stats(model, probe["input_ids"], probe["attention_mask"], streams=("resid_post",),
                                   positions=probe["positions"], projection=self.args.internal_projection)
