@@ -168,3 +168,13 @@ def test_vllm_sync_marker_guards_each_rollout_sync():
     from trl.generation.vllm_generation import VLLMGeneration
 
     assert list(inspect.signature(VLLMGeneration.sync_weights).parameters) == ["self"]
+
+
+def test_colocate_engines_are_one_per_process_unless_tensor_parallel(tmp_path):
+    """The in-training eval shares its requests out between the ranks' engines (``RankShares``) only when each
+    process has its own: TRL builds one colocated engine per tensor-parallel group of
+    ``vllm_tensor_parallel_size`` ranks (default 1)."""
+    args = GRPOConfig(output_dir=str(tmp_path), use_cpu=True, bf16=False)
+    assert args.vllm_tensor_parallel_size == 1 and args.vllm_enable_sleep_mode is False
+    src = inspect.getsource(GRPOTrainer.__init__)
+    assert "tensor_parallel_size=args.vllm_tensor_parallel_size" in src

@@ -93,17 +93,22 @@ def _report_line(line: str) -> None:
 def engine_backend(trainer: Any, sets: dict[str, list[dict]], template: str, script: BuPOScriptArguments,
                    lengths: list[int] | None = None) -> Any:
     """The training run's own colocated vLLM engine as the evaluation backend, its weights synced to the trained
-    model first; None (evaluate with transformers) unless the run generates with ``use_vllm`` in colocate mode in one
-    process without sleep mode and the eval prompts fit the engine's context.
+    model first; None (evaluate with transformers) unless the run generates with ``use_vllm`` in colocate mode without
+    sleep mode (one process, or one engine per process) and the eval prompts fit the engine's context.
 
     Same per-sample seeds and scoring as the HF backend; the texts differ (another engine's kernels and random
-    streams), so an evaluation's samples are keyed by the backend's name. With several processes every rank would
-    have to drive its engine in step (tensor-parallel groups), so those evaluate with transformers, as before.
+    streams), so an evaluation's samples are keyed by the backend's name. With several processes each rank has its
+    own engine (``vllm_tensor_parallel_size`` 1): the requests are shared out between them (:class:`RankShares`);
+    with tensor-parallel groups the ranks of a group drive one engine together, so those evaluate with transformers.
+    Every rank must call this (the weight sync is collective under ZeRO-3 and FSDP2), outside :func:`full_params`
+    (the sync gathers the weights itself; inside, FSDP2's root would be unsharded and TRL's sync fail).
     ``lengths``: the eval prompts' token counts when already known (:func:`prompt_lengths`)."""
     args = trainer.args
     gen = getattr(trainer, "vllm_generation", None)
+    processes = trainer.accelerator.num_processes
     if not (getattr(args, "use_vllm", False) and args.vllm_mode == "colocate" and gen is not None
-            and trainer.accelerator.num_processes == 1 and not args.vllm_enable_sleep_mode):
+            and not args.vllm_enable_sleep_mode
+            and (processes == 1 or getattr(args, "vllm_tensor_parallel_size", 1) == 1)):
         return None
     from bupo.evaluation.backends import VLLMBackend
     from bupo.generation import check_context
@@ -117,9 +122,47 @@ def engine_backend(trainer: Any, sets: dict[str, list[dict]], template: str, scr
     except ValueError:
         return None  # the engine was sized for the rollouts; transformers takes the longer eval requests
     if trainer.state.global_step != trainer._last_loaded_step:  # TRL's own "synced at this step" marker
+        from bupo.internal.sharding import resharded
+
+        # at on_train_begin FSDP2's root unit holds plain full tensors (embed_tokens, norm): the sync reads DTensors
+        resharded(trainer.model_wrapped)
         gen.sync_weights()
         trainer._last_loaded_step = trainer.state.global_step
-    return VLLMBackend(gen.llm, tokenizer=tok, batch_size=max(script.eval_batch_size, 256))
+    engine = VLLMBackend(gen.llm, tokenizer=tok, batch_size=max(script.eval_batch_size, 256))
+    if processes == 1:
+        return engine
+    from accelerate.utils import gather_object
+
+    return RankShares(engine, trainer.accelerator.process_index, processes, gather_object)
+
+
+class RankShares:
+    """An evaluation backend for several processes, each with its own engine: rank r generates requests r, r + n,
+    r + 2n, ... of each block with ``inner`` and every rank gets all of the block's completions (``gather``:
+    ``accelerate.utils.gather_object``, a collective), in request order, so scoring and the sample log are those of
+    one engine. The samples are the same: each request carries its own seed. Blocks of ``inner.batch_size`` requests
+    per rank keep ``on_batch`` (the sample log, the progress lines) reporting as they finish."""
+
+    def __init__(self, inner: Any, rank: int, world: int, gather: Callable[[list], list]) -> None:
+        self.inner, self.rank, self.world, self.gather = inner, rank, world, gather
+        self.name = inner.name  # the samples are keyed by the engine's name, as with one process
+
+    def generate(self, requests: Sequence[tuple[str, int]], settings: Any, on_batch: Any = None) -> list:
+        out: list = []
+        block = max(1, int(getattr(self.inner, "batch_size", 1))) * self.world
+        for start in range(0, len(requests), block):
+            indices = range(start, min(start + block, len(requests)))
+            mine = list(indices)[self.rank :: self.world]
+            done = self.inner.generate([requests[i] for i in mine], settings) if mine else []
+            got = dict(self.gather(list(zip(mine, done, strict=True))))
+            if sorted(got) != list(indices):
+                raise RuntimeError(f"evaluation on {self.world} ranks: completions for {len(got)} of the "
+                                   f"{len(indices)} requests came back (a rank generated a different share)")
+            completions = [got[i] for i in indices]
+            out.extend(completions)
+            if on_batch is not None:
+                on_batch(list(indices), completions)
+        return out
 
 
 def earlier_evals(history: list[dict], steps_per_rollout: int, out_dir: Path, upto: int) -> list[dict]:
@@ -173,17 +216,23 @@ def make_eval_callback(trainer: Any, sets: dict[str, list[dict]], script: BuPOSc
             # written before a resume: main regenerates it like the other ranks instead of reusing it (FSDP2's
             # forwards are collectives: main skipping them left the others waiting forever); same weights and seeds
             shutil.rmtree(step_dir)
-        with full_params(trainer.model_wrapped, trainer.accelerator) as m:
-            inner = engine_or_none() or HFBackend(
-                m, trainer.processing_class, batch_size=script.eval_batch_size)
+
+        def score(m: Any, inner: Any, model_id: str) -> Any:
             backend = ProgressLines(inner, what, _report_line if main else (lambda line: None))
-            res = evaluate(m, trainer.processing_class, sets, n=script.eval_samples,
-                           max_new_tokens=script.eval_max_new_tokens or args.max_completion_length,
-                           temperature=args.temperature, top_p=args.top_p, template=template,
-                           reward=parse_rewards(script.reward)[0], seed=args.seed,
-                           batch_size=script.eval_batch_size, label=f"step {step}", backend=backend,
-                           model_id=model_fingerprint(m) if main else "not-saved",  # as evaluate() keys samples
-                           out_dir=step_dir if main else None)
+            return evaluate(m, trainer.processing_class, sets, n=script.eval_samples,
+                            max_new_tokens=script.eval_max_new_tokens or args.max_completion_length,
+                            temperature=args.temperature, top_p=args.top_p, template=template,
+                            reward=parse_rewards(script.reward)[0], seed=args.seed,
+                            batch_size=script.eval_batch_size, label=f"step {step}", backend=backend,
+                            model_id=model_id, out_dir=step_dir if main else None)
+
+        engine = engine_or_none()  # synced before any gather: the engine needs no gathered copy while it generates
+        with full_params(trainer.model_wrapped, trainer.accelerator) as m:
+            model_id = model_fingerprint(m) if main else "not-saved"  # as evaluate() keys samples
+            inner = engine or HFBackend(m, trainer.processing_class, batch_size=script.eval_batch_size)
+            res = score(m, inner, model_id) if engine is None else None
+        if engine is not None:
+            res = score(trainer.model, engine, model_id)
         metrics = res.metrics("eval")
         metrics["eval/seconds"] = time.time() - t0
         records.append({"step": step, "rollout_step": step // args.optimizer_steps_per_rollout, **metrics,

@@ -1,0 +1,78 @@
+"""In-training evaluation on several processes, each with its own vLLM engine (``RankShares``): every request is
+generated once, by one rank, and every rank gets every completion back in request order, block by block."""
+
+from __future__ import annotations
+
+import threading
+
+import pytest
+
+from bupo.training.eval_callback import RankShares
+
+
+class _Engine:
+    """A backend whose completion is a function of the request alone (as a seeded vLLM request's is)."""
+
+    name = "vllm"
+
+    def __init__(self, batch_size: int) -> None:
+        self.batch_size = batch_size
+        self.generated: list[tuple[str, int]] = []
+
+    def generate(self, requests, settings, on_batch=None):
+        self.generated.extend(requests)
+        return [f"{p}#{s}" for p, s in requests]
+
+
+def _all_gather(world: int):
+    """``gather_object`` across ``world`` threads: every caller gets the concatenation in rank order."""
+    barrier, slots = threading.Barrier(world), [None] * world
+
+    def for_rank(rank: int):
+        def gather(obj: list) -> list:
+            slots[rank] = obj
+            barrier.wait()
+            out = [x for s in slots for x in s]
+            barrier.wait()  # nobody overwrites its slot before everyone has read them
+            return out
+        return gather
+    return for_rank
+
+
+@pytest.mark.parametrize("world, n", [(2, 11), (3, 7), (2, 1), (4, 24)])
+def test_every_request_is_generated_once_and_every_rank_gets_all(world, n):
+    requests = [(f"p{i // 2}", 100 + i) for i in range(n)]
+    engines = [_Engine(batch_size=3) for _ in range(world)]
+    gathers = _all_gather(world)
+    results: dict[int, tuple[list, list]] = {}
+
+    def run(rank: int) -> None:
+        batches: list = []
+        shares = RankShares(engines[rank], rank, world, gathers(rank))
+        out = shares.generate(requests, None, lambda i, c: batches.append((i, c)))
+        results[rank] = (out, batches)
+
+    threads = [threading.Thread(target=run, args=(r,)) for r in range(world)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(timeout=30)
+    expected = [f"{p}#{s}" for p, s in requests]
+    for rank in range(world):
+        out, batches = results[rank]
+        assert out == expected
+        assert [i for b, _ in batches for i in b] == list(range(n))  # on_batch sees each request once, in order
+        assert all(len(b) <= 3 * world for b, _ in batches)  # a block: each rank's batch, not everything at once
+        assert [c for _, cs in batches for c in cs] == expected
+    generated = sorted(r for e in engines for r in e.generated)
+    assert generated == sorted(requests)  # each request by exactly one rank
+    assert all(len(e.generated) in (n // world, -(-n // world)) for e in engines)  # evenly shared
+    assert RankShares(engines[0], 0, world, gathers(0)).name == "vllm"  # samples keyed as with one engine
+
+
+def test_a_rank_that_returns_another_share_fails_loudly():
+    def gather(obj):  # the other rank came back with nothing
+        return obj
+
+    with pytest.raises(RuntimeError, match=r"completions for 2 of the 4 requests came back"):
+        RankShares(_Engine(batch_size=2), 0, 2, gather).generate([("p", s) for s in range(4)], None)
