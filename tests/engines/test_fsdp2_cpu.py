@@ -157,6 +157,8 @@ def test_bupo_train_fsdp2_cpu_recipe_shards_both_phases_and_resumes(tmp_path):
     assert sharding["param_type"] == "DTensor" and sharding["fsdp_units"] == 8 + 4  # layers, embed, norm, head, root
     assert "Qwen3DecoderLayer" in sharding["fsdp_unit_types"]
     assert [e["step"] for e in summary["evals"]] == [0, 1, 2]
+    for r in range(2):  # every forward is a collective: each rank generates all 8 requests (4 problems x 2 samples)
+        assert json.loads((tmp_path / "p1" / f"eval-rank{r}.json").read_text())["requests"] == [8, 8, 8]
 
     # resume from the checkpoint saved while internal: its optimizer has no state for the layers above k
     proc = _run(tmp_path / "p2", out, "--resume", str(out / "checkpoint-1"), "--overwrite")  # checkpoint-2 goes

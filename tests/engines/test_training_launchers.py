@@ -15,14 +15,22 @@ import json
 
 import pytest
 
-from support.launchers import launch, read_ranks, train_args
+from support.launchers import launch, one_process_samples, read_ranks, samples_by_request, train_args
 
 pytestmark = [pytest.mark.distributed, pytest.mark.xdist_group("training")]
 
 def test_accelerate_ddp_config_runs_both_phases_and_resumes(tmp_path):
     out = tmp_path / "run"
-    proc = launch("cpu.yaml", tmp_path / "p1", train_args(out))
+    args = train_args(out)
+    args[args.index("--eval-data") + 1] = "bundled"
+    proc = launch("cpu.yaml", tmp_path / "p1", [*args, "--eval_rows", "4", "--eval_samples", "2"])
     assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-4000:]
+    # the evaluations: each rank generated half of the requests with its model (transformers), every rank scored all
+    evals = json.loads((out / "bupo_run.json").read_text())["evals"]
+    assert [(e["step"], e["generation"]) for e in evals] == [(0, "hf"), (2, "hf")]
+    _same_samples_as_one_process(out / "evals" / "step-000000")
+    for r in range(2):  # 2 evaluations of 8 requests: 4 a rank each time
+        assert json.loads((tmp_path / "p1" / f"eval-rank{r}.json").read_text())["requests"] == [4, 4]
     ranks = read_ranks(tmp_path / "p1")
     for rec in ranks:
         assert rec["world_size"] == 2 and rec["wrapped"] == "DistributedDataParallel"
@@ -53,3 +61,18 @@ def test_accelerate_fsdp1_config_on_cpu_is_refused_not_silently_ddp(tmp_path):
     assert proc.returncode != 0
     assert "the accelerate config asks for FSDP, but accelerate did not enable it" in proc.stderr
     assert not (tmp_path / "run" / "bupo_run.json").exists()
+
+
+def _same_samples_as_one_process(step_dir):
+    """2 DDP ranks, each generating every other request of the evaluation before training, gave the samples one
+    process gives the same requests (each request has its own seed)."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from bupo.evaluation.backends import HFBackend
+    from bupo.zoo import bundled_model_path
+
+    tok = AutoTokenizer.from_pretrained(bundled_model_path(), padding_side="left")
+    model = AutoModelForCausalLM.from_pretrained(bundled_model_path())
+    shared = samples_by_request(step_dir)
+    one = one_process_samples(step_dir, HFBackend(model, tok), tok, rows=4, samples=2)
+    assert len(shared) == 8 and shared == one and len(set(one.values())) > 1

@@ -294,6 +294,8 @@ def test_colocate_under_two_rank_launchers_keeps_every_engine_in_sync(tmp_path, 
     assert run["switch"]["mode"] == "auto" and run["switch"]["step"] == 2
     assert [e["step"] for e in run["evals"]] == [0, 1, 2]
     assert [e["generation"] for e in run["evals"]] == ["vllm"] * 3  # each rank's engine generates its share
+    for r in range(2):  # 3 evaluations of 4 problems x 2 samples: 4 requests a rank each time
+        assert json.loads((tmp_path / "p" / f"eval-rank{r}.json").read_text())["requests"] == [4, 4, 4]
     if launcher == "ddp" and not lora:  # the shared-out evaluation samples what one engine does
         _same_samples_as_one_engine(out / "evals" / "step-000000")
     ranks = read_ranks(tmp_path / "p")
@@ -314,26 +316,16 @@ def _same_samples_as_one_engine(step_dir: Path) -> None:
     engine gives the same requests: each carries its own seed."""
     from transformers import AutoTokenizer
 
-    from bupo.data.datasets import load_benchmarks
     from bupo.engines import close_llm, load_llm
-    from bupo.evaluation import evaluate
     from bupo.evaluation.backends import VLLMBackend
+    from support.launchers import one_process_samples, samples_by_request
 
-    settings = json.loads((step_dir / "results.json").read_text())["settings"]
-    shared = [json.loads(line) for line in (step_dir / "samples.jsonl").read_text().splitlines()]
-    assert len(shared) == 8 and settings["backend"] == "vllm"  # 4 problems x 2 samples
+    shared = samples_by_request(step_dir)
+    assert len(shared) == 8  # 4 problems x 2 samples
     tok = AutoTokenizer.from_pretrained(_bundled(), padding_side="left")
     llm = load_llm(_bundled(), seed=0)
     try:
-        evaluate(None, tok, load_benchmarks(["bundled"], 4), n=2, max_new_tokens=settings["max_new_tokens"],
-                 temperature=settings["temperature"], top_p=settings["top_p"], template=settings["template"],
-                 seed=settings["seed"], backend=VLLMBackend(llm, tokenizer=tok), model_id="one-engine",
-                 out_dir=step_dir.parent / "one-engine")
+        one = one_process_samples(step_dir, VLLMBackend(llm, tokenizer=tok), tok, rows=4, samples=2)
     finally:
         close_llm(llm)
-    one = [json.loads(line) for line in (step_dir.parent / "one-engine" / "samples.jsonl").read_text().splitlines()]
-
-    def texts(recs: list[dict]) -> dict:
-        return {(r["benchmark"], r["problem"], r["sample"]): r["response"] for r in recs}
-
-    assert texts(shared) == texts(one) and len(set(texts(one).values())) > 1  # (not all one text)
+    assert shared == one and len(set(one.values())) > 1  # (not all one text)

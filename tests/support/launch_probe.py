@@ -24,6 +24,9 @@ OUT/probe-rank{r}.json (rewritten after every event: a run stopped by a timeout 
 - ``missed_forward``: per step, the FSDP2 units with a module that did not run its forward (torch 2.13 completes
   such a unit from the root's post-forward; torch <= 2.12 warns "did not run forward before backward").
 
+Also OUT/eval-rank{r}.json: the number of evaluation requests this rank's generation backend (transformers or
+vLLM) was given, per call (``requests``).
+
 ``BUPO_PROBE_ALTERNATING_REWARD=1`` replaces the rewards by 0/1 alternating ones (random-init models never score),
 so every group has non-zero advantages.
 """
@@ -261,6 +264,21 @@ class Probe(TrainerCallback):
         self._dump()
 
 
+def _count_eval_requests(out: str) -> None:
+    """Wrap the evaluation backends' ``generate`` to record, per rank, how many requests each call was given."""
+    from bupo.evaluation import backends
+
+    calls: list[int] = []
+    path = os.path.join(out, f"eval-rank{os.environ.get('RANK', '0')}.json")
+    for cls in (backends.HFBackend, backends.VLLMBackend):
+        def counted(self, requests, *a, _generate=cls.generate, **kw):
+            calls.append(len(requests))
+            with open(path, "w") as f:
+                json.dump({"requests": calls}, f)
+            return _generate(self, requests, *a, **kw)
+        cls.generate = counted
+
+
 _init = trainer_mod.BuPOTrainer.__init__
 
 
@@ -274,6 +292,7 @@ if __name__ == "__main__":
     OUT = sys.argv[1]
     os.makedirs(OUT, exist_ok=True)
     trainer_mod.BuPOTrainer.__init__ = _patched_init
+    _count_eval_requests(OUT)
     if os.environ.get("BUPO_PROBE_ALTERNATING_REWARD") == "1":
         import bupo.rewards
 

@@ -70,3 +70,25 @@ def run_group(cmd: list[str], env: dict[str, str], timeout: float, cwd: Path = R
 
 def read_ranks(probe_dir: Path, stem: str = "probe") -> list[dict]:
     return [json.loads((probe_dir / f"{stem}-rank{r}.json").read_text()) for r in (0, 1)]
+
+
+def samples_by_request(step_dir: Path) -> dict[tuple[str, int, int], str]:
+    """An evaluation folder's completions: (benchmark, problem, sample) -> text."""
+    recs = [json.loads(line) for line in (step_dir / "samples.jsonl").read_text().splitlines()]
+    return {(r["benchmark"], r["problem"], r["sample"]): r["response"] for r in recs}
+
+
+def one_process_samples(step_dir: Path, backend: object, tokenizer: object, rows: int,
+                        samples: int) -> dict[tuple[str, int, int], str]:
+    """The completions one process's ``backend`` gives for the requests of an in-training evaluation of the bundled
+    task (the settings that ``step_dir/results.json`` records), evaluated into ``step_dir``'s sibling ``one-process``."""
+    from bupo.data.datasets import load_benchmarks
+    from bupo.evaluation import evaluate
+
+    settings = json.loads((step_dir / "results.json").read_text())["settings"]
+    out = step_dir.parent / "one-process"
+    evaluate(None, tokenizer, load_benchmarks(["bundled"], rows), n=samples,
+             max_new_tokens=settings["max_new_tokens"], temperature=settings["temperature"], top_p=settings["top_p"],
+             template=settings["template"], seed=settings["seed"], backend=backend, model_id="one-process",
+             out_dir=out)
+    return samples_by_request(out)

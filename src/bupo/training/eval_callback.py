@@ -128,12 +128,18 @@ def engine_backend(trainer: Any, sets: dict[str, list[dict]], template: str, scr
         resharded(trainer.model_wrapped)
         gen.sync_weights()
         trainer._last_loaded_step = trainer.state.global_step
-    engine = VLLMBackend(gen.llm, tokenizer=tok, batch_size=max(script.eval_batch_size, 256))
-    if processes == 1:
-        return engine
+    return shared(trainer, VLLMBackend(gen.llm, tokenizer=tok, batch_size=max(script.eval_batch_size, 256)))
+
+
+def shared(trainer: Any, backend: Any) -> Any:
+    """``backend`` with the requests shared out between the trainer's processes (:class:`RankShares`), or as it is
+    in one process."""
+    acc = trainer.accelerator
+    if acc.num_processes == 1:
+        return backend
     from accelerate.utils import gather_object
 
-    return RankShares(engine, trainer.accelerator.process_index, processes, gather_object)
+    return RankShares(backend, acc.process_index, acc.num_processes, gather_object)
 
 
 class RankShares:
@@ -208,7 +214,8 @@ def make_eval_callback(trainer: Any, sets: dict[str, list[dict]], script: BuPOSc
         t0 = time.time()
         main = trainer.accelerator.is_main_process
         what = "eval before training" if step == 0 else f"eval at step {step}"
-        # every rank evaluates the same seeded samples (sharded backends need all ranks in the forward); main writes.
+        # every rank takes part: each generates a share of the requests with its engine or its full model (DDP), or
+        # all generate every request together (FSDP2, ZeRO-3: each forward is a collective); main writes.
         # Generation (bupo.generation) runs in eval mode (no_grad on a sharded model, else inference_mode) and
         # restores the training flags.
         step_dir = out_dir / "evals" / f"step-{step:06d}"
@@ -230,6 +237,8 @@ def make_eval_callback(trainer: Any, sets: dict[str, list[dict]], script: BuPOSc
         with full_params(trainer.model_wrapped, trainer.accelerator) as m:
             model_id = model_fingerprint(m) if main else "not-saved"  # as evaluate() keys samples
             inner = engine or HFBackend(m, trainer.processing_class, batch_size=script.eval_batch_size)
+            if engine is None and not (trainer.is_fsdp_enabled or trainer.is_deepspeed_enabled):
+                inner = shared(trainer, inner)  # DDP: each rank's full model generates its share alone
             res = score(m, inner, model_id) if engine is None else None
         if engine is not None:
             res = score(trainer.model, engine, model_id)
