@@ -208,6 +208,29 @@ def test_layers_only_arm_under_fsdp2_holds_the_upper_shards_while_internal(tmp_p
         assert rec["first_full_update"]["median_update_over_lr"] == pytest.approx(1.0, abs=0.02)
 
 
+def test_bf16_mixed_precision_and_gradient_checkpointing_under_fsdp2(tmp_path):
+    """The paper presets' precision on FSDP2 (``--bf16 true``: accelerate's bf16 mixed precision, fp32 shards) with
+    gradient checkpointing: the trainer's internal log-probs are pi^k's within bf16 rounding, the shards above k stay
+    bitwise unchanged while internal (fp32 masters included), no unit misses a forward through the recomputation, and
+    the first full-phase update is a fresh AdamW step."""
+    out = tmp_path / "run"
+    proc = launch(RECIPE, tmp_path / "p", [*train_args(out, completion_tokens=16), "--bf16", "true",
+                                           "--gradient_checkpointing", "true"],
+                  timeout=400, env=launcher_env(BUPO_PROBE_ALTERNATING_REWARD="1"))
+    assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-4000:]
+    assert WARNING not in proc.stderr
+    sharding = json.loads((out / "bupo_run.json").read_text())["sharding"]
+    assert sharding["mixed_precision"] == "bf16" and sharding["param_type"] == "DTensor"
+    for rec in read_ranks(tmp_path / "p"):
+        parity = rec["parity"]  # bf16 compute against the fp32 reference: rounding, far below pi^k vs pi
+        assert parity["mean_abs"] < 0.05 * parity["ref_vs_full_mean_abs"], parity
+        s1, s2 = rec["steps"]["1"], rec["steps"]["2"]
+        assert s1["internal"] and s1["upper_same"] and s1["watched_master_same"] and not s1["lower_same"]
+        assert not s2["internal"] and not s2["upper_same"]
+        assert s1["missed_forward"] == [] and s2["missed_forward"] == []
+        assert rec["first_full_update"]["median_update_over_lr"] == pytest.approx(1.0, abs=0.02)
+
+
 if __name__ == "__main__":
     _worker(sys.argv[1])
     sys.stdout.flush()
