@@ -208,6 +208,44 @@ def test_layers_only_arm_under_fsdp2_holds_the_upper_shards_while_internal(tmp_p
         assert rec["first_full_update"]["median_update_over_lr"] == pytest.approx(1.0, abs=0.02)
 
 
+def test_one_layer_arm_under_fsdp2_trains_its_layer_alone(tmp_path):
+    """The one-layer arm (``--train_layer j``: GRPO with every parameter but decoder layer j frozen before the
+    optimizer is built) under FSDP2: only layer j's shards move on each rank; the final norm and the other layers stay
+    bitwise unchanged."""
+    args = train_args(tmp_path / "run", completion_tokens=16)
+    args[args.index("--algo") + 1] = "grpo"
+    i = args.index("--internal-steps")
+    del args[i : i + 2]
+    proc = launch(RECIPE, tmp_path / "p", [*args, "--train_layer", "2"], timeout=400,
+                  env=launcher_env(BUPO_PROBE_ALTERNATING_REWARD="1"))
+    assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-4000:]
+    assert json.loads((tmp_path / "run" / "bupo_run.json").read_text())["arm"] == "one-layer"
+    for rec in read_ranks(tmp_path / "p"):
+        for step in ("1", "2"):
+            s = rec["steps"][step]
+            assert s["moved_layers"] == [2] and s["upper_same"] and not s["internal"], s  # (upper: layers 4-7, norm)
+
+
+def test_progressive_schedule_under_fsdp2_moves_only_the_layers_up_to_each_k(tmp_path):
+    """``--internal_schedule 1:1,3:1`` (pi^1 for one rollout step, then pi^3, then the full policy) under FSDP2: each
+    rank's shards move layer by layer as k rises (layers <= 1, then <= 3, then all), with a fresh AdamW at the end."""
+    args = train_args(tmp_path / "run", completion_tokens=16)
+    for flag in ("--internal-steps", "--internal-layer"):
+        i = args.index(flag)
+        del args[i : i + 2]
+    args[args.index("--max_steps") + 1] = "3"
+    proc = launch(RECIPE, tmp_path / "p", [*args, "--internal_schedule", "1:1,3:1"], timeout=400,
+                  env=launcher_env(BUPO_PROBE_ALTERNATING_REWARD="1"))
+    assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-4000:]
+    assert json.loads((tmp_path / "run" / "bupo_run.json").read_text())["switch"]["step"] == 3
+    for rec in read_ranks(tmp_path / "p"):
+        steps = rec["steps"]
+        assert [steps[s]["internal"] for s in ("1", "2", "3")] == [True, True, False]
+        assert [steps[s]["moved_layers"] for s in ("1", "2", "3")] == [[0, 1], [0, 1, 2, 3], list(range(8))]
+        assert all(steps[s]["missed_forward"] == [] for s in steps)
+        assert rec["first_full_update"]["median_update_over_lr"] == pytest.approx(1.0, abs=0.02)
+
+
 def test_bf16_mixed_precision_and_gradient_checkpointing_under_fsdp2(tmp_path):
     """The paper presets' precision on FSDP2 (``--bf16 true``: accelerate's bf16 mixed precision, fp32 shards) with
     gradient checkpointing: the trainer's internal log-probs are pi^k's within bf16 rounding, the shards above k stay

@@ -10,7 +10,8 @@ OUT/probe-rank{r}.json (rewritten after every event: a run stopped by a timeout 
   the layers <= k (``lower_same``); ``upper_within_decay`` allows what weight decay alone does to a parameter with
   a zero (not None) gradient: |w - w0| <= steps x lr x wd x |w0| + one ulp; ``watched_master_same``: the fp32
   master weights (ZeRO-3: the optimizer's, where a bf16 partition hides a decay of lr x wd) of layer k+1, the last
-  layer and the final norm are bitwise unchanged.
+  layer and the final norm are bitwise unchanged; ``moved_layers``: the decoder layers with a parameter shard on this
+  rank that is not bitwise what it was at the start.
 - ``parity``: before the first step, the internal policy's log-probs as the trainer computes them (TRL's fused LM
   head through the wrapped, sharded model, truncated after layer k) against an unsharded reference loaded from
   ``--model`` (:func:`bupo.internal.layer_logprobs`), and the distance of that reference to the full policy.
@@ -243,7 +244,9 @@ class Probe(TrainerCallback):
             "internal": internal, "upper_same": all(u.values()), "lower_same": all(lo.values()),
             "upper_within_decay": decay, "n_upper": len(u), "n_lower": len(lo), "lr": self.lr,
             "watched_master_same": all(torch.equal(w, self.init_master[n]) for n, w in watched.items()),
-            "missed_forward": self.missed.take()}
+            "missed_forward": self.missed.take(),
+            "moved_layers": sorted({int(n.split(".")[n.split(".").index("layers") + 1])
+                                    for n, same in {**u, **lo}.items() if not same and ".layers." in n})}
         if args.use_vllm:
             engine = engine_logps(self.trainer.vllm_generation.llm)
             self.record["steps"][state.global_step]["engine"] = {
