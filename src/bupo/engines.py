@@ -24,6 +24,8 @@ machine without CUDA bupo also sets:
   machine's memory (``gpu_memory_utilization`` means a fraction of *CPU* memory there);
 - seeded requests (all of bupo's own) sampled in one pass of ``uniform_`` instead of two of ``exponential_`` over the
   batch's vocabulary (:mod:`bupo.seeded_sampling`: a third of vLLM's CPU decode step on SmolLM2);
+- (on CUDA instead: ``gpu_memory_utilization`` 0.9 of the memory free when the engine starts, not of the whole GPU,
+  so it starts beside a model this process already holds there, :func:`gpu_memory_kwargs`)
 - torch's thread count is kept: vLLM's CPU worker drops torch to one thread and replaces ``torch.set_num_threads``
   by a no-op for the whole process; bupo restores both after building the engine (the engine then uses the
   process's threads, as HF ``generate`` does).
@@ -162,6 +164,23 @@ def engine_kwargs(on_cpu: bool | None = None) -> dict[str, Any]:
     return {"enforce_eager": True, "kv_cache_memory_bytes": gib << 30, "enable_chunked_prefill": False}
 
 
+def gpu_memory_kwargs(free_total: tuple[int, int] | None = None) -> dict[str, Any]:
+    """On CUDA, ``gpu_memory_utilization`` sized to the memory free now: 0.9 of it, as a fraction of the whole GPU
+    (at most vLLM's default 0.9). vLLM requires ``gpu_memory_utilization x total`` to be free when its engine starts
+    ("Free memory on device ... is less than desired GPU memory utilization", ``vllm.v1.worker.utils.request_memory``),
+    and ``bupo analyze`` starts one beside the model it measures: with vLLM's 0.9, any model over ~10 % of the GPU
+    stopped the engine's start. ``free_total``: ``torch.cuda.mem_get_info()``'s (free, total) bytes; {} without CUDA.
+    """
+    if free_total is None:
+        import torch
+
+        if not torch.cuda.is_available():
+            return {}
+        free_total = torch.cuda.mem_get_info()
+    free, total = free_total
+    return {"gpu_memory_utilization": round(min(0.9, 0.9 * free / total), 4)}
+
+
 def _whole_prefills(kw: dict[str, Any], context: int | None) -> dict[str, Any]:
     """``LLM`` keyword arguments with chunked prefill off made valid: vLLM then needs a token budget of at least the
     engine's context (TRL's colocate passes ``max_num_batched_tokens=4096``, less than e.g. SmolLM2's 8,192)."""
@@ -221,6 +240,8 @@ def load_llm(path: str | Path, *, dtype: str = "auto", seed: int = 0, max_model_
     vllm = require_vllm()
     dtype = checkpoint_dtype(path) if dtype == "auto" else dtype
     kw = {**engine_kwargs(), **_quiet_kwargs(), **kwargs}
+    if "gpu_memory_utilization" not in kw:
+        kw.update(gpu_memory_kwargs())
     if max_model_len is not None:
         kw["max_model_len"] = int(max_model_len)
     with _engine_start():

@@ -111,6 +111,22 @@ def test_engine_settings_and_dtype(monkeypatch):
     assert engines.checkpoint_dtype(bundled_model_path()) == "float32"
 
 
+def test_gpu_engines_take_a_share_of_the_free_memory_not_of_the_whole_gpu(monkeypatch):
+    """vLLM checks that gpu_memory_utilization x total is free at start-up: beside a model already on the GPU (bupo
+    analyze) its default 0.9 failed; bupo asks for 0.9 of what is free."""
+    import torch
+
+    gib = 1 << 30
+    assert engines.gpu_memory_kwargs((80 * gib, 80 * gib)) == {"gpu_memory_utilization": 0.9}  # an empty GPU
+    share = engines.gpu_memory_kwargs((62 * gib, 80 * gib))["gpu_memory_utilization"]  # 16 GB model + context held
+    assert share * 80 * gib <= 62 * gib and share == pytest.approx(0.9 * 62 / 80, abs=1e-4)
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    assert engines.gpu_memory_kwargs() == {}
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "mem_get_info", lambda *a: (40 * gib, 80 * gib))
+    assert engines.gpu_memory_kwargs() == {"gpu_memory_utilization": 0.45}
+
+
 def test_whole_prefills_get_a_budget_that_holds_the_context():
     trl_kw = {"max_model_len": None, "max_num_batched_tokens": 4096, "seed": 0}
     off = {**trl_kw, "enable_chunked_prefill": False}
