@@ -214,8 +214,8 @@ def make_eval_callback(trainer: Any, sets: dict[str, list[dict]], script: BuPOSc
         t0 = time.time()
         main = trainer.accelerator.is_main_process
         what = "eval before training" if step == 0 else f"eval at step {step}"
-        # every rank takes part: each generates a share of the requests with its engine or its full model (DDP), or
-        # all generate every request together (FSDP2, ZeRO-3: each forward is a collective); main writes.
+        # every rank takes part: each generates a share of the requests with its engine or its full model (DDP,
+        # ZeRO-3 gathered), or all generate every request together (FSDP2: each forward is a collective); main writes.
         # Generation (bupo.generation) runs in eval mode (no_grad on a sharded model, else inference_mode) and
         # restores the training flags.
         step_dir = out_dir / "evals" / f"step-{step:06d}"
@@ -237,8 +237,10 @@ def make_eval_callback(trainer: Any, sets: dict[str, list[dict]], script: BuPOSc
         with full_params(trainer.model_wrapped, trainer.accelerator) as m:
             model_id = model_fingerprint(m) if main else "not-saved"  # as evaluate() keys samples
             inner = engine or HFBackend(m, trainer.processing_class, batch_size=script.eval_batch_size)
-            if engine is None and not (trainer.is_fsdp_enabled or trainer.is_deepspeed_enabled):
-                inner = shared(trainer, inner)  # DDP: each rank's full model generates its share alone
+            if engine is None and not trainer.is_fsdp_enabled:
+                # DDP, and ZeRO-3 inside full_params (all weights gathered, DeepSpeed's hooks lifted): each rank's
+                # forwards are its own, so it generates its share alone; FSDP2's forwards are collectives
+                inner = shared(trainer, inner)
             res = score(m, inner, model_id) if engine is None else None
         if engine is not None:
             res = score(trainer.model, engine, model_id)
