@@ -197,6 +197,9 @@ class BupoArgumentParser(argparse.ArgumentParser):
         chain = [p for p in _ENTERED if p is not self] + [self]
         unknown = [a for a in _ARGS if a.startswith("--") and len(a) > 2 and not _known(a, chain)]
         hints = flag_hints(unknown, primary_options(self))
+        if not hints and unknown and "unrecognized arguments" not in message:  # (``bupo eval --smaples 2``)
+            hints = [f"unknown flag{'s' if len(unknown) > 1 else ''} {' '.join(a.split('=', 1)[0] for a in unknown)}"
+                     f" (see {self.prog} --help)"]
         super().error(f"{'; '.join(hints)} ({message})" if hints else message)
 
     def _get_option_tuples(self, option_string: str):  # type: ignore[override]

@@ -26,6 +26,21 @@ def test_a_misspelt_flag_is_named_before_the_error_it_caused(capsys):
     assert err.index("did you mean") < err.index("invalid choice")  # argparse's own words follow, in brackets
 
 
+def test_an_unknown_flag_without_a_close_match_is_still_named_first(capsys):
+    with pytest.raises(SystemExit):
+        main(["eval", "--frobnicate", "2"])  # its value would be taken for the subcommand name alone
+    err = capsys.readouterr().err.strip().splitlines()[-1]
+    assert err.startswith("bupo eval: error: unknown flag --frobnicate (see bupo eval --help)"), err
+    assert err.index("unknown flag") < err.index("invalid choice")
+
+
+def test_eval_takes_samples_for_samples_per_problem():
+    from bupo.cli import build_parser
+
+    args = build_parser().parse_args(["eval", "--samples", "2"])
+    assert args.n == 2
+
+
 def test_other_tools_short_names_point_at_the_long_flag():
     from bupo.training.arguments import parse_train_args
 

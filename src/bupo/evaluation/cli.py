@@ -34,7 +34,8 @@ def register(subparsers: Any) -> None:
         help="the paper's sets by name (math500 aime24 aime25 amc23) or .parquet/.jsonl files (default: the bundled task)"
     )
     p.add_argument(
-        "--n", type=int, help="samples per problem (default: paper's: AIME 32, AMC/MATH500 16, else 16)"
+        "--n", "--samples", dest="n", type=int,
+        help="samples per problem (default: paper's: AIME 32, AMC/MATH500 16, else 16)"
     )
     p.add_argument(
         "--k",
