@@ -144,7 +144,7 @@ def resolve_backend(name: str) -> str:
 def backend_note(requested: str, resolved: str) -> str:
     """The line a command prints about its generation engine."""
     if resolved == "vllm":
-        why = "vLLM is installed (--backend hf: transformers' generate)" if requested == "auto" else "--backend vllm"
+        why = "vLLM is installed; --backend hf: transformers' generate" if requested == "auto" else "--backend vllm"
         return f"generation: vLLM {vllm_version()} ({why})"
     why = "vLLM is not installed" if requested == "auto" else "--backend hf"
     return f"generation: transformers' generate ({why})"
