@@ -10,7 +10,7 @@ Goal (issue): time(internal k) / time(full) <= (k + 1) / L + 0.10.
     python benchmarks/bench_training.py                      # the bundled model
     python benchmarks/bench_training.py --random-init        # the bundled architecture, random weights
     python benchmarks/bench_training.py --model DIR --completion-length 256 --batch 16 --out bench.json
-    # SmolLM2-135M-Instruct (L = 30: k = 5, 15, 28), both internal projections in one run (issue 12)
+    # SmolLM2-135M-Instruct (L = 30: k = 5, 15, 28), both internal projections in one run
     python benchmarks/bench_training.py --model DIR --projection raw final_norm --batch 4 --completion-length 32
 
 ``--projection`` takes one or more of raw (the paper's lm_head(h)) and final_norm (lm_head(final_norm(h))); each k

@@ -1,9 +1,9 @@
-"""The issues' GPU checks, as one script for a lent GPU machine (not part of the test suite).
+"""The GPU checks, as one script for a lent GPU machine (not part of the test suite).
 
-    python benchmarks/gpu_check.py analysis --out DIR   # issue 4: Qwen3-4B-shaped, one 8192-token trace, all streams
-    python benchmarks/gpu_check.py core --out DIR       # issue 2: core checks in bf16 on a Qwen3-0.6B shape + bench ratio
-    python benchmarks/gpu_check.py train --out DIR      # issue 5: 2 internal + 2 full BuPO steps, bf16, HF generation
-    python benchmarks/gpu_check.py launchers --out DIR  # issues 13, 22: accelerate launch zero3.yaml and fsdp2.yaml, 1 GPU
+    python benchmarks/gpu_check.py analysis --out DIR   # analysis throughput: Qwen3-4B-shaped, one 8192-token trace, all streams
+    python benchmarks/gpu_check.py core --out DIR       # core checks in bf16 on a Qwen3-0.6B shape + bench ratio
+    python benchmarks/gpu_check.py train --out DIR      # training: 2 internal + 2 full BuPO steps, bf16, HF generation
+    python benchmarks/gpu_check.py launchers --out DIR  # real launchers: accelerate launch zero3.yaml and fsdp2.yaml, 1 GPU
     python benchmarks/gpu_check.py all --small          # the same code paths on tiny shapes (CPU dry run)
 
 ``launchers`` needs trl, deepspeed and bupo's other dependencies the GPU image lacks: ``bash benchmarks/gpu_check.sh``
@@ -100,7 +100,7 @@ class Checks:
 
 
 # ---------------------------------------------------------------------------------------------------------------
-# issue 4: analysis throughput against the GEMM floor
+# analysis throughput against the GEMM floor
 
 
 def section_analysis(small: bool) -> dict:
@@ -251,7 +251,7 @@ def section_analysis(small: bool) -> dict:
 
 
 # ---------------------------------------------------------------------------------------------------------------
-# issue 2: the core on CUDA in bf16, and the layer-k log-prob benchmark ratio
+# the core on CUDA in bf16, and the layer-k log-prob benchmark ratio
 
 
 def section_core(small: bool) -> dict:
@@ -367,7 +367,7 @@ def section_core(small: bool) -> dict:
 
 
 # ---------------------------------------------------------------------------------------------------------------
-# issue 5: BuPO steps on the GPU
+# BuPO steps on the GPU
 
 
 def section_train(small: bool, out_dir: Path) -> dict:
@@ -453,7 +453,7 @@ def section_train(small: bool, out_dir: Path) -> dict:
 
 
 # ---------------------------------------------------------------------------------------------------------------
-# issues 13 and 22: real launchers (accelerate launch with the shipped configs) through bupo train
+# real launchers (accelerate launch with the shipped configs) through bupo train
 
 LAUNCH_BUDGET_S = 285  # both runs, model creation included: the section stays under 5 minutes
 LAUNCH_CAP_S = {"zero3": 150, "fsdp2": 130}  # each run's own timeout (less when the budget has less left)

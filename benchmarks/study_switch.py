@@ -1,4 +1,4 @@
-"""Study (issue 16): the adaptive phase switch vs fixed s_inter vs GRPO on the bundled model (not a test).
+"""Study: the adaptive phase switch vs fixed s_inter vs GRPO on the bundled model (not a test).
 
 Each arm is one ``bupo train`` run with ``bupo reproduce``'s settings (16 rollout steps of 32 completions, 2
 optimizer steps each, lr 2e-4, k = the analysis' boundary layer, Avg@8 over 100 held-out bundled problems at the

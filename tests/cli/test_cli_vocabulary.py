@@ -1,4 +1,4 @@
-"""One CLI vocabulary (issue 15, item 5): the table of shared flags in docs/cli.md is checked against the real parsers
+"""One CLI vocabulary: the table of shared flags in docs/cli.md is checked against the real parsers
 (names, defaults, values, old spellings), both spellings of every long option parse, help and errors are sane."""
 
 from __future__ import annotations

@@ -1,4 +1,4 @@
-"""The final_number reward (issue 12): last boxed number, else the last number in the text."""
+"""The final_number reward: last boxed number, else the last number in the text."""
 
 from __future__ import annotations
 
