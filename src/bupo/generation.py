@@ -259,12 +259,16 @@ def generate_requests(
     batch_size: int = 32,
     progress: bool = False,
     on_batch: Callable[[list[int], list[Completion]], None] | None = None,
+    synced: bool = False,
 ) -> list[Completion]:
     """One completion per ``(prompt, row_seed)`` request (see :func:`sample_seed` for row seeds).
 
     Requests are sorted by prompt length (less padding) and run ``batch_size`` at a time;
     ``on_batch(indices, completions)`` is called after each batch with the request indices it
     finished (``bupo eval`` appends them to its samples file). Returns completions in request order.
+    ``synced``: transformers' ``synced_gpus``: every rank of the default process group keeps stepping until all
+    ranks' batches are done (an FSDP2 forward is a collective, so ranks generating different requests must run the
+    same number of forwards); each rank must then run the same number of batches.
     """
     import torch
     from transformers import GenerationConfig, LogitsProcessorList
@@ -313,6 +317,7 @@ def generate_requests(
                     attention_mask=attention,
                     generation_config=gen_config,
                     logits_processor=LogitsProcessorList([sampler]),
+                    synced_gpus=synced,
                 )
                 new = out[:, width:].tolist()
                 batch_done = []

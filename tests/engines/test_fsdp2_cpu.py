@@ -157,8 +157,8 @@ def test_bupo_train_fsdp2_cpu_recipe_shards_both_phases_and_resumes(tmp_path):
     assert sharding["param_type"] == "DTensor" and sharding["fsdp_units"] == 8 + 4  # layers, embed, norm, head, root
     assert "Qwen3DecoderLayer" in sharding["fsdp_unit_types"]
     assert [e["step"] for e in summary["evals"]] == [0, 1, 2]
-    for r in range(2):  # every forward is a collective: each rank generates all 8 requests (4 problems x 2 samples)
-        assert json.loads((tmp_path / "p1" / f"eval-rank{r}.json").read_text())["requests"] == [8, 8, 8]
+    for r in range(2):  # 4 problems x 2 samples: each rank generates 4, the ranks stepping together (synced)
+        assert json.loads((tmp_path / "p1" / f"eval-rank{r}.json").read_text())["requests"] == [4, 4, 4]
 
     # resume from the checkpoint saved while internal: its optimizer has no state for the layers above k
     proc = _run(tmp_path / "p2", out, "--resume", str(out / "checkpoint-1"), "--overwrite")  # checkpoint-2 goes
@@ -252,13 +252,21 @@ def test_bf16_mixed_precision_and_gradient_checkpointing_under_fsdp2(tmp_path):
     bitwise unchanged while internal (fp32 masters included), no unit misses a forward through the recomputation, and
     the first full-phase update is a fresh AdamW step."""
     out = tmp_path / "run"
-    proc = launch(RECIPE, tmp_path / "p", [*train_args(out, completion_tokens=16), "--bf16", "true",
-                                           "--gradient_checkpointing", "true"],
+    args = [a if a != "none" else "bundled" for a in train_args(out, completion_tokens=16)]  # --eval-data bundled
+    # 3 evaluation requests in blocks of 2 (one per rank): the last block leaves rank 1 without a request, and it
+    # must still step with rank 0 (an FSDP2 forward is a collective)
+    proc = launch(RECIPE, tmp_path / "p", [*args, "--bf16", "true", "--gradient_checkpointing", "true",
+                                           "--eval_rows", "3", "--eval_samples", "1", "--eval_batch_size", "1"],
                   timeout=400, env=launcher_env(BUPO_PROBE_ALTERNATING_REWARD="1"))
     assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-4000:]
     assert WARNING not in proc.stderr
-    sharding = json.loads((out / "bupo_run.json").read_text())["sharding"]
+    run = json.loads((out / "bupo_run.json").read_text())
+    sharding = run["sharding"]
     assert sharding["mixed_precision"] == "bf16" and sharding["param_type"] == "DTensor"
+    assert [(e["step"], e["generation"]) for e in run["evals"]] == [(0, "hf"), (2, "hf")]
+    for r in range(2):  # each evaluation: one request per rank per block, rank 1's second a dropped repeat
+        assert json.loads((tmp_path / "p" / f"eval-rank{r}.json").read_text())["requests"] == [1, 1] * 2
+    assert len((out / "evals" / "step-000002" / "samples.jsonl").read_text().splitlines()) == 3
     for rec in read_ranks(tmp_path / "p"):
         parity = rec["parity"]  # bf16 compute against the fp32 reference: rounding, far below pi^k vs pi
         assert parity["mean_abs"] < 0.05 * parity["ref_vs_full_mean_abs"], parity

@@ -76,3 +76,39 @@ def test_a_rank_that_returns_another_share_fails_loudly():
 
     with pytest.raises(RuntimeError, match=r"completions for 2 of the 4 requests came back"):
         RankShares(_Engine(batch_size=2), 0, 2, gather).generate([("p", s) for s in range(4)], None)
+
+
+def test_lockstep_ranks_call_their_engine_in_every_block():
+    """FSDP2 (forwards are collectives): a rank whose share of the last block is empty still generates once (the
+    block's first request, dropped), so every rank runs the same number of generations; results are unchanged."""
+    world, requests = 4, [("p", s) for s in range(7)]  # blocks of 2 x 4: [0..7], the last short: 3 ranks of 4
+    engines = [_Engine(batch_size=2) for _ in range(world)]
+    calls = [[] for _ in range(world)]
+    for e, c in zip(engines, calls, strict=True):
+        generate = e.generate
+        e.generate = lambda reqs, settings, on_batch=None, _g=generate, _c=c: (_c.append(len(reqs)), _g(reqs, settings))[1]
+    gathers = _all_gather(world)
+    outs: dict[int, list] = {}
+
+    def run(rank: int) -> None:
+        outs[rank] = RankShares(engines[rank], rank, world, gathers(rank), lockstep=True).generate(requests, None)
+
+    threads = [threading.Thread(target=run, args=(r,)) for r in range(world)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(timeout=30)
+    assert all(outs[r] == [f"p#{s}" for s in range(7)] for r in range(world))
+    assert calls == [[2], [2], [2], [1]]  # one block of 7: ranks 0-2 take 2, rank 3 one
+    for c in calls:
+        c.clear()
+    outs.clear()
+    requests = [("p", s) for s in range(9)]  # blocks [0..7], [8]: ranks 1-3 have nothing in the second
+    threads = [threading.Thread(target=run, args=(r,)) for r in range(world)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(timeout=30)
+    assert all(outs[r] == [f"p#{s}" for s in range(9)] for r in range(world))
+    assert calls == [[2, 1], [2, 1], [2, 1], [2, 1]]  # each rank in every block
+    assert sorted(engines[3].generated)[-1] == ("p", 8)  # rank 3's second call: the block's first request, dropped

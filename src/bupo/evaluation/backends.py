@@ -91,15 +91,17 @@ class HFBackend:
     """Batched, left-padded, per-sample seeded generation with ``model.generate`` (bupo.generation).
 
     ``policy_layer`` k (0-based): sample from the internal policy pi^k under ``projection`` instead of the model's
-    own policy, through the sampler of ``bupo sample --layer`` (:func:`bupo.internal.internal_policy`)."""
+    own policy, through the sampler of ``bupo sample --layer`` (:func:`bupo.internal.internal_policy`).
+    ``synced``: ranks generating different requests on a sharded model step together
+    (:func:`bupo.generation.generate_requests`)."""
 
     name = "hf"
 
     def __init__(self, model: Any, tokenizer: Any, *, batch_size: int = 32, progress: bool = False,
-                 policy_layer: int | None = None, projection: str = "raw") -> None:
+                 policy_layer: int | None = None, projection: str = "raw", synced: bool = False) -> None:
         self.model, self.tokenizer = model, tokenizer
         self.batch_size, self.progress = batch_size, progress
-        self.policy_layer, self.projection = policy_layer, projection
+        self.policy_layer, self.projection, self.synced = policy_layer, projection, synced
 
     def generate(
         self, requests: Sequence[tuple[str, int]], settings: SamplingSettings, on_batch: OnBatch | None = None
@@ -129,6 +131,7 @@ class HFBackend:
             batch_size=self.batch_size,
             progress=self.progress,
             on_batch=on_batch,
+            synced=self.synced,
         )
 
 

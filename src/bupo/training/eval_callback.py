@@ -131,15 +131,15 @@ def engine_backend(trainer: Any, sets: dict[str, list[dict]], template: str, scr
     return shared(trainer, VLLMBackend(gen.llm, tokenizer=tok, batch_size=max(script.eval_batch_size, 256)))
 
 
-def shared(trainer: Any, backend: Any) -> Any:
+def shared(trainer: Any, backend: Any, lockstep: bool = False) -> Any:
     """``backend`` with the requests shared out between the trainer's processes (:class:`RankShares`), or as it is
-    in one process."""
+    in one process. ``lockstep``: every rank generates in every block (FSDP2, whose forwards are collectives)."""
     acc = trainer.accelerator
     if acc.num_processes == 1:
         return backend
     from accelerate.utils import gather_object
 
-    return RankShares(backend, acc.process_index, acc.num_processes, gather_object)
+    return RankShares(backend, acc.process_index, acc.num_processes, gather_object, lockstep=lockstep)
 
 
 class RankShares:
@@ -147,10 +147,15 @@ class RankShares:
     r + 2n, ... of each block with ``inner`` and every rank gets all of the block's completions (``gather``:
     ``accelerate.utils.gather_object``, a collective), in request order, so scoring and the sample log are those of
     one engine. The samples are the same: each request carries its own seed. Blocks of ``inner.batch_size`` requests
-    per rank keep ``on_batch`` (the sample log, the progress lines) reporting as they finish."""
+    per rank keep ``on_batch`` (the sample log, the progress lines) reporting as they finish.
 
-    def __init__(self, inner: Any, rank: int, world: int, gather: Callable[[list], list]) -> None:
-        self.inner, self.rank, self.world, self.gather = inner, rank, world, gather
+    ``lockstep``: ``inner`` runs collectives (an FSDP2 model's forwards, stepped together by
+    ``HFBackend(synced=True)``), so every rank calls it once in every block: a rank whose share of the last block is
+    empty generates the block's first request again and drops it."""
+
+    def __init__(self, inner: Any, rank: int, world: int, gather: Callable[[list], list],
+                 lockstep: bool = False) -> None:
+        self.inner, self.rank, self.world, self.gather, self.lockstep = inner, rank, world, gather, lockstep
         self.name = inner.name  # the samples are keyed by the engine's name, as with one process
 
     def generate(self, requests: Sequence[tuple[str, int]], settings: Any, on_batch: Any = None) -> list:
@@ -159,7 +164,13 @@ class RankShares:
         for start in range(0, len(requests), block):
             indices = range(start, min(start + block, len(requests)))
             mine = list(indices)[self.rank :: self.world]
-            done = self.inner.generate([requests[i] for i in mine], settings) if mine else []
+            if mine:
+                done = self.inner.generate([requests[i] for i in mine], settings)
+            elif self.lockstep:  # the others' forwards wait for this rank's
+                self.inner.generate([requests[indices[0]]], settings)
+                done = []
+            else:
+                done = []
             got = dict(self.gather(list(zip(mine, done, strict=True))))
             if sorted(got) != list(indices):
                 raise RuntimeError(f"evaluation on {self.world} ranks: completions for {len(got)} of the "
@@ -214,8 +225,8 @@ def make_eval_callback(trainer: Any, sets: dict[str, list[dict]], script: BuPOSc
         t0 = time.time()
         main = trainer.accelerator.is_main_process
         what = "eval before training" if step == 0 else f"eval at step {step}"
-        # every rank takes part: each generates a share of the requests with its engine or its full model (DDP,
-        # ZeRO-3 gathered), or all generate every request together (FSDP2: each forward is a collective); main writes.
+        # every rank takes part: each generates a share of the requests with its engine or its model (FSDP2: the
+        # ranks step together, each forward being a collective); main writes.
         # Generation (bupo.generation) runs in eval mode (no_grad on a sharded model, else inference_mode) and
         # restores the training flags.
         step_dir = out_dir / "evals" / f"step-{step:06d}"
@@ -236,11 +247,13 @@ def make_eval_callback(trainer: Any, sets: dict[str, list[dict]], script: BuPOSc
         engine = engine_or_none()  # synced before any gather: the engine needs no gathered copy while it generates
         with full_params(trainer.model_wrapped, trainer.accelerator) as m:
             model_id = model_fingerprint(m) if main else "not-saved"  # as evaluate() keys samples
-            inner = engine or HFBackend(m, trainer.processing_class, batch_size=script.eval_batch_size)
-            if engine is None and not trainer.is_fsdp_enabled:
+            fsdp = bool(trainer.is_fsdp_enabled)
+            inner = engine or HFBackend(m, trainer.processing_class, batch_size=script.eval_batch_size,
+                                        synced=fsdp and trainer.accelerator.num_processes > 1)
+            if engine is None:
                 # DDP, and ZeRO-3 inside full_params (all weights gathered, DeepSpeed's hooks lifted): each rank's
-                # forwards are its own, so it generates its share alone; FSDP2's forwards are collectives
-                inner = shared(trainer, inner)
+                # forwards are its own; FSDP2's are collectives: the ranks step together (synced, lockstep)
+                inner = shared(trainer, inner, lockstep=fsdp)
             res = score(m, inner, model_id) if engine is None else None
         if engine is not None:
             res = score(trainer.model, engine, model_id)
