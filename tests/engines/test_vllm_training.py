@@ -269,14 +269,17 @@ def _two_isolated_runs_and_a_failing_one(tmp_path):
 
 
 @pytest.mark.distributed
-@pytest.mark.parametrize("recipe, launcher, lora", [("cpu.yaml", "ddp", False), ("fsdp2-cpu.yaml", "fsdp2", False),
-                                                   ("fsdp2-cpu.yaml", "fsdp2", True)])
-def test_colocate_under_two_rank_launchers_keeps_every_engine_in_sync(tmp_path, recipe, launcher, lora):
+@pytest.mark.parametrize("recipe, launcher, lora, tp", [("cpu.yaml", "ddp", False, 1),
+                                                       ("fsdp2-cpu.yaml", "fsdp2", False, 1),
+                                                       ("fsdp2-cpu.yaml", "fsdp2", True, 1),
+                                                       ("cpu.yaml", "ddp", False, 2)])
+def test_colocate_under_two_rank_launchers_keeps_every_engine_in_sync(tmp_path, recipe, launcher, lora, tp):
     """vLLM colocate as GPU runs use it, on 2 gloo ranks through accelerate launch (DDP, and FSDP2 with real
     sharding), with the adaptive switch (its probe forward runs right before each rollout) and an evaluation after
     every step: each rank's own engine generates its rollouts, both phases run, and after every rollout each engine
     gives exactly the log-probs of the trained model at that step's start (FSDP2: TRL gathers the shards to sync;
-    LoRA: it merges the adapters into the weights it sends)."""
+    LoRA: it merges the adapters into the weights it sends). ``tp`` 2: one tensor-parallel engine for both ranks
+    (``vllm_tensor_parallel_size``), which evaluates every request for its group."""
     from support.launchers import launch, launcher_env, read_ranks, train_args
 
     out = tmp_path / "run"
@@ -286,7 +289,12 @@ def test_colocate_under_two_rank_launchers_keeps_every_engine_in_sync(tmp_path, 
     args += ["--internal-steps-max", "1", "--eval_rows", "4", "--eval_samples", "2", "--eval_every", "1",
              "--learning_rate", "1e-3", "--use_vllm", "true", "--vllm_mode", "colocate"]
     args += ["--use_peft", "true", "--lora_r", "8"] if lora else []
-    proc = launch(recipe, tmp_path / "p", args, env=launcher_env(BUPO_PROBE_ALTERNATING_REWARD="1"))
+    args += ["--vllm_tensor_parallel_size", str(tp)]
+    _drop_stale_tp_shm()
+    try:
+        proc = launch(recipe, tmp_path / "p", args, env=launcher_env(BUPO_PROBE_ALTERNATING_REWARD="1"))
+    finally:
+        _drop_stale_tp_shm()
     assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-4000:]
     run = json.loads((out / "bupo_run.json").read_text())
     assert run["generation"]["engine"] == "vllm" and run["generation"]["mode"] == "colocate"
@@ -294,9 +302,9 @@ def test_colocate_under_two_rank_launchers_keeps_every_engine_in_sync(tmp_path, 
     assert run["switch"]["mode"] == "auto" and run["switch"]["step"] == 2
     assert [e["step"] for e in run["evals"]] == [0, 1, 2]
     assert [e["generation"] for e in run["evals"]] == ["vllm"] * 3  # each rank's engine generates its share
-    for r in range(2):  # 3 evaluations of 4 problems x 2 samples: 4 requests a rank each time
-        assert json.loads((tmp_path / "p" / f"eval-rank{r}.json").read_text())["requests"] == [4, 4, 4]
-    if launcher == "ddp" and not lora:  # the shared-out evaluation samples what one engine does
+    for r in range(2):  # 3 evaluations of 4 problems x 2 samples: 4 requests an engine each time (tp 2: one engine)
+        assert json.loads((tmp_path / "p" / f"eval-rank{r}.json").read_text())["requests"] == [8 // (2 // tp)] * 3
+    if launcher == "ddp" and tp == 1:  # the shared-out evaluation samples what one engine does
         _same_samples_as_one_engine(out / "evals" / "step-000000")
     ranks = read_ranks(tmp_path / "p")
     for rec in ranks:
@@ -309,6 +317,14 @@ def test_colocate_under_two_rank_launchers_keeps_every_engine_in_sync(tmp_path, 
             assert rec["first_full_update"]["median_update_over_lr"] == pytest.approx(1.0, abs=0.02)  # fresh AdamW
     assert ranks[0]["logs"] == ranks[1]["logs"] and [h["bupo/phase"] for h in ranks[0]["logs"]] == [1.0, 0.0]
     assert run["peft"] == ("lora" if lora else None)
+
+
+def _drop_stale_tp_shm() -> None:
+    """vLLM 0.31's CPU tensor-parallel engine under TRL's launcher names its shared memory ``-tp:0-[0-1]-cpushm_<r>``
+    with no per-run part, and unlinks it in a C++ destructor at exit; the launch probe leaves with ``os._exit``, so the
+    files stay and the next tensor-parallel launch failed ("create shm in SHMManager failed. errno: 17")."""
+    for f in Path("/dev/shm").glob("-tp:0-*-cpushm_*"):
+        f.unlink(missing_ok=True)
 
 
 def _same_samples_as_one_engine(step_dir: Path) -> None:

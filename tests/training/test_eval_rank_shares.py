@@ -112,3 +112,37 @@ def test_lockstep_ranks_call_their_engine_in_every_block():
     assert all(outs[r] == [f"p#{s}" for s in range(9)] for r in range(world))
     assert calls == [[2, 1], [2, 1], [2, 1], [2, 1]]  # each rank in every block
     assert sorted(engines[3].generated)[-1] == ("p", 8)  # rank 3's second call: the block's first request, dropped
+
+
+def test_a_tensor_parallel_group_takes_one_share_and_calls_its_engine_together():
+    """vLLM tensor parallelism (TRL's groups of consecutive ranks): 4 processes, groups of 2 -> 2 engines; both ranks
+    of a group give their engine the same share, and every process still gets every completion once, in order."""
+    from bupo.training import eval_callback
+
+    requests = [(f"p{i}", i) for i in range(10)]
+    engines = [_Engine(batch_size=2) for _ in range(4)]  # each process's handle on its group's engine
+    gathers = _all_gather(4)
+    outs: dict[int, list] = {}
+
+    class _Acc:
+        num_processes = 4
+
+        def __init__(self, rank: int) -> None:
+            self.process_index = rank
+
+    def run(rank: int) -> None:
+        trainer = type("T", (), {"accelerator": _Acc(rank)})()
+        backend = eval_callback.shared(trainer, engines[rank], group=2)
+        backend.gather = gathers(rank)  # threads as processes instead of a process group
+        outs[rank] = backend.generate(requests, None)
+
+    threads = [threading.Thread(target=run, args=(r,)) for r in range(4)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(timeout=30)
+    assert all(outs[r] == [f"p{i}#{i}" for i in range(10)] for r in range(4))
+    assert engines[0].generated == engines[1].generated and engines[2].generated == engines[3].generated
+    assert sorted(engines[0].generated + engines[2].generated) == requests  # the 2 engines share them
+    with pytest.raises(ValueError, match="3 ranks per engine do not divide 4 processes"):
+        eval_callback.shared(type("T", (), {"accelerator": _Acc(0)})(), engines[0], group=3)

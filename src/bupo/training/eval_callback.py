@@ -97,18 +97,16 @@ def engine_backend(trainer: Any, sets: dict[str, list[dict]], template: str, scr
     sleep mode (one process, or one engine per process) and the eval prompts fit the engine's context.
 
     Same per-sample seeds and scoring as the HF backend; the texts differ (another engine's kernels and random
-    streams), so an evaluation's samples are keyed by the backend's name. With several processes each rank has its
-    own engine (``vllm_tensor_parallel_size`` 1): the requests are shared out between them (:class:`RankShares`);
-    with tensor-parallel groups the ranks of a group drive one engine together, so those evaluate with transformers.
+    streams), so an evaluation's samples are keyed by the backend's name. With several processes the requests are
+    shared out between the engines (:class:`RankShares`): one per process, or one per tensor-parallel group of
+    ``vllm_tensor_parallel_size`` consecutive ranks (TRL's groups), whose ranks all call it with the group's share.
     Every rank must call this (the weight sync is collective under ZeRO-3 and FSDP2), outside :func:`full_params`
     (the sync gathers the weights itself; inside, FSDP2's root would be unsharded and TRL's sync fail).
     ``lengths``: the eval prompts' token counts when already known (:func:`prompt_lengths`)."""
     args = trainer.args
     gen = getattr(trainer, "vllm_generation", None)
-    processes = trainer.accelerator.num_processes
     if not (getattr(args, "use_vllm", False) and args.vllm_mode == "colocate" and gen is not None
-            and not args.vllm_enable_sleep_mode
-            and (processes == 1 or getattr(args, "vllm_tensor_parallel_size", 1) == 1)):
+            and not args.vllm_enable_sleep_mode):
         return None
     from bupo.evaluation.backends import VLLMBackend
     from bupo.generation import check_context
@@ -128,25 +126,31 @@ def engine_backend(trainer: Any, sets: dict[str, list[dict]], template: str, scr
         resharded(trainer.model_wrapped)
         gen.sync_weights()
         trainer._last_loaded_step = trainer.state.global_step
-    return shared(trainer, VLLMBackend(gen.llm, tokenizer=tok, batch_size=max(script.eval_batch_size, 256)))
+    engine = VLLMBackend(gen.llm, tokenizer=tok, batch_size=max(script.eval_batch_size, 256))
+    return shared(trainer, engine, group=int(getattr(args, "vllm_tensor_parallel_size", 1) or 1))
 
 
-def shared(trainer: Any, backend: Any, lockstep: bool = False) -> Any:
+def shared(trainer: Any, backend: Any, lockstep: bool = False, group: int = 1) -> Any:
     """``backend`` with the requests shared out between the trainer's processes (:class:`RankShares`), or as it is
-    in one process. ``lockstep``: every rank generates in every block (FSDP2, whose forwards are collectives)."""
+    in one process. ``lockstep``: every rank generates in every block (FSDP2, whose forwards are collectives);
+    ``group``: that many consecutive ranks drive one engine (vLLM tensor parallelism) and take one share."""
     acc = trainer.accelerator
     if acc.num_processes == 1:
         return backend
     from accelerate.utils import gather_object
 
-    return RankShares(backend, acc.process_index, acc.num_processes, gather_object, lockstep=lockstep)
+    if group < 1 or acc.num_processes % group:
+        raise ValueError(f"{group} ranks per engine do not divide {acc.num_processes} processes")
+    return RankShares(backend, acc.process_index // group, acc.num_processes // group, gather_object,
+                      lockstep=lockstep)
 
 
 class RankShares:
-    """An evaluation backend for several processes, each with its own engine: rank r generates requests r, r + n,
-    r + 2n, ... of each block with ``inner`` and every rank gets all of the block's completions (``gather``:
-    ``accelerate.utils.gather_object``, a collective), in request order, so scoring and the sample log are those of
-    one engine. The samples are the same: each request carries its own seed. Blocks of ``inner.batch_size`` requests
+    """An evaluation backend for several processes and ``world`` engines: the ranks of engine ``rank`` (one, or a
+    tensor-parallel group calling it together) generate requests rank, rank + world, ... of each block with ``inner``
+    and every process gets all of the block's completions (``gather``: ``accelerate.utils.gather_object`` over every
+    process, a collective; a group's completions come back once per member), in request order, so scoring and the
+    sample log are those of one engine. The samples are the same: each request carries its own seed. Blocks of ``inner.batch_size`` requests
     per rank keep ``on_batch`` (the sample log, the progress lines) reporting as they finish.
 
     ``lockstep``: ``inner`` runs collectives (an FSDP2 model's forwards, stepped together by
