@@ -39,6 +39,15 @@ def _all_gather(world: int):
     return for_rank
 
 
+def _as_ranks(run, world: int) -> None:
+    """``run(rank)`` on ``world`` threads at once (the ranks), until all return."""
+    threads = [threading.Thread(target=run, args=(r,)) for r in range(world)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(timeout=30)
+
+
 @pytest.mark.parametrize("world, n", [(2, 11), (3, 7), (2, 1), (4, 24)])
 def test_every_request_is_generated_once_and_every_rank_gets_all(world, n):
     requests = [(f"p{i // 2}", 100 + i) for i in range(n)]
@@ -52,11 +61,7 @@ def test_every_request_is_generated_once_and_every_rank_gets_all(world, n):
         out = shares.generate(requests, None, lambda i, c: batches.append((i, c)))
         results[rank] = (out, batches)
 
-    threads = [threading.Thread(target=run, args=(r,)) for r in range(world)]
-    for t in threads:
-        t.start()
-    for t in threads:
-        t.join(timeout=30)
+    _as_ranks(run, world)
     expected = [f"{p}#{s}" for p, s in requests]
     for rank in range(world):
         out, batches = results[rank]
@@ -93,22 +98,14 @@ def test_lockstep_ranks_call_their_engine_in_every_block():
     def run(rank: int) -> None:
         outs[rank] = RankShares(engines[rank], rank, world, gathers(rank), lockstep=True).generate(requests, None)
 
-    threads = [threading.Thread(target=run, args=(r,)) for r in range(world)]
-    for t in threads:
-        t.start()
-    for t in threads:
-        t.join(timeout=30)
+    _as_ranks(run, world)
     assert all(outs[r] == [f"p#{s}" for s in range(7)] for r in range(world))
     assert calls == [[2], [2], [2], [1]]  # one block of 7: ranks 0-2 take 2, rank 3 one
     for c in calls:
         c.clear()
     outs.clear()
     requests = [("p", s) for s in range(9)]  # blocks [0..7], [8]: ranks 1-3 have nothing in the second
-    threads = [threading.Thread(target=run, args=(r,)) for r in range(world)]
-    for t in threads:
-        t.start()
-    for t in threads:
-        t.join(timeout=30)
+    _as_ranks(run, world)
     assert all(outs[r] == [f"p#{s}" for s in range(9)] for r in range(world))
     assert calls == [[2, 1], [2, 1], [2, 1], [2, 1]]  # each rank in every block
     assert sorted(engines[3].generated)[-1] == ("p", 8)  # rank 3's second call: the block's first request, dropped
@@ -136,11 +133,7 @@ def test_a_tensor_parallel_group_takes_one_share_and_calls_its_engine_together()
         backend.gather = gathers(rank)  # threads as processes instead of a process group
         outs[rank] = backend.generate(requests, None)
 
-    threads = [threading.Thread(target=run, args=(r,)) for r in range(4)]
-    for t in threads:
-        t.start()
-    for t in threads:
-        t.join(timeout=30)
+    _as_ranks(run, 4)
     assert all(outs[r] == [f"p{i}#{i}" for i in range(10)] for r in range(4))
     assert engines[0].generated == engines[1].generated and engines[2].generated == engines[3].generated
     assert sorted(engines[0].generated + engines[2].generated) == requests  # the 2 engines share them
