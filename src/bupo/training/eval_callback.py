@@ -94,7 +94,7 @@ def engine_backend(trainer: Any, sets: dict[str, list[dict]], template: str, scr
                    lengths: list[int] | None = None) -> Any:
     """The training run's own colocated vLLM engine as the evaluation backend, its weights synced to the trained
     model first; None (evaluate with transformers) unless the run generates with ``use_vllm`` in colocate mode without
-    sleep mode (one process, or one engine per process) and the eval prompts fit the engine's context.
+    sleep mode and the eval prompts fit the engine's context.
 
     Same per-sample seeds and scoring as the HF backend; the texts differ (another engine's kernels and random
     streams), so an evaluation's samples are keyed by the backend's name. With several processes the requests are
@@ -150,8 +150,9 @@ class RankShares:
     tensor-parallel group calling it together) generate requests rank, rank + world, ... of each block with ``inner``
     and every process gets all of the block's completions (``gather``: ``accelerate.utils.gather_object`` over every
     process, a collective; a group's completions come back once per member), in request order, so scoring and the
-    sample log are those of one engine. The samples are the same: each request carries its own seed. Blocks of ``inner.batch_size`` requests
-    per rank keep ``on_batch`` (the sample log, the progress lines) reporting as they finish.
+    sample log are those of one engine. The samples are the same: each request carries its own seed. Blocks of
+    ``inner.batch_size`` requests per engine keep ``on_batch`` (the sample log, the progress lines) reporting as they
+    finish.
 
     ``lockstep``: ``inner`` runs collectives (an FSDP2 model's forwards, stepped together by
     ``HFBackend(synced=True)``), so every rank calls it once in every block: a rank whose share of the last block is
@@ -177,7 +178,7 @@ class RankShares:
                 done = []
             got = dict(self.gather(list(zip(mine, done, strict=True))))
             if sorted(got) != list(indices):
-                raise RuntimeError(f"evaluation on {self.world} ranks: completions for {len(got)} of the "
+                raise RuntimeError(f"evaluation on {self.world} engines: completions for {len(got)} of the "
                                    f"{len(indices)} requests came back (a rank generated a different share)")
             completions = [got[i] for i in indices]
             out.extend(completions)
