@@ -41,6 +41,22 @@ def test_eval_takes_samples_for_samples_per_problem():
     assert args.n == 2
 
 
+def test_commands_other_than_train_refuse_a_multi_process_launch_in_one_line(monkeypatch, capsys, tmp_path):
+    """``accelerate launch -m bupo.cli eval`` started 2 processes that both wrote one --out: the second failed on the
+    first's lock after loading. Now every process stops at once, and only rank 0 says why."""
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    monkeypatch.setenv("RANK", "0")
+    assert main(["eval", "--out", str(tmp_path / "e")]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert err == ["bupo eval: error: started as one of 2 processes by a launcher (WORLD_SIZE=2); only bupo train runs "
+                   "under accelerate launch / torchrun: run bupo eval as a plain command"]
+    assert not (tmp_path / "e").exists()
+    monkeypatch.setenv("RANK", "1")
+    assert main(["analyze", "--out", str(tmp_path / "a")]) == 2 and capsys.readouterr().err == ""
+    monkeypatch.setenv("WORLD_SIZE", "1")  # a one-process launch runs as usual
+    assert main(["model", "list"]) == 0
+
+
 def test_other_tools_short_names_point_at_the_long_flag():
     from bupo.training.arguments import parse_train_args
 
