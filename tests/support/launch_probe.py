@@ -169,6 +169,7 @@ class Probe(TrainerCallback):
         from transformers import AutoModelForCausalLM
 
         from bupo.internal import layer_logprobs
+        from bupo.internal.sharding import outside_step
 
         t, args = self.trainer, self.trainer.args
         dev = t.accelerator.device
@@ -180,7 +181,8 @@ class Probe(TrainerCallback):
         t._bupo_internal = True
         t.model.train()
         try:
-            got, _, _ = t._get_per_token_logps_and_entropies(t.model_wrapped, ids, mask, ids.size(1) - 1)
+            with outside_step(t.model_wrapped):  # no backward follows: reshard after, as bupo's own such forwards
+                got, _, _ = t._get_per_token_logps_and_entropies(t.model_wrapped, ids, mask, ids.size(1) - 1)
         finally:
             t._bupo_internal = was_internal
             t.model.train(was_training)

@@ -155,19 +155,10 @@ def outside_step(model: nn.Module) -> Iterator[nn.Module]:
     try:
         yield model
     finally:
-        resharded(model)
-
-
-def resharded(model: nn.Module) -> nn.Module:
-    """``model`` with every FSDP2 unit in it sharded again (``FSDPModule.reshard``; a no-op on a sharded unit and on
-    plain, DDP and ZeRO-3 models): what TRL's weight sync into a colocated vLLM engine reads (``full_tensor()`` of
-    each ``DTensor``; see :func:`outside_step`)."""
-    fsdp = _fsdp_module_type()
-    if fsdp is not None:
-        for m in model.modules():
-            if isinstance(m, fsdp):
-                m.reshard()
-    return model
+        if fsdp is not None:
+            for m in model.modules():
+                if isinstance(m, fsdp):
+                    m.reshard()
 
 
 def inference(model: nn.Module) -> contextlib.AbstractContextManager:

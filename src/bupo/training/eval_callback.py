@@ -101,7 +101,7 @@ def engine_backend(trainer: Any, sets: dict[str, list[dict]], template: str, scr
     shared out between the engines (:class:`RankShares`): one per process, or one per tensor-parallel group of
     ``vllm_tensor_parallel_size`` consecutive ranks (TRL's groups), whose ranks all call it with the group's share.
     Every rank must call this (the weight sync is collective under ZeRO-3 and FSDP2), outside :func:`full_params`
-    (the sync gathers the weights itself; inside, FSDP2's root would be unsharded and TRL's sync fail).
+    (the sync gathers the weights itself; inside, FSDP2's root is unsharded and TRL's sync would fail).
     ``lengths``: the eval prompts' token counts when already known (:func:`prompt_lengths`)."""
     args = trainer.args
     gen = getattr(trainer, "vllm_generation", None)
@@ -120,10 +120,6 @@ def engine_backend(trainer: Any, sets: dict[str, list[dict]], template: str, scr
     except ValueError:
         return None  # the engine was sized for the rollouts; transformers takes the longer eval requests
     if trainer.state.global_step != trainer._last_loaded_step:  # TRL's own "synced at this step" marker
-        from bupo.internal.sharding import resharded
-
-        # at on_train_begin FSDP2's root unit holds plain full tensors (embed_tokens, norm): the sync reads DTensors
-        resharded(trainer.model_wrapped)
         gen.sync_weights()
         trainer._last_loaded_step = trainer.state.global_step
     engine = VLLMBackend(gen.llm, tokenizer=tok, batch_size=max(script.eval_batch_size, 256))
