@@ -98,14 +98,6 @@ def _no_room_message(err: OSError, args: argparse.Namespace) -> str:
     return f"{_NO_ROOM[err.errno]} ({place}): free space there or pick another --out, then rerun"
 
 
-def _launched_processes() -> int:
-    """The process count a launcher (torchrun, accelerate launch) started this one among; 1 without one."""
-    try:
-        return max(1, int(os.environ.get("WORLD_SIZE", "1")))
-    except ValueError:
-        return 1
-
-
 def _run(argv: list[str] | None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
@@ -114,7 +106,9 @@ def _run(argv: list[str] | None) -> int:
         return 0
     if not wants_library_output(args):  # transformers' "Loading weights" bars and the like (bupo.cli_quiet)
         quiet_libraries()
-    launched = _launched_processes()
+    from bupo.training.launcher import launched_processes
+
+    launched = launched_processes()
     if launched > 1 and args.command != "train":
         if os.environ.get("RANK", "0") == "0":  # one line, not one per process
             print(f"bupo {args.command}: error: started as one of {launched} processes by a launcher (WORLD_SIZE="

@@ -123,7 +123,7 @@ def engine_backend(trainer: Any, sets: dict[str, list[dict]], template: str, scr
         gen.sync_weights()
         trainer._last_loaded_step = trainer.state.global_step
     engine = VLLMBackend(gen.llm, tokenizer=tok, batch_size=max(script.eval_batch_size, 256))
-    return shared(trainer, engine, group=int(getattr(args, "vllm_tensor_parallel_size", 1) or 1))
+    return shared(trainer, engine, group=args.vllm_tensor_parallel_size)
 
 
 def shared(trainer: Any, backend: Any, lockstep: bool = False, group: int = 1) -> Any:
@@ -248,16 +248,16 @@ def make_eval_callback(trainer: Any, sets: dict[str, list[dict]], script: BuPOSc
         engine = engine_or_none()  # synced before any gather: the engine needs no gathered copy while it generates
         with full_params(trainer.model_wrapped, trainer.accelerator) as m:
             model_id = model_fingerprint(m) if main else "not-saved"  # as evaluate() keys samples
-            fsdp = bool(trainer.is_fsdp_enabled)
-            inner = engine or HFBackend(m, trainer.processing_class, batch_size=script.eval_batch_size,
-                                        synced=fsdp and trainer.accelerator.num_processes > 1)
             if engine is None:
                 # DDP, and ZeRO-3 inside full_params (all weights gathered, DeepSpeed's hooks lifted): each rank's
                 # forwards are its own; FSDP2's are collectives: the ranks step together (synced, lockstep)
-                inner = shared(trainer, inner, lockstep=fsdp)
-            res = score(m, inner, model_id) if engine is None else None
+                fsdp = bool(trainer.is_fsdp_enabled)
+                inner = shared(trainer, HFBackend(m, trainer.processing_class, batch_size=script.eval_batch_size,
+                                                  synced=fsdp and trainer.accelerator.num_processes > 1),
+                               lockstep=fsdp)
+                res = score(m, inner, model_id)
         if engine is not None:
-            res = score(trainer.model, engine, model_id)
+            inner, res = engine, score(trainer.model, engine, model_id)
         metrics = res.metrics("eval")
         metrics["eval/seconds"] = time.time() - t0
         records.append({"step": step, "rollout_step": step // args.optimizer_steps_per_rollout, **metrics,

@@ -26,10 +26,24 @@ import os
 from collections.abc import Iterator
 from typing import Any
 
-__all__ = ["complete_fused_lm_head", "enable_cpu_fsdp2", "fsdp2_optimizer_resume", "sharding_summary"]
+__all__ = ["complete_fused_lm_head", "enable_cpu_fsdp2", "fsdp2_optimizer_resume", "launched_processes",
+           "sharding_summary"]
 
 
 _WORLD_SIZE_ENV = ("WORLD_SIZE", "PMI_SIZE", "OMPI_COMM_WORLD_SIZE", "MV2_COMM_WORLD_SIZE")
+
+
+def launched_processes() -> int:
+    """How many processes the launcher (torchrun / accelerate launch, or an MPI launcher) started this one among,
+    from its environment; 1 without a launcher."""
+    for key in _WORLD_SIZE_ENV:
+        try:
+            n = int(os.environ.get(key, "1"))
+        except ValueError:
+            continue
+        if n > 1:
+            return n
+    return 1
 
 
 def single_process_master_port() -> str | None:
@@ -38,7 +52,7 @@ def single_process_master_port() -> str | None:
     With vLLM colocate, TRL and accelerate start a one-rank process group on ``MASTER_PORT``, 29500 when unset: two
     such runs at once (or one next to any other job on 29500) then collide with ``EADDRINUSE``. A launcher of several processes sets the port itself and is left alone.
     """
-    if os.environ.get("MASTER_PORT") or any(os.environ.get(k, "1") != "1" for k in _WORLD_SIZE_ENV):
+    if os.environ.get("MASTER_PORT") or launched_processes() > 1:
         return None
     import socket
 
@@ -70,7 +84,7 @@ def enable_cpu_fsdp2() -> bool:
             raise ValueError(f"the accelerate config asks for {name}, but accelerate did not enable it on CPU "
                              f"processes (it runs {'FSDP1' if name == 'FSDP' else name} only on GPUs); use FSDP2 "
                              "(bupo recipes path fsdp2-cpu) or DDP (bupo recipes path cpu) on the CPU")
-    if not _fsdp2_requested() or int(os.environ.get("WORLD_SIZE", "1")) < 2:
+    if not _fsdp2_requested() or launched_processes() < 2:
         return False
     from accelerate.state import AcceleratorState, PartialState
     from accelerate.utils import DistributedType
