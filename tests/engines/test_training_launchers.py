@@ -12,6 +12,7 @@ running ``bupo train`` end to end through both phases (tests/support/launch_prob
 from __future__ import annotations
 
 import json
+from pathlib import Path
 
 import pytest
 
@@ -53,6 +54,31 @@ def test_accelerate_ddp_config_runs_both_phases_and_resumes(tmp_path):
         assert list(rec["steps"]) == ["2"] and not rec["steps"]["2"]["internal"]
         assert rec["first_full_update"]["median_update_over_lr"] == pytest.approx(1.0, abs=0.02)
     assert json.loads((out / "bupo_run.json").read_text())["resumed_from"] == str(out / "checkpoint-1")
+
+
+def test_a_ddp_run_stopped_during_its_evaluation_resumes_the_samples_main_wrote(tmp_path):
+    """The same command again, after a stop during the evaluation before training: every rank resumes the samples
+    main had written (main sends them), the ranks generate only the missing requests, and the samples are those of
+    an uninterrupted run."""
+    def run(out, probe):
+        args = train_args(out)
+        args[args.index("--eval-data") + 1] = "bundled"
+        args[args.index("--max_steps") + 1] = "1"
+        proc = launch("cpu.yaml", probe, [*args, "--eval_rows", "4", "--eval_samples", "2"])
+        assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-4000:]
+        return [json.loads((probe / f"eval-rank{r}.json").read_text())["requests"] for r in range(2)]
+
+    whole = run(tmp_path / "whole", tmp_path / "p1")
+    assert whole == [[4, 4], [4, 4]]  # before training and at the end: 8 requests, 4 a rank
+    step0 = Path("evals") / "step-000000" / "samples.jsonl"
+    lines = (tmp_path / "whole" / step0).read_text().splitlines(keepends=True)
+    (tmp_path / "again" / step0).parent.mkdir(parents=True)
+    (tmp_path / "again" / step0).write_text("".join(lines[:3]))  # what main wrote before the stop
+    again = run(tmp_path / "again", tmp_path / "p2")
+    assert sum(r[0] for r in again) == 5 and all(r[0] >= 2 for r in again)  # only the 5 missing, shared
+    assert [r[1] for r in again] == [4, 4]
+    assert (samples_by_request((tmp_path / "again" / step0).parent)
+            == samples_by_request((tmp_path / "whole" / step0).parent))
 
 
 def test_accelerate_fsdp1_config_on_cpu_is_refused_not_silently_ddp(tmp_path):

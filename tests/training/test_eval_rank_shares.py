@@ -139,3 +139,82 @@ def test_a_tensor_parallel_group_takes_one_share_and_calls_its_engine_together()
     assert sorted(engines[0].generated + engines[2].generated) == requests  # the 2 engines share them
     with pytest.raises(ValueError, match="3 ranks per engine do not divide 4 processes"):
         eval_callback.shared(type("T", (), {"accelerator": _Acc(0)})(), engines[0], group=3)
+
+
+class _Seeded:
+    """A backend answering ``\\boxed{seed % 3}``: its completions depend on the request alone."""
+
+    name = "seeded"
+    batch_size = 2
+
+    def __init__(self) -> None:
+        self.generated: list[tuple[str, int]] = []
+
+    def generate(self, requests, settings, on_batch=None):
+        from bupo.generation import Completion
+
+        self.generated.extend(requests)
+        done = [Completion(f"so \\boxed{{{s % 3}}}", [1, 2], "stop") for _, s in requests]
+        if on_batch is not None:
+            on_batch(list(range(len(requests))), done)
+        return done
+
+
+def _broadcast(world: int):
+    """``accelerate.utils.broadcast_object_list`` across ``world`` threads (rank 0 sends); each thread names its rank
+    in ``rank_of``."""
+    barrier, box, rank_of = threading.Barrier(world), [None], {}
+
+    def broadcast(objects: list, from_process: int = 0) -> list:
+        if rank_of[threading.get_ident()] == from_process:
+            box[0] = list(objects)
+        barrier.wait()
+        objects[:] = box[0]
+        barrier.wait()
+        return objects
+    return broadcast, rank_of
+
+
+def test_a_resumed_evaluation_on_several_ranks_reuses_main_s_samples(tmp_path, monkeypatch):
+    """A run stopped during an evaluation left part of its sample log in main's step folder. On the next run every
+    rank resumes those samples (main's log and weights fingerprint sent to the others, each resuming from a private
+    copy) and the ranks share out only the missing requests, each generated once; the scores are one process's."""
+    import accelerate.utils
+
+    from bupo.evaluation import evaluate
+    from bupo.evaluation.samples import SAMPLES_FILE
+    from bupo.training.eval_callback import shared_samples
+
+    rows = [{"prompt": [{"role": "user", "content": f"problem {i}"}], "reward_model": {"ground_truth": str(i % 3)}}
+            for i in range(5)]
+    kw = {"n": 3, "ks": [1, 2], "max_new_tokens": 8, "template": "octothinker", "model_id": "weights"}
+    one = evaluate(None, None, {"amc2023": rows}, backend=_Seeded(), out_dir=tmp_path / "one", **kw)
+    lines = (tmp_path / "one" / SAMPLES_FILE).read_text().splitlines(keepends=True)
+    step_dir = tmp_path / "run" / "step-000000"
+    step_dir.mkdir(parents=True)
+    (step_dir / SAMPLES_FILE).write_text("".join(lines[:6]) + lines[6][:20])  # 6 samples and a torn line
+
+    world = 2
+    broadcast, rank_of = _broadcast(world)
+    monkeypatch.setattr(accelerate.utils, "broadcast_object_list", broadcast)
+    engines, gathers = [_Seeded() for _ in range(world)], _all_gather(world)
+    results, folders = {}, {}
+
+    def run(rank: int) -> None:
+        rank_of[threading.get_ident()] = rank
+        acc = type("Acc", (), {"num_processes": world, "is_main_process": rank == 0})()
+        with shared_samples(acc, step_dir, "weights" if rank == 0 else None) as (folder, model_id):
+            folders[rank] = folder
+            backend = RankShares(engines[rank], rank, world, gathers(rank))
+            results[rank] = evaluate(None, None, {"amc2023": rows}, backend=backend, out_dir=folder,
+                                     **{**kw, "model_id": model_id})
+
+    _as_ranks(run, world)
+    assert folders[0] == step_dir and folders[1] != step_dir and not folders[1].exists()  # the copy is removed
+    generated = sorted(r for e in engines for r in e.generated)
+    assert len(generated) == 15 - 6 == len(set(generated))  # only the missing (the torn one included), once each
+    assert all(len(e.generated) in (4, 5) for e in engines)
+    for rank in range(world):
+        assert results[rank].metrics("eval") == one.metrics("eval")
+    main_log = (step_dir / SAMPLES_FILE).read_text().splitlines()
+    assert len([ln for ln in main_log if ln.endswith("}")]) == 15

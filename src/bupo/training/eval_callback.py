@@ -3,11 +3,12 @@ TrainerCallback that scores Avg@K / Pass@K on them every ``eval_every`` rollout 
 
 from __future__ import annotations
 
-import shutil
+import contextlib
 import sys
+import tempfile
 import time
 from collections import Counter
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -183,6 +184,37 @@ class RankShares:
         return out
 
 
+@contextlib.contextmanager
+def shared_samples(accelerator: Any, step_dir: Path, model_id: str | None) -> Iterator[tuple[Path, str]]:
+    """Where each process's :func:`bupo.evaluation.evaluate` keeps its sample log, and the model id keying it, so
+    that every process resumes the same samples and asks for the same missing requests (:class:`RankShares` shares
+    out one list, and FSDP2's ranks must step together).
+
+    One process: ``step_dir`` and ``model_id``. Several: main keeps ``step_dir`` (what a run stopped during this
+    evaluation wrote there is reused, as with one process) and sends its samples log and ``model_id`` (its weights'
+    fingerprint) to the others, each of which resumes from a private copy in a temporary folder, removed after."""
+    if accelerator.num_processes == 1:
+        yield step_dir, str(model_id)
+        return
+    from accelerate.utils import broadcast_object_list
+
+    from bupo.evaluation.samples import SAMPLES_FILE
+
+    payload: list[Any] = [None]
+    if accelerator.is_main_process:
+        log = step_dir / SAMPLES_FILE
+        payload = [(model_id, log.read_bytes() if log.is_file() else b"")]
+    broadcast_object_list(payload, from_process=0)
+    model_id, stored = payload[0]
+    if accelerator.is_main_process:
+        yield step_dir, model_id
+        return
+    with tempfile.TemporaryDirectory(prefix="bupo-eval-rank-") as tmp:
+        if stored:
+            (Path(tmp) / SAMPLES_FILE).write_bytes(stored)
+        yield Path(tmp), model_id
+
+
 def earlier_evals(history: list[dict], steps_per_rollout: int, out_dir: Path, upto: int) -> list[dict]:
     """The evaluation records, up to optimizer step ``upto``, of the run a resume continues: those its last
     ``bupo_run.json`` lists (the one at the end of training happens after the last checkpoint) and those of the
@@ -231,33 +263,33 @@ def make_eval_callback(trainer: Any, sets: dict[str, list[dict]], script: BuPOSc
         # Generation (bupo.generation) runs in eval mode (no_grad on a sharded model, else inference_mode) and
         # restores the training flags.
         step_dir = out_dir / "evals" / f"step-{step:06d}"
-        if main and trainer.accelerator.num_processes > 1 and step_dir.exists():
-            # written before a resume: main regenerates it like the other ranks instead of reusing it (FSDP2's
-            # forwards are collectives: main skipping them left the others waiting forever); same weights and seeds
-            shutil.rmtree(step_dir)
 
-        def score(m: Any, inner: Any, model_id: str) -> Any:
+        def score(m: Any, inner: Any, model_id: str, eval_dir: Path) -> Any:
             backend = ProgressLines(inner, what, _report_line if main else (lambda line: None))
             return evaluate(m, trainer.processing_class, sets, n=script.eval_samples,
                             max_new_tokens=script.eval_max_new_tokens or args.max_completion_length,
                             temperature=args.temperature, top_p=args.top_p, template=template,
                             reward=parse_rewards(script.reward)[0], seed=args.seed,
                             batch_size=script.eval_batch_size, label=f"step {step}", backend=backend,
-                            model_id=model_id, out_dir=step_dir if main else None)
+                            model_id=model_id, out_dir=eval_dir)
 
         engine = engine_or_none()  # synced before any gather: the engine needs no gathered copy while it generates
-        with full_params(trainer.model_wrapped, trainer.accelerator) as m:
-            model_id = model_fingerprint(m) if main else "not-saved"  # as evaluate() keys samples
-            if engine is None:
-                # DDP, and ZeRO-3 inside full_params (all weights gathered, DeepSpeed's hooks lifted): each rank's
-                # forwards are its own; FSDP2's are collectives: the ranks step together (synced, lockstep)
-                fsdp = bool(trainer.is_fsdp_enabled)
-                inner = shared(trainer, HFBackend(m, trainer.processing_class, batch_size=script.eval_batch_size,
-                                                  synced=fsdp and trainer.accelerator.num_processes > 1),
-                               lockstep=fsdp)
-                res = score(m, inner, model_id)
-        if engine is not None:
-            inner, res = engine, score(trainer.model, engine, model_id)
+        with contextlib.ExitStack() as views:
+            with full_params(trainer.model_wrapped, trainer.accelerator) as m:
+                # every rank resumes main's samples of this step (a run stopped during it wrote them), keyed by
+                # main's fingerprint of the weights, as evaluate() keys samples
+                eval_dir, model_id = views.enter_context(
+                    shared_samples(trainer.accelerator, step_dir, model_fingerprint(m) if main else None))
+                if engine is None:
+                    # DDP, and ZeRO-3 inside full_params (all weights gathered, DeepSpeed's hooks lifted): each
+                    # rank's forwards are its own; FSDP2's are collectives: the ranks step together (synced, lockstep)
+                    fsdp = bool(trainer.is_fsdp_enabled)
+                    inner = shared(trainer, HFBackend(m, trainer.processing_class, batch_size=script.eval_batch_size,
+                                                      synced=fsdp and trainer.accelerator.num_processes > 1),
+                                   lockstep=fsdp)
+                    res = score(m, inner, model_id, eval_dir)
+            if engine is not None:
+                inner, res = engine, score(trainer.model, engine, model_id, eval_dir)
         metrics = res.metrics("eval")
         metrics["eval/seconds"] = time.time() - t0
         records.append({"step": step, "rollout_step": step // args.optimizer_steps_per_rollout, **metrics,
