@@ -7,7 +7,9 @@ vLLM runs in-process on torch's thread pool, ``OMP_NUM_THREADS`` set before torc
    (``--repeats R``: R interleaved rounds of every engine at every length, medians and every round's ratio):
    ``hf`` = ``model.generate(do_sample=True, top_k=0)``; ``bupo`` = :func:`bupo.generation.generate_requests`
    (per-sample seeded streams); ``vllm`` = :class:`bupo.evaluation.backends.VLLMBackend` with ``ignore_eos``.
-   Goal: vLLM >= 4x HF at 16 x 512. ``--compiled`` adds vLLM's graph mode (``enforce_eager=False``, inductor; bupo's
+   Goal: vLLM >= 4x HF at 16 x 512. Every engine runs on the process's malloc (recorded as ``malloc``): under
+   glibc's, HF's time varies most between rounds; a preloaded tcmalloc makes HF faster and steadier and leaves vLLM
+   unchanged (docs/training.md). ``--compiled`` adds vLLM's graph mode (``enforce_eager=False``, inductor; bupo's
    CPU default is eager) on the same requests, its compile time reported apart; ``--stock-sampler`` adds vLLM with
    its own seeded sampling instead of :mod:`bupo.seeded_sampling` (bupo's CPU default).
 2. wall time of ``bupo analyze`` (16 bundled-task rows, 256 new tokens), ``bupo eval`` (4 problems x 4 samples,
@@ -42,6 +44,14 @@ QUESTIONS = ["What is 17 times 23?", "Name three prime numbers above 50.", "Expl
 
 def _free_cores() -> int:
     return max(1, (os.cpu_count() or 1) - round(os.getloadavg()[0]))
+
+
+def _allocator() -> str:
+    """The malloc every engine runs on: a preloaded tcmalloc / jemalloc, else glibc's. It changes HF's numbers, not
+    vLLM's (its KV cache is allocated once): ``LD_PRELOAD=.../libtcmalloc_minimal.so.4`` (vLLM's advice for CPUs)."""
+    preload = os.environ.get("LD_PRELOAD", "")
+    found = [name for name in ("tcmalloc", "jemalloc") if name in preload]
+    return found[0] if found else "glibc"
 
 
 def _timed(fn: Any) -> tuple[float, Any]:
@@ -302,16 +312,16 @@ def main() -> int:
     path = Path(resolve_model(MODEL))
     if args.steps_only:
         result = {"model": MODEL, "threads": threads, "vllm": vllm_version(), "torch": torch.__version__,
-                  "loadavg_before": load_before, "steps": rollout_steps(path), "loadavg_after": os.getloadavg()}
+                  "malloc": _allocator(), "loadavg_before": load_before, "steps": rollout_steps(path), "loadavg_after": os.getloadavg()}
         atomic_write_json(args.json, result)
         print(f"wrote {args.json}")
         return 0
     model = AutoModelForCausalLM.from_pretrained(path, dtype=getattr(torch, args.dtype)).eval()
     tok = AutoTokenizer.from_pretrained(path)
-    print(f"SmolLM2-135M-Instruct {args.dtype}, {threads} threads, load {load_before[0]:.2f}, vLLM {vllm_version()}",
-          flush=True)
+    print(f"SmolLM2-135M-Instruct {args.dtype}, {threads} threads, load {load_before[0]:.2f}, vLLM {vllm_version()}, "
+          f"malloc {_allocator()}", flush=True)
     result: dict[str, Any] = {"model": MODEL, "dtype": args.dtype, "threads": threads, "vllm": vllm_version(),
-                              "torch": torch.__version__, "loadavg_before": load_before}
+                              "torch": torch.__version__, "malloc": _allocator(), "loadavg_before": load_before}
     result["generation"] = tokens_per_second(model, tok, path, args.lengths, args.batch, args.compiled, args.dtype,
                                              args.repeats, args.stock_sampler)
     longest = result["generation"][-1]
