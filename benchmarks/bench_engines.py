@@ -51,7 +51,8 @@ def _allocator() -> str:
     vLLM's (its KV cache is allocated once): ``LD_PRELOAD=.../libtcmalloc_minimal.so.4`` (vLLM's advice for CPUs)."""
     preload = os.environ.get("LD_PRELOAD", "")
     found = [name for name in ("tcmalloc", "jemalloc") if name in preload]
-    return found[0] if found else "glibc"
+    knobs = [f"{k}={v}" for k, v in sorted(os.environ.items()) if k.startswith("MALLOC_") and k.endswith("_")]
+    return found[0] if found else " ".join(["glibc", *knobs])
 
 
 def _timed(fn: Any) -> tuple[float, Any]:
