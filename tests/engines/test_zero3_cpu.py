@@ -9,7 +9,9 @@ Checked on a model partitioned in place (``zero.Init(module=...)``, what ``zero3
 the pre-flight health check, which runs before any engine exists (it crashed with "'weight' must be 2-D"), equals
 the unsharded model's; under the engine, the internal policy's log-probs (truncated forward, and TRL's fused head),
 and projections made outside any forward (lm_head's and the final norm's partitions are empty there) equal the
-unsharded reference.
+unsharded reference. The in-training evaluation's path: inside ``full_params`` with the trainer's accelerator each
+rank generates its share of the requests alone, the completions equal the unsharded model's, and the engine trains
+after it (DeepSpeed's hooks restored).
 """
 
 from __future__ import annotations
@@ -45,7 +47,10 @@ def _worker(out: str) -> None:
     torch.set_num_threads(1)
     deepspeed.ops.__compatible_ops__["deepspeed_shm_comm"] = False  # no JIT build: gloo collectives
     deepspeed.init_distributed(dist_backend="gloo")
-    cfg = {"train_micro_batch_size_per_gpu": 1, "gradient_accumulation_steps": 1, "zero_optimization": {"stage": 3}}
+    # nothing persists gathered (DeepSpeed keeps parameters under 1e5 elements whole after their first use: all of
+    # this tiny model's), so every read below meets partitioned weights
+    cfg = {"train_micro_batch_size_per_gpu": 1, "gradient_accumulation_steps": 1,
+           "zero_optimization": {"stage": 3, "stage3_param_persistence_threshold": 0}}
     ref, model = tiny_model("qwen3", layers=4), tiny_model("qwen3", layers=4)  # the same weights (seeded)
     add_fused_lm_head(ref)
     add_fused_lm_head(model)
@@ -70,9 +75,52 @@ def _worker(out: str) -> None:
         h = torch.randn(5, ref.config.hidden_size, generator=torch.Generator().manual_seed(0))
         rec["projector_outside_forward"] = float((Projector(module, "final_norm").logits(h)
                                                   - Projector(ref, "final_norm").logits(h)).abs().max())
+    rec.update(_evaluation_share(engine, ref, tok, rec["rank"]))
+    weight = module.model.layers[0].mlp.down_proj.weight
+    with deepspeed.zero.GatheredParameters([weight]):
+        before = weight.detach().clone()
+    loss = engine(input_ids=ids, attention_mask=mask, labels=ids.clone()).loss  # DeepSpeed's hooks are back
+    engine.backward(loss)
+    engine.step()
+    with deepspeed.zero.GatheredParameters([weight]):
+        moved = float((weight.detach() - before).abs().max())
+    rec["trains_after_eval"] = bool(torch.isfinite(loss).item()) and moved > 0
     del keep
     with open(os.path.join(out, f"zero3-rank{rec['rank']}.json"), "w") as f:
         json.dump(rec, f)
+
+
+def _evaluation_share(engine, ref, tok, rank: int) -> dict:
+    """The in-training evaluation's path under ZeRO-3 (``bupo.training.eval_callback``): inside ``full_params`` with
+    the trainer's accelerator (TRL's ``unwrap_model_for_generation``: weights gathered, DeepSpeed's hooks lifted) each
+    rank generates its share of the requests alone; every rank gets all the completions, which equal the unsharded
+    model's on the same requests (each request has its own seed)."""
+    from types import SimpleNamespace
+
+    import torch.distributed as dist
+
+    from bupo.evaluation.backends import HFBackend, SamplingSettings
+    from bupo.training.eval_callback import RankShares
+    from bupo.training.gather import full_params
+
+    def gather(obj: list) -> list:
+        out: list = [None] * dist.get_world_size()
+        dist.all_gather_object(out, obj)
+        return [x for part in out for x in part]
+
+    accelerator = SimpleNamespace(state=SimpleNamespace(deepspeed_plugin=SimpleNamespace(zero_stage=3)),
+                                  unwrap_model=lambda m: m.module)  # what TRL's unwrapping reads of accelerate's
+    requests = [(f"Q{i}: what is {i} + {i}?", 1000 + i) for i in range(5)]
+    settings = SamplingSettings(max_new_tokens=6)
+    counted: list[int] = []
+    with full_params(engine, accelerator) as model:
+        inner = HFBackend(model, tok, batch_size=2)
+        real = inner.generate
+        inner.generate = lambda reqs, st, on_batch=None: (counted.append(len(reqs)), real(reqs, st, on_batch))[1]
+        got = RankShares(inner, rank, 2, gather).generate(requests, settings)
+    want = HFBackend(ref, tok, batch_size=2).generate(requests, settings)
+    return {"eval_same_as_unsharded": [c.token_ids for c in got] == [c.token_ids for c in want],
+            "eval_distinct": len({tuple(c.token_ids) for c in want}), "eval_requests": counted}
 
 
 def test_zero3_partitioned_reads_equal_unsharded(tmp_path):
@@ -88,6 +136,9 @@ def test_zero3_partitioned_reads_equal_unsharded(tmp_path):
         for key in ("health", "health_norm_gain", "layer_logprobs", "fused_internal_logprobs",
                     "projector_outside_forward"):
             assert rec[key] < 1e-5, (key, rec[key])
+        assert rec["eval_same_as_unsharded"] and rec["eval_distinct"] > 1 and rec["trains_after_eval"]
+    # 5 requests in blocks of 2 per rank: rank 0 generates 0, 2 then 4; rank 1 generates 1, 3 and nothing more
+    assert [json.loads((tmp_path / f"zero3-rank{r}.json").read_text())["eval_requests"] for r in (0, 1)] == [[2, 1], [2]]
 
 
 if __name__ == "__main__":
