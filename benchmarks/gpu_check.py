@@ -4,6 +4,7 @@
     python benchmarks/gpu_check.py core --out DIR       # core checks in bf16 on a Qwen3-0.6B shape + bench ratio
     python benchmarks/gpu_check.py train --out DIR      # training: 2 internal + 2 full BuPO steps, bf16, HF generation
     python benchmarks/gpu_check.py launchers --out DIR  # real launchers: accelerate launch zero3.yaml and fsdp2.yaml, 1 GPU
+    python benchmarks/gpu_check.py quick --out DIR      # core, then launchers in what is left of 5 minutes (gpu_check.sh)
     python benchmarks/gpu_check.py all --small          # the same code paths on tiny shapes (CPU dry run)
 
 ``launchers`` needs trl, deepspeed and bupo's other dependencies the GPU image lacks: ``bash benchmarks/gpu_check.sh``
@@ -510,12 +511,12 @@ def _launch_verdicts(checks: Checks, name: str, recs: list[dict], rc: object, st
             median_update_over_lr=(first[0] or {}).get("median_update_over_lr", float("nan")))
 
 
-def section_launchers(small: bool, out_dir: Path) -> dict:
+def section_launchers(small: bool, out_dir: Path, budget_s: float = LAUNCH_BUDGET_S) -> dict:
     """``accelerate launch --config_file src/bupo/recipes/accelerate/{zero3,fsdp2}.yaml --num_processes 1`` running
     ``bupo train`` (tests/support/launch_probe.py records each rank's shards) on a random-init Qwen3-0.6B shape: 1 internal
     + 1 full rollout step at k = 13 (paper layer 14) with the adaptive switch (capped at 1: its signals' forward runs
     before rollout 2) and an evaluation before training and after each step, each run under its own timeout, the
-    whole section under 5 minutes. Verdicts, printed per run even when it timed out (the probe writes after every event): the internal
+    whole section under 5 minutes (``budget_s``). Verdicts, printed per run even when it timed out (the probe writes after every event): the internal
     log-probs through the wrapped model equal an unsharded reference, layers above k and the final norm bitwise
     unchanged while internal (ZeRO-3: the fp32 masters), moved after the switch, no FSDP unit missed a forward
     (the lm_head warning), the first full-phase update a fresh AdamW step 1, bupo_run.json's sharding. ``--small``:
@@ -542,7 +543,7 @@ def section_launchers(small: bool, out_dir: Path) -> dict:
     if not cuda:
         env.update(OMP_NUM_THREADS="1", GLOO_SOCKET_IFNAME="lo")
     for name, config in runs:
-        left = LAUNCH_BUDGET_S - (time.perf_counter() - t_start)
+        left = budget_s - (time.perf_counter() - t_start)
         timeout = min(LAUNCH_CAP_S[name] * (1 if cuda else 3), left)
         if name == "zero3" and importlib.util.find_spec("deepspeed") is None:
             checks.add(f"{name}: deepspeed importable", False, hint="install the carried wheels (gpu_check.sh)")
@@ -594,19 +595,22 @@ def section_launchers(small: bool, out_dir: Path) -> dict:
 
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("section", choices=("analysis", "core", "train", "launchers", "all"))
+    ap.add_argument("section", choices=("analysis", "core", "train", "launchers", "quick", "all"))
     ap.add_argument("--out", default=os.environ.get("OUT", "."), help="folder for gpu_<section>.json")
     ap.add_argument("--small", action="store_true", help="tiny shapes on the CPU: a dry run of the same code")
     args = ap.parse_args()
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
     out_dir = Path(args.out)
     out_dir.mkdir(parents=True, exist_ok=True)
-    ok = True
-    for name in (("analysis", "core", "train", "launchers") if args.section == "all" else (args.section,)):
+    ok, t_start = True, time.perf_counter()
+    quick = args.section == "quick"  # core's bf16 checks, then the launchers in the rest of the 5 minutes
+    for name in {"all": ("analysis", "core", "train", "launchers"), "quick": ("core", "launchers")}.get(
+            args.section, (args.section,)):
         t0 = time.perf_counter()
+        budget = LAUNCH_BUDGET_S - (t0 - t_start if quick else 0.0)
         fn = {"analysis": lambda: section_analysis(args.small), "core": lambda: section_core(args.small),
               "train": lambda: section_train(args.small, out_dir),
-              "launchers": lambda: section_launchers(args.small, out_dir)}[name]
+              "launchers": lambda budget=budget: section_launchers(args.small, out_dir, budget)}[name]
         res = fn()
         res["section_seconds"] = time.perf_counter() - t0
         (out_dir / f"gpu_{name}.json").write_text(json.dumps(res, indent=1, default=str))

@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# The one command for a lent GPU machine: bash benchmarks/gpu_check.sh [SECTION]   (default: launchers)
+# The one command for a lent GPU machine: bash benchmarks/gpu_check.sh [SECTION]   (default: quick)
 #
 # The GPU image (python 3.12, torch 2.11 CUDA, transformers, accelerate, peft; no index to install from) lacks trl,
 # datasets, deepspeed, math-verify, pebble and their own missing dependencies. They travel as wheels in .whl/ (git-
@@ -7,8 +7,9 @@
 #   bash benchmarks/gpu_check.sh wheels
 # Then, on the lent machine: bash benchmarks/gpu_check.sh   (device run: carry [".whl"], timeout_s 480).
 # This installs them into /tmp/site (nothing of the image is changed), runs `gpu_check.py SECTION` and leaves
-# gpu_<section>.json, gpu_check.log and versions.txt in $OUT. `launchers` (ZeRO-3 and FSDP2 through bupo train,
-# each under its own timeout) takes under 5 minutes; its verdicts are printed even when a run times out.
+# gpu_<section>.json, gpu_check.log and versions.txt in $OUT. `quick` = `core` (the internal policies' bf16 checks on
+# a Qwen3-0.6B shape, ~20 s) then `launchers` (ZeRO-3 and FSDP2 through bupo train, each under its own timeout) in
+# what is left of 5 minutes; its verdicts are printed even when a run times out.
 set -uo pipefail
 cd "$(dirname "$0")/.."
 if [ "${1:-}" = wheels ]; then  # on a CPU machine with PyPI: the wheels the GPU image lacks (7 MB)
@@ -45,5 +46,5 @@ import bupo, deepspeed, math_verify, pebble, trl  # noqa: E401,F401  (fails here
 print("imports ok; bupo from", bupo.__file__)
 EOF
 cat "$OUT/versions.txt"
-timeout 420 python3 benchmarks/gpu_check.py "${1:-launchers}" --out "$OUT" 2>&1 | tee "$OUT/gpu_check.log"
+timeout 420 python3 benchmarks/gpu_check.py "${1:-quick}" --out "$OUT" 2>&1 | tee "$OUT/gpu_check.log"
 exit "${PIPESTATUS[0]}"
