@@ -185,14 +185,15 @@ class RankShares:
 
 
 @contextlib.contextmanager
-def shared_samples(accelerator: Any, step_dir: Path, model_id: str | None) -> Iterator[tuple[Path, str]]:
+def shared_samples(accelerator: Any, step_dir: Path, model_id: str | None) -> Iterator[tuple[Path | None, str]]:
     """Where each process's :func:`bupo.evaluation.evaluate` keeps its sample log, and the model id keying it, so
     that every process resumes the same samples and asks for the same missing requests (:class:`RankShares` shares
     out one list, and FSDP2's ranks must step together).
 
     One process: ``step_dir`` and ``model_id``. Several: main keeps ``step_dir`` (what a run stopped during this
     evaluation wrote there is reused, as with one process) and sends its samples log and ``model_id`` (its weights'
-    fingerprint) to the others, each of which resumes from a private copy in a temporary folder, removed after."""
+    fingerprint) to the others. Where main has samples, each other rank resumes from a private copy in a temporary
+    folder, removed after; where it has none, they write nothing (None), as before any resume."""
     if accelerator.num_processes == 1:
         yield step_dir, str(model_id)
         return
@@ -206,12 +207,11 @@ def shared_samples(accelerator: Any, step_dir: Path, model_id: str | None) -> It
         payload = [(model_id, log.read_bytes() if log.is_file() else b"")]
     broadcast_object_list(payload, from_process=0)
     model_id, stored = payload[0]
-    if accelerator.is_main_process:
-        yield step_dir, model_id
+    if accelerator.is_main_process or not stored:
+        yield (step_dir if accelerator.is_main_process else None), model_id
         return
     with tempfile.TemporaryDirectory(prefix="bupo-eval-rank-") as tmp:
-        if stored:
-            (Path(tmp) / SAMPLES_FILE).write_bytes(stored)
+        (Path(tmp) / SAMPLES_FILE).write_bytes(stored)
         yield Path(tmp), model_id
 
 
@@ -264,7 +264,7 @@ def make_eval_callback(trainer: Any, sets: dict[str, list[dict]], script: BuPOSc
         # restores the training flags.
         step_dir = out_dir / "evals" / f"step-{step:06d}"
 
-        def score(m: Any, inner: Any, model_id: str, eval_dir: Path) -> Any:
+        def score(m: Any, inner: Any, model_id: str, eval_dir: Path | None) -> Any:
             backend = ProgressLines(inner, what, _report_line if main else (lambda line: None))
             return evaluate(m, trainer.processing_class, sets, n=script.eval_samples,
                             max_new_tokens=script.eval_max_new_tokens or args.max_completion_length,
