@@ -8,6 +8,7 @@ import threading
 import pytest
 
 from bupo.training.eval_callback import RankShares
+from support.evaluation import ScriptedBackend, toy_rows
 
 
 class _Engine:
@@ -141,25 +142,6 @@ def test_a_tensor_parallel_group_takes_one_share_and_calls_its_engine_together()
         eval_callback.shared(type("T", (), {"accelerator": _Acc(0)})(), engines[0], group=3)
 
 
-class _Seeded:
-    """A backend answering ``\\boxed{seed % 3}``: its completions depend on the request alone."""
-
-    name = "seeded"
-    batch_size = 2
-
-    def __init__(self) -> None:
-        self.generated: list[tuple[str, int]] = []
-
-    def generate(self, requests, settings, on_batch=None):
-        from bupo.generation import Completion
-
-        self.generated.extend(requests)
-        done = [Completion(f"so \\boxed{{{s % 3}}}", [1, 2], "stop") for _, s in requests]
-        if on_batch is not None:
-            on_batch(list(range(len(requests))), done)
-        return done
-
-
 def _broadcast(world: int):
     """``accelerate.utils.broadcast_object_list`` across ``world`` threads (rank 0 sends); each thread names its rank
     in ``rank_of``."""
@@ -185,10 +167,9 @@ def test_a_resumed_evaluation_on_several_ranks_reuses_main_s_samples(tmp_path, m
     from bupo.evaluation.samples import SAMPLES_FILE
     from bupo.training.eval_callback import shared_samples
 
-    rows = [{"prompt": [{"role": "user", "content": f"problem {i}"}], "reward_model": {"ground_truth": str(i % 3)}}
-            for i in range(5)]
+    rows = toy_rows(5)
     kw = {"n": 3, "ks": [1, 2], "max_new_tokens": 8, "template": "octothinker", "model_id": "weights"}
-    one = evaluate(None, None, {"amc2023": rows}, backend=_Seeded(), out_dir=tmp_path / "one", **kw)
+    one = evaluate(None, None, {"amc2023": rows}, backend=ScriptedBackend(), out_dir=tmp_path / "one", **kw)
     lines = (tmp_path / "one" / SAMPLES_FILE).read_text().splitlines(keepends=True)
     step_dir = tmp_path / "run" / "step-000000"
     step_dir.mkdir(parents=True)
@@ -197,7 +178,7 @@ def test_a_resumed_evaluation_on_several_ranks_reuses_main_s_samples(tmp_path, m
     world = 2
     broadcast, rank_of = _broadcast(world)
     monkeypatch.setattr(accelerate.utils, "broadcast_object_list", broadcast)
-    engines, gathers = [_Seeded() for _ in range(world)], _all_gather(world)
+    engines, gathers = [ScriptedBackend() for _ in range(world)], _all_gather(world)
     results, folders = {}, {}
 
     def run(rank: int) -> None:
@@ -211,9 +192,9 @@ def test_a_resumed_evaluation_on_several_ranks_reuses_main_s_samples(tmp_path, m
 
     _as_ranks(run, world)
     assert folders[0] == step_dir and folders[1] != step_dir and not folders[1].exists()  # the copy is removed
-    generated = sorted(r for e in engines for r in e.generated)
+    generated = sorted(seed for e in engines for seed in e.seen)  # one seed per request
     assert len(generated) == 15 - 6 == len(set(generated))  # only the missing (the torn one included), once each
-    assert all(len(e.generated) in (4, 5) for e in engines)
+    assert all(len(e.seen) in (4, 5) for e in engines)
     for rank in range(world):
         assert results[rank].metrics("eval") == one.metrics("eval")
     main_log = (step_dir / SAMPLES_FILE).read_text().splitlines()
