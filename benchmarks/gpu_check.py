@@ -607,10 +607,10 @@ def main() -> int:
     for name in {"all": ("analysis", "core", "train", "launchers"), "quick": ("core", "launchers")}.get(
             args.section, (args.section,)):
         t0 = time.perf_counter()
-        budget = LAUNCH_BUDGET_S - (t0 - t_start if quick else 0.0)
         fn = {"analysis": lambda: section_analysis(args.small), "core": lambda: section_core(args.small),
               "train": lambda: section_train(args.small, out_dir),
-              "launchers": lambda budget=budget: section_launchers(args.small, out_dir, budget)}[name]
+              "launchers": lambda: section_launchers(args.small, out_dir,
+                                                     LAUNCH_BUDGET_S - (time.perf_counter() - t_start if quick else 0.0))}[name]
         res = fn()
         res["section_seconds"] = time.perf_counter() - t0
         (out_dir / f"gpu_{name}.json").write_text(json.dumps(res, indent=1, default=str))
